@@ -1,0 +1,197 @@
+"""The configuration schema: typed dataclasses and the ONLY place where defaults live.
+
+YAML files (configs/*.yaml) and CLI overrides (`a.b=value`) only override what is written
+here; `torchspec.config.loader.load_config` merges them and `torchspec.config.validate`
+checks the result. This module imports nothing beyond the standard library, so any process
+(a GPU worker without omegaconf, say) can import it.
+
+Field metadata used by the loader:
+  PATH  - a filesystem path; a relative value written in a config file is resolved against
+          that file's folder (values given on the command line: against the working dir).
+  HUB_OR_PATH - a local path or a Hugging Face hub id ("Qwen/Qwen3-8B"); resolved like PATH
+          only when it starts with "./", "../" or "~", or names something that exists there.
+  SIZE  - a byte count; "16GB", "512MB", "2GiB" or a plain integer are accepted
+          (K/M/G/T are binary: 1GB = 1024**3 bytes, as Mooncake counts them).
+  FREE  - a free-form mapping whose keys are not checked (forwarded to a library as-is).
+Conventions: `None` (YAML `null`) means "not set / derive it"; REQUIRED ("???", the
+OmegaConf convention) means the run fails unless some config or the CLI sets it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+REQUIRED = "???"
+GiB = 1024**3
+
+PATH = {"path": "local"}
+HUB_OR_PATH = {"path": "hub_or_local"}
+SIZE = {"size": True}
+FREE = {"free": True}
+
+# Allowed values of the enumerated fields (checked by torchspec.config.validate).
+INFERENCE_ENGINE_TYPES = ("hf", "sgl", "vllm")
+TRAINING_ATTENTION_BACKENDS = ("sdpa", "flex_attention")
+CHAT_TEMPLATES = ("qwen", "llama3", "kimi-k25-vlm")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+REPORT_TO = ("none", "wandb", "tensorboard")
+MOONCAKE_PROTOCOLS = ("tcp", "rdma")
+# model.target_model_backend is the original TorchSpec's name for the engine type.
+TARGET_MODEL_BACKENDS = ("hf", "sglang", "sgl", "vllm")
+
+# Keys whose values are secrets: redacted wherever a config is printed or saved.
+SECRET_KEYS = ("wandb_key",)
+
+
+@dataclass
+class ModelConfig:
+    target_model_path: str = field(default=REQUIRED, metadata=HUB_OR_PATH)  # local dir or HF hub id
+    trust_remote_code: bool = False
+    draft_model_config: Optional[str] = field(default=None, metadata=PATH)  # JSON; null = derive from target
+    embedding_key: str = "model.embed_tokens.weight"  # tensor name in the target checkpoint
+    lm_head_key: str = "lm_head.weight"
+    norm_key: str = "model.norm.weight"
+    # The original TorchSpec's name for the engine; null = follow inference.inference_engine_type.
+    target_model_backend: Optional[str] = None
+
+
+@dataclass
+class DatasetConfig:
+    train_data_path: str = field(default=REQUIRED, metadata=HUB_OR_PATH)  # jsonl/json/parquet file or dir
+    eval_data_path: Optional[str] = field(default=None, metadata=HUB_OR_PATH)
+    eval_interval: int = 50  # training steps between evaluations (when eval_data_path is set)
+    chat_template: str = "qwen"
+    prompt_key: str = "conversations"  # record field holding the list of messages
+    defer_tokenization: bool = False  # tokenize in the inference workers instead of up front
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_total_steps: Optional[int] = None  # null = the number of optimizer steps of the run
+    warmup_ratio: float = 0.015
+    max_grad_norm: float = 0.5
+    micro_batch_size: int = 2  # sequences per trainer rank per forward
+    draft_accumulation_steps: int = 1  # gradient accumulation
+    num_epochs: int = 10
+    num_train_steps: Optional[int] = None  # null = run num_epochs over the data
+    max_seq_length: int = 8192
+    ttt_length: int = 7  # test-time-training unroll steps
+    draft_vocab_size: Optional[int] = None  # null = the draft config's value (else full vocab)
+    attention_backend: str = "sdpa"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    training_num_nodes: int = 1
+    training_num_gpus_per_node: int = 1
+    distributed_timeout_minutes: int = 10
+    max_concurrent_batches: int = 1  # batches in flight between the store and the trainer
+    prefetch_depth: int = 4
+    save_interval: int = 5000  # optimizer steps between checkpoints
+    save_per_epoch: bool = False
+    max_checkpoints: Optional[int] = None  # null = keep every checkpoint
+    load_path: Optional[str] = field(default=None, metadata=PATH)  # checkpoint dir to resume from
+    continual_training: bool = False  # load weights from load_path but restart the schedule
+
+
+@dataclass
+class SGLangConfig:
+    # The seed's essential fields, with the seed's defaults.
+    tp_size: int = 8
+    pp_size: int = 1
+    nnodes: int = 1
+    mem_fraction_static: float = 0.8
+    context_length: Optional[int] = None
+    attention_backend: str = "flashinfer"
+    quantization: Optional[str] = None
+    kv_cache_dtype: Optional[str] = None
+    moe_runner_backend: Optional[str] = None
+    model_loader_extra_config: Optional[dict[str, Any]] = field(default=None, metadata=FREE)
+    disable_flashinfer_autotune: bool = False
+    enable_multimodal: bool = False
+    enable_metrics: bool = False
+    dist_init_addr: Optional[str] = None  # null = auto-negotiated
+    dist_timeout: int = 20  # seconds
+    init_timeout: int = 300  # seconds
+    log_level: str = "warning"
+    log_requests: bool = False
+    log_requests_level: int = 0
+    # Accepted for configs of the original TorchSpec; null port = picked free by us.
+    port: Optional[int] = None
+    additional_ports: int = 4
+    # Any other sgl.Engine keyword, forwarded as-is (protected keys are dropped).
+    extra_args: dict[str, Any] = field(default_factory=dict, metadata=FREE)
+
+
+@dataclass
+class VLLMConfig:
+    tp_size: int = 1
+    mem_fraction_static: float = 0.8  # vLLM's gpu_memory_utilization
+    extra_args: dict[str, Any] = field(default_factory=dict, metadata=FREE)
+
+
+@dataclass
+class InferenceConfig:
+    inference_engine_type: str = "hf"
+    inference_num_gpus: int = 1  # all GPUs running the target, over every engine
+    inference_num_gpus_per_engine: int = 1
+    inference_num_gpus_per_node: int = 8
+    inference_batch_size: int = 1  # samples per engine generate() call
+    inference_fetch_batch: int = 1  # prompts taken from the prompt buffer at a time
+    inference_buffer_threshold: int = 32  # refill the prompt buffer below this many
+    max_sample_pool_size: int = 64  # finished samples held before inference pauses
+    aux_hidden_states_layers: Optional[list[int]] = None  # null = [1, L//2 - 1, L - 4]
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+@dataclass
+class MooncakeConfig:
+    master_server_address: Optional[str] = None  # null = we start a master
+    metadata_server: Optional[str] = None
+    metadata_port: Optional[int] = None
+    protocol: str = "tcp"
+    device_name: str = ""  # RDMA devices, e.g. "mlx5_0,mlx5_1"
+    local_hostname: Optional[str] = None
+    enable_gpu_direct: bool = False
+    global_segment_size: int = field(default=8 * GiB, metadata=SIZE)
+    local_buffer_size: int = field(default=2 * GiB, metadata=SIZE)
+    gpu_buffer_size: Optional[int] = field(default=None, metadata=SIZE)
+    max_batch_size: int = 32
+    max_seq_len: int = 8192
+    hidden_dim: Optional[int] = None  # null = the target's hidden size
+
+
+@dataclass
+class LoggingConfig:
+    report_to: str = "none"
+    wandb_project: Optional[str] = None
+    wandb_team: Optional[str] = None
+    wandb_group: Optional[str] = None
+    wandb_key: Optional[str] = None  # secret: redacted when printed or saved
+    wandb_mode: str = "online"
+    wandb_random_suffix: bool = True
+
+
+@dataclass
+class DebugConfig:
+    debug_inference_only: bool = False
+    debug_train_only: bool = False
+    save_debug_train_data: Optional[str] = field(default=None, metadata=PATH)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    mooncake: MooncakeConfig = field(default_factory=MooncakeConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    output_dir: Optional[str] = field(default=None, metadata=PATH)  # null = ./outputs/<config name>
+    cache_dir: Optional[str] = field(default=None, metadata=PATH)  # null = <output_dir>/cache
+    model_download_dir: Optional[str] = field(default=None, metadata=PATH)
