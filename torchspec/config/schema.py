@@ -35,6 +35,7 @@ INFERENCE_ENGINE_TYPES = ("hf", "sgl", "vllm")
 TRAINING_ATTENTION_BACKENDS = ("sdpa", "flex_attention")
 CHAT_TEMPLATES = ("qwen", "llama3", "kimi-k25-vlm")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+PARALLEL_MODES = ("ddp", "fsdp")
 REPORT_TO = ("none", "wandb", "tensorboard")
 MOONCAKE_PROTOCOLS = ("tcp", "rdma")
 # model.target_model_backend is the original TorchSpec's name for the engine type.
@@ -95,6 +96,7 @@ class TrainingConfig:
     max_checkpoints: Optional[int] = None  # null = keep every checkpoint
     load_path: Optional[str] = field(default=None, metadata=PATH)  # checkpoint dir to resume from
     continual_training: bool = False  # load weights from load_path but restart the schedule
+    parallel_mode: str = "ddp"  # data parallelism of the draft when world > 1: ddp | fsdp (FSDP2)
 
 
 @dataclass
