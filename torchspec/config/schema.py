@@ -33,7 +33,6 @@ FREE = {"free": True}
 # Allowed values of the enumerated fields (checked by torchspec.config.validate).
 INFERENCE_ENGINE_TYPES = ("hf", "sgl", "vllm")
 TRAINING_ATTENTION_BACKENDS = ("sdpa", "flex_attention")
-CHAT_TEMPLATES = ("qwen", "llama3", "kimi-k25-vlm")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PARALLEL_MODES = ("ddp", "fsdp")
 REPORT_TO = ("none", "wandb", "tensorboard")
@@ -62,7 +61,7 @@ class DatasetConfig:
     train_data_path: str = field(default=REQUIRED, metadata=HUB_OR_PATH)  # jsonl/json/parquet file or dir
     eval_data_path: Optional[str] = field(default=None, metadata=HUB_OR_PATH)
     eval_interval: int = 50  # training steps between evaluations (when eval_data_path is set)
-    chat_template: str = "qwen"
+    chat_template: str = "qwen"  # a name of torchspec.data.templates.TEMPLATE_NAMES
     prompt_key: str = "conversations"  # record field holding the list of messages
     defer_tokenization: bool = False  # tokenize in the inference workers instead of up front
 

@@ -1,0 +1,224 @@
+"""Checks on a merged `Config` that types alone cannot express.
+
+Every failure is one `ConfigError` line naming the key, its value, and the file (or the
+command line) that set it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from torchspec.config import schema as S
+from torchspec.config.errors import ConfigError
+from torchspec.config.schema import Config
+
+
+def validate_config(cfg: Config) -> None:
+    _check_choices(cfg)
+    _check_positive(cfg)
+    _check_ranges(cfg)
+    _check_inference_topology(cfg)
+    _check_aux_layers(cfg)
+    _check_files(cfg)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fail(cfg: Config, key: str, message: str) -> None:
+    from torchspec.config.loader import origin_of
+
+    src = origin_of(cfg, key)
+    where = f" ({src})" if src else " (schema default)"
+    raise ConfigError(f"{key}={_get(cfg, key)!r}: {message}{where}")
+
+
+def _one_of(cfg: Config, key: str, choices: Iterable[str], optional: bool = False) -> None:
+    value = _get(cfg, key)
+    if optional and value is None:
+        return
+    if value not in choices:
+        import difflib
+
+        close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        _fail(cfg, key, f"unknown value, expected one of {', '.join(choices)}{hint}")
+
+
+def _chat_template_names() -> tuple[str, ...]:
+    from torchspec.data.templates import TEMPLATE_NAMES  # the data module owns the list
+
+    return tuple(TEMPLATE_NAMES)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check_choices(cfg: Config) -> None:
+    _one_of(cfg, "inference.inference_engine_type", S.INFERENCE_ENGINE_TYPES)
+    _one_of(cfg, "training.attention_backend", S.TRAINING_ATTENTION_BACKENDS)
+    _one_of(cfg, "dataset.chat_template", _chat_template_names())
+    _one_of(cfg, "training.parallel_mode", S.PARALLEL_MODES)
+    _one_of(cfg, "training.lr_decay_style", S.LR_DECAY_STYLES)
+    _one_of(cfg, "logging.report_to", S.REPORT_TO)
+    _one_of(cfg, "mooncake.protocol", S.MOONCAKE_PROTOCOLS)
+    _one_of(cfg, "model.target_model_backend", S.TARGET_MODEL_BACKENDS, optional=True)
+    backend = cfg.model.target_model_backend
+    engine = cfg.inference.inference_engine_type
+    if backend is not None and {"sglang": "sgl"}.get(backend, backend) != engine:
+        _fail(
+            cfg,
+            "model.target_model_backend",
+            f"disagrees with inference.inference_engine_type={engine!r}; set one of them, not both",
+        )
+
+
+_POSITIVE = (
+    "training.learning_rate",
+    "training.max_grad_norm",
+    "training.micro_batch_size",
+    "training.draft_accumulation_steps",
+    "training.num_epochs",
+    "training.max_seq_length",
+    "training.ttt_length",
+    "training.training_num_nodes",
+    "training.training_num_gpus_per_node",
+    "training.distributed_timeout_minutes",
+    "training.max_concurrent_batches",
+    "training.prefetch_depth",
+    "training.save_interval",
+    "dataset.eval_interval",
+    "inference.inference_num_gpus",
+    "inference.inference_num_gpus_per_engine",
+    "inference.inference_num_gpus_per_node",
+    "inference.inference_batch_size",
+    "inference.inference_fetch_batch",
+    "inference.inference_buffer_threshold",
+    "inference.max_sample_pool_size",
+    "inference.sglang.tp_size",
+    "inference.sglang.nnodes",
+    "inference.sglang.dist_timeout",
+    "inference.sglang.init_timeout",
+    "inference.vllm.tp_size",
+    "mooncake.global_segment_size",
+    "mooncake.local_buffer_size",
+    "mooncake.max_batch_size",
+    "mooncake.max_seq_len",
+)
+_POSITIVE_IF_SET = (
+    "training.lr_total_steps",
+    "training.num_train_steps",
+    "training.draft_vocab_size",
+    "training.max_checkpoints",
+    "inference.sglang.context_length",
+    "mooncake.gpu_buffer_size",
+    "mooncake.hidden_dim",
+)
+_NON_NEGATIVE = ("training.min_lr", "training.weight_decay", "training.seed")
+
+
+def _check_positive(cfg: Config) -> None:
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            _fail(cfg, key, "must be > 0")
+    for key in _POSITIVE_IF_SET:
+        value = _get(cfg, key)
+        if value is not None and not value > 0:
+            _fail(cfg, key, "must be > 0 (or null)")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            _fail(cfg, key, "must be >= 0")
+
+
+def _check_ranges(cfg: Config) -> None:
+    if not 0.0 <= cfg.training.warmup_ratio <= 1.0:
+        _fail(cfg, "training.warmup_ratio", "must be between 0 and 1")
+    if cfg.training.min_lr > cfg.training.learning_rate:
+        _fail(cfg, "training.min_lr", f"must not exceed training.learning_rate={cfg.training.learning_rate}")
+    for key in ("inference.sglang.mem_fraction_static", "inference.vllm.mem_fraction_static"):
+        if not 0.0 < _get(cfg, key) <= 1.0:
+            _fail(cfg, key, "must be in (0, 1]")
+    if cfg.inference.sglang.pp_size != 1:
+        _fail(cfg, "inference.sglang.pp_size", "pipeline parallelism is not supported; it must be 1")
+    if cfg.debug.debug_inference_only and cfg.debug.debug_train_only:
+        _fail(cfg, "debug.debug_train_only", "cannot be combined with debug.debug_inference_only")
+
+
+def gpus_per_engine_process(cfg: Config) -> int:
+    """GPUs of one engine process on one node.
+
+    With sglang nnodes > 1 one process per node spans inference_num_gpus_per_node GPUs;
+    otherwise an engine is one process of inference_num_gpus_per_engine GPUs.
+    """
+    inf = cfg.inference
+    if inf.inference_engine_type == "sgl" and inf.sglang.nnodes > 1:
+        return inf.inference_num_gpus_per_node
+    return inf.inference_num_gpus_per_engine
+
+
+def gpus_per_engine(cfg: Config) -> int:
+    """All GPUs of one engine replica (over its nodes)."""
+    inf = cfg.inference
+    nnodes = inf.sglang.nnodes if inf.inference_engine_type == "sgl" else 1
+    return nnodes * gpus_per_engine_process(cfg)
+
+
+def _check_inference_topology(cfg: Config) -> None:
+    inf = cfg.inference
+    engine = inf.inference_engine_type
+    if engine == "sgl":
+        sg = inf.sglang
+        per = gpus_per_engine_process(cfg)
+        per_key = (
+            "inference.inference_num_gpus_per_node" if sg.nnodes > 1 else "inference.inference_num_gpus_per_engine"
+        )
+        if sg.tp_size != sg.nnodes * per:
+            _fail(
+                cfg,
+                "inference.sglang.tp_size",
+                f"must equal nnodes x gpus_per_engine = {sg.nnodes} x {per} = {sg.nnodes * per} "
+                f"(inference.sglang.nnodes={sg.nnodes}, {per_key}={per})",
+            )
+    elif engine == "vllm":
+        if inf.vllm.tp_size != inf.inference_num_gpus_per_engine:
+            _fail(
+                cfg,
+                "inference.vllm.tp_size",
+                f"must equal inference.inference_num_gpus_per_engine={inf.inference_num_gpus_per_engine}",
+            )
+    if gpus_per_engine_process(cfg) > inf.inference_num_gpus_per_node:
+        _fail(
+            cfg,
+            "inference.inference_num_gpus_per_engine",
+            f"an engine on one node cannot use more than inference.inference_num_gpus_per_node="
+            f"{inf.inference_num_gpus_per_node} GPUs (use inference.sglang.nnodes > 1 to span nodes)",
+        )
+    size = gpus_per_engine(cfg)
+    if inf.inference_num_gpus % size:
+        _fail(
+            cfg,
+            "inference.inference_num_gpus",
+            f"not divisible into engines of {size} GPUs each",
+        )
+
+
+def _check_aux_layers(cfg: Config) -> None:
+    layers = cfg.inference.aux_hidden_states_layers
+    if layers is None:
+        return
+    if len(layers) != 3 or any(layer < 0 for layer in layers):
+        _fail(cfg, "inference.aux_hidden_states_layers", "must be 3 non-negative layer ids (or null)")
+
+
+def _check_files(cfg: Config) -> None:
+    path = cfg.model.draft_model_config
+    if path is not None and not Path(path).is_file():
+        _fail(cfg, "model.draft_model_config", "file not found")
