@@ -145,6 +145,11 @@ class InferenceConfig:
     inference_buffer_threshold: int = 32  # refill the prompt buffer below this many
     max_sample_pool_size: int = 64  # finished samples held before inference pauses
     aux_hidden_states_layers: Optional[list[int]] = None  # null = [1, L//2 - 1, L - 4]
+    # Target inside the trainer process, on the trainer's device (the CPU quickstart, or one GPU
+    # shared by target and draft); otherwise engines are processes on their own GPUs.
+    colocate: bool = False
+    # Bytes of hidden states the embedded local store may hold; null = bounded by max_sample_pool_size only.
+    store_capacity: Optional[int] = field(default=None, metadata=SIZE)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 

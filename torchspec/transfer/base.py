@@ -1,0 +1,38 @@
+"""The Store protocol: where engines put per-sample hidden-state records and trainers get them.
+
+A record is a flat ``dict[str, Tensor]`` (see docs/interfaces.md, "Hidden-state record"). Stores
+account capacity in bytes; ``bytes_used()`` returns to 0 once every key has been deleted.
+Implementations: ``local`` (embedded, shared memory on one node, this package) and ``mooncake``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+class StoreFull(RuntimeError):
+    """A put did not fit in the store's capacity before its timeout."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    capacity_bytes: int | None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def get(self, key: str) -> dict[str, torch.Tensor]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def bytes_used(self) -> int: ...
+
+    def keys(self) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+def record_nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Payload bytes of a record (what the capacity accounting counts)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())

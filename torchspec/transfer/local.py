@@ -1,0 +1,165 @@
+"""The embedded `local` store: hidden-state records in shared memory, no external process.
+
+Each record is one file in a per-run directory on the node's shared-memory filesystem
+(``/dev/shm`` on Linux): a small JSON header followed by the tensors' bytes, 64-byte aligned.
+``put`` writes through a shared memory mapping and publishes the file with an atomic rename,
+so a reader never sees half a record; ``get`` maps the file copy-on-write and returns tensor views
+of it (zero copy); ``delete`` unlinks it. Any process on the node that holds this object (passed
+to it when it was spawned) can put, get and delete by key.
+
+Capacity is accounted in bytes of shared memory (header + payload) in a counter shared between
+processes; a put that does not fit waits for deletes, up to ``put_timeout_s``, then raises
+`StoreFull`. When the owning process drops the store, the directory is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.parse
+import weakref
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from torchspec.transfer.base import StoreFull
+
+_ALIGN = 64
+_LEN_BYTES = 8
+
+
+def _shm_root() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+class LocalStore:
+    def __init__(self, capacity_bytes: int | None = None, root: str | os.PathLike | None = None,
+                 put_timeout_s: float = 600.0):
+        if root is None:
+            root = tempfile.mkdtemp(prefix="torchspec-store-", dir=_shm_root())
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.capacity_bytes = capacity_bytes
+        self.put_timeout_s = put_timeout_s
+        self._used = mp.get_context("spawn").Value("q", 0)
+        self._owner_pid = os.getpid()
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.root), True)
+
+    # Children get the same directory and counter; only the owner removes the directory.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_finalizer"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._finalizer = None
+
+    def _path(self, key: str) -> Path:
+        return self.root / urllib.parse.quote(key, safe="")
+
+    def _reserve(self, nbytes: int) -> None:
+        deadline = time.monotonic() + self.put_timeout_s
+        while True:
+            with self._used.get_lock():
+                if self.capacity_bytes is None or self._used.value + nbytes <= self.capacity_bytes:
+                    self._used.value += nbytes
+                    return
+                used = self._used.value
+            if nbytes > self.capacity_bytes or time.monotonic() > deadline:
+                raise StoreFull(
+                    f"local store: a record of {nbytes} bytes does not fit (capacity {self.capacity_bytes}, "
+                    f"in use {used}); raise the store capacity or lower inference.max_sample_pool_size")
+            time.sleep(0.002)
+
+    def _release(self, nbytes: int) -> None:
+        with self._used.get_lock():
+            self._used.value -= nbytes
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        header, offset = {}, 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            header[name] = [str(t.dtype), list(t.shape), offset, nbytes]
+            offset = _aligned(offset + nbytes)
+        head = json.dumps(header).encode()
+        data_start = _aligned(_LEN_BYTES + len(head))
+        total = data_start + offset
+        path = self._path(key)
+        if path.exists():
+            raise KeyError(f"local store: key {key!r} is already present")
+        self._reserve(total)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.truncate(total)
+            buf = torch.from_file(str(tmp), shared=True, size=total, dtype=torch.uint8)
+            buf[:_LEN_BYTES].copy_(torch.tensor(list(len(head).to_bytes(_LEN_BYTES, "little")), dtype=torch.uint8))
+            buf[_LEN_BYTES:_LEN_BYTES + len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+            for name, t in tensors.items():
+                _, _, off, nbytes = header[name]
+                if nbytes:
+                    src = t.detach().contiguous().reshape(-1).view(torch.uint8)
+                    buf[data_start + off:data_start + off + nbytes].copy_(src)
+            del buf
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            self._release(total)
+            raise
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        path = self._path(key)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise KeyError(f"local store: no key {key!r}") from None
+        buf = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+        hlen = int.from_bytes(bytes(buf[:_LEN_BYTES].tolist()), "little")
+        header = json.loads(bytes(buf[_LEN_BYTES:_LEN_BYTES + hlen].tolist()).decode())
+        data_start = _aligned(_LEN_BYTES + hlen)
+        out = {}
+        for name, (dtype, shape, off, nbytes) in header.items():
+            raw = buf[data_start + off:data_start + off + nbytes]
+            out[name] = raw.view(_dtype(dtype)).reshape(shape)
+        return out
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            raise KeyError(f"local store: no key {key!r}") from None
+        self._release(size)
+
+    def keys(self) -> list[str]:
+        return sorted(urllib.parse.unquote(p.name) for p in self.root.iterdir() if ".tmp" not in p.name)
+
+    def bytes_used(self) -> int:
+        return int(self._used.value)
+
+    def clear(self) -> None:
+        """Delete every record (used on shutdown so the store ends empty)."""
+        for key in self.keys():
+            try:
+                self.delete(key)
+            except KeyError:
+                pass
+
+    def close(self) -> None:
+        self.clear()
+        if os.getpid() == self._owner_pid and self._finalizer is not None:
+            self._finalizer()
