@@ -64,6 +64,8 @@ class DatasetConfig:
     chat_template: str = "qwen"  # a name of torchspec.data.templates.TEMPLATE_NAMES
     prompt_key: str = "conversations"  # record field holding the list of messages
     defer_tokenization: bool = False  # tokenize in the inference workers instead of up front
+    last_turn_loss_only: bool = False  # supervise only the last assistant turn of each conversation
+    num_proc: Optional[int] = None  # tokenization worker processes; null = all CPU cores
 
 
 @dataclass

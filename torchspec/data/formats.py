@@ -1,0 +1,208 @@
+"""Reading conversation files: JSONL, JSON (a list of records) and parquet; a file, a folder or a glob.
+
+Each record holds a list of messages under `prompt_key` (dataset.prompt_key), in either format:
+  ShareGPT:  {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}
+  OpenAI:    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+Messages are normalised to OpenAI style: {"role": system|user|assistant|tool, "content": str}, plus
+"reasoning_content", "tool_calls", "tool_call_id" and "name" when the record has them.
+
+Every structural problem raises one DataError naming the file and line (JSONL), record (JSON list)
+or row (parquet).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from torchspec.data.errors import DataError, where
+
+SUFFIXES = (".jsonl", ".json", ".parquet")
+
+# Role names seen in the wild -> our four roles.
+ROLE_ALIASES = {
+    "system": "system", "developer": "system",
+    "user": "user", "human": "user",
+    "assistant": "assistant", "gpt": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "function_call": "assistant",
+    "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool",
+}
+_EXTRA_FIELDS = ("reasoning_content", "tool_calls", "tool_call_id", "name")
+
+
+@dataclass
+class Conversation:
+    sample_id: str
+    messages: list[dict]
+    location: str  # "file line N", for error messages raised later (e.g. by a template)
+
+
+def resolve_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                  config_key: str = "dataset.train_data_path") -> list[Path]:
+    """Expand files, folders (searched recursively) and globs into a sorted, de-duplicated file list."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for raw in paths:
+        p = os.path.expanduser(str(raw))
+        if glob.has_magic(p):
+            found = [Path(f) for f in sorted(glob.glob(p, recursive=True)) if Path(f).is_file()]
+            if not found:
+                raise DataError(f"{config_key}: the pattern {p!r} matches no file")
+            files += found
+        elif os.path.isdir(p):
+            found = sorted(f for f in Path(p).rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+            if not found:
+                raise DataError(f"{config_key}: the folder {p!r} holds no {'/'.join(SUFFIXES)} file")
+            files += found
+        elif os.path.isfile(p):
+            files.append(Path(p))
+        else:
+            raise DataError(f"{config_key}: no such file or folder: {p!r}")
+    unknown = [f for f in files if f.suffix not in SUFFIXES]
+    if unknown:
+        raise DataError(f"{config_key}: {unknown[0]} is not a {'/'.join(SUFFIXES)} file")
+    seen, unique = set(), []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def file_digest(path: Path, chunk: int = 1 << 23) -> str:
+    """Content identity of a file (blake2b of its bytes): the same bytes give the same digest anywhere."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def iter_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """Yield (location, record) for every record of one file, in file order."""
+    if path.suffix == ".parquet":
+        yield from _iter_parquet(path)
+        return
+    with open(path, encoding="utf-8") as fh:
+        head = fh.read(4096).lstrip()
+    if path.suffix == ".json" and head.startswith("["):
+        yield from _iter_json_list(path)
+    else:
+        yield from _iter_jsonl(path)
+
+
+def _iter_jsonl(path: Path):
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            loc = where(path, lineno)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{loc}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield loc, rec
+
+
+def _iter_json_list(path: Path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where(path, e.lineno)}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for i, rec in enumerate(data, start=1):
+        yield where(path, i, "record"), rec
+
+
+def _iter_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            row += 1
+            yield where(path, row, "row"), rec
+
+
+def normalize_messages(record, prompt_key: str, loc: str) -> list[dict]:
+    """The record's messages in our normalised form (see the module docstring)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{loc}: a record must be a JSON object, got {type(record).__name__}")
+    msgs = record.get(prompt_key)
+    if msgs is None:
+        present = [k for k, v in record.items() if isinstance(v, list)]
+        hint = f"; this record has {present[0]!r}: set dataset.prompt_key: {present[0]}" if present else ""
+        raise DataError(f"{loc}: no {prompt_key!r} field (dataset.prompt_key){hint}; "
+                        f"the record's fields are {sorted(record)}")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{loc}: {prompt_key!r} must be a non-empty list of messages")
+    return [_normalize_message(m, i, loc) for i, m in enumerate(msgs, start=1)]
+
+
+def _normalize_message(m, i: int, loc: str) -> dict:
+    if not isinstance(m, dict):
+        raise DataError(f"{loc}: message {i} must be an object, got {type(m).__name__}")
+    raw_role = m.get("role") if m.get("role") is not None else m.get("from")
+    if raw_role is None:
+        raise DataError(f"{loc}: message {i} has neither 'role' (OpenAI style) nor 'from' (ShareGPT style)")
+    role = ROLE_ALIASES.get(str(raw_role).lower())
+    if role is None:
+        raise DataError(f"{loc}: message {i} has unknown role {raw_role!r}; "
+                        f"known roles: {', '.join(sorted(ROLE_ALIASES))}")
+    content = m.get("content") if m.get("content") is not None else m.get("value")
+    out = {"role": role, "content": _text(content, i, loc)}
+    for k in _EXTRA_FIELDS:
+        if m.get(k) is not None:
+            out[k] = m[k]
+    if content is None and role != "assistant" and "tool_calls" not in out:
+        raise DataError(f"{loc}: message {i} ({raw_role}) has no 'content'/'value'")
+    return out
+
+
+def _text(content, i: int, loc: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        texts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                texts.append(str(part.get("text", "")))
+            elif isinstance(part, str):
+                texts.append(part)
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise DataError(f"{loc}: message {i} has a {kind!r} content part; only text is supported")
+        return "".join(texts)
+    raise DataError(f"{loc}: message {i} content must be a string or a list of text parts")
+
+
+def load_conversations(files: Sequence[Path], prompt_key: str,
+                       digests: Sequence[str] | None = None) -> list[Conversation]:
+    """All conversations of `files`, in order, with stable ids `<file digest[:12]>-<record index>`."""
+    digests = digests or [file_digest(f) for f in files]
+    counts: dict[str, int] = {}
+    out: list[Conversation] = []
+    for f, digest in zip(files, digests):
+        # Two byte-identical files would give the same ids; number the repeats apart.
+        counts[digest] = counts.get(digest, 0) + 1
+        prefix = digest[:12] if counts[digest] == 1 else f"{digest[:12]}.{counts[digest]}"
+        n = 0
+        for loc, rec in iter_records(f):
+            out.append(Conversation(f"{prefix}-{n}", normalize_messages(rec, prompt_key, loc), loc))
+            n += 1
+        if n == 0:
+            raise DataError(f"{f}: the file is empty (no records)")
+    return out

@@ -1,0 +1,60 @@
+"""The tokenized sample every engine and trainer consumes (see docs/interfaces.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One conversation, tokenized.
+
+    sample_id: stable across runs (content hash of the source file + record index), so a
+        resumed run can tell exactly which samples it has already seen.
+    input_ids: LongTensor[T].
+    loss_mask: uint8 Tensor[T]; 1 on the tokens the draft is trained to predict
+        (assistant content + end-of-turn token), 0 on system/user/template scaffolding.
+    """
+
+    sample_id: str
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class SampleTable:
+    """Many samples stored as flat token buffers (what the cache holds); a read-only sequence of Sample.
+
+    Indexing returns a Sample that owns its tensors (int64 input_ids, uint8 loss_mask), so saving or
+    sending one sample never drags the whole table along.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, offsets: torch.Tensor,
+                 sample_ids: list[str]):
+        assert offsets.shape[0] == len(sample_ids) + 1 and input_ids.shape == loss_mask.shape
+        self.input_ids, self.loss_mask, self.offsets, self.sample_ids = input_ids, loss_mask, offsets, sample_ids
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __getitem__(self, i: int) -> Sample:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return Sample(self.sample_ids[i], self.input_ids[a:b].to(torch.long),
+                      self.loss_mask[a:b].to(torch.uint8, copy=True))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self) -> torch.Tensor:
+        """Token count of every sample (for length-aware batching)."""
+        return self.offsets[1:] - self.offsets[:-1]
