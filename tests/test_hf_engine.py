@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from torchspec.data.sample import Sample
+from torchspec.inference.base import Engine
+from torchspec.inference.hf import HFEngine, TargetLoadError, load_target
+from torchspec.transfer.local import LocalStore
+
+
+def _samples(vocab: int, lengths=(5, 11, 3, 8, 11)):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(0, vocab, (n,), generator=g)
+        mask = (torch.arange(n) >= n // 2).to(torch.uint8)
+        out.append(Sample(f"s{i}", ids, mask))
+    return out
+
+
+@pytest.mark.parametrize("layers", [[0, 1, 2], [2, 0, 1]])
+def test_records_equal_transformers_hidden_states(tiny_target_dir, tmp_path, layers):
+    from transformers import AutoModelForCausalLM
+
+    model = load_target(tiny_target_dir, torch.float32, "cpu")
+    store = LocalStore(root=tmp_path / "store")
+    engine = HFEngine(model, store, aux_layers=layers, batch_size=3)
+    assert isinstance(engine, Engine)
+    # The lm_head must never run: no logits are computed, let alone leave the engine.
+    model.lm_head.register_forward_hook(lambda *a: (_ for _ in ()).throw(AssertionError("lm_head ran")))
+    samples = _samples(model.config.vocab_size)
+    stored = engine.generate(samples)
+    assert [(s.key, s.sample_id, s.length) for s in stored] == [(s.sample_id, s.sample_id, len(s)) for s in samples]
+
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_target_dir), dtype=torch.float32).eval()
+    H = ref.config.hidden_size
+    for s in samples:
+        with torch.no_grad():
+            hs = ref(input_ids=s.input_ids[None], output_hidden_states=True).hidden_states
+        rec = store.get(s.sample_id)
+        assert set(rec) == {"input_ids", "loss_mask", "aux_hidden_states", "final_hidden_states"}
+        assert torch.equal(rec["input_ids"], s.input_ids) and rec["loss_mask"].dtype == torch.uint8
+        assert torch.equal(rec["loss_mask"], s.loss_mask)
+        assert rec["aux_hidden_states"].shape == (len(s), 3 * H)
+        assert rec["aux_hidden_states"].dtype == torch.float32
+        want_aux = torch.cat([hs[k + 1][0] for k in layers], dim=-1)   # id k = hidden_states[k + 1]
+        torch.testing.assert_close(rec["aux_hidden_states"], want_aux, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rec["final_hidden_states"], hs[-1][0], rtol=1e-5, atol=1e-5)
+    for s in samples:
+        store.delete(s.sample_id)
+    assert store.bytes_used() == 0
+    engine.close()
+
+
+def test_default_aux_layers_and_bad_layers(tiny_target_dir, tmp_path):
+    model = load_target(tiny_target_dir, torch.float32, "cpu")
+    L = model.config.num_hidden_layers
+    store = LocalStore(root=tmp_path / "store")
+    engine = HFEngine(model, store)
+    assert engine.aux_layers == [1, L // 2 - 1, L - 4]
+    engine.close()
+    with pytest.raises(ValueError, match=r"inference.aux_hidden_states_layers=\[1, 2, 4\]"):
+        HFEngine(model, store, aux_layers=[1, 2, L])
+
+
+def test_missing_target_path_names_the_key(tmp_path):
+    with pytest.raises(TargetLoadError, match="model.target_model_path=.*not a local directory"):
+        load_target(str(tmp_path / "nowhere"), torch.float32, "cpu")

@@ -1,0 +1,28 @@
+"""The Engine protocol: run the target over tokenized samples and leave hidden states in a Store.
+
+An engine never returns tensors to its caller: it puts one hidden-state record per sample in the
+Store (docs/interfaces.md, "Hidden-state record") and returns where it put them. Logits never
+leave an engine. Implementations (hf, sglang, vllm) must yield the same tensors for the same model
+and input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+
+@dataclass(frozen=True)
+class StoredSample:
+    key: str          # Store key of the record
+    sample_id: str    # the Sample's stable id
+    length: int       # tokens in the record
+
+
+@runtime_checkable
+class Engine(Protocol):
+    def generate(self, samples: Sequence) -> list[StoredSample]:
+        """Run the target over `samples` (objects with sample_id, input_ids, loss_mask)."""
+        ...
+
+    def close(self) -> None: ...

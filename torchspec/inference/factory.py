@@ -1,0 +1,24 @@
+"""Build the engine that `inference.inference_engine_type` names (backends imported lazily)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def build_engine(cfg, store, device: str | torch.device = "cpu"):
+    kind = cfg.inference.inference_engine_type
+    if kind == "hf":
+        from torchspec.inference.hf import HFEngine
+
+        return HFEngine.from_config(cfg, store, device=device)
+    if kind in ("sgl", "vllm"):
+        import importlib
+
+        module = {"sgl": "torchspec.inference.sglang", "vllm": "torchspec.inference.vllm"}[kind]
+        try:
+            backend = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            raise RuntimeError(f"inference.inference_engine_type={kind!r} is not available in this build "
+                               f"({e.name} missing)") from None
+        return backend.build_engine(cfg, store, device=device)
+    raise ValueError(f"inference.inference_engine_type={kind!r}: unknown engine (expected hf, sgl or vllm)")

@@ -1,0 +1,128 @@
+"""The `hf` engine: the target runs in-process with transformers.
+
+One forward of the target's base model (the lm_head never runs) per batch of samples, right-padded.
+Forward hooks on the configured decoder layers capture their outputs (our id k = output of decoder
+layer k = transformers ``hidden_states[k + 1]``), so only those layers are kept, not all L of them.
+The final, post-norm hidden state is the base model's ``last_hidden_state``. Each sample's record
+(docs/interfaces.md) goes to the Store under its sample id.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from torchspec.inference.base import StoredSample
+
+
+class TargetLoadError(RuntimeError):
+    pass
+
+
+def load_target(path: str, dtype: torch.dtype, device: torch.device | str, trust_remote_code: bool = False):
+    """Load the target's causal-LM checkpoint (local dir or hub id) in eval mode, grads off."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:  # user-caused: wrong path / id, or a model needing trust_remote_code
+        where = "a local directory" if os.path.isdir(str(path)) else "not a local directory; tried it as a hub id"
+        raise TargetLoadError(
+            f"model.target_model_path={path!r} ({where}) could not be loaded as a causal LM: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _base_model(model):
+    base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return base if base is not None else getattr(model, model.base_model_prefix)
+
+
+def _num_layers(model) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return cfg.num_hidden_layers
+
+
+def resolve_aux_layers(layers, num_layers: int) -> list[int]:
+    from torchspec.models import default_aux_layers
+
+    if layers is None:
+        return list(default_aux_layers(num_layers))
+    layers = [int(k) for k in layers]
+    bad = [k for k in layers if not 0 <= k < num_layers]
+    if bad or len(layers) != 3:
+        raise ValueError(
+            f"inference.aux_hidden_states_layers={layers}: need 3 decoder-layer ids in [0, {num_layers - 1}] "
+            f"(id k = output of layer k) for this {num_layers}-layer target")
+    return layers
+
+
+class HFEngine:
+    def __init__(self, model, store, aux_layers: Sequence[int] | None = None, batch_size: int = 1):
+        self.model = model
+        self.store = store
+        self.batch_size = batch_size
+        self.base = _base_model(model)
+        self.aux_layers = resolve_aux_layers(aux_layers, _num_layers(model))
+        self.device = next(model.parameters()).device
+        self._captured: dict[int, torch.Tensor] = {}
+        layers = getattr(self.base, "layers", None)
+        if layers is None:
+            raise TargetLoadError(f"{type(self.base).__name__} has no .layers; the hf engine cannot hook its aux layers")
+        self._hooks = [layers[k].register_forward_hook(self._hook(k)) for k in self.aux_layers]
+
+    @classmethod
+    def from_config(cls, cfg, store, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = load_target(cfg.model.target_model_path, dtype, device,
+                            trust_remote_code=bool(cfg.model.trust_remote_code))
+        return cls(model, store, aux_layers=cfg.inference.aux_hidden_states_layers,
+                   batch_size=cfg.inference.inference_batch_size)
+
+    def _hook(self, k: int):
+        def capture(module, args, output):
+            self._captured[k] = output[0] if isinstance(output, (tuple, list)) else output
+        return capture
+
+    @torch.inference_mode()
+    def _forward(self, samples) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = [int(s.input_ids.numel()) for s in samples]
+        T = max(lengths)
+        ids = torch.zeros(len(samples), T, dtype=torch.long)
+        mask = torch.zeros(len(samples), T, dtype=torch.long)
+        for i, s in enumerate(samples):
+            ids[i, :lengths[i]] = s.input_ids
+            mask[i, :lengths[i]] = 1
+        self._captured.clear()
+        out = self.base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+        aux = torch.cat([self._captured[k] for k in self.aux_layers], dim=-1)
+        self._captured.clear()
+        return aux, out.last_hidden_state
+
+    def generate(self, samples: Sequence) -> list[StoredSample]:
+        done: dict[str, StoredSample] = {}
+        # Group samples of similar length so a batch wastes little padding.
+        order = sorted(samples, key=lambda s: s.input_ids.numel())
+        for i in range(0, len(order), self.batch_size):
+            chunk = order[i:i + self.batch_size]
+            aux, final = self._forward(chunk)
+            for j, s in enumerate(chunk):
+                n = int(s.input_ids.numel())
+                record = {
+                    "input_ids": s.input_ids.to(torch.long),
+                    "loss_mask": s.loss_mask.to(torch.uint8),
+                    "aux_hidden_states": aux[j, :n],
+                    "final_hidden_states": final[j, :n],
+                }
+                self.store.put(s.sample_id, record)
+                done[s.sample_id] = StoredSample(key=s.sample_id, sample_id=s.sample_id, length=n)
+        return [done[s.sample_id] for s in samples]
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
