@@ -1,0 +1,90 @@
+"""Greedy chain speculative decoding is lossless, and its acceptance counters are exact."""
+
+import pytest
+import torch
+
+from torchspec.eval.speculative import HFTarget, SpecStats, greedy_generate, speculative_generate
+
+
+@pytest.fixture(scope="module")
+def target(tiny_target_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_target_dir), dtype=torch.float32).eval()
+    return HFTarget(model, aux_layers=[0, 1, 2])
+
+
+class OracleProposer:
+    """Proposes the target's own greedy continuation (computed with a separate, cache-free forward)."""
+
+    def __init__(self, model, wrong: bool = False):
+        self.model, self.wrong, self.calls = model, wrong, []
+
+    def reset(self):
+        pass
+
+    @torch.inference_mode()
+    def propose(self, tokens, aux, k):
+        self.calls.append((len(tokens), aux.shape[0]))
+        self.last = (list(tokens), aux.clone())
+        seq = list(tokens)
+        for _ in range(k):
+            seq.append(int(self.model(torch.tensor([seq])).logits[0, -1].argmax()))
+        drafts = seq[len(tokens):]
+        if self.wrong:  # a token the target never picks next: tau must be exactly 1
+            vocab = self.model.config.vocab_size
+            drafts = [(d + 1) % vocab for d in drafts]
+        return drafts
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(10, 500, (n,), generator=g).tolist() for n in (5, 11, 17)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("wrong", [False, True])
+def test_lossless_and_exact_tau(target, k, wrong):
+    proposer = OracleProposer(target.model, wrong=wrong)
+    total = SpecStats(k)
+    for prompt in _prompts():
+        ref = greedy_generate(target, prompt, max_new_tokens=13)
+        out = speculative_generate(target, proposer, prompt, num_draft_steps=k, max_new_tokens=13)
+        assert out.tokens == ref
+        total = total.merge(out.stats)
+    # aux rows handed to the proposer always cover exactly the kept target positions
+    assert all(n_aux == n_tok - 1 for n_tok, n_aux in proposer.calls)
+    if wrong:
+        assert total.tau == 1.0 and total.num_accepted_tokens == 0
+        assert total.acceptance_rate_per_pos == [0.0] * k
+    else:
+        assert total.tau == k + 1
+        assert total.acceptance_rate_per_pos == [1.0] * k
+    # every verification drafts k tokens: with 13 tokens, 1 from the prefill, ceil(12 / tau) drafts a prompt
+    per_prompt = -(-12 // (1 if wrong else k + 1))
+    assert total.num_drafts == 3 * per_prompt and total.num_draft_tokens == 3 * per_prompt * k
+
+
+def test_target_cache_rollback_matches_full_forward(target):
+    """After verification + crop, the target's aux features equal a cache-free forward's."""
+    prompt = _prompts()[1]
+    proposer = OracleProposer(target.model, wrong=True)  # reject everything: crop after every round
+    out = speculative_generate(target, proposer, prompt, num_draft_steps=3, max_new_tokens=6)
+    assert out.stats.num_drafts == 5
+    tokens, aux = proposer.last  # what the proposer saw at the last round: 4 rollbacks behind it
+    assert tokens == prompt + out.tokens[:5] and aux.shape[0] == len(prompt) + 4
+    full = HFTarget(target.model, aux_layers=[0, 1, 2])
+    full.reset()
+    _, aux_full = full.forward(tokens[:-1])
+    full.close()
+    torch.testing.assert_close(aux, aux_full, rtol=1e-5, atol=1e-5)
+
+
+def test_eos_stops_and_counts(target):
+    prompt = _prompts()[0]
+    ref = greedy_generate(target, prompt, max_new_tokens=12)
+    eos = ref[4]
+    first = ref.index(eos)
+    out = speculative_generate(target, OracleProposer(target.model), prompt, 3, 12, eos_token_id=eos)
+    assert out.tokens == ref[:first + 1]
+    assert greedy_generate(target, prompt, 12, eos_token_id=eos) == ref[:first + 1]
