@@ -33,6 +33,9 @@ FREE = {"free": True}
 # Allowed values of the enumerated fields (checked by torchspec.config.validate).
 INFERENCE_ENGINE_TYPES = ("hf", "sgl", "vllm")
 TRAINING_ATTENTION_BACKENDS = ("sdpa", "flex_attention")
+# Which TTT rows are supervised: "eagle" = loss_mask[t+k] (EAGLE/SpecForge); "serving" = the predicted token
+# x_{t+2+k} is an assistant token (see ARCHITECTURE.md, the Eagle3 contract).
+LOSS_MASK_ALIGNMENTS = ("eagle", "serving")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PARALLEL_MODES = ("ddp", "fsdp")
 REPORT_TO = ("none", "wandb", "tensorboard")
@@ -86,6 +89,7 @@ class TrainingConfig:
     draft_vocab_size: Optional[int] = None  # null = the draft config's value (else full vocab)
     attention_backend: str = "sdpa"
     gradient_checkpointing: bool = False
+    loss_mask_alignment: str = "eagle"  # one of LOSS_MASK_ALIGNMENTS
     seed: int = 0
     training_num_nodes: int = 1
     training_num_gpus_per_node: int = 1
