@@ -1,0 +1,427 @@
+"""The configuration system: merge order, validation messages, dry run, extra_args filtering."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from torchspec.config import Config, ConfigError, load_config
+from torchspec.config.loader import all_keys, origin_of, parse_size
+from torchspec.config.render import REDACTED, save_resolved_config
+from torchspec.inference.sglang_args import PROTECTED_EXTRA_ARGS, build_sglang_engine_kwargs
+from torchspec.train_entry import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+SETUP_CONFIGS = ["hf_qwen3_8b", "sglang_qwen3_8b", "sglang_kimi_k25_2node", "sglang_kimi_k25_3node"]
+REQUIRED_SET = ["model.target_model_path=Qwen/Qwen3-8B", "dataset.train_data_path=data.jsonl"]
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def dry_run(argv, capsys, caplog):
+    caplog.set_level(logging.WARNING)
+    rc = main(list(argv) + ["--dry-run"])
+    out, err = capsys.readouterr()
+    return rc, out, err + caplog.text
+
+
+# ---------------------------------------------------------------- defaults and files
+
+
+def test_schema_import_does_not_need_omegaconf():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['omegaconf'] = None\n"
+        "import torchspec.config.schema as s, torchspec.config.render, torchspec.inference.sglang_args\n"
+        "c = s.Config(); print(c.training.learning_rate, c.inference.sglang.tp_size)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0.0001", "8"]
+
+
+def test_seed_essential_sglang_defaults():
+    sg = Config().inference.sglang
+    assert (sg.tp_size, sg.pp_size, sg.nnodes, sg.mem_fraction_static) == (8, 1, 1, 0.8)
+    assert sg.attention_backend == "flashinfer" and sg.log_level == "warning"
+    assert (sg.dist_timeout, sg.init_timeout, sg.log_requests_level) == (20, 300, 0)
+    for name in ("context_length", "quantization", "kv_cache_dtype", "moe_runner_backend",
+                 "model_loader_extra_config", "dist_init_addr"):
+        assert getattr(sg, name) is None, name
+    for name in ("disable_flashinfer_autotune", "enable_multimodal", "enable_metrics", "log_requests"):
+        assert getattr(sg, name) is False, name
+    assert sg.extra_args == {}
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}" in {x.rsplit(".", 1)[0] for x in all_keys()}:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_default_yaml_lists_every_schema_field_with_its_default():
+    raw = _flatten(yaml.safe_load((CONFIGS / "default.yaml").read_text()))
+    missing = sorted(set(all_keys()) - set(raw))
+    assert not missing, f"add these schema fields to configs/default.yaml: {missing}"
+    # Loading default.yaml alone must give exactly the schema's defaults.
+    cfg = load_config([], REQUIRED_SET)
+    ref = load_config([], REQUIRED_SET, default_file=None)
+    assert dataclasses.asdict(cfg) == dataclasses.asdict(ref)
+
+
+@pytest.mark.parametrize("name", SETUP_CONFIGS)
+def test_setup_configs_dry_run(name, capsys, caplog):
+    rc, out, err = dry_run(["--config", str(CONFIGS / f"{name}.yaml")], capsys, caplog)
+    assert rc == 0, err
+    assert "placement plan:" in out and "bytes per token crossing the store" in out
+    printed = yaml.safe_load(out.split("# sgl.Engine")[0].split("placement plan:")[0])
+    assert printed["model"]["draft_model_config"].startswith(str(CONFIGS / "draft_models"))
+
+
+def test_default_yaml_dry_run_needs_only_the_required_values(capsys, caplog):
+    rc, out, err = dry_run(["--config", str(CONFIGS / "default.yaml"), *REQUIRED_SET], capsys, caplog)
+    assert rc == 0, err
+    assert "inference: 1 hf engine(s) x 1 GPU(s) each = 1 GPUs" in out
+    assert "training: world size 1" in out
+
+
+def test_missing_target_model_path_names_the_key(capsys, caplog):
+    rc, out, err = dry_run(["--config", str(CONFIGS / "default.yaml")], capsys, caplog)
+    assert rc == 2
+    assert "missing required value 'model.target_model_path'" in err
+    assert "model.target_model_path=..." in err
+
+
+def test_three_node_kimi_plan(capsys, caplog):
+    rc, out, err = dry_run(["--config", str(CONFIGS / "sglang_kimi_k25_3node.yaml")], capsys, caplog)
+    assert rc == 0, err
+    assert "nodes: 3 (2 for inference, 1 for training)" in out
+    assert "inference: 1 sgl engine(s) x 16 GPU(s) each, tp_size 16 over 2 nodes x 8 GPUs = 16 GPUs" in out
+    assert "training: world size 8 = 1 node(s) x 8 GPU(s)" in out
+    # (3 x 7168 + 7168) x 2 bytes
+    assert "= 57344 B" in out
+
+
+def test_hf_qwen_plan_is_one_node_three_gpus(capsys, caplog):
+    rc, out, err = dry_run(["--config", str(CONFIGS / "hf_qwen3_8b.yaml")], capsys, caplog)
+    assert rc == 0, err
+    assert "nodes: 1 (inference and training share it: 3 GPUs)" in out
+    assert "= 32768 B" in out  # (3 x 4096 + 4096) x 2
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def test_cli_overrides_show_in_dry_run(capsys, caplog):
+    rc, out, err = dry_run(
+        ["--config", str(CONFIGS / "sglang_qwen3_8b.yaml"), "training.learning_rate=5e-5",
+         "inference.sglang.extra_args.watchdog_timeout=1800"],
+        capsys, caplog,
+    )
+    assert rc == 0, err
+    printed = yaml.safe_load(out.split("# sgl.Engine")[0])
+    assert printed["training"]["learning_rate"] == 5e-5
+    assert printed["inference"]["sglang"]["extra_args"] == {"watchdog_timeout": 1800}
+    assert "  watchdog_timeout: 1800" in out  # forwarded to sgl.Engine
+
+
+def test_protected_extra_arg_dropped_with_warning(capsys, caplog):
+    rc, out, err = dry_run(
+        ["--config", str(CONFIGS / "sglang_qwen3_8b.yaml"), "inference.sglang.extra_args.tp_size=4"],
+        capsys, caplog,
+    )
+    assert rc == 0
+    assert "extra_args.tp_size=4 dropped: 'tp_size' is managed by TorchSpec" in err
+    engine_lines = out.split("# sgl.Engine")[1].split("placement plan:")[0]
+    assert "  tp_size: 1\n" in engine_lines and "tp_size: 4" not in engine_lines
+
+
+def test_merge_order_and_origins(tmp_path):
+    a = write(tmp_path, "a.yaml", "training:\n  learning_rate: 1.0e-3\n  seed: 7\n")
+    b = write(tmp_path, "b.yaml", "training:\n  learning_rate: 2.0e-3\n")
+    cfg = load_config([a, b], [*REQUIRED_SET, "training.seed=9"])
+    assert cfg.training.learning_rate == 2e-3
+    assert cfg.training.seed == 9
+    assert origin_of(cfg, "training.learning_rate") == str(b)
+    assert origin_of(cfg, "training.seed") == "command line"
+    assert origin_of(cfg, "training.ttt_length") == str(CONFIGS / "default.yaml")
+
+
+def test_extra_args_merge_across_layers(tmp_path):
+    a = write(tmp_path, "a.yaml", "inference:\n  sglang:\n    extra_args:\n      watchdog_timeout: 600\n"
+                                  "      enable_torch_compile: true\n")
+    cfg = load_config([a], [*REQUIRED_SET, "inference.sglang.extra_args.watchdog_timeout=1800"])
+    assert cfg.inference.sglang.extra_args == {"watchdog_timeout": 1800, "enable_torch_compile": True}
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    sub = tmp_path / "conf"
+    sub.mkdir()
+    (sub / "draft.json").write_text("{}")
+    cfg_file = write(sub, "x.yaml", "model:\n  target_model_path: Qwen/Qwen3-8B\n"
+                                    "  draft_model_config: draft.json\n"
+                                    "dataset:\n  train_data_path: ../data/train.jsonl\n"
+                                    "output_dir: out\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config([cfg_file], ["training.load_path=ckpt"])
+    assert cfg.model.target_model_path == "Qwen/Qwen3-8B"  # a hub id stays as written
+    assert cfg.model.draft_model_config == str(sub / "draft.json")
+    assert cfg.dataset.train_data_path == str(tmp_path / "data" / "train.jsonl")
+    assert cfg.output_dir == str(sub / "out")
+    assert cfg.cache_dir == str(sub / "out" / "cache")
+    assert cfg.training.load_path == str(tmp_path / "ckpt")  # CLI: relative to the working dir
+
+
+def test_sizes():
+    assert parse_size("16GB") == 16 * 1024**3
+    assert parse_size("512MiB") == 512 * 1024**2
+    assert parse_size(4096) == 4096
+    cfg = load_config([], [*REQUIRED_SET, "mooncake.global_segment_size=3GB"])
+    assert cfg.mooncake.global_segment_size == 3 * 1024**3
+    with pytest.raises(ConfigError, match=r"mooncake.local_buffer_size: expected a size like 16GB.*'lots'"):
+        load_config([], [*REQUIRED_SET, "mooncake.local_buffer_size=lots"])
+
+
+# ---------------------------------------------------------------- validation messages
+
+
+def test_unknown_key_suggests_the_right_one(capsys, caplog):
+    rc, out, err = dry_run(["--config", str(CONFIGS / "hf_qwen3_8b.yaml"), "training.learnig_rate=1"], capsys, caplog)
+    assert rc == 2
+    assert "unknown key 'training.learnig_rate' (command line); did you mean 'training.learning_rate'?" in err
+
+
+def test_unknown_key_in_file_names_the_file_and_other_section(tmp_path):
+    f = write(tmp_path, "x.yaml", "training:\n  tp_size: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([f], REQUIRED_SET)
+    assert str(e.value) == f"unknown key 'training.tp_size' ({f}); did you mean 'inference.sglang.tp_size'?"
+
+
+def test_pp_size_must_be_one(capsys, caplog):
+    rc, out, err = dry_run(["--config", str(CONFIGS / "sglang_qwen3_8b.yaml"), "inference.sglang.pp_size=2"],
+                           capsys, caplog)
+    assert rc == 2
+    assert "inference.sglang.pp_size=2: pipeline parallelism is not supported; it must be 1 (command line)" in err
+
+
+def test_tp_nnodes_mismatch_fails(capsys, caplog):
+    rc, out, err = dry_run(["--config", str(CONFIGS / "sglang_kimi_k25_3node.yaml"), "inference.sglang.tp_size=8"],
+                           capsys, caplog)
+    assert rc == 2
+    assert ("inference.sglang.tp_size=8: must equal nnodes x gpus_per_engine = 2 x 8 = 16 "
+            "(inference.sglang.nnodes=2, inference.inference_num_gpus_per_node=8) (command line)") in err
+
+    # nnodes=1: the engine would be one process of 16 GPUs, more than a node has
+    rc, out, err = dry_run(["--config", str(CONFIGS / "sglang_kimi_k25_3node.yaml"), "inference.sglang.nnodes=1"],
+                           capsys, caplog)
+    assert rc == 2
+    assert ("inference.inference_num_gpus_per_engine=16: an engine on one node cannot use more than "
+            "inference.inference_num_gpus_per_node=8 GPUs") in err
+
+    rc, out, err = dry_run(["--config", str(CONFIGS / "sglang_kimi_k25_2node.yaml"), "inference.sglang.tp_size=16"],
+                           capsys, caplog)
+    assert rc == 2
+    assert ("inference.sglang.tp_size=16: must equal nnodes x gpus_per_engine = 1 x 8 = 8 "
+            "(inference.sglang.nnodes=1, inference.inference_num_gpus_per_engine=8) (command line)") in err
+
+
+def test_tp_check_only_for_the_engine_in_use():
+    # hf run: the sglang defaults (tp_size 8) do not fail it
+    cfg = load_config([], REQUIRED_SET)
+    assert cfg.inference.inference_engine_type == "hf" and cfg.inference.sglang.tp_size == 8
+
+
+def test_engines_must_divide_inference_gpus():
+    with pytest.raises(ConfigError, match=r"inference.inference_num_gpus=3: not divisible into engines of 2 GPUs"):
+        load_config([CONFIGS / "sglang_qwen3_8b.yaml"],
+                    ["inference.inference_num_gpus=3", "inference.inference_num_gpus_per_engine=2",
+                     "inference.sglang.tp_size=2"])
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys, caplog):
+    f = write(tmp_path, "broken.yaml", "training:\n  learning_rate: 1e-4\n  seed: [1, 2\n")
+    rc, out, err = dry_run(["--config", str(f)], capsys, caplog)
+    assert rc == 2
+    assert f"{f}:4:1: YAML syntax error" in err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.learning_rate=fast", "training.learning_rate: expected a number, got 'fast' (command line)"),
+        ("training.micro_batch_size=0", "training.micro_batch_size=0: must be > 0 (command line)"),
+        ("training.learning_rate=-1", "training.learning_rate=-1.0: must be > 0 (command line)"),
+        ("training.gradient_checkpointing=3", "training.gradient_checkpointing: expected true or false, got 3"),
+        ("inference.inference_engine_type=sglang",
+         "inference.inference_engine_type='sglang': unknown value, expected one of hf, sgl, vllm; did you mean 'sgl'?"),
+        ("training.attention_backend=flash", "training.attention_backend='flash': unknown value"),
+        ("dataset.chat_template=qwen4", "dataset.chat_template='qwen4': unknown value"),
+        ("model.target_model_path=null", "model.target_model_path: must be set, got null (command line)"),
+        ("training", "override 'training' is not of the form section.key=value"),
+    ],
+)
+def test_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([], [*REQUIRED_SET, override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- original TorchSpec configs
+
+
+ORIGINAL_STYLE = """
+model:
+  target_model_path: Qwen/Qwen3-8B
+  trust_remote_code: true
+  embedding_key: model.embed_tokens.weight
+  lm_head_key: lm_head.weight
+  target_model_backend: sglang
+dataset:
+  train_data_path: ../examples/data/sample_conversations.jsonl
+  eval_data_path: ../examples/data/eval_conversations.jsonl
+  eval_interval: 100
+  chat_template: qwen
+  prompt_key: conversations
+  defer_tokenization: false
+training:
+  attention_backend: flex_attention
+  micro_batch_size: 1
+  draft_accumulation_steps: 1
+  learning_rate: 1e-4
+  lr_total_steps: null
+  max_concurrent_batches: 1
+  max_grad_norm: 0.5
+  max_seq_length: 16384
+  num_epochs: 1
+  num_train_steps: 100
+  prefetch_depth: 2
+  save_interval: 5000
+  save_per_epoch: true
+  seed: 42
+  training_num_gpus_per_node: 2
+  training_num_nodes: 1
+  ttt_length: 7
+  warmup_ratio: 0.015
+  gradient_checkpointing: false
+  distributed_timeout_minutes: 30
+inference:
+  inference_engine_type: sgl
+  inference_num_gpus: 1
+  inference_num_gpus_per_engine: 1
+  inference_num_gpus_per_node: 1
+  max_sample_pool_size: 64
+  inference_buffer_threshold: 32
+  inference_fetch_batch: 32
+  inference_batch_size: 8
+  sglang:
+    tp_size: 1
+    mem_fraction_static: 0.7
+    port: 30000
+    additional_ports: 4
+    dist_init_addr: null
+    init_timeout: 1800
+    dist_timeout: 600
+    extra_args:
+      model_loader_extra_config:
+        enable_multithread_load: true
+        num_threads: 32
+      disable_flashinfer_autotune: true
+      watchdog_timeout: 1800
+mooncake:
+  master_server_address: null
+  metadata_server: null
+  metadata_port: null
+  protocol: tcp
+  device_name: ""
+  local_hostname: null
+  enable_gpu_direct: false
+  global_segment_size: 16GB
+  local_buffer_size: 4GB
+  gpu_buffer_size: null
+  max_batch_size: 32
+  max_seq_len: 8192
+  hidden_dim: 4096
+output_dir: ../outputs/qwen3-8b-single-node
+cache_dir: ../cache/qwen3-8b-single-node
+model_download_dir: null
+debug:
+  save_debug_train_data: null
+  debug_train_only: false
+  debug_inference_only: false
+logging:
+  report_to: none
+  wandb_key: null
+  wandb_project: train_qwen
+  wandb_team: null
+  wandb_group: null
+  wandb_mode: online
+  wandb_random_suffix: true
+"""
+
+
+def test_original_torchspec_style_config_loads_unchanged(tmp_path):
+    conf_dir = tmp_path / "configs"
+    conf_dir.mkdir()
+    f = write(conf_dir, "orig.yaml", ORIGINAL_STYLE)
+    cfg = load_config([f], [])
+    assert cfg.dataset.train_data_path == str(tmp_path / "examples/data/sample_conversations.jsonl")
+    assert cfg.cache_dir == str(tmp_path / "cache/qwen3-8b-single-node")
+    assert cfg.mooncake.global_segment_size == 16 * 1024**3
+    assert cfg.training.num_train_steps == 100
+    kwargs = build_sglang_engine_kwargs(cfg)
+    # extra_args win over the essential field of the same name; dicts go as JSON strings
+    assert kwargs["disable_flashinfer_autotune"] is True
+    assert kwargs["model_loader_extra_config"] == '{"enable_multithread_load": true, "num_threads": 32}'
+    assert kwargs["tp_size"] == 1 and kwargs["mem_fraction_static"] == 0.7
+
+
+# ---------------------------------------------------------------- sgl.Engine kwargs
+
+
+def test_engine_kwargs_layers_and_every_protected_key():
+    cfg = load_config([CONFIGS / "sglang_qwen3_8b.yaml"], [])
+    cfg.inference.sglang.extra_args = {k: "x" for k in PROTECTED_EXTRA_ARGS} | {"watchdog_timeout": 5}
+    warnings = []
+    kwargs = build_sglang_engine_kwargs(cfg, managed={"base_gpu_id": 2, "port": 31000}, warn=warnings.append)
+    assert len(warnings) == len(PROTECTED_EXTRA_ARGS) == 18
+    for key, msg in zip(PROTECTED_EXTRA_ARGS, warnings):
+        assert f"extra_args.{key}='x' dropped" in msg
+    assert "x" not in kwargs.values()
+    assert kwargs["watchdog_timeout"] == 5
+    assert kwargs["model_path"] == "Qwen/Qwen3-8B" and kwargs["mem_fraction_static"] == 0.7
+    assert kwargs["disable_radix_cache"] is True and kwargs["enable_return_hidden_states"] is True
+    assert (kwargs["base_gpu_id"], kwargs["port"]) == (2, 31000)
+    assert "context_length" not in kwargs  # null: SGLang's own default
+    assert "init_timeout" not in kwargs  # ours, not an sgl.Engine argument
+
+
+# ---------------------------------------------------------------- saving
+
+
+def test_save_resolved_config_redacts_and_reloads(tmp_path):
+    cfg = load_config([CONFIGS / "sglang_kimi_k25_2node.yaml"],
+                      ["logging.wandb_key=s3cr3t", "inference.sglang.extra_args.api_key=s3cr3t"])
+    path = save_resolved_config(cfg, tmp_path / "run")
+    text = path.read_text()
+    assert "s3cr3t" not in text and text.count(REDACTED) == 2
+    assert "global_segment_size: 96GB" in text
+    again = load_config([path], [])
+    assert again.mooncake.global_segment_size == cfg.mooncake.global_segment_size
+    assert again.model == cfg.model and again.training == cfg.training

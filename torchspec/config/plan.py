@@ -1,0 +1,194 @@
+"""The placement plan a dry run prints: where things run and how much crosses the store.
+
+Pure arithmetic over the config (plus the draft/target config.json when it is a local file);
+no GPU, no network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from torchspec.config.schema import Config
+from torchspec.config.validate import gpus_per_engine
+
+BF16_BYTES = 2
+# fp32 master weights + fp32 gradients + AdamW's two fp32 moments, per trainable parameter.
+TRAIN_STATE_BYTES_PER_PARAM = 4 + 4 + 4 + 4
+
+
+@dataclass
+class Plan:
+    nodes: int
+    inference_nodes: int
+    training_nodes: int
+    shared_node: bool  # inference and training on one machine
+    num_engines: int
+    gpus_per_engine: int
+    inference_gpus: int
+    training_world_size: int
+    hidden_size: Optional[int]
+    hidden_size_source: str
+    bytes_per_token: Optional[int]  # aux (3H) + final (H) hidden states, bf16
+    memory: Optional[dict]  # rough draft-trainer memory per rank, bytes
+
+
+def read_json(path: Optional[str]) -> Optional[dict]:
+    if not path or not Path(path).is_file():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _text_config(conf: dict) -> dict:
+    # Vision-language checkpoints (Kimi-K2.5) keep the language model's fields in text_config.
+    return conf.get("text_config") or conf
+
+
+def target_hidden_size(cfg: Config, draft: Optional[dict]) -> tuple[Optional[int], str]:
+    target = read_json(str(Path(cfg.model.target_model_path) / "config.json"))
+    if target and _text_config(target).get("hidden_size"):
+        return _text_config(target)["hidden_size"], "target config.json"
+    if draft and draft.get("hidden_size"):
+        return draft["hidden_size"], "model.draft_model_config"
+    if cfg.mooncake.hidden_dim:
+        return cfg.mooncake.hidden_dim, "mooncake.hidden_dim"
+    return None, "unknown (target not local, no draft config, mooncake.hidden_dim unset)"
+
+
+def draft_memory_estimate(draft: dict, cfg: Config) -> dict:
+    """Rough bytes per trainer rank for a 1-layer Eagle3 draft (see configs/README.md)."""
+    h = draft["hidden_size"]
+    inter = draft["intermediate_size"]
+    heads = draft["num_attention_heads"]
+    kv_heads = draft.get("num_key_value_heads", heads)
+    head_dim = draft.get("head_dim") or h // heads
+    vocab = draft["vocab_size"]
+    draft_vocab = cfg.training.draft_vocab_size or draft.get("draft_vocab_size") or vocab
+    tr = cfg.training
+    world = tr.training_num_nodes * tr.training_num_gpus_per_node
+
+    attn = 2 * h * heads * head_dim + 2 * (2 * h * kv_heads * head_dim) + heads * head_dim * h
+    mlp = 3 * h * inter
+    trainable = attn + mlp + 3 * h * h + h * draft_vocab + 4 * h  # + fc + lm_head + norms
+    frozen = 2 * vocab * h + h  # target embeddings + target lm_head (+ final norm), bf16
+    shards = world if tr.parallel_mode == "fsdp" else 1
+
+    tokens = tr.micro_batch_size * tr.max_seq_length
+    inputs = tokens * 4 * h * BF16_BYTES  # aux (3H) + final (H) hidden states of the batch
+    target_probs = tokens * draft_vocab * 4 + tokens * vocab * BF16_BYTES  # p (fp32) + full logits
+    per_step_logits = 3 * tokens * draft_vocab * 4  # logits, log-softmax, their grad (fp32)
+    if tr.gradient_checkpointing:
+        per_step_hidden = tokens * 2 * h * BF16_BYTES  # only each step's layer input is kept
+    else:
+        per_step_hidden = tokens * (8 * h + 2 * kv_heads * head_dim + 3 * inter) * BF16_BYTES
+    activations = inputs + target_probs + tr.ttt_length * (per_step_logits + per_step_hidden)
+
+    parts = {
+        "trainable_params": trainable,
+        "weights_grads_optimizer": math.ceil(trainable * TRAIN_STATE_BYTES_PER_PARAM / shards),
+        "frozen_target_head": frozen * BF16_BYTES,
+        "activations": activations,
+    }
+    parts["total"] = parts["weights_grads_optimizer"] + parts["frozen_target_head"] + activations
+    return parts
+
+
+def make_plan(cfg: Config) -> Plan:
+    inf, tr = cfg.inference, cfg.training
+    per_engine = gpus_per_engine(cfg)
+    engines = inf.inference_num_gpus // per_engine
+    world = tr.training_num_nodes * tr.training_num_gpus_per_node
+    node_gpus = inf.inference_num_gpus_per_node  # GPUs of one machine
+    inference_nodes = math.ceil(inf.inference_num_gpus / node_gpus)
+    shared = (
+        tr.training_num_nodes == 1
+        and inference_nodes == 1
+        and inf.inference_num_gpus + world <= node_gpus
+    )
+    nodes = 1 if shared else inference_nodes + tr.training_num_nodes
+
+    draft = read_json(cfg.model.draft_model_config)
+    hidden, source = target_hidden_size(cfg, draft)
+    per_token = (3 * hidden + hidden) * BF16_BYTES if hidden else None
+    memory = draft_memory_estimate(draft, cfg) if draft else None
+    return Plan(
+        nodes=nodes,
+        inference_nodes=inference_nodes,
+        training_nodes=tr.training_num_nodes,
+        shared_node=shared,
+        num_engines=engines,
+        gpus_per_engine=per_engine,
+        inference_gpus=inf.inference_num_gpus,
+        training_world_size=world,
+        hidden_size=hidden,
+        hidden_size_source=source,
+        bytes_per_token=per_token,
+        memory=memory,
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def format_plan(cfg: Config, plan: Plan) -> str:
+    inf, tr = cfg.inference, cfg.training
+    engine = inf.inference_engine_type
+    lines = ["placement plan:"]
+    if plan.shared_node:
+        lines.append(
+            f"  nodes: 1 (inference and training share it: "
+            f"{plan.inference_gpus + plan.training_world_size} GPUs)"
+        )
+    else:
+        lines.append(
+            f"  nodes: {plan.nodes} ({plan.inference_nodes} for inference, "
+            f"{plan.training_nodes} for training)"
+        )
+    span = ""
+    if engine == "sgl":
+        sg = inf.sglang
+        span = f", tp_size {sg.tp_size}"
+        if sg.nnodes > 1:
+            span += f" over {sg.nnodes} nodes x {inf.inference_num_gpus_per_node} GPUs"
+    elif engine == "vllm":
+        span = f", tp_size {inf.vllm.tp_size}"
+    lines.append(
+        f"  inference: {plan.num_engines} {engine} engine(s) x {plan.gpus_per_engine} GPU(s) each"
+        f"{span} = {plan.inference_gpus} GPUs"
+    )
+    lines.append(
+        f"  training: world size {plan.training_world_size} = {tr.training_num_nodes} node(s) x "
+        f"{tr.training_num_gpus_per_node} GPU(s) ({tr.parallel_mode})"
+    )
+    lines.append(
+        "  hidden-state store: "
+        + ("mooncake (samples cross machines)" if plan.nodes > 1 else "local (one machine)")
+    )
+    if plan.bytes_per_token:
+        h = plan.hidden_size
+        per_seq = plan.bytes_per_token * tr.max_seq_length
+        lines.append(
+            f"  bytes per token crossing the store: (3H + H) x 2 (bf16) with H={h} "
+            f"[{plan.hidden_size_source}] = {plan.bytes_per_token} B "
+            f"({plan.bytes_per_token / 1024:.1f} KiB; {_gib(per_seq)} per {tr.max_seq_length}-token sample)"
+        )
+    else:
+        lines.append(f"  bytes per token crossing the store: H {plan.hidden_size_source}")
+    m = plan.memory
+    if m:
+        lines.append(
+            f"  draft trainer memory per rank (rough): {_gib(m['total'])} = "
+            f"weights+grads+AdamW {_gib(m['weights_grads_optimizer'])} "
+            f"({m['trainable_params'] / 1e6:.0f}M trainable params) + frozen target embed/lm_head "
+            f"{_gib(m['frozen_target_head'])} + activations {_gib(m['activations'])} "
+            f"(micro_batch_size {tr.micro_batch_size} x {tr.max_seq_length} tokens, ttt_length "
+            f"{tr.ttt_length}, gradient_checkpointing {str(tr.gradient_checkpointing).lower()})"
+        )
+    else:
+        lines.append("  draft trainer memory: no model.draft_model_config to estimate from")
+    return "\n".join(lines)

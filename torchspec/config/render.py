@@ -1,0 +1,78 @@
+"""Printing and saving a resolved config: secrets redacted, sizes written back as "16GB".
+
+Needs PyYAML only (no omegaconf), so the training runner can call `save_resolved_config`
+on any machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+from torchspec.config.schema import SECRET_KEYS, Config
+
+REDACTED = "***"
+RESOLVED_CONFIG_NAME = "resolved_config.yaml"
+# Free-form keys (extra_args) that look like credentials are redacted too.
+_SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def _is_secret(name: str) -> bool:
+    return name in SECRET_KEYS
+
+
+def _redact_free(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if any(w in str(k).lower() for w in _SECRET_WORDS) and v is not None else _redact_free(v))
+            for k, v in value.items()
+        }
+    return value
+
+
+def human_size(n: int) -> Any:
+    """16 GiB -> "16GB" (binary units, as parse_size reads them); other values unchanged."""
+    for unit, power in (("TB", 4), ("GB", 3), ("MB", 2), ("KB", 1)):
+        if n and n % 1024**power == 0:
+            return f"{n // 1024**power}{unit}"
+    return n
+
+
+def redacted_dict(obj: Any) -> dict:
+    """The config as plain dicts, secrets replaced by "***" and sizes as "16GB" strings."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = redacted_dict(value)
+        elif _is_secret(f.name) and value is not None:
+            out[f.name] = REDACTED
+        elif f.metadata.get("size") and isinstance(value, int):
+            out[f.name] = human_size(value)
+        elif f.metadata.get("free"):
+            out[f.name] = _redact_free(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def config_to_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(redacted_dict(cfg), sort_keys=False, default_flow_style=False, width=100)
+
+
+def save_resolved_config(cfg: Config, output_dir: typing.Union[str, os.PathLike]) -> Path:
+    """Write the resolved, redacted config to <output_dir>/resolved_config.yaml; returns the path.
+
+    The file loads back with `--config` (its paths are absolute).
+    """
+    path = Path(output_dir) / RESOLVED_CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(config_to_yaml(cfg))
+    os.replace(tmp, path)
+    return path

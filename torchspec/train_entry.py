@@ -1,0 +1,83 @@
+"""Command line: train an EAGLE-3 draft model.
+
+    python -m torchspec.train_entry --config A.yaml [--config B.yaml ...] [a.b=value ...] [--dry-run]
+
+Configs merge as: schema defaults < configs/default.yaml < each --config in order < a.b=value.
+--dry-run prints the resolved config (secrets redacted) and the placement plan, then exits
+without touching a GPU or the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from torchspec.config.errors import ConfigError
+
+log = logging.getLogger("torchspec")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m torchspec.train_entry",
+        description="Train an EAGLE-3 draft model. Overrides are section.key=value (OmegaConf dotlist).",
+    )
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML config; repeat to layer several (later files win)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and placement plan, then exit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p.parse_intermixed_args(argv)
+
+
+def dry_run_report(cfg) -> str:
+    """The text a dry run prints: redacted resolved config, engine kwargs, placement plan."""
+    from torchspec.config.plan import format_plan, make_plan
+    from torchspec.config.render import config_to_yaml
+    from torchspec.inference.sglang_args import build_sglang_engine_kwargs, filter_extra_args
+
+    parts = ["# resolved config (secrets redacted)", config_to_yaml(cfg).rstrip()]
+    if cfg.inference.inference_engine_type == "sgl":
+        kwargs = build_sglang_engine_kwargs(cfg)
+        parts.append("# sgl.Engine kwargs of one engine (launcher adds base_gpu_id, node_rank, ports)")
+        parts.extend(f"  {k}: {v!r}" for k, v in kwargs.items())
+    else:
+        filter_extra_args(cfg.inference.sglang.extra_args)  # still warn about protected keys
+    parts.append(format_plan(cfg, make_plan(cfg)))
+    return "\n".join(parts)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        from torchspec.config.loader import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(dry_run_report(cfg))
+            return 0
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from torchspec.config.render import save_resolved_config
+
+    saved = save_resolved_config(cfg, cfg.output_dir)
+    log.info("resolved config saved to %s", saved)
+    try:
+        from torchspec.pipeline.runner import run_training
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("torchspec"):
+            print(f"error: the training runner is not available in this build ({e})", file=sys.stderr)
+            return 1
+        raise
+    run_training(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
