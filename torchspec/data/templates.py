@@ -46,13 +46,16 @@ class _Builder:
 
 
 def split_reasoning(message: dict) -> tuple[str | None, str]:
-    """(reasoning or None when the turn has no think block, answer text)."""
+    """(reasoning or None when the turn has no think block, answer text).
+
+    The answer loses the newlines that separate it from a think block (template layout, not content).
+    """
     content = message["content"]
     if message.get("reasoning_content") is not None:
-        return str(message["reasoning_content"]), content
+        return str(message["reasoning_content"]), content.lstrip("\n")
     if "</think>" in content:
         before, after = content.split("</think>", 1)
-        return before.split("<think>", 1)[-1], after
+        return before.split("<think>", 1)[-1], after.lstrip("\n")
     return None, content
 
 
@@ -108,10 +111,10 @@ class QwenTemplate(ChatTemplate):
                 if reasoning is None:
                     body = answer
                 elif reasoning.strip():
-                    body = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{answer.lstrip(chr(10))}"
+                    body = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{answer}"
                 else:
                     b.add("<think>\n\n</think>\n\n")
-                    body = answer.lstrip("\n")
+                    body = answer
                 calls = "\n".join(f'<tool_call>\n{{"name": {json.dumps(n)}, "arguments": {a}}}\n</tool_call>'
                                   for n, a in _tool_call_parts(m))
                 if calls:
@@ -180,7 +183,7 @@ class KimiK25Template(ChatTemplate):
                 b.add(f"{reasoning}</think>{answer}{self.END}", supervised=True)
             else:
                 b.add("<think></think>")  # the non-thinking generation prompt ends with it
-                b.add((answer if reasoning is None else answer.lstrip("\n")) + self.END, supervised=True)
+                b.add(answer + self.END, supervised=True)
         return b.result()
 
 
@@ -245,8 +248,6 @@ class TokenizerTemplate(ChatTemplate):
                     tag = text.rfind("<think>", cursor, r_start)
                     span_start = tag if tag >= 0 else r_start
                     cursor = r_start + len(r_needle)
-            if reasoning is not None:
-                answer = answer.lstrip("\n")  # the newlines after </think> are template layout
             start, needle = self._find(text, answer, cursor)
             if start < 0:
                 raise DataError("the tokenizer's chat template changed an assistant message so that its "
