@@ -1,0 +1,246 @@
+"""Resumable checkpoints, written atomically.
+
+Layout (one directory per checkpoint; the name sorts by step):
+
+    output_dir/checkpoints/step_00000100/
+        model.safetensors    the draft's full state dict (what tools/convert_to_hf.py reads)
+        draft_config.json    the draft's config
+        export_meta.json     aux-layer ids etc. for tools/convert_to_hf.py (when given)
+        trainer_state.pt     optimizer, lr scheduler, RNG states, global_step (no weights)
+        data_state.json      the controller's data position ({"epoch", "trained_ids"})
+        meta.json            {"step", "time", "files": {name: bytes}}: written last
+        export/              the exported draft (when an export function is given)
+    output_dir/export/       the newest exported draft
+
+Every checkpoint is written into `checkpoints/.tmp-step_N-<pid>/` and renamed into place only
+when complete, so a process killed mid-write leaves a temp dir that `latest()` never returns
+(and the next `save()` removes). `latest()` also checks meta.json against the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CHECKPOINTS = "checkpoints"
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+MODEL_FILE = "model.safetensors"
+DRAFT_CONFIG_FILE = "draft_config.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+DATA_STATE_FILE = "data_state.json"
+META_FILE = "meta.json"
+EXPORT_META_FILE = "export_meta.json"
+EXPORT_DIR = "export"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    step: int
+    trainer_state: dict        # "model" (state dict) + optimizer/scheduler/rng/global_step unless weights_only
+    data_state: dict | None
+    draft_config: dict
+
+
+class CheckpointManager:
+    """Saves, rotates and finds checkpoints under `output_dir/checkpoints`.
+
+    max_checkpoints: keep only the newest N complete checkpoints (None or 0 keeps all).
+    Call `save` from one process (rank 0); gather the trainer state on every rank first.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, max_checkpoints: int | None = None):
+        self.output_dir = Path(output_dir)
+        self.root = self.output_dir / CHECKPOINTS
+        self.max_checkpoints = max_checkpoints or 0
+        if self.max_checkpoints < 0:
+            raise ValueError(f"training.max_checkpoints must be >= 0 or null, got {max_checkpoints}")
+
+    def save(self, step: int, trainer_state: dict, data_state: dict | None, draft: torch.nn.Module,
+             draft_config: Any, export_fn: Callable[[torch.nn.Module, Path], None] | None = None,
+             export_meta: dict | None = None) -> Path:
+        """Write checkpoint `step` atomically; returns its directory.
+
+        Weights come from trainer_state["model"] when present (full, gathered), else from
+        `draft.state_dict()`. export_fn(draft, dir) writes the exported draft into `dir`; the copy
+        at output_dir/export is then replaced by it. export_meta ({"aux_layer_ids", ...}) is saved as
+        export_meta.json for tools/convert_to_hf.py.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temps()
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+        tmp.mkdir()
+
+        state = dict(trainer_state)
+        weights = state.pop("model", None)
+        if weights is None:
+            weights = draft.state_dict()
+        _save_safetensors(weights, tmp / MODEL_FILE)
+        _write_json(tmp / DRAFT_CONFIG_FILE, _config_dict(draft_config))
+        torch.save(state, tmp / TRAINER_STATE_FILE)
+        _fsync(tmp / TRAINER_STATE_FILE)
+        _write_json(tmp / DATA_STATE_FILE, data_state)
+        if export_meta is not None:
+            _write_json(tmp / EXPORT_META_FILE, export_meta)
+        if export_fn is not None:
+            export_fn(draft, tmp / EXPORT_DIR)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        _write_json(tmp / META_FILE, {"step": int(step), "time": time.time(), "files": files})
+        _fsync(tmp)
+
+        if final.exists():  # the same step saved twice (e.g. interval and epoch end coincide)
+            _remove_tree(final)
+        os.rename(tmp, final)
+        _fsync(self.root)
+        if export_fn is not None:
+            self._publish_export(final / EXPORT_DIR)
+        self._rotate()
+        return final
+
+    def export_final(self, draft: torch.nn.Module, export_fn: Callable[[torch.nn.Module, Path], None]) -> Path:
+        """Write output_dir/export (atomically) from the draft as it is now."""
+        tmp = self.output_dir / f"{TMP_PREFIX}{EXPORT_DIR}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        export_fn(draft, tmp)
+        return self._swap_into(tmp, self.output_dir / EXPORT_DIR)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return complete_checkpoints(self.root)
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    # -- internals -------------------------------------------------------------------------------
+    def _rotate(self) -> None:
+        if self.max_checkpoints <= 0:
+            return
+        for old in self.checkpoints()[:-self.max_checkpoints]:
+            _remove_tree(old)
+
+    def _remove_stale_temps(self) -> None:
+        for p in self.root.iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _publish_export(self, src: Path) -> None:
+        tmp = self.output_dir / f"{TMP_PREFIX}{EXPORT_DIR}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(src, tmp)
+        self._swap_into(tmp, self.output_dir / EXPORT_DIR)
+
+    @staticmethod
+    def _swap_into(tmp: Path, dest: Path) -> Path:
+        if dest.exists():
+            _remove_tree(dest)
+        os.rename(tmp, dest)
+        return dest
+
+
+def is_complete(path: Path) -> bool:
+    """True when meta.json exists, parses and every file it lists is present with its size."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        return all((path / name).stat().st_size == size for name, size in meta["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete `step_N` dirs directly under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and is_complete(p)),
+                  key=lambda p: p.name)
+
+
+def resolve_checkpoint(load_path: str | os.PathLike, key: str = "training.load_path") -> Path:
+    """A complete checkpoint dir from a step dir, a `checkpoints/` dir or a run's output_dir (latest)."""
+    path = Path(load_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{key}: {path} does not exist")
+    if (path / META_FILE).exists():
+        if not is_complete(path):
+            raise ValueError(f"{key}: {path} is an incomplete checkpoint (files missing or truncated)")
+        return path
+    for root in (path / CHECKPOINTS, path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"{key}: no complete checkpoint in {path} (expected {STEP_PREFIX}N/ dirs "
+                            f"with {META_FILE}, or a run's output_dir containing {CHECKPOINTS}/)")
+
+
+def load_checkpoint(load_path: str | os.PathLike, weights_only: bool = False,
+                    key: str = "training.load_path") -> LoadedCheckpoint:
+    """Load a checkpoint for resume (everything) or continual training (weights_only: model only)."""
+    from safetensors.torch import load_file
+
+    path = resolve_checkpoint(load_path, key)
+    meta = json.loads((path / META_FILE).read_text())
+    state: dict = {} if weights_only else torch.load(path / TRAINER_STATE_FILE, map_location="cpu",
+                                                     weights_only=False)
+    state["model"] = load_file(str(path / MODEL_FILE))
+    data_state = None if weights_only else json.loads((path / DATA_STATE_FILE).read_text())
+    return LoadedCheckpoint(path, int(meta["step"]), state, data_state,
+                            json.loads((path / DRAFT_CONFIG_FILE).read_text()))
+
+
+def _config_dict(config: Any) -> dict:
+    if config is None or isinstance(config, dict):
+        return dict(config or {})
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    raise TypeError(f"cannot serialise a draft config of type {type(config).__name__}")
+
+
+def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    seen, tensors = set(), {}
+    for name, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        storage = t.untyped_storage().data_ptr()
+        tensors[name] = t.clone() if storage in seen else t  # tied weights: safetensors needs distinct storage
+        seen.add(storage)
+    save_file(tensors, str(path))
+    _fsync(path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1))
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a checkpoint: first rename it out of sight, so a crash mid-delete leaves no 'step_' dir."""
+    trash = path.with_name(f"{TMP_PREFIX}trash-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,137 @@
+"""Data parallelism applied TO the draft model (the model file never mentions ranks).
+
+`parallelize_draft` wraps the draft in DDP or shards it with FSDP2 (`fully_shard`) when the
+world has more than one rank; with one rank the model is returned unchanged. The helpers below
+hide the wrapper differences from the trainer: gradient-sync control during accumulation, the
+unwrapped module, and full (unsharded) state dicts for checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from torchspec.config.schema import PARALLEL_MODES
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the trainer's data-parallel world."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        """Read RANK / WORLD_SIZE / LOCAL_RANK as torchrun and our launchers set them."""
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_size_of(dist) -> int:
+    return 1 if dist is None else int(dist.world_size)
+
+
+def parallelize_draft(draft: torch.nn.Module, dist, mode: str, device: torch.device) -> torch.nn.Module:
+    """Return the draft ready for data-parallel training (the process group must be initialised).
+
+    mode "ddp": DistributedDataParallel (replicated weights; the draft is one layer, so this is
+    usually fastest). mode "fsdp": FSDP2 `fully_shard` on the decoder layer(s) and the root.
+    """
+    if world_size_of(dist) <= 1:
+        return draft
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"training.parallel_mode: unknown mode {mode!r}; expected one of {PARALLEL_MODES}")
+    if not tdist.is_initialized():
+        raise RuntimeError("world_size > 1 but torch.distributed is not initialised; the launcher must "
+                           "call init_process_group before building the Trainer")
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(draft, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _decoder_layers(draft):
+        fully_shard(layer)
+    fully_shard(draft)
+    return draft
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The draft's decoder layer(s): `midlayer` (a single layer) or the items of `layers`."""
+    if isinstance(getattr(model, "midlayer", None), torch.nn.Module):
+        return [model.midlayer]
+    layers = getattr(model, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module under a DDP wrapper (FSDP2 shards in place, so it is already the module)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def grad_sync(model: torch.nn.Module, enabled: bool):
+    """Context in which backward all-reduces gradients only if `enabled` (accumulation)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    if is_fsdp(model):
+        model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict with the draft's own parameter names (collective under FSDP)."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        return
+    unwrap(model).load_state_dict(state)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(state)
