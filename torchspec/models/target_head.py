@@ -1,0 +1,111 @@
+"""The target's frozen lm_head (and embeddings), read by tensor name without loading the target.
+
+Only the named tensors are read from the safetensors file(s) (`model.safetensors` or a sharded
+`model.safetensors.index.json`). Target probabilities over the draft vocab are computed here,
+in row chunks, so no [rows, full vocab] tensor exists for more than one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+# Rows per chunk are chosen so one chunk's logits hold about this many elements.
+CHUNK_ELEMENTS = 1 << 27
+
+
+def _safetensors_files(target_path: Path) -> dict[str, Path]:
+    """tensor name -> file, from the index if sharded, else from every *.safetensors file's header."""
+    index = target_path / "model.safetensors.index.json"
+    if index.exists():
+        wm = json.loads(index.read_text())["weight_map"]
+        return {k: target_path / v for k, v in wm.items()}
+    from safetensors import safe_open
+
+    files = sorted(target_path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model.target_model_path: no *.safetensors files in {target_path}")
+    names = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            names.update({k: f for k in h.keys()})
+    return names
+
+
+def read_tensors(target_path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Read only `keys` from a target checkpoint directory."""
+    from safetensors import safe_open
+
+    target_path = Path(target_path)
+    where = _safetensors_files(target_path)
+    out = {}
+    for key in keys:
+        if key not in where:
+            near = [k for k in where if k.endswith(key.split(".")[-2] + "." + key.split(".")[-1])][:3] \
+                if key.count(".") else []
+            hint = f"; tensors with a similar name: {near}" if near else ""
+            raise KeyError(f"tensor '{key}' not found in {target_path}{hint} "
+                           "(set model.lm_head_key / model.embedding_key)")
+        with safe_open(str(where[key]), framework="pt") as h:
+            out[key] = h.get_tensor(key)
+    return out
+
+
+class TargetHead(nn.Module):
+    """Frozen target lm_head [V, H_t] (and optionally embeddings [V, H_t]) as buffers."""
+
+    def __init__(self, lm_head: torch.Tensor, embed_tokens: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.register_buffer("lm_head", lm_head.detach())
+        self.register_buffer("embed_tokens", None if embed_tokens is None else embed_tokens.detach())
+
+    @classmethod
+    def from_pretrained(cls, target_path, lm_head_key: str, embedding_key: Optional[str] = None,
+                        dtype: Optional[torch.dtype] = None) -> "TargetHead":
+        target_path = Path(target_path)
+        keys = [lm_head_key] + ([embedding_key] if embedding_key else [])
+        available = _safetensors_files(target_path)
+        tied = lm_head_key not in available and embedding_key in available and _tied(target_path)
+        if tied:  # tie_word_embeddings: the lm_head IS the embedding matrix
+            keys = [embedding_key]
+        t = read_tensors(target_path, keys)
+        head = t[embedding_key] if tied else t[lm_head_key]
+        emb = t.get(embedding_key) if embedding_key else None
+        if dtype is not None:
+            head = head.to(dtype)
+            emb = None if emb is None else emb.to(dtype)
+        return cls(head, emb)
+
+    @torch.no_grad()
+    def draft_probs(self, final_hidden: torch.Tensor, d2t: torch.Tensor, t2d: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For rows of target final hidden states [N, H_t]:
+
+        in_draft bool [N]: the target's argmax over the FULL vocab lies in the draft vocab;
+        probs [N, V_draft] (dtype of final_hidden): the target softmax restricted to the draft
+        vocab (draft id i = target id i + d2t[i]) and renormalised.
+        """
+        W = self.lm_head
+        N, V = final_hidden.shape[0], W.shape[0]
+        draft_ids = torch.arange(d2t.shape[0], device=d2t.device) + d2t
+        in_draft = torch.empty(N, dtype=torch.bool, device=final_hidden.device)
+        probs = torch.empty(N, d2t.shape[0], dtype=final_hidden.dtype, device=final_hidden.device)
+        rows = max(1, CHUNK_ELEMENTS // V)
+        for s in range(0, N, rows):
+            logits = final_hidden[s:s + rows].to(W.dtype) @ W.T
+            in_draft[s:s + rows] = t2d[logits.argmax(-1)]
+            probs[s:s + rows] = torch.softmax(logits[:, draft_ids].float(), dim=-1).to(probs.dtype)
+        return in_draft, probs
+
+
+def _tied(target_path: Path) -> bool:
+    cfg = target_path / "config.json"
+    if not cfg.exists():
+        return False
+    d = json.loads(cfg.read_text())
+    d = d.get("text_config", d) if "tie_word_embeddings" not in d else d
+    return bool(d.get("tie_word_embeddings", False))
