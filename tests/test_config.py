@@ -258,7 +258,8 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys, caplog):
     f = write(tmp_path, "broken.yaml", "training:\n  learning_rate: 1e-4\n  seed: [1, 2\n")
     rc, out, err = dry_run(["--config", str(f)], capsys, caplog)
     assert rc == 2
-    assert f"{f}:4:1: YAML syntax error" in err
+    assert f"{f}:4:1: YAML syntax error: did not find expected ',' or ']' " in err
+    assert "(while parsing a flow sequence started at line 3)" in err
 
 
 @pytest.mark.parametrize(
@@ -425,3 +426,27 @@ def test_save_resolved_config_redacts_and_reloads(tmp_path):
     again = load_config([path], [])
     assert again.mooncake.global_segment_size == cfg.mooncake.global_segment_size
     assert again.model == cfg.model and again.training == cfg.training
+
+
+def test_dry_run_of_a_local_tiny_target_reads_its_config(tiny_target_dir, capsys, caplog):
+    import json
+
+    h = json.loads((Path(tiny_target_dir) / "config.json").read_text())["hidden_size"]
+    rc, out, err = dry_run(["--config", str(CONFIGS / "default.yaml"), f"model.target_model_path={tiny_target_dir}",
+                            "dataset.train_data_path=x.jsonl"], capsys, caplog)
+    assert rc == 0, err
+    assert f"with H={h} [target config.json] = {4 * h * 2} B" in out
+    assert "draft trainer memory per rank (rough)" in out
+
+
+def test_cli_module_entry_point_exits_zero():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "torchspec.train_entry", "--config", "configs/sglang_kimi_k25_3node.yaml",
+         "--dry-run", "logging.wandb_key=hunter2"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "hunter2" not in out.stdout and "wandb_key: '***'" in out.stdout

@@ -111,7 +111,10 @@ def _read_yaml_file(path: Path) -> dict:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+        started = ""
+        if e.context and e.context_mark and (not mark or e.context_mark.line != mark.line):
+            started = f" ({e.context} started at line {e.context_mark.line + 1})"
+        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}{started}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: YAML error: {str(e).splitlines()[0]}") from None
     raw = OmegaConf.to_container(conf, resolve=False)

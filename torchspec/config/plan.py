@@ -59,6 +59,17 @@ def target_hidden_size(cfg: Config, draft: Optional[dict]) -> tuple[Optional[int
     return None, "unknown (target not local, no draft config, mooncake.hidden_dim unset)"
 
 
+def draft_like_target(cfg: Config) -> Optional[dict]:
+    """Without a draft config the draft copies the target's layer shape (when it is local)."""
+    target = read_json(str(Path(cfg.model.target_model_path) / "config.json"))
+    if not target:
+        return None
+    text = _text_config(target)
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "vocab_size")
+    return {k: text[k] for k in keys if text.get(k) is not None}
+
+
 def draft_memory_estimate(draft: dict, cfg: Config) -> dict:
     """Rough bytes per trainer rank for a 1-layer Eagle3 draft (see configs/README.md)."""
     h = draft["hidden_size"]
@@ -104,14 +115,18 @@ def make_plan(cfg: Config) -> Plan:
     world = tr.training_num_nodes * tr.training_num_gpus_per_node
     node_gpus = inf.inference_num_gpus_per_node  # GPUs of one machine
     inference_nodes = math.ceil(inf.inference_num_gpus / node_gpus)
-    shared = (
+    if inf.colocate:  # the target runs inside the trainer processes, on their devices
+        engines, per_engine, inference_gpus, inference_nodes = 0, 0, 0, 0
+    else:
+        inference_gpus = inf.inference_num_gpus
+    shared = inf.colocate or (
         tr.training_num_nodes == 1
         and inference_nodes == 1
-        and inf.inference_num_gpus + world <= node_gpus
+        and inference_gpus + world <= node_gpus
     )
-    nodes = 1 if shared else inference_nodes + tr.training_num_nodes
+    nodes = tr.training_num_nodes if inf.colocate else 1 if shared else inference_nodes + tr.training_num_nodes
 
-    draft = read_json(cfg.model.draft_model_config)
+    draft = read_json(cfg.model.draft_model_config) or draft_like_target(cfg)
     hidden, source = target_hidden_size(cfg, draft)
     per_token = (3 * hidden + hidden) * BF16_BYTES if hidden else None
     memory = draft_memory_estimate(draft, cfg) if draft else None
@@ -122,7 +137,7 @@ def make_plan(cfg: Config) -> Plan:
         shared_node=shared,
         num_engines=engines,
         gpus_per_engine=per_engine,
-        inference_gpus=inf.inference_num_gpus,
+        inference_gpus=inference_gpus,
         training_world_size=world,
         hidden_size=hidden,
         hidden_size_source=source,
@@ -139,7 +154,9 @@ def format_plan(cfg: Config, plan: Plan) -> str:
     inf, tr = cfg.inference, cfg.training
     engine = inf.inference_engine_type
     lines = ["placement plan:"]
-    if plan.shared_node:
+    if inf.colocate:
+        lines.append(f"  nodes: {plan.nodes}")
+    elif plan.shared_node:
         lines.append(
             f"  nodes: 1 (inference and training share it: "
             f"{plan.inference_gpus + plan.training_world_size} GPUs)"
@@ -157,10 +174,13 @@ def format_plan(cfg: Config, plan: Plan) -> str:
             span += f" over {sg.nnodes} nodes x {inf.inference_num_gpus_per_node} GPUs"
     elif engine == "vllm":
         span = f", tp_size {inf.vllm.tp_size}"
-    lines.append(
-        f"  inference: {plan.num_engines} {engine} engine(s) x {plan.gpus_per_engine} GPU(s) each"
-        f"{span} = {plan.inference_gpus} GPUs"
-    )
+    if inf.colocate:
+        lines.append(f"  inference: colocated, the {engine} target runs inside each trainer process")
+    else:
+        lines.append(
+            f"  inference: {plan.num_engines} {engine} engine(s) x {plan.gpus_per_engine} GPU(s) each"
+            f"{span} = {plan.inference_gpus} GPUs"
+        )
     lines.append(
         f"  training: world size {plan.training_world_size} = {tr.training_num_nodes} node(s) x "
         f"{tr.training_num_gpus_per_node} GPU(s) ({tr.parallel_mode})"
@@ -190,5 +210,5 @@ def format_plan(cfg: Config, plan: Plan) -> str:
             f"{tr.ttt_length}, gradient_checkpointing {str(tr.gradient_checkpointing).lower()})"
         )
     else:
-        lines.append("  draft trainer memory: no model.draft_model_config to estimate from")
+        lines.append("  draft trainer memory: unknown (no model.draft_model_config, target not local)")
     return "\n".join(lines)

@@ -76,10 +76,13 @@ def _check_choices(cfg: Config) -> None:
     backend = cfg.model.target_model_backend
     engine = cfg.inference.inference_engine_type
     if backend is not None and {"sglang": "sgl"}.get(backend, backend) != engine:
-        _fail(
-            cfg,
-            "model.target_model_backend",
-            f"disagrees with inference.inference_engine_type={engine!r}; set one of them, not both",
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "model.target_model_backend=%r is the original TorchSpec's field and is not used; "
+            "the engine is inference.inference_engine_type=%r",
+            backend,
+            engine,
         )
 
 
