@@ -25,7 +25,7 @@ class ToyDraft(torch.nn.Module):
         self.lm_head = torch.nn.Linear(H, V, bias=False)
 
 
-def toy_loss(draft, target_head, batch, ttt_length, attention_backend):
+def toy_loss(draft, target_head, batch, ttt_length, attention_backend, **options):
     """Per-valid-row KL-style loss to the target head's distribution (like eagle3_loss's shape)."""
     logits = draft.lm_head(draft.norm(draft.fc(batch["aux_hidden_states"])))
     with torch.no_grad():

@@ -114,9 +114,9 @@ def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
         return
-    unwrap(model).load_state_dict(state)
+    unwrap(model).load_state_dict(state, strict=False)  # frozen params may be absent (checked by the caller)
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -108,15 +108,22 @@ class Trainer:
     def _forward(self, batch: dict):
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            return self.loss_fn(self.model, self.target_head, batch, self.ttt_length, self.attention_backend)
+            return self.loss_fn(self.model, self.target_head, batch, self.ttt_length, self.attention_backend,
+                                loss_mask_alignment=self.training.loss_mask_alignment,
+                                gradient_checkpointing=bool(self.training.gradient_checkpointing))
 
     @staticmethod
-    def _metrics(out) -> dict:
+    def _metrics(out, counts: bool = False) -> dict:
+        """loss, loss_k, acc_k; with counts, also num_valid_k / correct_k / loss_sum_k for exact pooling."""
         m = {"loss": float(out.loss.detach())}
         for k, acc in enumerate(out.accs):
             m[f"acc_{k}"] = float(acc)
         for k, loss in enumerate(getattr(out, "losses", []) or []):
             m[f"loss_{k}"] = float(loss)
+        if counts:
+            for name, key in (("num_valid", "num_valid"), ("correct", "correct"), ("loss_sums", "loss_sum")):
+                for k, v in enumerate(getattr(out, name, None) or []):
+                    m[f"{key}_{k}"] = float(v)
         return m
 
     # -- training ----------------------------------------------------------------------------------
@@ -177,8 +184,9 @@ class Trainer:
 
     @torch.no_grad()
     def eval_step(self, batch: dict) -> dict:
+        """Metrics of one batch, plus num_valid_k / correct_k / loss_sum_k to pool over batches."""
         self.model.eval()
-        return self._metrics(self._forward(self._to_device(batch)))
+        return self._metrics(self._forward(self._to_device(batch)), counts=True)
 
     # -- state -------------------------------------------------------------------------------------
     @property
@@ -186,12 +194,20 @@ class Trainer:
         """The draft module itself (under any DDP wrapper)."""
         return parallel.unwrap(self.model)
 
+    def _frozen_names(self) -> set[str]:
+        return {n for n, p in self.draft.named_parameters() if not p.requires_grad}
+
     def state_dict(self) -> dict:
-        """Full (unsharded, CPU) state; a collective under FSDP, so call it on every rank."""
+        """Full (unsharded, CPU) state; a collective under FSDP, so call it on every rank.
+
+        "model" holds the draft's trained parameters and its buffers; frozen parameters (the
+        target's embeddings) are left out: they come from the target at load time.
+        """
         if self.micro_step:
             raise RuntimeError("state_dict() in the middle of an accumulation window: save after a step")
+        frozen = self._frozen_names()
         return {
-            "model": parallel.full_model_state(self.model),
+            "model": {k: v for k, v in parallel.full_model_state(self.model).items() if k not in frozen},
             "optimizer": parallel.full_optimizer_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
@@ -200,6 +216,11 @@ class Trainer:
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
         """Restore a `state_dict()`; weights_only (continual training) loads the model alone."""
+        own = set(self.draft.state_dict())
+        missing, unknown = own - set(state["model"]) - self._frozen_names(), set(state["model"]) - own
+        if missing or unknown:
+            raise ValueError(f"checkpoint weights do not match the draft: missing {sorted(missing)}, "
+                             f"unknown {sorted(unknown)}")
         parallel.load_full_model_state(self.model, state["model"])
         if weights_only:
             return
