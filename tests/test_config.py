@@ -450,3 +450,24 @@ def test_cli_module_entry_point_exits_zero():
     )
     assert out.returncode == 0, out.stderr
     assert "hunter2" not in out.stdout and "wandb_key: '***'" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["qwen3_8b_eagle3", "kimi_k25_eagle3"])
+def test_plan_param_count_matches_the_draft_model(name):
+    """The dry run's arithmetic counts exactly the trainable parameters of our draft module."""
+    import json
+
+    import torch
+
+    from torchspec.config.plan import draft_memory_estimate
+    from torchspec.models.draft import DraftConfig, LlamaForCausalLMEagle3
+
+    path = CONFIGS / "draft_models" / f"{name}.json"
+    with torch.device("meta"):
+        model = LlamaForCausalLMEagle3(DraftConfig.from_json(path))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen_embed = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    est = draft_memory_estimate(json.loads(path.read_text()), Config())
+    assert est["trainable_params"] == trainable
+    # frozen: the draft's (target) embeddings + the target lm_head, both vocab x hidden, in bf16
+    assert est["frozen_target_head"] == 2 * (2 * frozen_embed + model.config.hidden_size)
