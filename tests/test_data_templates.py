@@ -161,3 +161,16 @@ def test_truncation_keeps_prefix(tiny_tokenizer):
     full = tokenize(tiny_tokenizer, "qwen", TWO_TURNS)
     cut = tokenize(tiny_tokenizer, "qwen", TWO_TURNS, max_len=20)
     assert cut[0] == full[0][:20] and cut[1] == full[1][:20]
+
+
+def test_tokenizer_template_tool_call_only_turn_is_not_misplaced(tiny_tokenizer):
+    msgs = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "wx", "arguments": "{}"}}]},
+        {"role": "tool", "content": "rain"},
+        {"role": "assistant", "content": "It rains."},
+    ]
+    got = tokenize(tiny_tokenizer, "tokenizer", msgs)
+    assert_tokens(tiny_tokenizer, got, [
+        ("<|im_start|>user\nWeather?<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\nrain<|im_end|>\n"
+         "<|im_start|>assistant\n", 0), ("It rains.<|im_end|>", 1), ("\n", 0)])

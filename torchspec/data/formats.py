@@ -63,7 +63,8 @@ def resolve_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
         elif os.path.isfile(p):
             files.append(Path(p))
         else:
-            raise DataError(f"{config_key}: no such file or folder: {p!r}")
+            raise DataError(f"{config_key}: no such file or folder: {p!r} "
+                            "(expected a local .jsonl/.json/.parquet file, a folder of them or a glob)")
     unknown = [f for f in files if f.suffix not in SUFFIXES]
     if unknown:
         raise DataError(f"{config_key}: {unknown[0]} is not a {'/'.join(SUFFIXES)} file")

@@ -10,7 +10,10 @@ Names (dataset.chat_template):
   tokenizer  the target tokenizer's own `apply_chat_template` (spans found by locating each
              assistant message's content in the rendered text, plus the special token after it)
   qwen       ChatML as Qwen2.5 / Qwen3 data is usually stored: each turn's think block kept as the
-             data has it; an EMPTY think block (`<think>\n\n</think>\n\n`) is scaffolding
+             data has it; an EMPTY think block (`<think>\n\n</think>\n\n`) is scaffolding.
+             Tool results are grouped into a user turn in <tool_response> tags, tool calls are
+             <tool_call> JSON (supervised). No default system prompt is added (none of the named
+             templates adds one: the data's own system turn is used when present)
   qwen3      Qwen3's own template: think blocks stripped from turns before the last user message;
              the turns after it always carry one (empty = scaffolding, as enable_thinking=False
              puts it in the generation prompt)
@@ -248,6 +251,8 @@ class TokenizerTemplate(ChatTemplate):
                     tag = text.rfind("<think>", cursor, r_start)
                     span_start = tag if tag >= 0 else r_start
                     cursor = r_start + len(r_needle)
+            if span_start is None and not answer.strip():
+                continue  # e.g. a tool-call-only turn: the template renders the call its own way
             start, needle = self._find(text, answer, cursor)
             if start < 0:
                 raise DataError("the tokenizer's chat template changed an assistant message so that its "
