@@ -88,3 +88,57 @@ def test_eos_stops_and_counts(target):
     out = speculative_generate(target, OracleProposer(target.model), prompt, 3, 12, eos_token_id=eos)
     assert out.tokens == ref[:first + 1]
     assert greedy_generate(target, prompt, 12, eos_token_id=eos) == ref[:first + 1]
+
+
+# ---- the real EAGLE-3 draft through its serving API ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def draft(target):
+    from torchspec.models.draft import DraftConfig, LlamaForCausalLMEagle3
+
+    torch.manual_seed(1)
+    cfg = DraftConfig.from_target(target.model.config, draft_vocab_size=200)
+    d = LlamaForCausalLMEagle3(cfg).eval()
+    d.load_embeddings(target.model.get_input_embeddings().weight)
+    # a non-trivial vocab map: draft id i -> target id 2*i (even ids < 400), so d2t[i] = i
+    d2t = torch.arange(200)
+    t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+    t2d[2 * torch.arange(200)] = True
+    d.set_vocab_map(d2t, t2d)
+    with torch.no_grad():  # sharper logits so draft argmaxes are far from ties
+        d.lm_head.weight.mul_(20)
+    return d
+
+
+class Recording:
+    def __init__(self, inner):
+        self.inner, self.drafts = inner, []
+
+    def reset(self):
+        self.inner.reset()
+
+    def propose(self, tokens, aux, k):
+        d = self.inner.propose(tokens, aux, k)
+        self.drafts.append(d)
+        return d
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_eagle3_proposer_lossless_and_cache_equals_recompute(target, draft, k):
+    from torchspec.eval.speculative import Eagle3Proposer
+
+    class Recompute(Eagle3Proposer):  # no cache reuse: every round re-feeds all rows from scratch
+        def propose(self, tokens, aux, k):
+            self.reset()
+            return super().propose(tokens, aux, k)
+
+    for prompt in _prompts():
+        ref = greedy_generate(target, prompt, max_new_tokens=15)
+        cached, fresh = Recording(Eagle3Proposer(draft)), Recording(Recompute(draft))
+        out = speculative_generate(target, cached, prompt, num_draft_steps=k, max_new_tokens=15)
+        out2 = speculative_generate(target, fresh, prompt, num_draft_steps=k, max_new_tokens=15)
+        assert out.tokens == ref and out2.tokens == ref
+        assert cached.drafts == fresh.drafts
+        assert all(t % 2 == 0 for d in cached.drafts for t in d)  # drafts are target ids via d2t
+        assert out.stats.num_drafts == len(cached.drafts)

@@ -1,0 +1,59 @@
+"""Runs inside the vLLM venv (scripts/setup_vllm.sh), called by tests/test_vllm*.py via subprocess.
+
+Greedy generation of token-id prompts with vLLM on CPU, optionally with EAGLE-3 speculative decoding,
+writing the generated token ids and vLLM's spec_decode counters as JSON.
+
+  python run_vllm.py SPEC.json OUT.json
+SPEC: {"target": DIR, "draft": DIR or null, "num_speculative_tokens": k, "prompts": [[ids]...],
+       "max_tokens": N, "max_model_len": M}
+"""
+
+import json
+import os
+import sys
+
+
+def spec_decode_counters(metrics) -> dict:
+    want = {"vllm:spec_decode_num_drafts": "num_drafts",
+            "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
+            "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens"}
+    out = {v: 0 for v in want.values()}
+    per_pos: dict[int, int] = {}
+    for m in metrics:
+        if m.name in want:
+            out[want[m.name]] += int(m.value)
+        elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            values = getattr(m, "values", None)
+            if values is None:  # one counter per position, labelled
+                pos = int(m.labels["position"])
+                per_pos[pos] = per_pos.get(pos, 0) + int(m.value)
+            else:
+                for i, v in enumerate(values):
+                    per_pos[i] = per_pos.get(i, 0) + int(v)
+    out["accepted_per_pos"] = [per_pos[i] for i in sorted(per_pos)]
+    return out
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    spec = json.load(open(spec_path))
+    kwargs = dict(model=spec["target"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2,
+                  max_model_len=spec.get("max_model_len", 512), disable_log_stats=False, seed=0,
+                  max_num_seqs=len(spec["prompts"]))
+    if spec.get("draft"):
+        kwargs["speculative_config"] = {"method": "eagle3", "model": spec["draft"],
+                                        "num_speculative_tokens": spec["num_speculative_tokens"]}
+    llm = LLM(**kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
+    result = {"outputs": [list(o.outputs[0].token_ids) for o in outs]}
+    if spec.get("draft"):
+        result["spec_decode"] = spec_decode_counters(llm.get_metrics())
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    main(sys.argv[1], sys.argv[2])
