@@ -114,7 +114,8 @@ class QwenTemplate(ChatTemplate):
                 if reasoning is None:
                     body = answer
                 elif reasoning.strip():
-                    body = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{answer}"
+                    thought = reasoning.strip("\n")
+                    body = f"<think>\n{thought}\n</think>\n\n{answer}"
                 else:
                     b.add("<think>\n\n</think>\n\n")
                     body = answer
