@@ -327,8 +327,6 @@ class LlamaForCausalLMEagle3(nn.Module):
                 raise ValueError(f"{source}: tensor '{k}' has shape {tuple(v.shape)}, the draft config "
                                  f"expects {tuple(own[k].shape)}")
         self.load_state_dict(sd, strict=False)
-        if "embed_tokens.weight" in sd:
-            self.embed_tokens.weight.requires_grad_(True)
 
     # ---- positions ----------------------------------------------------------------------------------
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
