@@ -471,3 +471,31 @@ def test_plan_param_count_matches_the_draft_model(name):
     assert est["trainable_params"] == trainable
     # frozen: the draft's (target) embeddings + the target lm_head, both vocab x hidden, in bf16
     assert est["frozen_target_head"] == 2 * (2 * frozen_embed + model.config.hidden_size)
+
+
+def test_run_saves_redacted_config_then_calls_the_runner(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("torchspec.pipeline.runner")
+    fake.run_training = calls.append
+    monkeypatch.setitem(sys.modules, "torchspec.pipeline.runner", fake)
+    second = write(tmp_path, "more.yaml", "training:\n  seed: 123\n")
+    rc = main(["--config", str(CONFIGS / "hf_qwen3_8b.yaml"), "--config", str(second),
+               f"output_dir={tmp_path / 'run'}", "logging.wandb_key=s3cr3t"])
+    assert rc == 0
+    (cfg,) = calls
+    assert cfg.training.seed == 123 and cfg.training.micro_batch_size == 2  # both files applied
+    assert cfg.logging.wandb_key == "s3cr3t"  # the runner gets the real key ...
+    saved = (tmp_path / "run" / "resolved_config.yaml").read_text()
+    assert "s3cr3t" not in saved and "seed: 123" in saved  # ... the saved file does not
+
+
+def test_require_names_the_extra_to_install():
+    from torchspec.utils.optional import require
+
+    assert require("json", "dev").dumps([1]) == "[1]"
+    with pytest.raises(ImportError) as e:
+        require("torchspec_no_such_module", "ray")
+    assert "pip install 'torchspec[ray]'" in str(e.value) and "torchspec_no_such_module" in str(e.value)

@@ -129,7 +129,8 @@ def make_plan(cfg: Config) -> Plan:
     draft = read_json(cfg.model.draft_model_config) or draft_like_target(cfg)
     hidden, source = target_hidden_size(cfg, draft)
     per_token = (3 * hidden + hidden) * BF16_BYTES if hidden else None
-    memory = draft_memory_estimate(draft, cfg) if draft else None
+    needed = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+    memory = draft_memory_estimate(draft, cfg) if draft and all(draft.get(k) for k in needed) else None
     return Plan(
         nodes=nodes,
         inference_nodes=inference_nodes,
@@ -210,5 +211,8 @@ def format_plan(cfg: Config, plan: Plan) -> str:
             f"{tr.ttt_length}, gradient_checkpointing {str(tr.gradient_checkpointing).lower()})"
         )
     else:
-        lines.append("  draft trainer memory: unknown (no model.draft_model_config, target not local)")
+        lines.append(
+            "  draft trainer memory: unknown (needs hidden_size, intermediate_size, num_attention_heads "
+            "and vocab_size from model.draft_model_config or a local target's config.json)"
+        )
     return "\n".join(lines)

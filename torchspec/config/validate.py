@@ -225,5 +225,15 @@ def _check_aux_layers(cfg: Config) -> None:
 
 def _check_files(cfg: Config) -> None:
     path = cfg.model.draft_model_config
-    if path is not None and not Path(path).is_file():
+    if path is None:
+        return
+    if not Path(path).is_file():
         _fail(cfg, "model.draft_model_config", "file not found")
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        _fail(cfg, "model.draft_model_config", f"not valid JSON: line {e.lineno}: {e.msg}")
+    if not isinstance(data, dict):
+        _fail(cfg, "model.draft_model_config", "must hold a JSON object (a config.json)")
