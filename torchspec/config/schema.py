@@ -126,7 +126,7 @@ class SGLangConfig:
     log_level: str = "warning"
     log_requests: bool = False
     log_requests_level: int = 0
-    # Accepted for configs of the original TorchSpec; null port = picked free by us.
+    # Accepted so configs of the original TorchSpec load; engine ports are picked by the launcher.
     port: Optional[int] = None
     additional_ports: int = 4
     # Any other sgl.Engine keyword, forwarded as-is (protected keys are dropped).
