@@ -499,3 +499,34 @@ def test_require_names_the_extra_to_install():
     with pytest.raises(ImportError) as e:
         require("torchspec_no_such_module", "ray")
     assert "pip install 'torchspec[ray]'" in str(e.value) and "torchspec_no_such_module" in str(e.value)
+
+
+def test_interpolation_after_merge(tmp_path, monkeypatch):
+    monkeypatch.setenv("TS_TEST_DATA", str(tmp_path / "d.jsonl"))
+    f = write(tmp_path, "x.yaml", "dataset:\n  train_data_path: ${oc.env:TS_TEST_DATA}\n"
+                                  "  eval_data_path: ${output_dir}/eval.jsonl\n")
+    cfg = load_config([f], ["model.target_model_path=m", f"output_dir={tmp_path / 'o'}"])
+    assert cfg.dataset.train_data_path == str(tmp_path / "d.jsonl")
+    assert cfg.dataset.eval_data_path == str(tmp_path / "o" / "eval.jsonl")
+
+
+def test_loading_without_omegaconf_gives_the_same_config():
+    """The GPU machine may lack omegaconf: files and overrides then go through plain PyYAML."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dataclasses, json\n"
+        "{block}"
+        "from torchspec.config import load_config\n"
+        "c = load_config(['configs/sglang_kimi_k25_3node.yaml'], ['training.learning_rate=5e-5', "
+        "'inference.sglang.extra_args.watchdog_timeout=1800', 'dataset.eval_data_path='])\n"
+        "print(json.dumps(dataclasses.asdict(c)))\n"
+    )
+    outs = []
+    for block in ("", "sys.modules['omegaconf'] = None\n"):
+        r = subprocess.run([sys.executable, "-c", code.format(block=block)], cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[1]
+    assert '"learning_rate": 5e-05' in outs[1]

@@ -52,9 +52,9 @@ def load_config(
     cli = _parse_dotlist(list(overrides))
     _merge(data, cli, Config, "", CLI, Path.cwd(), origins)
 
+    _derive_paths(data, config_files)
     data = _resolve_interpolations(data)
     _check_required(data, Config, "", origins)
-    _derive_paths(data, config_files)
     cfg = _build(Config, data)
     set_origins(cfg, origins)
     if validate:
@@ -100,14 +100,26 @@ def to_dict(cfg: Config) -> dict:
 # ---------------------------------------------------------------- parsing
 
 
+def _omegaconf():
+    """OmegaConf when installed; None on machines without it (plain PyYAML is used instead)."""
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:
+        return None
+    return OmegaConf
+
+
 def _read_yaml_file(path: Path) -> dict:
     import yaml
-    from omegaconf import OmegaConf
 
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    oc = _omegaconf()
     try:
-        conf = OmegaConf.load(path)
+        if oc is not None:
+            raw = oc.to_container(oc.load(path), resolve=False)
+        else:
+            raw = yaml.safe_load(path.read_text())
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -117,7 +129,6 @@ def _read_yaml_file(path: Path) -> dict:
         raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}{started}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: YAML error: {str(e).splitlines()[0]}") from None
-    raw = OmegaConf.to_container(conf, resolve=False)
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -126,26 +137,43 @@ def _read_yaml_file(path: Path) -> dict:
 
 
 def _parse_dotlist(items: list[str]) -> dict:
-    from omegaconf import OmegaConf
-
     for item in items:
         key = item.split("=", 1)[0]
         if "=" not in item or not key or not re.fullmatch(r"[A-Za-z_][\w.\-]*", key):
             raise ConfigError(f"command line: override {item!r} is not of the form section.key=value")
+    oc = _omegaconf()
     try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(items), resolve=False) or {}
-    except Exception as e:  # omegaconf/yaml parse errors of a value
+        if oc is not None:
+            return oc.to_container(oc.from_dotlist(items), resolve=False) or {}
+        return _plain_dotlist(items)
+    except Exception as e:  # yaml parse errors of a value
         raise ConfigError(f"command line: cannot parse overrides: {str(e).splitlines()[0]}") from None
+
+
+def _plain_dotlist(items: list[str]) -> dict:
+    """OmegaConf's dotlist rules for the common cases: a.b.c=<YAML value>, empty = null."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value) if value != "" else None
+    return out
 
 
 def _resolve_interpolations(data: dict) -> dict:
     """`${output_dir}/x`-style references, resolved once everything is merged."""
     if "${" not in repr(data):
         return data
-    from omegaconf import OmegaConf
-
+    oc = _omegaconf()
+    if oc is None:
+        raise ConfigError("the config uses ${...} interpolation, which needs omegaconf: pip install omegaconf")
     try:
-        return OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+        return oc.to_container(oc.create(data), resolve=True)
     except Exception as e:
         raise ConfigError(f"cannot resolve interpolation: {str(e).splitlines()[0]}") from None
 
