@@ -236,7 +236,10 @@ def _merge(data: dict, raw: dict, cls, prefix: str, source: str, base: Path, ori
             _merge(data[name], value, tp, f"{key}.", source, base, origins)
             continue
         if f.metadata.get("free"):
-            data[name] = _merge_free(data.get(name), value, key, source)
+            if value is None and typing.get_origin(tp) is not Union:
+                data[name] = {}  # "extra_args: null" clears it; the field itself is never None
+            else:
+                data[name] = _merge_free(data.get(name), value, key, source)
         else:
             data[name] = _coerce(value, tp, f, key, source, base)
         origins[key] = source
