@@ -92,11 +92,6 @@ def parse_size(value: Any, key: str = "size", source: str = CLI) -> int:
     return n
 
 
-def to_dict(cfg: Config) -> dict:
-    """The config as plain nested dicts (no redaction: see `redacted_dict`)."""
-    return dataclasses.asdict(cfg)
-
-
 # ---------------------------------------------------------------- parsing
 
 
