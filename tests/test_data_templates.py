@@ -174,3 +174,13 @@ def test_tokenizer_template_tool_call_only_turn_is_not_misplaced(tiny_tokenizer)
     assert_tokens(tiny_tokenizer, got, [
         ("<|im_start|>user\nWeather?<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\nrain<|im_end|>\n"
          "<|im_start|>assistant\n", 0), ("It rains.<|im_end|>", 1), ("\n", 0)])
+
+
+def test_tokenizer_without_offsets_encodes_by_segments(tiny_tokenizer):
+    class NoOffsets:  # stands in for a "slow" (pure Python) tokenizer: encode() only
+        def encode(self, text, add_special_tokens=False):
+            return tiny_tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    rendered = [get_template("qwen", tiny_tokenizer).render(TWO_TURNS)]
+    (ids, mask), = Encoder(NoOffsets()).encode(rendered)
+    assert_tokens(tiny_tokenizer, (ids.tolist(), mask.tolist()), CHATML)
