@@ -143,6 +143,9 @@ def test_defer_tokenization_is_lazy_and_equal(tmp_path, tiny_tokenizer, monkeypa
     assert len(lazy) == 12 and as_lists(lazy) == as_lists(eager)
     assert [s.sample_id for s in lazy] == eager.sample_ids
     assert lazy[3].input_ids.dtype == torch.long
+    import pickle
+
+    assert as_lists(pickle.loads(pickle.dumps(lazy))) == as_lists(eager)  # can be handed to a worker
 
 
 def test_from_config_and_vocab_map_beside_cache(tmp_path, tiny_tokenizer):
