@@ -53,7 +53,7 @@ def causal_block_mask(T: int, device: torch.device):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # automatic dynamic shapes after the first new length
 
 
 def flex_causal_with_lse(q, k, v, block_mask):

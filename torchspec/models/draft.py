@@ -161,6 +161,30 @@ def rope_inv_freq(cfg: DraftConfig) -> tuple[torch.Tensor, float]:
 
 
 # ------------------------------------------------------------------------------------------------
+class _RMSNormFn(torch.autograd.Function):
+    """weight * (x / rms(x)) computed in fp32 and rounded to x's dtype (as transformers' Llama), saving
+    only x and the fp32 1/rms for backward instead of autograd's several fp32 copies of x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x.float() * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (gy * xhat.to(x.dtype)).float().reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            g = (gy * weight).float()
+            gx = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return gx, gw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -168,9 +192,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

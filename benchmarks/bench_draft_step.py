@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""One Eagle3 training step (fwd + bwd + AdamW) of a Qwen3-8B-shaped draft on one GPU.
+
+Draft: H 4096, I 12288, 32/8 heads, head_dim 128, vocab 151936 -> draft vocab 32000, ttt_length 7,
+bf16, batch 1, flex_attention (compiled). Every token is supervised (loss_mask = 1, and the
+random target head is built so its argmax always lies in the draft vocab), as in the reference.
+
+Prints the step time at each --lengths entry and the longest sequence that fits (searched in
+steps of 1024), with ratios against the reference measured by a peer on one H100 80GB:
+8k-token step 0.36 s, longest sequence ~31.7k tokens.
+
+    python benchmarks/bench_draft_step.py [--lengths 2048,8192,16384] [--no-max] [--gradient-checkpointing]
+
+Needs no config loader (no omegaconf): it builds the draft config directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+REF_STEP_8K_S = 0.36
+REF_MAX_TOKENS = 31_700
+V, V_DRAFT, H = 151_936, 32_000, 4096
+
+
+def build(args, device):
+    from torchspec.models.draft import DraftConfig, LlamaForCausalLMEagle3
+    from torchspec.models.target_head import TargetHead
+
+    torch.manual_seed(0)
+    cfg = DraftConfig(hidden_size=H, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+                      head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
+                      max_position_embeddings=131072, vocab_size=V, draft_vocab_size=V_DRAFT, target_hidden_size=H)
+    with torch.device(device):
+        draft = LlamaForCausalLMEagle3(cfg).to(torch.bfloat16)
+        keep = torch.randperm(V, device=device)[:V_DRAFT].sort().values
+        t2d = torch.zeros(V, dtype=torch.bool)
+        t2d[keep] = True
+        draft.set_vocab_map(keep - torch.arange(V_DRAFT), t2d)
+        w = torch.randn(V, H, dtype=torch.bfloat16) * 0.02
+        w[~t2d] *= 0.05  # the target's argmax lands in the draft vocab: every row is supervised
+        head = TargetHead(w)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    if args.master_fp32:  # fp32 master weights + fp32 AdamW state, bf16 compute copy
+        master = [p.detach().float().requires_grad_() for p in params]
+        opt = torch.optim.AdamW(master, lr=1e-5, fused=True)
+    else:
+        master = None
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    return draft, head, params, master, opt
+
+
+def make_batch(T, device):
+    g = torch.Generator(device=device).manual_seed(T)
+    return dict(
+        input_ids=torch.randint(0, V, (1, T), device=device, generator=g),
+        loss_mask=torch.ones(1, T, dtype=torch.long, device=device),
+        attention_mask=torch.ones(1, T, dtype=torch.long, device=device),
+        aux_hidden_states=torch.randn(1, T, 3 * H, device=device, dtype=torch.bfloat16, generator=g),
+        final_hidden_states=torch.randn(1, T, H, device=device, dtype=torch.bfloat16, generator=g),
+    )
+
+
+def step(args, draft, head, params, master, opt, batch):
+    from torchspec.models.eagle3 import eagle3_loss
+
+    out = eagle3_loss(draft, head, batch, args.ttt_length, "flex_attention",
+                      gradient_checkpointing=args.gradient_checkpointing)
+    out.loss.backward()
+    if master is not None:
+        for p, m in zip(params, master):
+            m.grad = p.grad.float()
+            p.grad = None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, m in zip(params, master):
+                p.copy_(m)
+    else:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out
+
+
+def time_length(args, objs, T, device, iters):
+    batch = make_batch(T, device)
+    for _ in range(args.warmup):
+        out = step(args, *objs, batch)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        out = step(args, *objs, batch)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def fits(args, objs, T, device) -> bool:
+    try:
+        step(args, *objs, make_batch(T, device))
+        torch.cuda.synchronize()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        for p in objs[2]:
+            p.grad = None
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", default="2048,8192,16384")
+    p.add_argument("--ttt-length", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--master-fp32", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--no-max", action="store_true", help="skip the longest-sequence search")
+    p.add_argument("--max-start", type=int, default=16384)
+    p.add_argument("--max-limit", type=int, default=131072)
+    args = p.parse_args(argv)
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = 256
+    device = torch.device("cuda")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, ttt_length {args.ttt_length}, "
+          f"gradient_checkpointing {args.gradient_checkpointing}, fp32 master {args.master_fp32}", flush=True)
+    objs = build(args, device)
+    for T in [int(x) for x in args.lengths.split(",") if x]:
+        torch.cuda.reset_peak_memory_stats()
+        s, out = time_length(args, objs, T, device, args.iters)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        line = (f"T={T:6d}  step {s:.3f} s  ({T / s:,.0f} tok/s)  peak {peak:.1f} GiB  "
+                f"valid rows/step {out.num_valid[0]}/{T - 1}  loss {float(out.loss):.3f}")
+        if T == 8192:
+            line += f"  speed vs reference {REF_STEP_8K_S / s:.2f}x"
+        print(line, flush=True)
+    if args.no_max:
+        return
+    lo, hi = None, None
+    T = args.max_start
+    while T <= args.max_limit:  # grow until it does not fit
+        ok = fits(args, objs, T, device)
+        print(f"  try T={T}: {'fits' if ok else 'OOM'}", flush=True)
+        if ok:
+            lo, T = T, T * 3 // 2 // 1024 * 1024
+        else:
+            hi = T
+            break
+    if lo is None:
+        print("longest: below --max-start")
+        return
+    while hi is not None and hi - lo > 1024:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        ok = fits(args, objs, mid, device)
+        print(f"  try T={mid}: {'fits' if ok else 'OOM'}", flush=True)
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    print(f"longest sequence that fits: {lo} tokens ({lo / REF_MAX_TOKENS:.2f}x the reference's ~31.7k)"
+          + ("" if hi is not None else f" (search stopped at --max-limit {args.max_limit})"), flush=True)
+
+
+if __name__ == "__main__":
+    main()
