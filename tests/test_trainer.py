@@ -24,10 +24,15 @@ class ToyDraft(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(H)
         self.lm_head = torch.nn.Linear(H, V, bias=False)
 
+    def forward(self, aux):
+        return self.lm_head(self.norm(self.fc(aux)))
+
 
 def toy_loss(draft, target_head, batch, ttt_length, attention_backend, **options):
-    """Per-valid-row KL-style loss to the target head's distribution (like eagle3_loss's shape)."""
-    logits = draft.lm_head(draft.norm(draft.fc(batch["aux_hidden_states"])))
+    """Per-valid-row KL-style loss to the target head's distribution (like eagle3_loss's shape).
+
+    Like eagle3_loss it calls `draft(...)`, so DDP / FSDP hooks on the root module fire."""
+    logits = draft(batch["aux_hidden_states"])
     with torch.no_grad():
         p = torch.softmax(target_head(batch["final_hidden_states"]), -1)
     mask = batch["loss_mask"].bool()

@@ -55,16 +55,28 @@ def parallelize_draft(draft: torch.nn.Module, dist, mode: str, device: torch.dev
         raise RuntimeError("world_size > 1 but torch.distributed is not initialised; the launcher must "
                            "call init_process_group before building the Trainer")
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(draft, device_ids=ids)
+        return _ddp_class()(draft, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
     for layer in _decoder_layers(draft):
         fully_shard(layer)
     fully_shard(draft)
     return draft
+
+
+def _ddp_class():
+    """DDP whose unknown attributes resolve on the wrapped draft (the loss reads `draft.d2t` etc.)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    class DraftDDP(DistributedDataParallel):
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    return DraftDDP
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
