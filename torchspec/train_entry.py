@@ -75,7 +75,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: the training runner is not available in this build ({e})", file=sys.stderr)
             return 1
         raise
-    run_training(cfg)
+    from torchspec.data.errors import DataError
+
+    try:
+        run_training(cfg)
+    except (ConfigError, DataError) as e:  # user-fixable: one line, no traceback
+        print(f"{type(e).__name__.replace('Error', '').lower()} error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
