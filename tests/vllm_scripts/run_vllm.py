@@ -4,10 +4,14 @@ Greedy generation of token-id prompts with vLLM on CPU, optionally with EAGLE-3 
 writing the generated token ids and vLLM's spec_decode counters as JSON.
 
   python run_vllm.py SPEC.json OUT.json
-SPEC: {"target": DIR, "draft": DIR or null, "num_speculative_tokens": k, "prompts": [[ids]...],
-       "max_tokens": N, "max_model_len": M}
+SPEC: {"target": DIR, "prompts": [[ids]...], "max_tokens": N, "max_model_len": M,
+       "runs": [{"draft": DIR or null, "num_speculative_tokens": k}, ...]}
+OUT:  {"runs": [{"outputs": [[ids]...], "spec_decode": {num_drafts, num_draft_tokens,
+       num_accepted_tokens, accepted_per_pos} (speculative runs only)}, ...]}
+One process runs every engine in turn (vLLM's import and start-up dominate the time on CPU).
 """
 
+import gc
 import json
 import os
 import sys
@@ -34,22 +38,30 @@ def spec_decode_counters(metrics) -> dict:
     return out
 
 
-def main(spec_path: str, out_path: str) -> None:
+def run_one(spec: dict, run: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    spec = json.load(open(spec_path))
     kwargs = dict(model=spec["target"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2,
                   max_model_len=spec.get("max_model_len", 512), disable_log_stats=False, seed=0,
-                  max_num_seqs=len(spec["prompts"]))
-    if spec.get("draft"):
-        kwargs["speculative_config"] = {"method": "eagle3", "model": spec["draft"],
-                                        "num_speculative_tokens": spec["num_speculative_tokens"]}
+                  max_num_seqs=max(1, len(spec["prompts"])))
+    if run.get("draft"):
+        kwargs["speculative_config"] = {"method": "eagle3", "model": run["draft"],
+                                        "num_speculative_tokens": run["num_speculative_tokens"]}
     llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
     result = {"outputs": [list(o.outputs[0].token_ids) for o in outs]}
-    if spec.get("draft"):
+    if run.get("draft"):
         result["spec_decode"] = spec_decode_counters(llm.get_metrics())
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    return result
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.load(open(spec_path))
+    result = {"runs": [run_one(spec, run) for run in spec["runs"]]}
     with open(out_path, "w") as f:
         json.dump(result, f)
 
