@@ -1,0 +1,165 @@
+"""Controller + local launcher with a fake engine (no target model): scheduling only."""
+
+import collections
+import functools
+import time
+
+import pytest
+import torch
+
+from torchspec.data.sample import Sample
+from torchspec.inference.base import StoredSample
+from torchspec.pipeline.controller import Controller, epoch_order
+from torchspec.pipeline.launcher_local import InlineEngines, ProcessEngines
+from torchspec.transfer.local import LocalStore
+
+
+class FakeEngine:
+    """Puts a record whose hidden states encode the sample (so the trainer side can check them)."""
+
+    def __init__(self, store, device="cpu", delay: float = 0.0):
+        self.store, self.delay = store, delay
+
+    def generate(self, samples):
+        time.sleep(self.delay)
+        out = []
+        for s in samples:
+            n = len(s)
+            h = s.input_ids.float()[:, None].expand(n, 4)
+            self.store.put(s.sample_id, {"input_ids": s.input_ids, "loss_mask": s.loss_mask,
+                                         "aux_hidden_states": h.repeat(1, 3), "final_hidden_states": h})
+            out.append(StoredSample(s.sample_id, s.sample_id, n))
+        return out
+
+    def close(self):
+        pass
+
+
+def fake_factory(store, device, delay=0.0):
+    return FakeEngine(store, device, delay)
+
+
+def _dataset(n=23):
+    return [Sample(f"id{i:03d}", torch.arange(i % 5 + 2) + i, torch.ones(i % 5 + 2, dtype=torch.uint8))
+            for i in range(n)]
+
+
+def _drive(ctrl, store, steps=None, check=None):
+    """Consume like a trainer: returns the micro-batches (lists of sample ids) per step."""
+    seen = []
+    while (batches := ctrl.next_micro_batches()) is not None:
+        for mb in batches:
+            for s in mb:
+                rec = store.get(s.key)
+                assert rec["input_ids"].numel() == s.length
+                if check:
+                    check(s, rec)
+        seen.append([[s.sample_id for s in mb] for mb in batches])
+        ctrl.mark_trained(batches)
+        if steps is not None and len(seen) == steps:
+            break
+    return seen
+
+
+def _flat(seen):
+    return [i for step in seen for mb in step for i in mb]
+
+
+def test_epoch_order_is_deterministic_and_differs_per_epoch():
+    ids = [f"x{i}" for i in range(50)]
+    assert epoch_order(ids, 3, 0) == epoch_order(list(reversed(ids)), 3, 0)
+    assert sorted(epoch_order(ids, 3, 0)) == sorted(ids)
+    assert epoch_order(ids, 3, 0) != epoch_order(ids, 3, 1)
+    assert epoch_order(ids, 3, 0) != epoch_order(ids, 4, 0)
+
+
+@pytest.mark.parametrize("num_ranks", [1, 3])
+def test_inline_exactly_once_per_epoch_bounded_pool_empty_store(tmp_path, num_ranks):
+    data = _dataset(23)
+    store = LocalStore(root=tmp_path / "s")
+    ctrl = Controller(data, InlineEngines(FakeEngine(store)), store, micro_batch_size=2, num_ranks=num_ranks,
+                      num_epochs=3, max_sample_pool_size=7, inference_batch_size=3, inference_buffer_threshold=4,
+                      seed=11)
+    seen = _drive(ctrl, store, check=lambda s, rec: torch.equal(rec["final_hidden_states"][:, 0],
+                                                                   rec["input_ids"].float()))
+    ids = _flat(seen)
+    assert len(ids) == 3 * 23
+    for e in range(3):
+        epoch_ids = ids[e * 23:(e + 1) * 23]
+        assert sorted(epoch_ids) == sorted(s.sample_id for s in data)
+    assert ids[:23] != ids[23:46]      # reshuffled each epoch
+    assert all(len(step) == num_ranks for step in seen)
+    assert all(len(mb) <= 2 for step in seen for mb in step)
+    assert max(ctrl.pool_stats.sizes) <= 7 and max(ctrl.pool_stats.sizes) >= 2 * num_ranks
+    assert ctrl.finished and ctrl.next_micro_batches() is None
+    ctrl.shutdown()
+    assert store.bytes_used() == 0 and store.keys() == []
+
+
+def test_two_engine_processes_backpressure(tmp_path):
+    """Slow trainer, fast engines: the pool fills to its bound and never beyond it."""
+    data = _dataset(30)
+    store = LocalStore(root=tmp_path / "s")
+    engines = ProcessEngines(functools.partial(fake_factory, delay=0.0), store, ["cpu", "cpu"])
+    ctrl = Controller(data, engines, store, micro_batch_size=2, num_ranks=1, num_epochs=2,
+                      max_sample_pool_size=6, inference_batch_size=2, inference_buffer_threshold=3, seed=0)
+    workers = collections.Counter()
+    original = engines.wait
+
+    def counting_wait(timeout):
+        got = original(timeout)
+        workers.update(w for w, _ in got)
+        return got
+
+    engines.wait = counting_wait
+
+    def slow(s, rec):
+        time.sleep(0.01)
+        # while the trainer is slow, samples in the store = pool + in flight + this micro-batch
+        assert len(store.keys()) <= 6 + 2
+
+    seen = _drive(ctrl, store, check=slow)
+    ids = _flat(seen)
+    assert sorted(ids[:30]) == sorted(ids[30:]) == sorted(s.sample_id for s in data)
+    assert set(workers) == {0, 1}            # both engine processes produced samples
+    assert max(ctrl.pool_stats.sizes) == 6   # backpressure reached the bound ...
+    assert all(n <= 6 for n in ctrl.pool_stats.sizes)   # ... and held it
+    ctrl.shutdown()
+    assert store.bytes_used() == 0
+    assert all(not p.is_alive() for p in engines.procs)
+
+
+def test_resume_from_data_state_skips_nothing_repeats_nothing(tmp_path):
+    data = _dataset(17)
+    kw = dict(micro_batch_size=3, num_ranks=1, num_epochs=2, max_sample_pool_size=6, inference_batch_size=2,
+              inference_buffer_threshold=2, seed=5)
+    store = LocalStore(root=tmp_path / "s")
+    clean = _flat(_drive(Controller(data, InlineEngines(FakeEngine(store)), store, **kw), store))
+
+    ctrl = Controller(data, InlineEngines(FakeEngine(store)), store, **kw)
+    first = _flat(_drive(ctrl, store, steps=8))    # 24 samples: past the first epoch (17)
+    state = ctrl.data_state()
+    assert len(first) > 17    # the first epoch (its last micro-batch short) and some of the second
+    assert state["epoch"] == 1 and state["trained_ids"] == first[17:]
+    ctrl.shutdown()
+    assert store.bytes_used() == 0
+
+    ctrl2 = Controller(data, InlineEngines(FakeEngine(store)), store, data_state=state, **kw)
+    rest = _flat(_drive(ctrl2, store))
+    assert not set(rest) & set(state["trained_ids"])
+    assert sorted(first + rest) == sorted(clean)
+    assert sorted(first[17:] + rest) == sorted(s.sample_id for s in data)
+    ctrl2.shutdown()
+
+
+def test_engine_failure_and_bad_pool_size(tmp_path):
+    store = LocalStore(root=tmp_path / "s")
+    with pytest.raises(ValueError, match="inference.max_sample_pool_size=3 must hold"):
+        Controller(_dataset(5), InlineEngines(FakeEngine(store)), store, micro_batch_size=2, num_ranks=2,
+                   max_sample_pool_size=3, inference_batch_size=1, inference_buffer_threshold=1)
+    bad = [Sample("bad", torch.arange(3), torch.ones(2, dtype=torch.uint8))]   # put works, fine
+    engines = ProcessEngines(functools.partial(fake_factory, delay="oops"), store, ["cpu"])
+    ctrl = Controller(bad, engines, store, micro_batch_size=1, max_sample_pool_size=2, inference_batch_size=1,
+                      inference_buffer_threshold=1)
+    with pytest.raises(RuntimeError, match="inference engine 0 failed"):
+        ctrl.next_micro_batches()

@@ -1,0 +1,216 @@
+"""The controller: feeds prompts to inference engines, holds the sample pool, hands micro-batches to
+trainer ranks, and deletes what the trainer has consumed.
+
+It is plain Python with no knowledge of how engines run: it talks to them through an `EngineGroup`
+(local processes, an in-process engine, or Ray actors later) and to the hidden states only through
+a `Store`. Flow, per epoch:
+
+  prompt buffer (epoch order: deterministic shuffle of sample ids from (seed, epoch))
+    -> an engine is given `inference_batch_size` prompts whenever its queue holds fewer than
+       `inference_buffer_threshold` samples and the pool has room
+    -> finished samples enter the pool (FIFO); samples being generated count against the pool's
+       bound, so the pool never exceeds `max_sample_pool_size` (engines pause: backpressure)
+    -> `next_micro_batches()` takes `micro_batch_size` samples per trainer rank
+    -> `mark_trained()` deletes their keys from the store and records their ids.
+
+An epoch ends once all its samples are trained; the last micro-batches of an epoch may be short.
+`data_state()` = {"epoch", "trained_ids"} resumes with no sample skipped or repeated.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from torchspec.inference.base import StoredSample
+
+
+class EngineGroup(Protocol):
+    """Inference workers as the controller sees them (local processes, inline, Ray actors...)."""
+
+    num_workers: int
+
+    def submit(self, worker: int, samples: list) -> None:
+        """Queue `samples` on `worker`; returns at once."""
+        ...
+
+    def wait(self, timeout: float) -> list[tuple[int, list[StoredSample]]]:
+        """Finished submissions as (worker, stored samples), waiting up to `timeout` s for the first
+        (timeout 0: only what has already finished)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def epoch_order(sample_ids: Sequence[str], seed: int, epoch: int) -> list[str]:
+    """The epoch's sample order: a shuffle determined by (seed, epoch) alone."""
+    ids = sorted(sample_ids)
+    random.Random(f"{seed}:{epoch}").shuffle(ids)
+    return ids
+
+
+@dataclass
+class PoolStats:
+    times: list[float] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+
+
+class Controller:
+    def __init__(self, samples: Sequence, engines: EngineGroup, store, *, micro_batch_size: int,
+                 num_ranks: int = 1, num_epochs: int = 1, max_sample_pool_size: int,
+                 inference_batch_size: int, inference_buffer_threshold: int, seed: int = 0,
+                 data_state: dict | None = None):
+        if max_sample_pool_size < micro_batch_size * num_ranks:
+            raise ValueError(
+                f"inference.max_sample_pool_size={max_sample_pool_size} must hold at least one micro-batch per "
+                f"trainer rank (training.micro_batch_size={micro_batch_size} x {num_ranks} ranks)")
+        self.samples = {s.sample_id: s for s in samples}
+        if len(self.samples) != len(samples):
+            raise ValueError("duplicate sample ids in the dataset")
+        if not self.samples:
+            raise ValueError("the dataset has no samples")
+        self.engines = engines
+        self.store = store
+        self.micro_batch_size = micro_batch_size
+        self.num_ranks = num_ranks
+        self.num_epochs = num_epochs
+        self.max_pool = max_sample_pool_size
+        self.batch_size = inference_batch_size
+        self.threshold = inference_buffer_threshold
+        self.seed = seed
+
+        self.pool: deque[StoredSample] = deque()
+        self.in_flight = [0] * engines.num_workers     # samples queued on each worker
+        self.in_flight_ids: set[str] = set()
+        self.dispatched: dict[str, StoredSample] = {}   # handed to trainers, not yet marked trained
+        self.pool_stats = PoolStats()
+        self.data_wait_s = 0.0
+        self._closed = False
+        self.samples_generated = 0
+
+        state = data_state or {"epoch": 0, "trained_ids": []}
+        self.epoch = int(state["epoch"])
+        self.trained_ids: list[str] = list(state["trained_ids"])
+        self._start_epoch(skip=set(self.trained_ids))
+
+    # -- state ------------------------------------------------------------------------------------
+    def _start_epoch(self, skip: set[str] = frozenset()) -> None:
+        unknown = skip - self.samples.keys()
+        if unknown:
+            raise ValueError(f"the resumed data state names {len(unknown)} sample ids not in this dataset "
+                             f"(e.g. {sorted(unknown)[0]!r}); resume with the same dataset")
+        order = epoch_order(list(self.samples), self.seed, self.epoch) if self.epoch < self.num_epochs else []
+        self.prompts: deque[str] = deque(i for i in order if i not in skip)
+        self.remaining = len(self.prompts)   # samples of this epoch not yet trained
+
+    def data_state(self) -> dict:
+        return {"epoch": self.epoch, "trained_ids": list(self.trained_ids)}
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.num_epochs
+
+    def pool_size(self) -> int:
+        return len(self.pool)
+
+    def _record_pool(self) -> None:
+        self.pool_stats.times.append(time.monotonic())
+        self.pool_stats.sizes.append(len(self.pool))
+
+    # -- inference side ---------------------------------------------------------------------------
+    def _feed(self) -> None:
+        """Give work to every engine whose queue is below the threshold, while the pool has room."""
+        for w in range(self.engines.num_workers):
+            while self.prompts and self.in_flight[w] < self.threshold:
+                room = self.max_pool - len(self.pool) - sum(self.in_flight)
+                n = min(self.batch_size, len(self.prompts), room)
+                if n <= 0:
+                    return
+                batch = [self.samples[self.prompts.popleft()] for _ in range(n)]
+                self.engines.submit(w, batch)
+                self.in_flight[w] += n
+                self.in_flight_ids.update(s.sample_id for s in batch)
+
+    def _collect(self, timeout: float) -> None:
+        for w, stored in self.engines.wait(timeout):
+            self.in_flight[w] -= len(stored)
+            self.in_flight_ids.difference_update(s.sample_id for s in stored)
+            self.pool.extend(stored)
+            self.samples_generated += len(stored)
+            self._record_pool()
+
+    # -- trainer side -----------------------------------------------------------------------------
+    def next_micro_batches(self) -> list[list[StoredSample]] | None:
+        """One micro-batch per trainer rank (waiting for the engines as needed), or None when done.
+
+        Returns short micro-batches at the end of an epoch (some may be empty when fewer samples
+        than ranks are left). Call `mark_trained` with them before the next call.
+        """
+        if self.dispatched:
+            raise RuntimeError("next_micro_batches() called before mark_trained() of the previous batches")
+        if self.finished:
+            return None
+        want = self.micro_batch_size * self.num_ranks
+        t0 = time.monotonic()
+        while True:
+            self._collect(timeout=0.0)   # take in whatever has finished, without waiting
+            self._feed()
+            undelivered = len(self.prompts) + sum(self.in_flight)
+            if len(self.pool) >= want or (undelivered == 0 and self.pool):
+                break
+            if undelivered == 0 and not self.pool:   # nothing left in this epoch (all trained)
+                raise RuntimeError("controller: epoch has no samples left but was not advanced")
+            self._collect(timeout=1.0)
+        self.data_wait_s += time.monotonic() - t0
+        take = [self.pool.popleft() for _ in range(min(want, len(self.pool)))]
+        self._record_pool()
+        self._feed()   # refill now, so the engines work while the trainer trains
+        # Deal micro-batches out rank by rank: rank r gets take[r*mbs:(r+1)*mbs]; a short tail is
+        # spread evenly so no rank is empty unless fewer samples than ranks remain.
+        per = [len(take) // self.num_ranks + (r < len(take) % self.num_ranks) for r in range(self.num_ranks)]
+        out, i = [], 0
+        for n in per:
+            out.append(take[i:i + n])
+            i += n
+        self.dispatched = {s.key: s for s in take}
+        return out
+
+    def mark_trained(self, batches: list[list[StoredSample]]) -> bool:
+        """Delete the trained samples' records; True when this completed an epoch."""
+        for mb in batches:
+            for s in mb:
+                self.store.delete(s.key)
+                self.dispatched.pop(s.key)
+                self.trained_ids.append(s.sample_id)
+                self.remaining -= 1
+        if self.dispatched:
+            raise RuntimeError(f"mark_trained: {len(self.dispatched)} dispatched samples were not marked")
+        if self.remaining == 0:
+            self.epoch += 1
+            self.trained_ids = []
+            self._start_epoch()
+            return True
+        return False
+
+    # -- shutdown ---------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop the engines and delete every record this run left in the store (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.prompts.clear()
+        self.engines.close()   # after this no engine writes to the store any more
+        keys = [s.key for s in self.pool] + list(self.dispatched) + sorted(self.in_flight_ids)
+        for key in keys:
+            try:
+                self.store.delete(key)
+            except KeyError:   # an in-flight sample the engine never finished
+                pass
+        self.in_flight_ids.clear()
+        self.pool.clear()
+        self.dispatched.clear()
+        self.in_flight = [0] * self.engines.num_workers
+        self._record_pool()

@@ -1,0 +1,200 @@
+"""The local launcher: places inference engines and trainer ranks on this machine.
+
+Placement (`plan_local`), from the config:
+- colocated (`inference.colocate: true`): the target runs inside the trainer process, on the
+  trainer's device: the single-process mode of the CPU quickstart, or one GPU shared by target and
+  draft. Engine calls then run between training steps.
+- otherwise one engine process per `inference.inference_num_gpus_per_engine` GPUs
+  (`inference_num_gpus / per_engine` engines) on GPUs 0.., then one trainer rank per GPU of
+  `training.training_num_gpus_per_node` on the following GPUs. On a machine without GPUs the same
+  layout runs as CPU processes (gloo for the trainer's collectives).
+
+Engine processes are spawned with torch.multiprocessing; they get prompts over a queue, put their
+hidden states in the Store themselves and send back only keys and lengths.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue as queue_mod
+import traceback
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.multiprocessing as mp
+
+from torchspec.inference.base import StoredSample
+
+
+@dataclass(frozen=True)
+class Placement:
+    colocate: bool
+    engine_devices: tuple[str, ...]    # one per engine process (empty when colocated)
+    trainer_devices: tuple[str, ...]   # one per trainer rank
+
+    def describe(self) -> str:
+        if self.colocate:
+            return f"colocated: target and draft trainer in one process on {self.trainer_devices[0]}"
+        return (f"{len(self.engine_devices)} engine process(es) on {', '.join(self.engine_devices)}; "
+                f"{len(self.trainer_devices)} trainer rank(s) on {', '.join(self.trainer_devices)}")
+
+
+class PlacementError(ValueError):
+    pass
+
+
+def plan_local(cfg, num_gpus: int | None = None) -> Placement:
+    inf, tr = cfg.inference, cfg.training
+    num_gpus = torch.cuda.device_count() if num_gpus is None else num_gpus
+    if tr.training_num_nodes > 1:
+        raise PlacementError(f"training.training_num_nodes={tr.training_num_nodes}: the local launcher runs on one "
+                             "machine; multi-node training needs the Ray launcher")
+    world = tr.training_num_gpus_per_node
+    trainer_devices = tuple(f"cuda:{i}" for i in range(world)) if num_gpus else ("cpu",) * world
+    if inf.colocate:
+        if world != 1:
+            raise PlacementError(f"inference.colocate=true runs the target inside the one trainer process; "
+                                 f"training.training_num_gpus_per_node={world} must be 1")
+        return Placement(True, (), trainer_devices[:1])
+    per = inf.inference_num_gpus_per_engine
+    if inf.inference_engine_type == "hf" and per != 1:
+        raise PlacementError(f"inference.inference_num_gpus_per_engine={per}: the hf engine runs on one GPU "
+                             "per engine; use more engines (inference.inference_num_gpus) or sglang/vllm for TP")
+    n_engines = inf.inference_num_gpus // per
+    if not num_gpus:
+        return Placement(False, ("cpu",) * n_engines, trainer_devices)
+    need = inf.inference_num_gpus + world
+    if need > num_gpus:
+        raise PlacementError(
+            f"inference.inference_num_gpus={inf.inference_num_gpus} + training.training_num_gpus_per_node={world} "
+            f"= {need} GPUs, but this machine has {num_gpus}; lower them, or set inference.colocate=true to share "
+            "one GPU between target and trainer")
+    engine_devices = tuple(f"cuda:{i * per}" for i in range(n_engines))
+    trainer_devices = tuple(f"cuda:{inf.inference_num_gpus + i}" for i in range(world))
+    return Placement(False, engine_devices, trainer_devices)
+
+
+# -- engine groups (the controller's EngineGroup protocol) ------------------------------------------
+
+class InlineEngines:
+    """One engine in this process; `wait` runs the oldest submission (deterministic order)."""
+
+    num_workers = 1
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.pending: deque[list] = deque()
+
+    def submit(self, worker: int, samples: list) -> None:
+        self.pending.append(samples)
+
+    def wait(self, timeout: float) -> list[tuple[int, list[StoredSample]]]:
+        if not self.pending or timeout <= 0:   # nothing finishes here unless we run it
+            return []
+        return [(0, self.engine.generate(self.pending.popleft()))]
+
+    def close(self) -> None:
+        self.pending.clear()
+        self.engine.close()
+
+
+def _to_wire(samples) -> list[tuple]:
+    return [(s.sample_id, s.input_ids.numpy(), s.loss_mask.numpy()) for s in samples]
+
+
+def _from_wire(items):
+    from torchspec.data.sample import Sample
+
+    return [Sample(sid, torch.from_numpy(ids), torch.from_numpy(mask)) for sid, ids, mask in items]
+
+
+def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbox, num_threads: int) -> None:
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        else:
+            torch.set_num_threads(num_threads)
+        engine = engine_factory(store, device)
+        outbox.put(("ready", worker, None))
+        while True:
+            items = inbox.get()
+            if items is None:
+                break
+            outbox.put(("done", worker, engine.generate(_from_wire(items))))
+        engine.close()
+    except KeyboardInterrupt:
+        pass
+    except BaseException:
+        outbox.put(("error", worker, traceback.format_exc()))
+
+
+class ProcessEngines:
+    """One spawned process per engine; results come back on one shared queue."""
+
+    def __init__(self, engine_factory, store, devices, num_threads: int = 1, start_timeout: float = 600.0):
+        ctx = mp.get_context("spawn")
+        self.num_workers = len(devices)
+        self.outbox = ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in devices]
+        self.procs = [
+            ctx.Process(target=_engine_worker, args=(w, engine_factory, store, d, self.inboxes[w], self.outbox,
+                                                      num_threads), daemon=True, name=f"torchspec-engine-{w}")
+            for w, d in enumerate(devices)
+        ]
+        for p in self.procs:
+            p.start()
+        ready = 0
+        while ready < self.num_workers:
+            ready += sum(1 for _ in self._drain(start_timeout, expect="ready"))
+
+    def _drain(self, timeout: float, expect: str):
+        """Yield payloads of `expect` messages: wait up to timeout for one, then take what is queued."""
+        block = timeout > 0
+        while True:
+            try:
+                kind, worker, payload = self.outbox.get(block=block, timeout=timeout if block else None)
+            except queue_mod.Empty:
+                if block:
+                    self._check_alive()
+                return
+            if kind == "error":
+                self.close()
+                raise RuntimeError(f"inference engine {worker} failed:\n{payload}")
+            if kind != expect:
+                raise RuntimeError(f"inference engine {worker}: unexpected message {kind!r}")
+            yield worker, payload
+            block = False
+
+    def _check_alive(self) -> None:
+        dead = [w for w, p in enumerate(self.procs) if not p.is_alive()]
+        if dead:
+            codes = [self.procs[w].exitcode for w in dead]
+            self.close()
+            raise RuntimeError(f"inference engine process(es) {dead} exited unexpectedly (exit codes {codes})")
+
+    def submit(self, worker: int, samples: list) -> None:
+        self.inboxes[worker].put(_to_wire(samples))
+
+    def wait(self, timeout: float) -> list[tuple[int, list[StoredSample]]]:
+        return list(self._drain(timeout, expect="done"))
+
+    def close(self) -> None:
+        for q, p in zip(self.inboxes, self.procs):
+            if p.is_alive():
+                q.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+
+
+def start_engines(cfg, store, placement: Placement, engine_factory=None, trainer_device: str | None = None):
+    """The EngineGroup for `placement`. engine_factory(store, device) -> Engine; default: the config's."""
+    from torchspec.inference.factory import build_engine
+
+    factory = engine_factory or functools.partial(build_engine, cfg)
+    if placement.colocate:
+        return InlineEngines(factory(store, trainer_device or placement.trainer_devices[0]))
+    return ProcessEngines(factory, store, placement.engine_devices)
