@@ -64,6 +64,10 @@ class DatasetConfig:
     train_data_path: str = field(default=REQUIRED, metadata=HUB_OR_PATH)  # jsonl/json/parquet file or dir
     eval_data_path: Optional[str] = field(default=None, metadata=HUB_OR_PATH)
     eval_interval: int = 50  # training steps between evaluations (when eval_data_path is set)
+    eval_max_samples: Optional[int] = 16  # held-out samples for eval loss/acc_k (hidden states kept in RAM); null = all
+    eval_tau_prompts: int = 0  # held-out prompts to measure tau on at each eval (loads the HF target); 0 = off
+    eval_num_draft_steps: int = 3  # k of the chain speculative decoding that measures tau
+    eval_max_new_tokens: int = 64  # tokens generated per prompt when measuring tau
     chat_template: str = "qwen"  # a name of torchspec.data.templates.TEMPLATE_NAMES
     prompt_key: str = "conversations"  # record field holding the list of messages
     defer_tokenization: bool = False  # tokenize in the inference workers instead of up front

@@ -101,6 +101,8 @@ _POSITIVE = (
     "training.prefetch_depth",
     "training.save_interval",
     "dataset.eval_interval",
+    "dataset.eval_num_draft_steps",
+    "dataset.eval_max_new_tokens",
     "inference.inference_num_gpus",
     "inference.inference_num_gpus_per_engine",
     "inference.inference_num_gpus_per_node",
