@@ -41,6 +41,7 @@ class RunResult:
     export_dir: Path | None = None
     interrupted: bool = False
     store_bytes_end: int = -1
+    store_root: Path | None = None          # the local store's shared-memory directory (removed at the end)
     samples_per_s: float = 0.0
     data_wait_frac: float = 0.0
     store_put_bytes: int = 0
@@ -147,6 +148,7 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
 
     # -- store, engines, controller ------------------------------------------------------------------
     store = LocalStore(capacity_bytes=inf.store_capacity)
+    result.store_root = store.root
     engines = controller = None
     logger = MetricsLogger(out_dir, cfg.logging, total_steps=plan.num_train_steps, progress=progress)
     window: list[dict] = []   # micro-batch metrics of the current accumulation window
