@@ -1,0 +1,423 @@
+"""The quickstart: train an EAGLE-3 draft for a small local target, end to end, on CPU, in minutes.
+
+    bash scripts/quickstart.sh                       # set-up + this module
+    python -m torchspec.quickstart [--cache-dir .cache/quickstart] [--rebuild] [k=v ...]
+
+Nothing is downloaded. Stages, cached under --cache-dir (a second run skips 1 and 2):
+ 1. target: a byte-level BPE tokenizer and a small Qwen3-config model, trained for a minute or two on
+    the Python standard library's own sources (every 10th file is held out), so the target has
+    learned something real (its held-out next-token loss is printed next to a uniform guess's);
+ 2. data: conversations in ShareGPT format (user: the start of a code snippet, assistant: its
+    continuation) from the same kind of text: train.jsonl from the training files, eval.jsonl from
+    the held-out ones;
+ 3. draft: `python -m torchspec.train_entry --config configs/quickstart.yaml` (the full pipeline:
+    HF engine -> local store -> controller -> trainer -> checkpoints + export); extra k=v
+    arguments are passed on as config overrides;
+ 4. report: per-step acceptance accuracy acc_0..acc_k on the held-out conversations for the draft
+    before training (random init) and after, and tau (mean acceptance length of greedy
+    speculative decoding against the target) for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "quickstart.yaml"
+DONE = "quickstart_done.json"  # marker written last in each cached stage dir
+
+
+@dataclass(frozen=True)
+class TargetRecipe:
+    """How the quickstart's target is built (changing any field rebuilds it)."""
+
+    corpus_chars: int = 1_500_000  # of standard-library source
+    heldout_every: int = 10  # every Nth file (sorted by name) is held out
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 384
+    seq_len: int = 128
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    train_seconds: float = 90.0  # wall-clock budget of the target's training
+    max_steps: int = 4000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    prompt_lines: int = 6
+    answer_lines: int = 12
+    max_train: int = 1200
+    max_eval: int = 64
+    version: int = 1
+
+
+def log(msg: str) -> None:
+    print(f"[quickstart] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage markers
+
+def _cached(folder: Path, recipe: dict) -> dict | None:
+    marker = folder / DONE
+    if not marker.exists():
+        return None
+    info = json.loads(marker.read_text())
+    return info if info.get("recipe") == recipe else None
+
+
+def _mark_done(folder: Path, recipe: dict, **info) -> dict:
+    info = {"recipe": recipe, **info}
+    (folder / DONE).write_text(json.dumps(info, indent=1))
+    return info
+
+
+def split_corpus(recipe: TargetRecipe) -> tuple[list[str], list[str]]:
+    """(training files' texts, held-out files' texts) of the standard library's sources."""
+    from torchspec.utils.tiny import default_corpus
+
+    texts = default_corpus(recipe.corpus_chars)
+    held = [t for i, t in enumerate(texts) if i % recipe.heldout_every == recipe.heldout_every - 1]
+    train = [t for i, t in enumerate(texts) if i % recipe.heldout_every != recipe.heldout_every - 1]
+    return train, held
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage 1: the target
+
+def build_target(out_dir: Path, recipe: TargetRecipe = TargetRecipe()) -> dict:
+    """Train the tokenizer and the target; save both (HF format) in out_dir. Returns the stage info."""
+    key = asdict(recipe)
+    hit = _cached(out_dir, key)
+    if hit is not None:
+        log(f"target: cached in {out_dir} (trained {hit['steps']} steps, held-out loss {hit['heldout_loss']:.2f})")
+        return hit
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from torchspec.utils.tiny import tiny_target_config, train_tokenizer
+
+    t0 = time.time()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    train_texts, held_texts = split_corpus(recipe)
+    tok = train_tokenizer(out_dir, texts=train_texts, vocab_size=recipe.vocab_size)
+    train_ids = _token_stream(tok, train_texts)
+    held_ids = _token_stream(tok, held_texts)
+    log(f"target: tokenizer ({len(tok)} tokens) + {len(train_ids):,} training / {len(held_ids):,} held-out "
+        f"tokens from {len(train_texts) + len(held_texts)} stdlib files in {time.time() - t0:.0f}s")
+
+    config = tiny_target_config(
+        "qwen3", vocab_size=len(tok), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads, num_key_value_heads=recipe.num_key_value_heads,
+        intermediate_size=recipe.intermediate_size)
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    before = _lm_loss(model, held_ids, recipe)
+    steps = _train_lm(model, train_ids, recipe)
+    after = _lm_loss(model, held_ids, recipe)
+    model.save_pretrained(str(out_dir))
+    info = _mark_done(out_dir, key, steps=steps, seconds=round(time.time() - t0, 1), heldout_loss=after,
+                      initial_heldout_loss=before, uniform_loss=math.log(len(tok)))
+    log(f"target: trained {steps} steps; held-out next-token loss {before:.2f} -> {after:.2f} nats "
+        f"(uniform guess {math.log(len(tok)):.2f}); {time.time() - t0:.0f}s in all")
+    return info
+
+
+def _token_stream(tok, texts: list[str]):
+    import torch
+
+    ids = []
+    for t in texts:
+        ids.extend(tok(t, add_special_tokens=False).input_ids)
+        ids.append(tok.convert_tokens_to_ids("<|endoftext|>"))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _windows(ids, n: int, seq_len: int, gen):
+    import torch
+
+    starts = torch.randint(0, len(ids) - seq_len - 1, (n,), generator=gen)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def _train_lm(model, ids, recipe: TargetRecipe) -> int:
+    """Next-token training on random windows for recipe.train_seconds (or max_steps)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
+    model.train()
+    t0, step, shown = time.time(), 0, 0.0
+    while step < recipe.max_steps:
+        elapsed = time.time() - t0
+        if elapsed >= recipe.train_seconds:
+            break
+        # linear warmup, then linear decay over the time budget
+        lr = recipe.learning_rate * min(1.0, (step + 1) / recipe.warmup_steps) * max(
+            0.05, 1.0 - elapsed / recipe.train_seconds)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = _windows(ids, recipe.batch_size, recipe.seq_len, gen)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if elapsed - shown >= 15:
+            shown = elapsed
+            log(f"target: step {step}, loss {loss.item():.2f}, {elapsed:.0f}/{recipe.train_seconds:.0f}s")
+    model.eval()
+    return step
+
+
+def _lm_loss(model, ids, recipe: TargetRecipe, n: int = 32) -> float:
+    import torch
+
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+    x = _windows(ids, n, recipe.seq_len, gen)
+    model.eval()
+    with torch.no_grad():
+        return float(model(input_ids=x, labels=x).loss)
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage 2: conversations
+
+def snippets(text: str, recipe: DataRecipe):
+    """(prompt, answer) pairs: consecutive blocks of lines of one source file."""
+    lines = text.splitlines()
+    size = recipe.prompt_lines + recipe.answer_lines
+    for s in range(0, len(lines) - size + 1, size):
+        prompt = "\n".join(lines[s:s + recipe.prompt_lines])
+        answer = "\n".join(lines[s + recipe.prompt_lines:s + size])
+        if len(answer.strip()) >= 80 and len(prompt.strip()) >= 20:
+            yield prompt, answer
+
+
+def conversations(texts: list[str], recipe: DataRecipe, limit: int) -> list[dict]:
+    out = []
+    for text in texts:
+        for prompt, answer in snippets(text, recipe):
+            out.append({"conversations": [
+                {"from": "human", "value": f"Continue this Python code:\n{prompt}"},
+                {"from": "gpt", "value": answer},
+            ]})
+    if len(out) > limit:  # an even spread over all files, not the first few
+        stride = len(out) / limit
+        out = [out[int(i * stride)] for i in range(limit)]
+    return out
+
+
+def build_data(out_dir: Path, target_recipe: TargetRecipe = TargetRecipe(), recipe: DataRecipe = DataRecipe()) -> dict:
+    key = {"data": asdict(recipe), "corpus": [target_recipe.corpus_chars, target_recipe.heldout_every]}
+    hit = _cached(out_dir, key)
+    if hit is not None:
+        log(f"data: cached in {out_dir} ({hit['train']} train / {hit['eval']} held-out conversations)")
+        return hit
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_texts, held_texts = split_corpus(target_recipe)
+    splits = {"train": conversations(train_texts, recipe, recipe.max_train),
+              "eval": conversations(held_texts, recipe, recipe.max_eval)}
+    for name, convs in splits.items():
+        with open(out_dir / f"{name}.jsonl", "w") as f:
+            for c in convs:
+                f.write(json.dumps(c) + "\n")
+    log(f"data: {len(splits['train'])} train / {len(splits['eval'])} held-out conversations in {out_dir}")
+    return _mark_done(out_dir, key, train=len(splits["train"]), eval=len(splits["eval"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage 3: the draft, through the full pipeline
+
+def train_draft(cache: Path, overrides: list[str]) -> Path:
+    run_dir = cache / "run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # the quickstart trains from scratch every time
+    cmd = [sys.executable, "-m", "torchspec.train_entry", "--config", str(CONFIG),
+           f"model.target_model_path={cache / 'target'}",
+           f"dataset.train_data_path={cache / 'data' / 'train.jsonl'}",
+           f"dataset.eval_data_path={cache / 'data' / 'eval.jsonl'}",
+           f"output_dir={run_dir}", f"cache_dir={cache / 'dataset_cache'}", *overrides]
+    log("draft: " + " ".join(cmd[1:]))
+    t0 = time.time()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    rc = subprocess.call(cmd, cwd=str(REPO), env=env)
+    if rc != 0:
+        raise SystemExit(f"[quickstart] training failed (exit code {rc}); see the output above")
+    log(f"draft: trained in {time.time() - t0:.0f}s -> {run_dir}")
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage 4: held-out acceptance before vs after training
+
+class _DictStore:
+    """The smallest Store: records kept in a dict (the quickstart's evaluation runs in one process)."""
+
+    def __init__(self):
+        self.records = {}
+
+    def put(self, key, record):
+        self.records[key] = record
+
+    def get(self, key):
+        return self.records[key]
+
+    def delete(self, key):
+        self.records.pop(key, None)
+
+
+def evaluate(cache: Path, run_dir: Path, num_tau_prompts: int = 8, max_new_tokens: int = 48) -> dict:
+    """acc_k over the held-out conversations and tau, for the untrained and the trained draft."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from torchspec.config import load_config
+    from torchspec.data import build_dataset
+    from torchspec.inference.hf import HFEngine, load_target
+    from torchspec.models.draft import DraftConfig, build_draft
+    from torchspec.models.target_head import TargetHead
+    from torchspec.training.checkpoint import load_checkpoint
+    from torchspec.training.trainer import seed_everything
+
+    cfg = load_config([str(CONFIG)], [f"model.target_model_path={cache / 'target'}",
+                                      f"dataset.train_data_path={cache / 'data' / 'train.jsonl'}"])
+    target_dir = cache / "target"
+    tok = AutoTokenizer.from_pretrained(str(target_dir))
+    samples = build_dataset(cache / "data" / "eval.jsonl", tok, chat_template=cfg.dataset.chat_template,
+                            max_seq_length=cfg.training.max_seq_length, prompt_key=cfg.dataset.prompt_key,
+                            progress=False, config_key="dataset.eval_data_path")
+    model = load_target(str(target_dir), torch.float32, "cpu")
+    store = _DictStore()
+    engine = HFEngine(model, store, aux_layers=cfg.inference.aux_hidden_states_layers, batch_size=8)
+    stored = engine.generate(list(samples))
+    engine.close()
+    head = TargetHead.from_pretrained(target_dir, cfg.model.lm_head_key, cfg.model.embedding_key)
+
+    ck = load_checkpoint(run_dir, weights_only=True, key="output_dir")
+    draft_cfg = DraftConfig.from_dict(ck.draft_config)
+    vocab = {"d2t": ck.trainer_state["model"]["d2t"], "t2d": ck.trainer_state["model"]["t2d"]}
+    seed_everything(cfg.training.seed)
+    untrained = build_draft(draft_cfg, target_head=head, vocab_map=vocab)
+    trained = build_draft(draft_cfg, target_head=head, vocab_map=vocab)
+    trained.load_checkpoint_state_dict(ck.trainer_state["model"], source=str(ck.path))
+
+    ttt = cfg.training.ttt_length
+    records = [store.get(s.key) for s in stored]
+    prompts = _tau_prompts(tok, cache / "data" / "eval.jsonl", num_tau_prompts)
+    out = {"checkpoint": str(ck.path), "heldout_samples": len(records)}
+    for name, draft in (("untrained", untrained), ("trained", trained)):
+        draft.eval()
+        out[name] = _accuracies(draft, head, records, ttt, cfg.training.attention_backend)
+        out[name]["tau"] = _tau(model, cfg.inference.aux_hidden_states_layers, draft, prompts, ttt, max_new_tokens,
+                                tok.eos_token_id)
+    return out
+
+
+def _accuracies(draft, head, records, ttt_length: int, attention_backend: str, batch_size: int = 8) -> dict:
+    import torch
+
+    from torchspec.models.eagle3 import eagle3_loss
+    from torchspec.pipeline.batch import collate
+
+    correct, valid = [0.0] * ttt_length, [0] * ttt_length
+    with torch.no_grad():
+        for i in range(0, len(records), batch_size):
+            out = eagle3_loss(draft, head, collate(records[i:i + batch_size]), ttt_length, attention_backend)
+            for k in range(ttt_length):
+                correct[k] += float(out.correct[k])
+                valid[k] += int(out.num_valid[k])
+    return {f"acc_{k}": correct[k] / max(1, valid[k]) for k in range(ttt_length)}
+
+
+def _tau_prompts(tok, path: Path, n: int) -> list[list[int]]:
+    prompts = []
+    with open(path) as f:
+        for line in f:
+            user = json.loads(line)["conversations"][0]["value"]
+            prompts.append(tok.apply_chat_template([{"role": "user", "content": user}], tokenize=True,
+                                                   add_generation_prompt=True))
+            if len(prompts) == n:
+                break
+    return [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+
+
+def _tau(model, aux_layers, draft, prompts, k: int, max_new_tokens: int, eos_token_id) -> float:
+    from torchspec.eval.speculative import Eagle3Proposer, HFTarget, SpecStats, speculative_generate
+    from torchspec.inference.hf import resolve_aux_layers
+
+    target = HFTarget(model, resolve_aux_layers(aux_layers, model.config.num_hidden_layers))
+    proposer = Eagle3Proposer(draft)
+    stats = SpecStats(k)
+    for p in prompts:
+        stats = stats.merge(speculative_generate(target, proposer, p, k, max_new_tokens, eos_token_id).stats)
+    target.close()
+    return stats.tau
+
+
+def report(info_target: dict, result: dict, seconds: float) -> str:
+    u, t = result["untrained"], result["trained"]
+    ks = sorted(int(k.split("_")[1]) for k in u if k.startswith("acc_"))
+    lines = [
+        "",
+        "=" * 72,
+        f"quickstart done in {seconds / 60:.1f} min",
+        f"target: held-out next-token loss {info_target['heldout_loss']:.2f} nats "
+        f"(untrained {info_target['initial_heldout_loss']:.2f}, uniform {info_target['uniform_loss']:.2f})",
+        f"draft on {result['heldout_samples']} held-out conversations ({result['checkpoint']}):",
+        "             " + " ".join(f"{'acc_' + str(k):>7}" for k in ks) + f" {'tau':>7}",
+        "  untrained  " + " ".join(f"{u[f'acc_{k}']:7.3f}" for k in ks) + f" {u['tau']:7.2f}",
+        "  trained    " + " ".join(f"{t[f'acc_{k}']:7.3f}" for k in ks) + f" {t['tau']:7.2f}",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m torchspec.quickstart", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "quickstart"),
+                   help="where the target, the data and the run go (default: %(default)s)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the target and the data even if cached")
+    p.add_argument("--target-only", action="store_true", help="stop after building the target and the data")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for the draft run")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    cache = Path(args.cache_dir).resolve()
+    if args.rebuild:
+        for d in ("target", "data"):
+            shutil.rmtree(cache / d, ignore_errors=True)
+    import torch
+
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    info = build_target(cache / "target")
+    build_data(cache / "data")
+    if args.target_only:
+        log(f"target and data ready in {time.time() - t0:.0f}s")
+        return 0
+    run_dir = train_draft(cache, args.overrides)
+    result = evaluate(cache, run_dir)
+    (run_dir / "quickstart_result.json").write_text(json.dumps({"target": info, **result}, indent=1))
+    print(report(info, result, time.time() - t0), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
