@@ -17,6 +17,7 @@ Needs no config loader (no omegaconf): it builds the draft config directly.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -104,6 +105,46 @@ def time_length(args, objs, T, device, iters):
     return statistics.median(times), out
 
 
+def check_compiled(args, objs, T, device):
+    """The compiled pieces must compute what the eager code (tested on CPU) computes."""
+    from torchspec.models import attention
+    from torchspec.models.eagle3 import eagle3_loss
+
+    draft, head, params = objs[0], objs[1], objs[2]
+    batch = make_batch(T, device)
+    if args.check_fp32:  # fp32 copies: the compiled and eager results must then agree closely
+        draft, head = copy.deepcopy(draft).float(), copy.deepcopy(head).float()
+        params = [p for p in draft.parameters() if p.requires_grad]
+        batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+    res = {}
+    for flag in (False, True):
+        attention.COMPILE_ON_CUDA = flag
+        out = eagle3_loss(draft, head, batch, args.ttt_length, "flex_attention")
+        out.loss.backward()
+        res[flag] = (float(out.loss.detach()), [float(a) for a in out.accs],
+                     torch.cat([p.grad.float().flatten() for p in params]))
+        for p in params:
+            p.grad = None
+    (l0, a0, g0), (l1, a1, g1) = res[False], res[True]
+    rel = float((g0 - g1).norm() / g0.norm())
+    print(f"check T={T}: loss eager {l0:.5f} compiled {l1:.5f}; acc_0 {a0[0]:.4f}/{a1[0]:.4f}; "
+          f"grad rel. diff {rel:.2e}", flush=True)
+    attention.COMPILE_ON_CUDA = True
+
+
+def profile(args, objs, T, device):
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    batch = make_batch(T, device)
+    for _ in range(2):
+        step(args, *objs, batch)
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as pr:
+        step(args, *objs, batch)
+        torch.cuda.synchronize()
+    print(pr.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
+
+
 def fits(args, objs, T, device) -> bool:
     try:
         step(args, *objs, make_batch(T, device))
@@ -128,6 +169,10 @@ def main(argv=None):
     p.add_argument("--no-max", action="store_true", help="skip the longest-sequence search")
     p.add_argument("--max-start", type=int, default=16384)
     p.add_argument("--max-limit", type=int, default=131072)
+    p.add_argument("--memory-cap-gib", type=float, help="cap usable GPU memory (e.g. 79.6 = an H100 80GB on an H200)")
+    p.add_argument("--check", type=int, metavar="T", help="compare loss/grads with torch.compile on vs off at T tokens")
+    p.add_argument("--check-fp32", action="store_true", help="run --check on fp32 copies")
+    p.add_argument("--profile", type=int, metavar="T", help="print the top CUDA kernels of one step at T tokens")
     args = p.parse_args(argv)
     import torch._dynamo
 
@@ -135,13 +180,20 @@ def main(argv=None):
     device = torch.device("cuda")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, ttt_length {args.ttt_length}, "
           f"gradient_checkpointing {args.gradient_checkpointing}, fp32 master {args.master_fp32}", flush=True)
+    if args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
     objs = build(args, device)
+    if args.check:
+        check_compiled(args, objs, args.check, device)
+    if args.profile:
+        profile(args, objs, args.profile, device)
     for T in [int(x) for x in args.lengths.split(",") if x]:
         torch.cuda.reset_peak_memory_stats()
         s, out = time_length(args, objs, T, device, args.iters)
         peak = torch.cuda.max_memory_allocated() / 2**30
         line = (f"T={T:6d}  step {s:.3f} s  ({T / s:,.0f} tok/s)  peak {peak:.1f} GiB  "
-                f"valid rows/step {out.num_valid[0]}/{T - 1}  loss {float(out.loss):.3f}")
+                f"valid rows/step {out.num_valid[0]}/{T - 1}  loss {float(out.loss.detach()):.3f}")
         if T == 8192:
             line += f"  speed vs reference {REF_STEP_8K_S / s:.2f}x"
         print(line, flush=True)

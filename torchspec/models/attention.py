@@ -49,6 +49,21 @@ def causal_block_mask(T: int, device: torch.device):
                                     mask_mod=causal, seq_lengths=(T, T))
 
 
+# On CUDA the elementwise-heavy pieces of the TTT step (norms, RoPE, residuals, SwiGLU, the
+# diagonal merge, the lm_head softmax/loss) run through torch.compile; elsewhere they run eagerly.
+COMPILE_ON_CUDA = True
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
+
+
+def maybe_compiled(fn, like: torch.Tensor):
+    """`fn` compiled (dynamic shapes, cached per function) when `like` lives on CUDA, else `fn`."""
+    return _compiled(fn) if COMPILE_ON_CUDA and like.device.type == "cuda" else fn
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -95,7 +110,7 @@ def ttt_attention(backend: str, q: torch.Tensor, keys: list[torch.Tensor], value
     elif backend == "flex_attention":
         out, lse = flex_causal_with_lse(q, keys[0], values[0], causal_block_mask(T, q.device))
         if k_steps:
-            out = _merge_diagonal(q, out, lse, keys[1:], values[1:])
+            out = maybe_compiled(_merge_diagonal, q)(q, out, lse, keys[1:], values[1:])
     else:
         raise ValueError(f"training.attention_backend: unknown backend '{backend}' (choose from {BACKENDS})")
     return out.transpose(1, 2).reshape(B, T, nh * d)
@@ -108,7 +123,7 @@ def _merge_diagonal(q, out0, lse0, dkeys, dvalues):
     g = nh // nkv
     qg = q.view(B, nkv, g, T, d)
     scale = 1.0 / math.sqrt(d)
-    diag = [torch.einsum("bngtd,bntd->bngt", qg, kj).float() * scale for kj in dkeys]
+    diag = [(qg * kj.unsqueeze(2)).float().sum(-1) * scale for kj in dkeys]  # row-wise dots: no tiny bmm
     scores = torch.stack([lse0.view(B, nkv, g, T).float()] + diag, dim=-1)  # [B, nkv, g, T, 1+k]
     w = torch.softmax(scores, dim=-1)
     out = w[..., 0:1] * out0.view(B, nkv, g, T, d).float()

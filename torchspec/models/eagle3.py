@@ -26,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from torchspec.config.schema import LOSS_MASK_ALIGNMENTS, TrainingConfig
-from torchspec.models.attention import ttt_attention
+from torchspec.models.attention import maybe_compiled, ttt_attention
 
 STEP_DECAY = 0.8  # loss weight of TTT step k is STEP_DECAY**k (the EAGLE-3 recipe)
 CHUNK_ELEMENTS = 1 << 27  # rows per lm_head chunk ~ CHUNK_ELEMENTS / draft_vocab_size
@@ -102,20 +102,33 @@ def prepare_targets(target_head, final_hidden_states: torch.Tensor, loss_mask: t
     return Eagle3Targets(valid=valid, probs=probs, prob_row=prob_row)
 
 
+def _head_chunk(hc, weight, p, scale, want_grad: bool):
+    """One chunk of rows: (sum of -sum_v p log q, #argmax agreements, d(scale * loss)/dlogits or None)."""
+    z = hc @ weight.T
+    logq = torch.log_softmax(z.float(), dim=-1)
+    p = p.float()
+    loss = -(p * logq).sum()
+    correct = (z.argmax(-1) == p.argmax(-1)).sum()
+    gz = ((logq.exp() * p.sum(-1, keepdim=True) - p) * scale).to(hc.dtype) if want_grad else None
+    return loss, correct, gz
+
+
 class _DraftHeadLoss(torch.autograd.Function):
     """sum_k w_k/n_k * sum_rows -sum_v p log softmax(h W^T), chunked; gradients made in the forward.
 
     Inputs: `meta` = (probs, per-step prob-row indices, per-step weights w_k), weight W [V_d, H],
     then one tensor of normed hidden rows [n_k, H] per step. Returns (loss, stats [K, 2]) where
     stats[k] = (sum of row losses, number of correct argmax) — not differentiable.
+    The weight gradient accumulates in fp32 for fp32 weights, else in the weights' dtype (as
+    autograd would sum per-step bf16 gradients).
     """
 
     @staticmethod
     def forward(ctx, meta, weight, *hs):
         probs, p_rows, step_w = meta
-        ctx.grad_w_dtype = weight.dtype
+        chunk_fn = maybe_compiled(_head_chunk, weight)
         want_w = ctx.needs_input_grad[1]
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_w = torch.zeros_like(weight) if want_w else None
         grad_hs = []
         stats = torch.zeros(len(hs), 2, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=weight.device)
@@ -127,17 +140,13 @@ class _DraftHeadLoss(torch.autograd.Function):
             gh = torch.empty_like(h) if want_h else None
             for s in range(0, n, rows):
                 hc = h[s:s + rows]
-                p = probs[p_rows[k][s:s + rows]].float()
-                z = (hc @ weight.T).float()
-                logq = torch.log_softmax(z, dim=-1)
-                stats[k, 0] += -(p * logq).sum()
-                stats[k, 1] += (z.argmax(-1) == p.argmax(-1)).sum()
-                if want_h or want_w:
-                    gz = ((logq.exp() * p.sum(-1, keepdim=True) - p) * scale).to(h.dtype)
-                    if want_h:
-                        gh[s:s + rows] = gz @ weight
-                    if want_w:
-                        grad_w += (gz.T @ hc).float()
+                loss, correct, gz = chunk_fn(hc, weight, probs[p_rows[k][s:s + rows]], scale, want_h or want_w)
+                stats[k, 0] += loss
+                stats[k, 1] += correct
+                if want_h:
+                    torch.mm(gz, weight, out=gh[s:s + rows])
+                if want_w:
+                    grad_w.addmm_(gz.T, hc)
             total = total + scale * stats[k, 0]
             grad_hs.append(gh)
         ctx.grad_w = grad_w
@@ -147,7 +156,7 @@ class _DraftHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_total, g_stats):
-        gw = None if ctx.grad_w is None else (ctx.grad_w * g_total).to(ctx.grad_w_dtype)
+        gw = None if ctx.grad_w is None else ctx.grad_w * g_total.to(ctx.grad_w.dtype)
         ghs = [None if g is None else g * g_total.to(g.dtype) for g in ctx.grad_hs]
         ctx.grad_w = ctx.grad_hs = None
         return (None, gw, *ghs)
@@ -158,6 +167,8 @@ def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tens
     """The TTT unroll of `draft` over a right-padded batch; returns the weighted loss and metrics."""
     B, T = input_ids.shape
     layer = draft.midlayer
+    qkv_fn = maybe_compiled(type(layer).qkv, input_ids)
+    finish_fn = maybe_compiled(type(layer).finish, input_ids)
     hidden = draft.fc(aux_hidden_states.to(draft.fc.weight.dtype))
     dtype = hidden.dtype
     cos_all, sin_all = draft.rope(torch.arange(T + ttt_length - 1, device=input_ids.device), dtype)
@@ -170,9 +181,9 @@ def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tens
         n_prev = len(keys)
 
         def step(embeds, hidden, cos, sin, *kv):
-            q, kk, vv = layer.qkv(embeds, hidden, cos, sin)
+            q, kk, vv = qkv_fn(layer, embeds, hidden, cos, sin)
             attn = ttt_attention(attention_backend, q, list(kv[:n_prev]) + [kk], list(kv[n_prev:]) + [vv])
-            return layer.finish(attn, hidden), kk, vv
+            return finish_fn(layer, attn, hidden), kk, vv
 
         args = (embeds, hidden, cos, sin, *keys, *values)
         if gradient_checkpointing and torch.is_grad_enabled():

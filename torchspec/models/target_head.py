@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from torchspec.models.attention import maybe_compiled
+
 # Rows per chunk are chosen so one chunk's logits hold about this many elements.
 CHUNK_ELEMENTS = 1 << 27
 
@@ -95,11 +97,15 @@ class TargetHead(nn.Module):
         in_draft = torch.empty(N, dtype=torch.bool, device=final_hidden.device)
         probs = torch.empty(N, d2t.shape[0], dtype=final_hidden.dtype, device=final_hidden.device)
         rows = max(1, CHUNK_ELEMENTS // V)
+        chunk_fn = maybe_compiled(_probs_chunk, W)
         for s in range(0, N, rows):
-            logits = final_hidden[s:s + rows].to(W.dtype) @ W.T
-            in_draft[s:s + rows] = t2d[logits.argmax(-1)]
-            probs[s:s + rows] = torch.softmax(logits[:, draft_ids].float(), dim=-1).to(probs.dtype)
+            in_draft[s:s + rows], probs[s:s + rows] = chunk_fn(final_hidden[s:s + rows], W, t2d, draft_ids)
         return in_draft, probs
+
+
+def _probs_chunk(f, W, t2d, draft_ids):
+    logits = f.to(W.dtype) @ W.T
+    return t2d[logits.argmax(-1)], torch.softmax(logits[:, draft_ids].float(), dim=-1).to(f.dtype)
 
 
 def _tied(target_path: Path) -> bool:
