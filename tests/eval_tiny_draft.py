@@ -85,3 +85,25 @@ def train_draft(target_dir: Path, steps: int = 250, draft_vocab_size: int = 384,
         out.loss.backward()
         opt.step()
     return draft.eval(), model
+
+
+def trained_setup(base: Path, tokenizer) -> dict[str, Path]:
+    """Target dir + exported trained draft + exported untrained draft (same vocab map), built once per
+    pytest session under `base` (tmp_path_factory.getbasetemp()) and reused by every test module."""
+    from torchspec.export import export_draft
+
+    root = Path(base) / "eval_tiny_draft"
+    paths = {"target": root / "target", "trained": root / "trained", "untrained": root / "untrained"}
+    if (root / "done").exists():
+        return paths
+    make_vllm_target(paths["target"], tokenizer)
+    draft, model = train_draft(paths["target"])
+    export_draft(draft, paths["trained"], target_config=model.config, aux_layer_ids=AUX_LAYERS, dtype=torch.float32)
+    from torchspec.models.draft import build_draft
+
+    torch.manual_seed(1)
+    fresh = build_draft(draft.config, None, {"d2t": draft.d2t.clone(), "t2d": draft.t2d.clone()})
+    export_draft(fresh, paths["untrained"], target_config=model.config, aux_layer_ids=AUX_LAYERS,
+                 dtype=torch.float32)
+    (root / "done").write_text("ok")
+    return paths

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eval_tiny_draft import AUX_LAYERS, make_vllm_target, random_prompts, train_draft  # noqa: E402
+from eval_tiny_draft import AUX_LAYERS, random_prompts, trained_setup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
@@ -45,13 +45,14 @@ def run_vllm(tmp: Path, target: Path, prompts, runs) -> list[dict]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer):
     from torchspec.eval.speculative import Eagle3Proposer, HFTarget, SpecStats, greedy_generate, speculative_generate
-    from torchspec.export import export_draft, load_exported
+    from transformers import AutoModelForCausalLM
+
+    from torchspec.export import load_exported
 
     tmp = tmp_path_factory.mktemp("vllm")
-    target_dir = make_vllm_target(tmp / "target", tiny_tokenizer)
-    draft, model = train_draft(target_dir)
-    export_dir = export_draft(draft, tmp / "draft", target_config=model.config, aux_layer_ids=AUX_LAYERS,
-                              dtype=torch.float32)
+    paths = trained_setup(tmp_path_factory.getbasetemp(), tiny_tokenizer)
+    target_dir, export_dir = paths["target"], paths["trained"]
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
     prompts = random_prompts(8, seed=123)
 
     # ours: the exported dir loaded back, as `python -m torchspec.eval` does

@@ -201,20 +201,30 @@ class SpecOutput:
     stats: SpecStats
 
 
+def _stop_set(eos_token_id) -> frozenset:
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset([eos_token_id])
+    return frozenset(int(t) for t in eos_token_id)
+
+
 def greedy_generate(target: HFTarget, prompt: Sequence[int], max_new_tokens: int,
-                    eos_token_id: int | None = None) -> list[int]:
-    """Plain greedy decoding with the target, one token per forward (the reference output)."""
+                    eos_token_id: int | Sequence[int] | None = None) -> list[int]:
+    """Plain greedy decoding with the target, one token per forward (the reference output).
+    Stops after `max_new_tokens` or after an EOS token (one id or several)."""
+    stop = _stop_set(eos_token_id)
     target.reset()
     nxt, _ = target.forward(prompt)
     out = [nxt[-1]]
-    while len(out) < max_new_tokens and out[-1] != eos_token_id:
+    while len(out) < max_new_tokens and out[-1] not in stop:
         nxt, _ = target.forward(out[-1:])
         out.append(nxt[-1])
     return out
 
 
 def speculative_generate(target: HFTarget, proposer: Proposer, prompt: Sequence[int], num_draft_steps: int,
-                         max_new_tokens: int, eos_token_id: int | None = None) -> SpecOutput:
+                         max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None) -> SpecOutput:
     """Greedy chain speculative decoding (module docstring). Returns exactly what greedy decoding
     returns, plus vLLM-style acceptance counters."""
     if num_draft_steps < 1:
@@ -222,6 +232,7 @@ def speculative_generate(target: HFTarget, proposer: Proposer, prompt: Sequence[
     if len(prompt) == 0:
         raise ValueError("empty prompt")
     k = num_draft_steps
+    stop = _stop_set(eos_token_id)
     stats = SpecStats(k)
     target.reset()
     proposer.reset()
@@ -229,7 +240,7 @@ def speculative_generate(target: HFTarget, proposer: Proposer, prompt: Sequence[
     tokens = list(prompt) + [nxt[-1]]
     aux_rows = [aux]
     out = [nxt[-1]]
-    while len(out) < max_new_tokens and out[-1] != eos_token_id:
+    while len(out) < max_new_tokens and out[-1] not in stop:
         drafts = proposer.propose(tokens, torch.cat(aux_rows), k)
         kept = len(tokens) - 1  # == target.length
         verify, aux = target.forward([tokens[-1]] + list(drafts))
@@ -241,7 +252,8 @@ def speculative_generate(target: HFTarget, proposer: Proposer, prompt: Sequence[
         target.crop(kept + n + 1)
         aux_rows.append(aux[:n + 1])
         tokens += new
-        if eos_token_id is not None and eos_token_id in new:
-            new = new[:new.index(eos_token_id) + 1]
+        ends = [i for i, t in enumerate(new) if t in stop]
+        if ends:
+            new = new[:ends[0] + 1]
         out += new
     return SpecOutput(out[:max_new_tokens], stats)

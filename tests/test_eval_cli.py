@@ -1,0 +1,67 @@
+"""`python -m torchspec.eval` end to end on a tiny target: a trained draft beats an untrained one."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from eval_tiny_draft import trained_setup  # noqa: E402
+
+from torchspec.eval.__main__ import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer):
+    paths = trained_setup(tmp_path_factory.getbasetemp(), tiny_tokenizer)
+    data = tmp_path_factory.mktemp("evaldata") / "heldout.jsonl"
+    questions = ["def parse(self, text):", "import os\nclass Config:", "for i in range(10):",
+                 "return self._cache[key]", "with open(path) as f:", "raise ValueError(msg)"]
+    with open(data, "w") as f:
+        for q in questions:
+            f.write(json.dumps({"conversations": [{"role": "user", "content": q},
+                                                  {"role": "assistant", "content": "x = 1"}]}) + "\n")
+    return paths, data
+
+
+def _run(paths, data, draft, tmp_path, *extra):
+    out = tmp_path / f"{draft}.json"
+    rc = main(["--target", str(paths["target"]), "--draft", str(paths[draft]), "--data", str(data),
+               "--max-new-tokens", "32", "-k", "3", "--ignore-eos", "--output", str(out), *extra])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_trained_beats_untrained_and_is_lossless(setup, tmp_path, capsys):
+    paths, data = setup
+    trained = _run(paths, data, "trained", tmp_path, "--speedup")
+    untrained = _run(paths, data, "untrained", tmp_path)
+    printed = capsys.readouterr().out
+    assert "tau (mean acceptance length)" in printed and "ESTIMATED speedup" in printed
+    for r in (trained, untrained):
+        assert r["num_prompts"] == 6 and r["tokens_generated"] == 6 * 32
+        assert r["greedy_match_rate"] == 1.0 and r["identical_outputs"] == 6
+        assert r["num_draft_tokens"] == 3 * r["num_drafts"]
+        assert r["tau"] == pytest.approx(1 + r["num_accepted_tokens"] / r["num_drafts"])
+        rates = r["acceptance_rate_per_pos"]
+        assert all(a >= b for a, b in zip(rates, rates[1:]))  # chain: position i+1 needs position i
+    print(f"\ntau trained {trained['tau']:.3f} vs untrained {untrained['tau']:.3f}")
+    assert trained["tau"] > untrained["tau"] + 0.3
+    c = trained["forward_costs"]
+    assert c["target_decode_s"] > 0 and c["draft_step_s"] > 0
+    expected = trained["tau"] * c["target_decode_s"] / (c["target_verify_s"] + 3 * c["draft_step_s"])
+    assert trained["estimated_speedup"] == pytest.approx(expected)
+
+
+def test_user_errors_are_one_line(setup, tmp_path, capsys):
+    paths, data = setup
+    assert main(["--target", str(paths["target"]), "--draft", str(tmp_path), "--data", str(data)]) == 2
+    assert "not an exported draft dir" in capsys.readouterr().err
+    assert main(["--target", str(paths["target"]), "--draft", str(paths["trained"]),
+                 "--data", str(tmp_path / "missing.jsonl")]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --data") and "missing.jsonl" in errors[0]
+    assert main(["--target", str(paths["target"]), "--draft", str(paths["trained"]), "--data", str(data),
+                 "--temperature", "0.7"]) == 2
+    assert "only greedy" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""Acceptance-length evaluation of a draft against its target on held-out prompts.
+
+API: `load_target_and_draft(target_path, draft_dir)`, `prompts_from_samples(samples)`,
+`measure_acceptance(target, draft, prompts, k, max_new_tokens)`; the CLI (`python -m torchspec.eval`)
+wires them to files. A prompt is a tokenized conversation cut before its first supervised (assistant)
+token, i.e. what a server would see as the request: the chat template's scaffolding up to and including
+the assistant header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from torchspec.eval.speculative import (Eagle3Proposer, HFTarget, SpecStats, greedy_generate,
+                                        speculative_generate)
+
+
+class EvalError(ValueError):
+    """A user-caused problem (paths, data); one line naming the file or option."""
+
+
+@dataclass
+class AcceptanceResult:
+    stats: SpecStats
+    num_prompts: int
+    tokens_generated: int
+    # token-level agreement of speculative and plain greedy output (None when greedy was not run)
+    tokens_compared: int | None = None
+    tokens_matching: int | None = None
+    identical_outputs: int | None = None
+    outputs: list[list[int]] = field(default_factory=list)
+
+    @property
+    def match_rate(self) -> float | None:
+        if self.tokens_compared is None:
+            return None
+        return self.tokens_matching / self.tokens_compared if self.tokens_compared else 1.0
+
+    def as_dict(self) -> dict:
+        d = {"num_prompts": self.num_prompts, "tokens_generated": self.tokens_generated, **self.stats.as_dict()}
+        if self.tokens_compared is not None:
+            d.update(greedy_match_rate=self.match_rate, identical_outputs=self.identical_outputs,
+                     tokens_compared=self.tokens_compared)
+        return d
+
+
+def prompt_of(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> list[int] | None:
+    """The tokens before the first supervised token (None when nothing is supervised or nothing precedes)."""
+    sup = torch.nonzero(loss_mask.reshape(-1)).reshape(-1)
+    if sup.numel() == 0 or int(sup[0]) == 0:
+        return None
+    return input_ids.reshape(-1)[: int(sup[0])].tolist()
+
+
+def prompts_from_samples(samples, limit: int | None = None) -> list[list[int]]:
+    out = []
+    for s in samples:
+        p = prompt_of(s.input_ids, s.loss_mask)
+        if p is not None:
+            out.append(p)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def load_target_and_draft(target_path, draft_dir, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(HFTarget with the export's aux layers hooked, draft in eval mode) from a target and an export dir."""
+    from pathlib import Path
+
+    from torchspec.export import aux_layer_ids_of, load_exported
+    from torchspec.inference.hf import load_target
+
+    if not (Path(draft_dir) / "config.json").is_file():
+        raise EvalError(f"--draft {draft_dir}: not an exported draft dir (no config.json); "
+                        "export one with tools/convert_to_hf.py or use a run's output_dir/export")
+    model = load_target(str(target_path), dtype, device, trust_remote_code=trust_remote_code)
+    draft, cfg = load_exported(draft_dir, dtype=dtype)
+    if "embed_tokens.weight" not in _tensor_names(draft_dir):  # shared with the target, as servers do
+        draft.load_embeddings(model.get_input_embeddings().weight.detach().to(dtype).cpu())
+    draft = draft.to(device).eval()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if draft.config.vocab_size != vocab:
+        raise EvalError(f"--draft {draft_dir}: vocab_size {draft.config.vocab_size} does not match the target's "
+                        f"{vocab} ({target_path})")
+    return HFTarget(model, aux_layer_ids_of(cfg)), draft
+
+
+def _tensor_names(draft_dir) -> set[str]:
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    with safe_open(str(Path(draft_dir) / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
+@torch.no_grad()
+def measure_acceptance(target: HFTarget, draft, prompts: Sequence[Sequence[int]], num_draft_steps: int,
+                       max_new_tokens: int, eos_token_id=None, compare_greedy: bool = True,
+                       progress: bool = False) -> AcceptanceResult:
+    """Greedy chain speculative decoding over `prompts`; tau and per-position rates pooled over all of
+    them (vLLM's counters summed); optionally each output checked against plain greedy decoding."""
+    proposer = Eagle3Proposer(draft)
+    stats = SpecStats(num_draft_steps)
+    result = AcceptanceResult(stats, len(prompts), 0)
+    if compare_greedy:
+        result.tokens_compared = result.tokens_matching = result.identical_outputs = 0
+    it = prompts
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(prompts, desc="eval", unit="prompt")
+    for prompt in it:
+        out = speculative_generate(target, proposer, prompt, num_draft_steps, max_new_tokens, eos_token_id)
+        stats = stats.merge(out.stats)
+        result.outputs.append(out.tokens)
+        result.tokens_generated += len(out.tokens)
+        if compare_greedy:
+            ref = greedy_generate(target, prompt, max_new_tokens, eos_token_id)
+            n = max(len(ref), len(out.tokens))
+            result.tokens_compared += n
+            result.tokens_matching += sum(a == b for a, b in zip(ref, out.tokens))
+            result.identical_outputs += int(ref == out.tokens)
+    result.stats = stats
+    return result
