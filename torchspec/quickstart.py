@@ -92,9 +92,10 @@ def split_corpus(recipe: TargetRecipe) -> tuple[list[str], list[str]]:
     from torchspec.utils.tiny import default_corpus
 
     texts = default_corpus(recipe.corpus_chars)
-    held = [t for i, t in enumerate(texts) if i % recipe.heldout_every == recipe.heldout_every - 1]
-    train = [t for i, t in enumerate(texts) if i % recipe.heldout_every != recipe.heldout_every - 1]
-    return train, held
+    held_ids = {i for i in range(len(texts)) if i % recipe.heldout_every == recipe.heldout_every - 1}
+    held_ids = held_ids or {len(texts) - 1}  # a small corpus still holds one file out
+    return ([t for i, t in enumerate(texts) if i not in held_ids],
+            [t for i, t in enumerate(texts) if i in held_ids])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def evaluate(cache: Path, run_dir: Path, num_tau_prompts: int = 8, max_new_token
     ttt = cfg.training.ttt_length
     records = [store.get(s.key) for s in stored]
     prompts = _tau_prompts(tok, cache / "data" / "eval.jsonl", num_tau_prompts)
-    out = {"checkpoint": str(ck.path), "heldout_samples": len(records)}
+    out = {"checkpoint": str(ck.path), "step": ck.step, "heldout_samples": len(records)}
     for name, draft in (("untrained", untrained), ("trained", trained)):
         draft.eval()
         out[name] = _accuracies(draft, head, records, ttt, cfg.training.attention_backend)
@@ -415,6 +416,11 @@ def main(argv=None) -> int:
     run_dir = train_draft(cache, args.overrides)
     result = evaluate(cache, run_dir)
     (run_dir / "quickstart_result.json").write_text(json.dumps({"target": info, **result}, indent=1))
+    from torchspec.training.metrics import MetricsLogger
+
+    with MetricsLogger(run_dir, progress=False) as metrics:  # eval/ lines: step 0 = the untrained draft
+        metrics.log_eval(0, result["untrained"])
+        metrics.log_eval(result["step"], result["trained"])
     print(report(info, result, time.time() - t0), flush=True)
     return 0
 
