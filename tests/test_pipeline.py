@@ -51,3 +51,18 @@ def test_same_seed_single_process_bitwise_identical_losses(tmp_path, tiny_target
     sa = torch.load(a.checkpoints[-1] / "trainer_state.pt", weights_only=False)
     sb = torch.load(b.checkpoints[-1] / "trainer_state.pt", weights_only=False)
     assert sa["global_step"] == sb["global_step"] == 6
+
+
+def test_two_engines_two_trainer_ranks_gloo(tmp_path, tiny_target_dir):
+    """2 engine processes + 2 DDP trainer ranks (gloo). 9 samples: each epoch ends with one sample for
+    rank 0 and none for rank 1 (which then joins the step with a zero-loss batch)."""
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, n_conversations=9, engines=2, num_epochs=2,
+                          training_num_gpus_per_node=2)
+    result = run_training(cfg, progress=False)
+    epochs = ids_by_epoch(result.trained)
+    assert len(epochs[0]) == 9 and sorted(epochs[0]) == sorted(epochs[1]) == sorted(set(epochs[0]))
+    assert result.global_step == 2 * 3                   # ceil(9 / (2 ranks x 2)) steps per epoch
+    steps = [s for s, _, _ in result.trained]
+    assert steps.count(3) == 1 and steps.count(6) == 1   # the short tail step of each epoch
+    assert max(result.pool_sizes) <= 4 and result.store_bytes_end == 0
+    assert all(loss == loss and loss > 0 for _, loss in result.losses)

@@ -16,10 +16,13 @@ hidden states in the Store themselves and send back only keys and lengths.
 from __future__ import annotations
 
 import functools
+import os
 import queue as queue_mod
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -198,3 +201,155 @@ def start_engines(cfg, store, placement: Placement, engine_factory=None, trainer
     if placement.colocate:
         return InlineEngines(factory(store, trainer_device or placement.trainer_devices[0]))
     return ProcessEngines(factory, store, placement.engine_devices)
+
+
+# -- trainer ranks ------------------------------------------------------------------------------------
+
+def _rank_batch(store, keys: list[str], ref_key: str):
+    """The rank's micro-batch; a rank left without samples (an epoch's short tail) trains on a copy of
+    another rank's sample with its loss mask zeroed: it joins the collectives with zero gradient."""
+    from torchspec.pipeline.batch import collate
+
+    if keys:
+        return collate([store.get(k) for k in keys])
+    batch = collate([store.get(ref_key)])
+    batch["loss_mask"].zero_()
+    return batch
+
+
+def _init_dist(rank: int, world: int, device: str, init_file: str, timeout_minutes: int) -> None:
+    import datetime
+
+    import torch.distributed as tdist
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    tdist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+                             timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def _trainer_rank_worker(rank: int, world: int, cfg, spec, store, device: str, init_file: str, inbox, outbox):
+    import torch.distributed as tdist
+
+    from torchspec.pipeline.build import build_trainer
+    from torchspec.training.parallel import DistInfo
+
+    import signal
+
+    # Ctrl-C reaches the whole process group; rank 0 decides when to stop and tells the others.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        else:
+            torch.set_num_threads(1)
+        _init_dist(rank, world, device, init_file, cfg.training.distributed_timeout_minutes)
+        trainer, _ = build_trainer(cfg, spec, device, DistInfo(rank, world, rank))
+        outbox.put(("ok", rank, None))
+        while True:
+            op, *args = inbox.get()
+            if op == "stop":
+                break
+            if op == "train":
+                batch = _rank_batch(store, *args)
+                outbox.put(("ok", rank, None))      # records read: rank 0 may delete them now
+                trainer.train_step(batch)
+            elif op == "finish":
+                trainer.finish_accumulation()
+            elif op == "state":
+                trainer.state_dict()                 # a collective under FSDP
+            outbox.put(("ok", rank, None))
+    except KeyboardInterrupt:
+        pass
+    except BaseException:
+        outbox.put(("error", rank, traceback.format_exc()))
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+class TrainerRanks:
+    """Trainer rank 0 in this process (it owns logging and checkpoints), ranks 1.. as spawned processes,
+    all stepping in lockstep: each `train_step` gives every rank its micro-batch of store keys."""
+
+    def __init__(self, cfg, spec, store, devices, workdir):
+        from torchspec.pipeline.build import build_trainer
+        from torchspec.training.parallel import DistInfo
+
+        self.store = store
+        self.world = len(devices)
+        self.procs, self.inboxes = [], []
+        dist = None
+        if self.world > 1:
+            ctx = mp.get_context("spawn")
+            init_file = str(Path(workdir) / f"dist-init-{os.getpid()}-{time.time_ns()}")
+            self.outbox = ctx.Queue()
+            for rank in range(1, self.world):
+                inbox = ctx.Queue()
+                p = ctx.Process(target=_trainer_rank_worker, daemon=True, name=f"torchspec-trainer-{rank}",
+                                args=(rank, self.world, cfg, spec, store, devices[rank], init_file, inbox,
+                                      self.outbox))
+                p.start()
+                self.procs.append(p)
+                self.inboxes.append(inbox)
+            if devices[0].startswith("cuda"):
+                torch.cuda.set_device(torch.device(devices[0]))
+            _init_dist(0, self.world, devices[0], init_file, cfg.training.distributed_timeout_minutes)
+            dist = DistInfo(0, self.world, 0)
+        self.trainer, self.checkpoint = build_trainer(cfg, spec, devices[0], dist)
+        self._acks()
+
+    def _acks(self) -> None:
+        """One answer from every other rank; raises if one failed or died."""
+        for _ in self.procs:
+            while True:
+                try:
+                    kind, rank, payload = self.outbox.get(timeout=1.0)
+                    break
+                except queue_mod.Empty:
+                    dead = [r for r, p in enumerate(self.procs, start=1) if not p.is_alive()]
+                    if dead:
+                        raise RuntimeError(f"trainer rank(s) {dead} exited unexpectedly") from None
+            if kind == "error":
+                raise RuntimeError(f"trainer rank {rank} failed:\n{payload}")
+
+    def _send(self, *msg) -> None:
+        for q in self.inboxes:
+            q.put(msg)
+
+    def train_step(self, batches: list[list[StoredSample]]) -> dict:
+        ref = batches[0][0].key
+        for r, q in enumerate(self.inboxes, start=1):
+            q.put(("train", [s.key for s in batches[r]], ref))
+        self._acks()    # every rank has read its records
+        m = self.trainer.train_step(_rank_batch(self.store, [s.key for s in batches[0]], ref))
+        self._acks()
+        return m
+
+    def finish_accumulation(self) -> dict | None:
+        if not self.trainer.micro_step:
+            return None
+        self._send("finish")
+        m = self.trainer.finish_accumulation()
+        self._acks()
+        return m
+
+    def state_dict(self) -> dict:
+        self._send("state")
+        state = self.trainer.state_dict()
+        self._acks()
+        return state
+
+    def close(self) -> None:
+        import torch.distributed as tdist
+
+        for q, p in zip(self.inboxes, self.procs):
+            if p.is_alive():
+                q.put(("stop",))
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        if self.procs and tdist.is_initialized():
+            tdist.destroy_process_group()
+        self.procs, self.inboxes = [], []

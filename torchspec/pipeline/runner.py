@@ -22,9 +22,9 @@ from typing import Callable
 
 import torch
 
-from torchspec.pipeline.batch import collate
+from torchspec.pipeline.build import ModelSpec, draft_config_for
 from torchspec.pipeline.controller import Controller
-from torchspec.pipeline.launcher_local import plan_local, start_engines
+from torchspec.pipeline.launcher_local import TrainerRanks, plan_local, start_engines
 
 log = logging.getLogger("torchspec.pipeline")
 
@@ -48,36 +48,49 @@ class RunResult:
     elapsed_s: float = 0.0
 
 
-def _draft_config(cfg, target_config):
-    from torchspec.models.draft import DraftConfig
-
-    dvs = cfg.training.draft_vocab_size
-    if cfg.model.draft_model_config:
-        dc = DraftConfig.from_json(cfg.model.draft_model_config)
-        return dc.replace(draft_vocab_size=dvs) if dvs is not None else dc
-    return DraftConfig.from_target(target_config, draft_vocab_size=dvs)
-
-
 def _aux_layers(cfg, text_config) -> list[int]:
     from torchspec.inference.hf import resolve_aux_layers
 
     return resolve_aux_layers(cfg.inference.aux_hidden_states_layers, text_config.num_hidden_layers)
 
 
-@contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (schedulers, `kill`) takes the same clean path as Ctrl-C."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:   # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+class _Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM become KeyboardInterrupt: at once, or, inside `critical()` (one
+    training step across all ranks), when the section ends, so ranks never part mid-collective."""
+
+    def __init__(self):
+        self.pending = False
+        self.depth = 0
+
+    def _handler(self, signum, frame):
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self):
+        try:
+            old = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:   # not the main thread: leave signals alone
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+    @contextmanager
+    def critical(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
 
 
 def _mean(values: list[dict], key: str) -> float | None:
@@ -93,12 +106,9 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
     from transformers import AutoConfig
 
     from torchspec.data.dataset import from_config as dataset_from_config, load_tokenizer, vocab_map_for
-    from torchspec.models.draft import build_draft
-    from torchspec.models.target_head import TargetHead
-    from torchspec.training.checkpoint import CheckpointManager, load_checkpoint
+    from torchspec.training.checkpoint import CheckpointManager
     from torchspec.training.metrics import MetricsLogger
     from torchspec.training.optim import plan_steps
-    from torchspec.training.trainer import Trainer, seed_everything
     from torchspec.transfer.local import LocalStore
 
     tr, inf = cfg.training, cfg.inference
@@ -106,37 +116,23 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
     out_dir.mkdir(parents=True, exist_ok=True)
     result = RunResult(output_dir=out_dir)
 
-    # -- data, vocabulary, models -------------------------------------------------------------------
+    # -- data, vocabulary, placement, trainer ranks --------------------------------------------------
     tokenizer = load_tokenizer(cfg)
     samples = dataset_from_config(cfg, tokenizer, "train", progress=progress)
     target_config = AutoConfig.from_pretrained(cfg.model.target_model_path,
                                                trust_remote_code=cfg.model.trust_remote_code)
     text_config = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
-    draft_config = _draft_config(cfg, target_config)
+    draft_config = draft_config_for(cfg, target_config)
     aux_layers = _aux_layers(cfg, text_config)
     d2t, t2d = vocab_map_for(samples, draft_config.vocab_size, draft_config.draft_vocab_size)
-    target_head = TargetHead.from_pretrained(cfg.model.target_model_path, cfg.model.lm_head_key,
-                                             cfg.model.embedding_key)
-    seed_everything(int(tr.seed))
-    draft = build_draft(draft_config, target_head, {"d2t": d2t, "t2d": t2d})
 
     placement = plan_local(cfg)
     log.info("placement: %s", placement.describe())
     world = len(placement.trainer_devices)
-    if world != 1:
-        raise NotImplementedError(f"training.training_num_gpus_per_node={world}: the local runner drives one "
-                                  "trainer rank for now")
-    device = torch.device(placement.trainer_devices[0])
     plan = plan_steps(tr, len(samples), world)
-    trainer = Trainer(cfg, draft, target_head, device, total_steps=plan.lr_total_steps)
-
-    data_state = None
-    if tr.load_path:
-        ckpt = load_checkpoint(tr.load_path, weights_only=bool(tr.continual_training))
-        trainer.load_state_dict(ckpt.trainer_state, weights_only=bool(tr.continual_training))
-        data_state = None if tr.continual_training else ckpt.data_state
-        log.info("%s %s (step %d)", "weights from" if tr.continual_training else "resumed from", ckpt.path, ckpt.step)
-    result.start_step = result.global_step = trainer.global_step
+    spec = ModelSpec(draft_config, d2t, t2d, plan.lr_total_steps, tr.load_path, bool(tr.continual_training))
+    store = LocalStore(capacity_bytes=inf.store_capacity)
+    result.store_root = store.root
 
     ckpts = CheckpointManager(out_dir, tr.max_checkpoints)
     export_meta = {"aux_layer_ids": aux_layers, "target_num_hidden_layers": text_config.num_hidden_layers}
@@ -146,10 +142,7 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
 
         export_draft(d, path, target_config, aux_layers)
 
-    # -- store, engines, controller ------------------------------------------------------------------
-    store = LocalStore(capacity_bytes=inf.store_capacity)
-    result.store_root = store.root
-    engines = controller = None
+    ranks = trainer = engines = controller = None
     logger = MetricsLogger(out_dir, cfg.logging, total_steps=plan.num_train_steps, progress=progress)
     window: list[dict] = []   # micro-batch metrics of the current accumulation window
     t_start = time.monotonic()
@@ -161,7 +154,7 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
         nonlocal last_saved
         if last_saved == step:
             return
-        path = ckpts.save(step, trainer.state_dict(), controller.data_state(), trainer.draft, draft_config,
+        path = ckpts.save(step, ranks.state_dict(), controller.data_state(), trainer.draft, draft_config,
                           export_fn=export_fn, export_meta=export_meta)
         result.checkpoints.append(path)
         last_saved = step
@@ -186,9 +179,18 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
         if on_step is not None and call_hook:
             on_step(step, record)
 
+    interrupts = _Interrupts()
     try:
-        with _sigterm_as_interrupt():
+        with interrupts.installed():
             try:
+                ranks = TrainerRanks(cfg, spec, store, placement.trainer_devices, out_dir)
+                trainer = ranks.trainer
+                data_state = None
+                if ranks.checkpoint is not None:
+                    data_state = None if tr.continual_training else ranks.checkpoint.data_state
+                    log.info("%s %s (step %d)", "weights from" if tr.continual_training else "resumed from",
+                             ranks.checkpoint.path, ranks.checkpoint.step)
+                result.start_step = result.global_step = trainer.global_step
                 engines = start_engines(cfg, store, placement, engine_factory)
                 controller = Controller(
                     samples, engines, store, micro_batch_size=tr.micro_batch_size, num_ranks=world,
@@ -200,30 +202,30 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
                     batches = controller.next_micro_batches()
                     if batches is None:
                         break
-                    mb = batches[0]
-                    batch = collate([store.get(s.key) for s in mb])
-                    t0 = time.monotonic()
-                    m = trainer.train_step(batch)
-                    train_time += time.monotonic() - t0
-                    trained_samples += len(mb)
-                    window.append(m)
-                    epoch = controller.epoch
-                    epoch_ended = controller.mark_trained(batches)
-                    result.trained.extend((trainer.global_step + (0 if m["stepped"] else 1), epoch, s.sample_id)
-                                          for s in mb)
-                    if not m["stepped"] and epoch_ended:   # an epoch's last, partial accumulation window
-                        m = trainer.finish_accumulation()
-                        m["stepped"] = True
-                    if m["stepped"]:
-                        after_step(m, epoch_ended)
+                    with interrupts.critical():
+                        t0 = time.monotonic()
+                        m = ranks.train_step(batches)
+                        train_time += time.monotonic() - t0
+                        trained_samples += sum(len(b) for b in batches)
+                        window.append(m)
+                        epoch = controller.epoch
+                        epoch_ended = controller.mark_trained(batches)
+                        result.trained.extend((trainer.global_step + (0 if m["stepped"] else 1), epoch,
+                                               s.sample_id) for b in batches for s in b)
+                        if not m["stepped"] and epoch_ended:   # an epoch's last, partial accumulation window
+                            m = ranks.finish_accumulation()
+                            m["stepped"] = True
+                        if m["stepped"]:
+                            after_step(m, epoch_ended)
             except KeyboardInterrupt:
                 result.interrupted = True
                 log.warning("interrupted: stopping engines, writing a checkpoint, emptying the store")
                 if controller is not None:
-                    if trainer.micro_step:   # close the open accumulation window so its samples count
-                        after_step(trainer.finish_accumulation(), False, call_hook=False)
-                    controller.shutdown()
-                    save(trainer.global_step)
+                    with interrupts.critical():
+                        if trainer.micro_step:   # close the open accumulation window so its samples count
+                            after_step(ranks.finish_accumulation(), False, call_hook=False)
+                        controller.shutdown()
+                        save(trainer.global_step)
             else:
                 if controller is not None:
                     controller.shutdown()
@@ -236,6 +238,8 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
             result.data_wait_frac = controller.data_wait_s / max(time.monotonic() - t_start, 1e-9)
         elif engines is not None:
             engines.close()
+        if ranks is not None:
+            ranks.close()
         store.clear()
         result.store_bytes_end = store.bytes_used()
         store.close()
