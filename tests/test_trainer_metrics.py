@@ -105,3 +105,11 @@ def test_redaction_helpers():
         {"a": {"wandb_key": "<redacted>", "b": [1, {"wandb_key": None}]}}
     assert redact_argv(["--wandb_key=abc", "x=1", "logging.wandb_key=k"]) == \
         ["--wandb_key=<redacted>", "x=1", "logging.wandb_key=<redacted>"]
+
+
+def test_missing_tensorboard_gives_an_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    cfg = Config()
+    cfg.logging.report_to = "tensorboard"
+    with pytest.raises(ImportError, match=r"pip install 'torchspec\[tensorboard\]'"):
+        MetricsLogger(tmp_path, cfg.logging, progress=False)
