@@ -10,21 +10,26 @@ from torchspec.config.schema import Config
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data" / "python_chat_openai.jsonl"
 
 
-def write_conversations(path: Path, n: int) -> Path:
-    lines = EXAMPLES.read_text().splitlines()[:n]
+def write_conversations(path: Path, n: int, skip: int = 0) -> Path:
+    lines = EXAMPLES.read_text().splitlines()[skip:skip + n]
     assert len(lines) == n
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def tiny_run_config(tmp_path: Path, target_dir, *, n_conversations: int = 12, engines: int = 0, **training) -> Config:
-    """engines=0: single process (target colocated with the trainer); engines=k: k engine processes."""
+def tiny_run_config(tmp_path: Path, target_dir, *, n_conversations: int = 12, engines: int = 0,
+                    n_eval: int = 0, **training) -> Config:
+    """engines=0: single process (target colocated with the trainer); engines=k: k engine processes.
+    n_eval > 0: that many other conversations held out for eval during training."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = Config()
     cfg.model.target_model_path = str(target_dir)
     cfg.dataset.train_data_path = str(write_conversations(tmp_path / "train.jsonl", n_conversations))
     cfg.dataset.prompt_key = "messages"
     cfg.dataset.num_proc = 1
+    if n_eval:
+        cfg.dataset.eval_data_path = str(write_conversations(tmp_path / "eval.jsonl", n_eval, skip=40))
+        cfg.dataset.eval_max_samples = None
     t = cfg.training
     t.micro_batch_size = 2
     t.num_epochs = 2

@@ -9,7 +9,8 @@ from torchspec.pipeline.runner import run_training
 
 
 def test_two_engine_processes_every_sample_once_per_epoch(tmp_path, tiny_target_dir):
-    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, num_epochs=2, save_interval=4)
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, num_epochs=2, save_interval=4, n_eval=4)
+    cfg.dataset.eval_interval = 4
     cfg.inference.max_sample_pool_size = 4
     result = run_training(cfg, progress=False)
 
@@ -26,9 +27,17 @@ def test_two_engine_processes_every_sample_once_per_epoch(tmp_path, tiny_target_
     assert result.pool_sizes and max(result.pool_sizes) <= 4
     assert result.store_bytes_end == 0                 # every record deleted: no leak
     # metrics, checkpoints, export
-    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    lines = [x for x in records if "loss" in x]
     assert [x["step"] for x in lines] == list(range(1, 13))
     assert all(x["pool_size"] <= 4 and x["loss"] > 0 for x in lines)
+    # eval during training on the held-out conversations: untrained baseline, every 4 steps, improving
+    evals = [x for x in records if "eval/loss" in x]
+    assert [x["step"] for x in evals] == [0, 4, 8, 12] and evals[0]["eval/num_samples"] == 4
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+    best = json.loads((tmp_path / "out" / "eval_best.json").read_text())
+    assert best["step"] in (4, 8, 12) and best["checkpoint"] == f"checkpoints/step_{best['step']:08d}"
+    assert (tmp_path / "out" / "report" / "report.md").is_file()
     assert [p.name for p in result.checkpoints] == ["step_00000004", "step_00000008", "step_00000012"]
     assert (tmp_path / "out" / "export" / "config.json").is_file()
     state = json.loads((result.checkpoints[-1] / "data_state.json").read_text())

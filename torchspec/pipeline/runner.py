@@ -93,6 +93,32 @@ class _Interrupts:
             raise KeyboardInterrupt
 
 
+def _evaluator(cfg, aux_layers, tokenizer, engines, store, world: int, progress: bool):
+    """Eval during training (dataset.eval_data_path), its held-out hidden states made by the run's engines."""
+    from torchspec.eval.during_training import TrainingEvaluator
+
+    if not cfg.dataset.eval_data_path:
+        return None
+    if world > 1 and cfg.training.parallel_mode == "fsdp":
+        log.warning("dataset.eval_data_path: eval during training runs on trainer rank 0 alone, which FSDP "
+                    "cannot do; skipped (use training.parallel_mode=ddp to evaluate)")
+        return None
+    evaluator = TrainingEvaluator.from_config(cfg, aux_layers, tokenizer, progress=progress)
+    evaluator.prepare(engines, store)
+    return evaluator
+
+
+def _write_report(out_dir: Path) -> None:
+    from torchspec.eval.report import write_report
+
+    try:
+        path = write_report(out_dir)
+    except Exception as e:   # a finished run keeps its checkpoints and metrics even if plotting fails
+        log.warning("training report not written: %s: %s", type(e).__name__, e)
+    else:
+        log.info("training report: %s", path)
+
+
 def _mean(values: list[dict], key: str) -> float | None:
     vals = [m[key] for m in values if key in m]
     return sum(vals) / len(vals) if vals else None
@@ -142,7 +168,8 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
 
         export_draft(d, path, target_config, aux_layers)
 
-    ranks = trainer = engines = controller = None
+    ranks = trainer = engines = controller = evaluator = None
+    last_eval = None
     logger = MetricsLogger(out_dir, cfg.logging, total_steps=plan.num_train_steps, progress=progress)
     window: list[dict] = []   # micro-batch metrics of the current accumulation window
     t_start = time.monotonic()
@@ -158,6 +185,14 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
                           export_fn=export_fn, export_meta=export_meta)
         result.checkpoints.append(path)
         last_saved = step
+        if evaluator is not None:
+            evaluator.note_checkpoint(step, path)
+
+    def evaluate(step: int):
+        nonlocal last_eval
+        if evaluator is not None and last_eval != step:
+            logger.log_eval(step, evaluator.evaluate(trainer, step))
+            last_eval = step
 
     def after_step(m: dict, epoch_ended: bool, call_hook: bool = True):
         step = trainer.global_step
@@ -174,6 +209,8 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
         logger.log(step, record)
         result.losses.append((step, record["loss"]))
         result.global_step = step
+        if evaluator is not None and evaluator.due(step):
+            evaluate(step)
         if step % tr.save_interval == 0 or (epoch_ended and tr.save_per_epoch):
             save(step)
         if on_step is not None and call_hook:
@@ -192,6 +229,9 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
                              ranks.checkpoint.path, ranks.checkpoint.step)
                 result.start_step = result.global_step = trainer.global_step
                 engines = start_engines(cfg, store, placement, engine_factory)
+                evaluator = _evaluator(cfg, aux_layers, tokenizer, engines, store, world, progress)
+                if evaluator is not None and trainer.global_step == 0:
+                    evaluate(0)   # the untrained draft: the baseline of the eval curves
                 controller = Controller(
                     samples, engines, store, micro_batch_size=tr.micro_batch_size, num_ranks=world,
                     num_epochs=plan.num_epochs, max_sample_pool_size=inf.max_sample_pool_size,
@@ -229,8 +269,10 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
             else:
                 if controller is not None:
                     controller.shutdown()
+                    evaluate(trainer.global_step)
                     save(trainer.global_step)
                     result.export_dir = ckpts.export_final(trainer.draft, export_fn)
+                    _write_report(out_dir)
     finally:
         if controller is not None:
             controller.shutdown()
