@@ -4,7 +4,7 @@
     (and ours, token for token);
 (b) our tau on the same prompts, k and greedy sampling equals vLLM's measured mean acceptance length
     (1 + accepted / drafts from llm.get_metrics()) within 2%.
-Skipped when the venv is absent (VLLM_VENV overrides its path); CI creates it.
+Skipped when the venv is absent (VLLM_PYTHON / VLLM_VENV override its path); CI creates it.
 """
 
 import json
@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from eval_tiny_draft import AUX_LAYERS, random_prompts, trained_setup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
-VLLM_PY = VENV / "bin" / "python"
+# The venv's interpreter: VLLM_PYTHON, else VLLM_VENV/bin/python, else .venv-vllm (scripts/setup_vllm.sh).
+VLLM_PY = Path(os.environ.get("VLLM_PYTHON")
+               or Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm")) / "bin" / "python")
 SCRIPT = Path(__file__).parent / "vllm_scripts" / "run_vllm.py"
 KS = (3, 5)  # num_speculative_tokens values compared (3 is the issue's value)
 MAX_TOKENS = 48
@@ -30,8 +31,9 @@ MAX_TOKENS = 48
 # is a failure, not a skip.
 if os.environ.get("TORCHSPEC_REQUIRE_VLLM") == "1":
     assert VLLM_PY.exists(), f"TORCHSPEC_REQUIRE_VLLM=1 but there is no vLLM venv at {VENV}"
-pytestmark = pytest.mark.skipif(not VLLM_PY.exists(),
-                                reason=f"no vLLM venv at {VENV} (create it: bash scripts/setup_vllm.sh)")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow,
+              pytest.mark.skipif(not VLLM_PY.exists(),
+                                 reason=f"no vLLM venv python at {VLLM_PY} (create it: bash scripts/setup_vllm.sh)")]
 
 
 def run_vllm(tmp: Path, target: Path, prompts, runs) -> list[dict]:
