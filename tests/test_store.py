@@ -78,6 +78,7 @@ def _child_put(store, n):
 def test_processes_share_records_and_accounting(tmp_path):
     store = LocalStore(root=tmp_path / "s")
     store.put("parent-0", _record(7))
+    parent_bytes = store.bytes_used()
     p = mp.get_context("spawn").Process(target=_child_put, args=(store, 3))
     p.start()
     p.join(60)
@@ -88,6 +89,8 @@ def test_processes_share_records_and_accounting(tmp_path):
         got = store.get(f"child-{i}")
         assert all(torch.equal(got[k], want[k]) for k in want)
     assert store.bytes_used() > 0
+    put_bytes, put_s = store.put_stats()       # bandwidth counters are summed over processes
+    assert put_bytes == parent_bytes + store.bytes_used() and put_s > 0
     for i in range(3):
         store.delete(f"child-{i}")
     assert store.bytes_used() == 0

@@ -45,6 +45,7 @@ class RunResult:
     samples_per_s: float = 0.0
     data_wait_frac: float = 0.0
     store_put_bytes: int = 0
+    store_put_s: float = 0.0                # time engines spent writing records (device -> shared memory)
     elapsed_s: float = 0.0
 
 
@@ -117,6 +118,11 @@ def _write_report(out_dir: Path) -> None:
         log.warning("training report not written: %s: %s", type(e).__name__, e)
     else:
         log.info("training report: %s", path)
+
+
+def _put_bandwidth(store) -> float:
+    nbytes, seconds = store.put_stats()
+    return nbytes / seconds / 1e9 if seconds else 0.0
 
 
 def _mean(values: list[dict], key: str) -> float | None:
@@ -204,7 +210,8 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
                       samples_per_s=trained_samples / elapsed,
                       inference_samples_per_s=controller.samples_generated / elapsed,
                       training_samples_per_s=trained_samples / max(train_time, 1e-9),
-                      data_wait_frac=controller.data_wait_s / elapsed, store_bytes=store.bytes_used())
+                      data_wait_frac=controller.data_wait_s / elapsed, store_bytes=store.bytes_used(),
+                      store_put_gb_per_s=_put_bandwidth(store))
         window.clear()
         logger.log(step, record)
         result.losses.append((step, record["loss"]))
@@ -282,6 +289,7 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
             engines.close()
         if ranks is not None:
             ranks.close()
+        result.store_put_bytes, result.store_put_s = store.put_stats()
         store.clear()
         result.store_bytes_end = store.bytes_used()
         store.close()

@@ -32,8 +32,18 @@ _ALIGN = 64
 _LEN_BYTES = 8
 
 
+_MIN_SHM_FREE = 1 << 30
+
+
 def _shm_root() -> str | None:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    """/dev/shm when it is writable and has room (containers often mount a tiny one), else the temp dir."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    if os.access("/dev/shm", os.W_OK) and st.f_bavail * st.f_frsize >= _MIN_SHM_FREE:
+        return "/dev/shm"
+    return None
 
 
 def _aligned(n: int) -> int:
@@ -54,6 +64,7 @@ class LocalStore:
         self.capacity_bytes = capacity_bytes
         self.put_timeout_s = put_timeout_s
         self._used = mp.get_context("spawn").Value("q", 0)
+        self._puts = mp.get_context("spawn").Array("q", 2)   # bytes put, nanoseconds spent in put (all processes)
         self._owner_pid = os.getpid()
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.root), True)
 
@@ -101,6 +112,7 @@ class LocalStore:
         if path.exists():
             raise KeyError(f"local store: key {key!r} is already present")
         self._reserve(total)
+        t0 = time.perf_counter_ns()
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
@@ -119,6 +131,9 @@ class LocalStore:
             tmp.unlink(missing_ok=True)
             self._release(total)
             raise
+        with self._puts.get_lock():
+            self._puts[0] += total
+            self._puts[1] += time.perf_counter_ns() - t0
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
         path = self._path(key)
@@ -150,6 +165,11 @@ class LocalStore:
 
     def bytes_used(self) -> int:
         return int(self._used.value)
+
+    def put_stats(self) -> tuple[int, float]:
+        """(bytes put, seconds spent inside put) summed over every process using this store."""
+        with self._puts.get_lock():
+            return int(self._puts[0]), self._puts[1] / 1e9
 
     def clear(self) -> None:
         """Delete every record (used on shutdown so the store ends empty)."""
