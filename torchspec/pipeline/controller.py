@@ -90,6 +90,7 @@ class Controller:
         self.data_wait_s = 0.0
         self._closed = False
         self.samples_generated = 0
+        self.tokens_generated = 0
 
         state = data_state or {"epoch": 0, "trained_ids": []}
         self.epoch = int(state["epoch"])
@@ -140,6 +141,7 @@ class Controller:
             self.in_flight_ids.difference_update(s.sample_id for s in stored)
             self.pool.extend(stored)
             self.samples_generated += len(stored)
+            self.tokens_generated += sum(s.length for s in stored)
             self._record_pool()
 
     # -- trainer side -----------------------------------------------------------------------------

@@ -44,6 +44,8 @@ class RunResult:
     store_root: Path | None = None          # the local store's shared-memory directory (removed at the end)
     samples_per_s: float = 0.0
     data_wait_frac: float = 0.0
+    trained_tokens: int = 0
+    generated_tokens: int = 0               # tokens whose hidden states the engines put in the store
     store_put_bytes: int = 0
     store_put_s: float = 0.0                # time engines spent writing records (device -> shared memory)
     elapsed_s: float = 0.0
@@ -210,7 +212,8 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
                       samples_per_s=trained_samples / elapsed,
                       inference_samples_per_s=controller.samples_generated / elapsed,
                       training_samples_per_s=trained_samples / max(train_time, 1e-9),
-                      data_wait_frac=controller.data_wait_s / elapsed, store_bytes=store.bytes_used(),
+                      data_wait_frac=controller.data_wait_s / elapsed, data_wait_s=controller.data_wait_s,
+                      elapsed_s=elapsed, store_bytes=store.bytes_used(),
                       store_put_gb_per_s=_put_bandwidth(store))
         window.clear()
         logger.log(step, record)
@@ -254,6 +257,7 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
                         m = ranks.train_step(batches)
                         train_time += time.monotonic() - t0
                         trained_samples += sum(len(b) for b in batches)
+                        result.trained_tokens += sum(s.length for b in batches for s in b)
                         window.append(m)
                         epoch = controller.epoch
                         epoch_ended = controller.mark_trained(batches)
@@ -284,6 +288,7 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
         if controller is not None:
             controller.shutdown()
             result.pool_sizes = list(controller.pool_stats.sizes)
+            result.generated_tokens = controller.tokens_generated
             result.data_wait_frac = controller.data_wait_s / max(time.monotonic() - t_start, 1e-9)
         elif engines is not None:
             engines.close()
