@@ -180,7 +180,7 @@ def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tens
         cos, sin = cos_all[k:k + T], sin_all[k:k + T]
         n_prev = len(keys)
 
-        def step(embeds, hidden, cos, sin, *kv):
+        def step(embeds, hidden, cos, sin, *kv, n_prev=n_prev):  # bind n_prev now: recomputation runs later
             q, kk, vv = qkv_fn(layer, embeds, hidden, cos, sin)
             attn = ttt_attention(attention_backend, q, list(kv[:n_prev]) + [kk], list(kv[n_prev:]) + [vv])
             return finish_fn(layer, attn, hidden), kk, vv
