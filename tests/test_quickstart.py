@@ -6,7 +6,7 @@ from torchspec.quickstart import DataRecipe, TargetRecipe, _cached, build_data, 
 
 TINY = TargetRecipe(corpus_chars=80_000, vocab_size=320, hidden_size=32, num_hidden_layers=4,
                     num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, seq_len=32,
-                    batch_size=8, warmup_steps=5, train_seconds=4.0, max_steps=60)
+                    batch_size=8, warmup_steps=5, max_steps=40, train_seconds=60.0)
 
 
 def test_target_learns_and_is_cached(tmp_path):

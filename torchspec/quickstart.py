@@ -4,8 +4,8 @@
     python -m torchspec.quickstart [--cache-dir .cache/quickstart] [--rebuild] [k=v ...]
 
 Nothing is downloaded. Stages, cached under --cache-dir (a second run skips 1 and 2):
- 1. target: a byte-level BPE tokenizer and a small Qwen3-config model, trained for a minute or two on
-    the Python standard library's own sources (every 10th file is held out), so the target has
+ 1. target: a byte-level BPE tokenizer and a small Qwen3-config model, trained for about a minute
+    (300 steps, at most 150 s) on the Python standard library's own sources (every 10th file is held out), so the target has
     learned something real (its held-out next-token loss is printed next to a uniform guess's);
  2. data: conversations in ShareGPT format (user: the start of a code snippet, assistant: its
     continuation) from the same kind of text: train.jsonl from the training files, eval.jsonl from
@@ -52,8 +52,8 @@ class TargetRecipe:
     batch_size: int = 16
     learning_rate: float = 3e-3
     warmup_steps: int = 30
-    train_seconds: float = 90.0  # wall-clock budget of the target's training
-    max_steps: int = 4000
+    max_steps: int = 300  # ~75 s on a free 2-core machine
+    train_seconds: float = 150.0  # a cap for slow or busy machines (then fewer steps are run)
     seed: int = 0
 
 
@@ -159,7 +159,7 @@ def _windows(ids, n: int, seq_len: int, gen):
 
 
 def _train_lm(model, ids, recipe: TargetRecipe) -> int:
-    """Next-token training on random windows for recipe.train_seconds (or max_steps)."""
+    """Next-token training on random windows: max_steps, or fewer if train_seconds runs out."""
     import torch
 
     gen = torch.Generator().manual_seed(recipe.seed)
@@ -170,9 +170,9 @@ def _train_lm(model, ids, recipe: TargetRecipe) -> int:
         elapsed = time.time() - t0
         if elapsed >= recipe.train_seconds:
             break
-        # linear warmup, then linear decay over the time budget
-        lr = recipe.learning_rate * min(1.0, (step + 1) / recipe.warmup_steps) * max(
-            0.05, 1.0 - elapsed / recipe.train_seconds)
+        # linear warmup, then linear decay over the steps (or the time cap, if that comes first)
+        done = max(step / recipe.max_steps, elapsed / recipe.train_seconds)
+        lr = recipe.learning_rate * min(1.0, (step + 1) / recipe.warmup_steps) * max(0.05, 1.0 - done)
         for g in opt.param_groups:
             g["lr"] = lr
         x = _windows(ids, recipe.batch_size, recipe.seq_len, gen)
@@ -184,7 +184,7 @@ def _train_lm(model, ids, recipe: TargetRecipe) -> int:
         step += 1
         if elapsed - shown >= 15:
             shown = elapsed
-            log(f"target: step {step}, loss {loss.item():.2f}, {elapsed:.0f}/{recipe.train_seconds:.0f}s")
+            log(f"target: step {step}/{recipe.max_steps}, loss {loss.item():.2f}, {elapsed:.0f}s")
     model.eval()
     return step
 
