@@ -25,8 +25,12 @@ def load_target(path: str, dtype: torch.dtype, device: torch.device | str, trust
     """Load the target's causal-LM checkpoint (local dir or hub id) in eval mode, grads off."""
     from transformers import AutoModelForCausalLM
 
+    device = torch.device(device)
+    # Straight onto the GPU (no full copy in host memory first); on CPU the default placement.
+    placement = {"device_map": str(device)} if device.type == "cuda" else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **placement)
     except Exception as e:  # user-caused: wrong path / id, or a model needing trust_remote_code
         where = "a local directory" if os.path.isdir(str(path)) else "not a local directory; tried it as a hub id"
         raise TargetLoadError(

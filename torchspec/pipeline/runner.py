@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from torchspec.pipeline.build import ModelSpec, draft_config_for
 from torchspec.pipeline.controller import Controller
 from torchspec.pipeline.launcher_local import TrainerRanks, plan_local, start_engines
