@@ -32,6 +32,7 @@ def _train(rank, world, mode, micro, out_path):
                  loss_fn=test_trainer.toy_loss)
     # each rank takes every other row of each micro-batch
     results = [tr.train_step({k: v[rank::world] for k, v in m.items()}) for m in micro]
+    results.append(tr.finish_accumulation())  # the odd micro-batch: a partial window
     state = tr.state_dict()  # a collective under FSDP
     if rank == 0:
         torch.save((state["model"], [r.get("grad_norm") for r in results]), out_path)
@@ -51,7 +52,7 @@ def _worker(rank, world, port, micro, out_dir):
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    micro = batches(4, b=4)
+    micro = batches(3, b=4)  # accumulation 2: one full window, then a partial one
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, micro, tmp_path)) for r in range(2)]
@@ -71,7 +72,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
 
     ref = make_trainer(make_cfg(draft_accumulation_steps=2, max_grad_norm=0.05))
-    ref_norms = [ref.train_step(m).get("grad_norm") for m in micro]
+    ref_norms = [ref.train_step(m).get("grad_norm") for m in micro] + [ref.finish_accumulation()["grad_norm"]]
     for mode in MODES:
         state, grad_norms = torch.load(tmp_path / f"{mode}.pt")
         assert [g is None for g in grad_norms] == [n is None for n in ref_norms] == [True, False, True, False]

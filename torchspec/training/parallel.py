@@ -89,9 +89,7 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The user's module under a DDP wrapper (FSDP2 shards in place, so it is already the module)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    return model.module if is_ddp(model) else model
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:
@@ -102,15 +100,32 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def grad_sync(model: torch.nn.Module, enabled: bool):
-    """Context in which backward all-reduces gradients only if `enabled` (accumulation)."""
+def is_ddp(model: torch.nn.Module) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, DistributedDataParallel) and not enabled:
+    return isinstance(model, DistributedDataParallel)
+
+
+def grad_sync(model: torch.nn.Module, enabled: bool):
+    """Context for one micro-batch's backward during accumulation.
+
+    DDP: gradients are all-reduced only when `enabled` (the window's last micro-batch); before that
+    they accumulate locally in `.grad` (so a partial window can be reduced by hand, see
+    `all_reduce_grads`). FSDP2 reduce-scatters every micro-batch: its sharded `.grad` is then always
+    complete, which keeps partial windows correct; the draft is one layer, so this costs little.
+    """
+    if is_ddp(model) and not enabled:
         return model.no_sync()
-    if is_fsdp(model):
-        model.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
+
+
+def all_reduce_grads(model: torch.nn.Module) -> None:
+    """Average the locally accumulated DDP gradients over ranks (the no_sync part of a window)."""
+    if not is_ddp(model):
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            tdist.all_reduce(p.grad, op=tdist.ReduceOp.AVG)
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

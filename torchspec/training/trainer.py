@@ -85,8 +85,7 @@ class Trainer:
         seed_everything(int(training.seed))
 
         draft = draft.to(self.device)
-        self.model = parallel.parallelize_draft(
-            draft, dist, training.parallel_mode if parallel.world_size_of(dist) > 1 else "ddp", self.device)
+        self.model = parallel.parallelize_draft(draft, dist, training.parallel_mode, self.device)
         self.target_head = target_head.to(self.device).eval() if target_head is not None else None
         if self.target_head is not None:
             self.target_head.requires_grad_(False)
@@ -149,25 +148,17 @@ class Trainer:
         return metrics
 
     def finish_accumulation(self) -> dict | None:
-        """Step on a partial accumulation window (end of data): grads rescaled to the window's mean."""
+        """Step on a partial accumulation window (end of data): grads rescaled to the window's mean.
+
+        With several ranks, every rank must call it (the DDP gradients are all-reduced here)."""
         if self.micro_step == 0:
             return None
         scale = self.accumulation_steps / self.micro_step
         for p in self.params:
             if p.grad is not None:
                 p.grad.mul_(scale)
-        # the skipped sync of the partial window's backward calls happens here under DDP/FSDP
-        if parallel.world_size_of(self.dist) > 1:
-            self._all_reduce_grads()
+        parallel.all_reduce_grads(self.model)  # DDP skipped the sync of this window's backward calls
         return self._optimizer_step()
-
-    def _all_reduce_grads(self) -> None:
-        import torch.distributed as tdist
-
-        for p in self.params:
-            if p.grad is not None:
-                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                tdist.all_reduce(grad, op=tdist.ReduceOp.AVG)
 
     def _optimizer_step(self) -> dict:
         max_norm = float(self.max_grad_norm) if self.max_grad_norm and self.max_grad_norm > 0 else float("inf")
