@@ -74,7 +74,7 @@ def step(args, draft, head, params, master, opt, batch):
     from torchspec.models.eagle3 import eagle3_loss
 
     out = eagle3_loss(draft, head, batch, args.ttt_length, "flex_attention",
-                      gradient_checkpointing=args.gradient_checkpointing)
+                      gradient_checkpointing=args.gradient_checkpointing, checkpoint_steps=args.checkpoint_steps)
     out.loss.backward()
     if master is not None:
         for p, m in zip(params, master):
@@ -165,6 +165,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-steps", type=int, help="with --gradient-checkpointing: only the first N TTT steps")
     p.add_argument("--master-fp32", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--no-max", action="store_true", help="skip the longest-sequence search")
     p.add_argument("--max-start", type=int, default=16384)
@@ -179,7 +180,7 @@ def main(argv=None):
     torch._dynamo.config.cache_size_limit = 256
     device = torch.device("cuda")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, ttt_length {args.ttt_length}, "
-          f"gradient_checkpointing {args.gradient_checkpointing}, fp32 master {args.master_fp32}", flush=True)
+          f"gradient_checkpointing {args.gradient_checkpointing} (steps {args.checkpoint_steps or 'all'}), fp32 master {args.master_fp32}", flush=True)
     if args.memory_cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
@@ -205,7 +206,10 @@ def main(argv=None):
         ok = fits(args, objs, T, device)
         print(f"  try T={T}: {'fits' if ok else 'OOM'}", flush=True)
         if ok:
-            lo, T = T, T * 3 // 2 // 1024 * 1024
+            lo = T
+            if T == args.max_limit:
+                break
+            T = min(T * 3 // 2 // 1024 * 1024, args.max_limit)
         else:
             hi = T
             break

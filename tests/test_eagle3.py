@@ -192,11 +192,12 @@ def test_gradient_checkpointing_changes_nothing(backend):
     draft, head, batch = make_setup(seed=6)
     plain = eagle3_loss(draft, head, batch, 4, backend)
     g_plain = grads_of(draft, plain.loss)
-    ckpt = eagle3_loss(draft, head, batch, 4, backend, gradient_checkpointing=True)
-    g_ckpt = grads_of(draft, ckpt.loss)
-    torch.testing.assert_close(ckpt.loss, plain.loss, atol=0, rtol=0)
-    for n in g_plain:
-        torch.testing.assert_close(g_ckpt[n], g_plain[n], atol=1e-7, rtol=1e-6, msg=n)
+    for steps in (None, 2):
+        ckpt = eagle3_loss(draft, head, batch, 4, backend, gradient_checkpointing=True, checkpoint_steps=steps)
+        g_ckpt = grads_of(draft, ckpt.loss)
+        torch.testing.assert_close(ckpt.loss, plain.loss, atol=0, rtol=0)
+        for n in g_plain:
+            torch.testing.assert_close(g_ckpt[n], g_plain[n], atol=1e-7, rtol=1e-6, msg=n)
 
 
 def test_bf16_close_to_fp32_reference():

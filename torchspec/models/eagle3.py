@@ -21,6 +21,7 @@ only (`_DraftHeadLoss`), so no [rows, vocab] logits tensor outlives one chunk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -163,8 +164,15 @@ class _DraftHeadLoss(torch.autograd.Function):
 
 
 def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tensor, targets: Eagle3Targets,
-                ttt_length: int, attention_backend: str, gradient_checkpointing: bool) -> Eagle3Output:
-    """The TTT unroll of `draft` over a right-padded batch; returns the weighted loss and metrics."""
+                ttt_length: int, attention_backend: str, gradient_checkpointing: bool,
+                checkpoint_steps: Optional[int] = None) -> Eagle3Output:
+    """The TTT unroll of `draft` over a right-padded batch; returns the weighted loss and metrics.
+
+    With gradient_checkpointing, the decoder layer of each TTT step is recomputed in backward
+    (only its inputs, keys and values are kept); checkpoint_steps limits that to the first N steps
+    (None = all), trading memory for speed in between.
+    """
+    n_ckpt = (ttt_length if checkpoint_steps is None else checkpoint_steps) if gradient_checkpointing else 0
     B, T = input_ids.shape
     layer = draft.midlayer
     qkv_fn = maybe_compiled(type(layer).qkv, input_ids)
@@ -186,7 +194,7 @@ def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tens
             return finish_fn(layer, attn, hidden), kk, vv
 
         args = (embeds, hidden, cos, sin, *keys, *values)
-        if gradient_checkpointing and torch.is_grad_enabled():
+        if k < n_ckpt and torch.is_grad_enabled():
             hidden, kk, vv = checkpoint(step, *args, use_reentrant=False)
         else:
             hidden, kk, vv = step(*args)
@@ -211,7 +219,8 @@ def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tens
 
 def eagle3_loss(draft, target_head, batch: dict, ttt_length: int, attention_backend: str, *,
                 loss_mask_alignment: str = TrainingConfig.loss_mask_alignment,
-                gradient_checkpointing: bool = TrainingConfig.gradient_checkpointing) -> Eagle3Output:
+                gradient_checkpointing: bool = TrainingConfig.gradient_checkpointing,
+                checkpoint_steps: Optional[int] = None) -> Eagle3Output:
     """Target probs from the frozen target head, then `draft(...)` (the TTT forward) on the batch.
 
     batch: input_ids [B,T], loss_mask [B,T], attention_mask [B,T] (right padding),
@@ -221,7 +230,7 @@ def eagle3_loss(draft, target_head, batch: dict, ttt_length: int, attention_back
                               batch["attention_mask"], draft.d2t, draft.t2d, ttt_length, loss_mask_alignment)
     return draft(input_ids=batch["input_ids"], aux_hidden_states=batch["aux_hidden_states"], targets=targets,
                  ttt_length=ttt_length, attention_backend=attention_backend,
-                 gradient_checkpointing=gradient_checkpointing)
+                 gradient_checkpointing=gradient_checkpointing, checkpoint_steps=checkpoint_steps)
 
 
 __all__ = ["Eagle3Output", "Eagle3Targets", "eagle3_loss", "prepare_targets", "step_validity", "ttt_forward",
