@@ -108,11 +108,12 @@ class HFTarget:
         return self.cache.get_seq_length()
 
     @torch.inference_mode()
-    def forward(self, token_ids: Sequence[int]) -> tuple[list[int], torch.Tensor]:
-        """Process `token_ids` after the cached ones: (argmax next token per position, aux [n, 3H])."""
+    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> tuple[list[int], torch.Tensor]:
+        """Process `token_ids` after the cached ones: (argmax next token of the last `num_logits` positions,
+        all of them when 0; aux [n, 3H] of every position)."""
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         self._captured.clear()
-        out = self.model(input_ids=ids, cache=self.cache, use_cache=True)
+        out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=num_logits)
         self.num_forwards += 1
         aux = torch.cat([self._captured[k][0] for k in self.aux_layers], dim=-1)
         self._captured.clear()
@@ -215,10 +216,10 @@ def greedy_generate(target: HFTarget, prompt: Sequence[int], max_new_tokens: int
     Stops after `max_new_tokens` or after an EOS token (one id or several)."""
     stop = _stop_set(eos_token_id)
     target.reset()
-    nxt, _ = target.forward(prompt)
+    nxt, _ = target.forward(prompt, num_logits=1)
     out = [nxt[-1]]
     while len(out) < max_new_tokens and out[-1] not in stop:
-        nxt, _ = target.forward(out[-1:])
+        nxt, _ = target.forward(out[-1:], num_logits=1)
         out.append(nxt[-1])
     return out
 
@@ -236,7 +237,7 @@ def speculative_generate(target: HFTarget, proposer: Proposer, prompt: Sequence[
     stats = SpecStats(k)
     target.reset()
     proposer.reset()
-    nxt, aux = target.forward(prompt)  # prefill: not a verification
+    nxt, aux = target.forward(prompt, num_logits=1)  # prefill: not a verification
     tokens = list(prompt) + [nxt[-1]]
     aux_rows = [aux]
     out = [nxt[-1]]

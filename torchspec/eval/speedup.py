@@ -71,7 +71,7 @@ def measure_costs(target: HFTarget, draft, num_draft_steps: int, context_len: in
     ctx = torch.randint(0, vocab, (context_len,), generator=g).tolist()
     device = target.device
     target.reset()
-    _, aux = target.forward(ctx)
+    _, aux = target.forward(ctx, num_logits=1)
 
     def target_step(n):
         def run():
