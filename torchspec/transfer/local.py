@@ -2,8 +2,8 @@
 
 Each record is one file in a per-run directory on the node's shared-memory filesystem
 (``/dev/shm`` on Linux): a small JSON header followed by the tensors' bytes, 64-byte aligned.
-``put`` writes through a shared memory mapping and publishes the file with an atomic rename,
-so a reader never sees half a record; ``get`` maps the file copy-on-write and returns tensor views
+``put`` writes the file (GPU tensors through a pinned staging buffer) and publishes it with an
+atomic rename, so a reader never sees half a record; ``get`` maps the file copy-on-write and returns tensor views
 of it (zero copy); ``delete`` unlinks it. Any process on the node that holds this object (passed
 to it when it was spawned) can put, get and delete by key.
 
@@ -66,12 +66,14 @@ class LocalStore:
         self._used = mp.get_context("spawn").Value("q", 0)
         self._puts = mp.get_context("spawn").Array("q", 2)   # bytes put, nanoseconds spent in put (all processes)
         self._owner_pid = os.getpid()
+        self._pinned = None
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.root), True)
 
     # Children get the same directory and counter; only the owner removes the directory.
     def __getstate__(self):
         state = dict(self.__dict__)
         del state["_finalizer"]
+        state["_pinned"] = None
         return state
 
     def __setstate__(self, state):
@@ -115,17 +117,16 @@ class LocalStore:
         t0 = time.perf_counter_ns()
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "wb", buffering=0) as f:
+                f.write(len(head).to_bytes(_LEN_BYTES, "little") + head)
+                for name, t in tensors.items():
+                    _, _, off, nbytes = header[name]
+                    if nbytes:
+                        f.seek(data_start + off)
+                        data = self._host_bytes(t)
+                        while data:   # a raw write may be partial
+                            data = data[f.write(data):]
                 f.truncate(total)
-            buf = torch.from_file(str(tmp), shared=True, size=total, dtype=torch.uint8)
-            buf[:_LEN_BYTES].copy_(torch.tensor(list(len(head).to_bytes(_LEN_BYTES, "little")), dtype=torch.uint8))
-            buf[_LEN_BYTES:_LEN_BYTES + len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-            for name, t in tensors.items():
-                _, _, off, nbytes = header[name]
-                if nbytes:
-                    src = t.detach().contiguous().reshape(-1).view(torch.uint8)
-                    buf[data_start + off:data_start + off + nbytes].copy_(src)
-            del buf
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -134,6 +135,17 @@ class LocalStore:
         with self._puts.get_lock():
             self._puts[0] += total
             self._puts[1] += time.perf_counter_ns() - t0
+
+    def _host_bytes(self, t: torch.Tensor) -> memoryview:
+        """The tensor's bytes in host memory; device tensors go through a reused pinned buffer (a fast
+        DMA copy, then one kernel copy into the file: no page faults on the shared-memory side)."""
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        if flat.device.type != "cpu":
+            n = flat.numel()
+            if self._pinned is None or self._pinned.numel() < n:
+                self._pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            flat = self._pinned[:n].copy_(flat)
+        return memoryview(flat.numpy())
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
         path = self._path(key)
