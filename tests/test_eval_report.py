@@ -29,7 +29,7 @@ def _write_run(run_dir, steps=60, eval_every=20, torn=True):
     (run_dir / "resolved_config.yaml").write_text(
         "model:\n  target_model_path: /models/tiny\ntraining:\n  learning_rate: 0.0001\n  ttt_length: 3\n")
     (run_dir / "eval_best.json").write_text(json.dumps(
-        {"step": 60, "metric": "eval/tau", "score": 3.0, "checkpoint": "checkpoints/step_00000060"}))
+        {"step": 60, "metric": "eval/tau", "value": 3.0, "score": 3.0, "checkpoint": "checkpoints/step_00000060"}))
     return run_dir
 
 
@@ -59,8 +59,17 @@ def test_report_plots_and_summary(tmp_path):
     assert f"{6.0 * math.exp(-2) + 0.5:.4g}" in text  # final train loss
     assert "last eval (step 60)" in text and "tau 3" in text
     assert "best eval: step 60 (eval/tau = 3)" in text
+    assert f"tau (held-out prompts): {1 + 20 / 30:.4g} at step 20 -> 3 at step 60" in text
     for name in ("loss", "accuracy", "lr", "throughput", "tau"):
         assert f"]({name}.png)" in text
+
+
+def test_eval_lines_appended_late_fall_into_step_order(tmp_path):
+    run = _write_run(tmp_path / "run", torn=False)
+    with open(run / "metrics.jsonl", "a") as f:  # e.g. an untrained-draft baseline logged after the run
+        f.write(json.dumps({"step": 0, "time": 0.0, "eval/tau": 1.0}) + "\n")
+    xs, ys = report.series(report.read_metrics(run), "eval/tau")
+    assert xs == [0, 20, 40, 60] and ys[0] == 1.0
 
 
 def test_no_eval_means_no_tau_plot(tmp_path):

@@ -59,14 +59,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of every record carrying a finite number under `key`."""
-    xs, ys = [], []
-    for r in records:
+    """(steps, values) of every record carrying a finite number under `key`, in step order (records
+    appended later for an earlier step, e.g. a baseline eval logged after the run, fall into place)."""
+    pts = []
+    for i, r in enumerate(records):
         v = r.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            xs.append(int(r["step"]))
-            ys.append(float(v))
-    return xs, ys
+            pts.append((int(r["step"]), i, float(v)))
+    pts.sort()
+    return [p[0] for p in pts], [p[2] for p in pts]
 
 
 def _acc_steps(records: list[dict], prefix: str = "") -> list[int]:
@@ -90,7 +91,8 @@ def _plot(path: Path, title: str, ylabel: str, lines: list[tuple[str, list[int],
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
-    if logy and all(y > 0 for _, _, ys, _ in lines for y in ys):
+    ys_all = [y for _, _, ys, _ in lines for y in ys]
+    if logy and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 10:  # log only when it spans a decade
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2 if len(lines) > 4 else 1)
@@ -200,14 +202,18 @@ def summary_markdown(run_dir: Path, records: list[dict], plots: dict[str, Path],
         lines.append("- last training step " + str(last["step"]) + ": "
                      + ", ".join(f"{k} {_fmt(last[k])}" for k in keys_ if k in last))
     if evals:
-        last = evals[-1]
+        last = max(evals, key=lambda r: r["step"])  # the latest step's last eval line
+        shown = ["loss"] + [f"acc_{k}" for k in _acc_steps([last], EVAL_PREFIX)] + ["tau", "num_samples"]
         lines.append("- last eval (step " + str(last["step"]) + "): "
-                     + ", ".join(f"{k[len(EVAL_PREFIX):]} {_fmt(v)}" for k, v in last.items()
-                                 if k.startswith(EVAL_PREFIX)))
+                     + ", ".join(f"{k} {_fmt(last[EVAL_PREFIX + k])}" for k in shown if EVAL_PREFIX + k in last))
+        taus = series(evals, EVAL_PREFIX + "tau")
+        if taus[0]:
+            lines.append(f"- tau (held-out prompts): {_fmt(taus[1][0])} at step {taus[0][0]} -> "
+                         f"{_fmt(taus[1][-1])} at step {taus[0][-1]}")
     best = run_dir / BEST_FILE
     if best.is_file():
         b = json.loads(best.read_text())
-        lines.append(f"- best eval: step {b.get('step')} ({b.get('metric')} = {_fmt(b.get('score'))})"
+        lines.append(f"- best eval: step {b.get('step')} ({b.get('metric')} = {_fmt(b.get('value', b.get('score')))})"
                      + (f", checkpoint `{b['checkpoint']}`" if b.get("checkpoint") else ""))
     if not train and not evals:
         lines.append("- no metrics recorded")
