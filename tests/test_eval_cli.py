@@ -65,3 +65,19 @@ def test_user_errors_are_one_line(setup, tmp_path, capsys):
     assert main(["--target", str(paths["target"]), "--draft", str(paths["trained"]), "--data", str(data),
                  "--temperature", "0.7"]) == 2
     assert "only greedy" in capsys.readouterr().err
+
+
+def test_prompt_is_the_sample_cut_before_its_first_supervised_token():
+    import torch
+
+    from torchspec.data.sample import Sample
+    from torchspec.eval.acceptance import prompt_of, prompts_from_samples
+
+    ids = torch.arange(10, 20)
+    mask = torch.tensor([0, 0, 0, 1, 1, 0, 0, 1, 1, 1], dtype=torch.uint8)
+    assert prompt_of(ids, mask) == [10, 11, 12]
+    assert prompt_of(ids, torch.zeros(10, dtype=torch.uint8)) is None  # nothing to answer
+    assert prompt_of(ids, torch.ones(10, dtype=torch.uint8)) is None    # no prompt before the answer
+    samples = [Sample("a", ids, torch.zeros(10, dtype=torch.uint8)), Sample("b", ids, mask), Sample("c", ids, mask)]
+    assert prompts_from_samples(samples) == [[10, 11, 12]] * 2
+    assert prompts_from_samples(samples, limit=1) == [[10, 11, 12]]
