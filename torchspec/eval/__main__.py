@@ -17,15 +17,17 @@ from torchspec.config.schema import DatasetConfig, TrainingConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m torchspec.eval", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m torchspec.eval",
+                                description="Acceptance length (tau) of an exported EAGLE-3 draft against its target: "
+                                            "greedy chain speculative decoding as a server runs it.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--target", required=True, help="target model dir (or hub id)")
+    p.add_argument("--target", required=True, help="target model dir")
     p.add_argument("--draft", required=True, help="exported draft dir (a run's output_dir/export)")
     p.add_argument("--data", required=True, help="conversations file(s)/dir (jsonl/json/parquet)")
     p.add_argument("--num-draft-steps", "-k", type=int, default=DatasetConfig.eval_num_draft_steps,
                    help="draft tokens proposed per verification")
     p.add_argument("--max-new-tokens", type=int, default=DatasetConfig.eval_max_new_tokens)
-    p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
+    p.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts (None = all)")
     p.add_argument("--temperature", type=float, default=0.0, help="only 0 (greedy) is supported")
     p.add_argument("--chat-template", default=DatasetConfig.chat_template)
     p.add_argument("--prompt-key", default=DatasetConfig.prompt_key)
@@ -33,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--no-greedy-check", action="store_true", help="skip the plain greedy reference run")
     p.add_argument("--speedup", action="store_true", help="also measure forward costs, estimate the speedup")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="None = cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="default: bfloat16 on cuda, float32 on cpu")
+                   help="None = bfloat16 on cuda, float32 on cpu")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     return p
