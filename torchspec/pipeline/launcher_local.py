@@ -88,6 +88,7 @@ class InlineEngines:
     def __init__(self, engine):
         self.engine = engine
         self.pending: deque[list] = deque()
+        self.busy_s = 0.0   # seconds spent generating, over all workers
 
     def submit(self, worker: int, samples: list) -> None:
         self.pending.append(samples)
@@ -95,7 +96,10 @@ class InlineEngines:
     def wait(self, timeout: float) -> list[tuple[int, list[StoredSample]]]:
         if not self.pending or timeout <= 0:   # nothing finishes here unless we run it
             return []
-        return [(0, self.engine.generate(self.pending.popleft()))]
+        t0 = time.monotonic()
+        stored = self.engine.generate(self.pending.popleft())
+        self.busy_s += time.monotonic() - t0
+        return [(0, stored)]
 
     def close(self) -> None:
         self.pending.clear()
@@ -124,7 +128,9 @@ def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbo
             items = inbox.get()
             if items is None:
                 break
-            outbox.put(("done", worker, engine.generate(_from_wire(items))))
+            t0 = time.monotonic()
+            stored = engine.generate(_from_wire(items))
+            outbox.put(("done", worker, (stored, time.monotonic() - t0)))
         engine.close()
     except KeyboardInterrupt:
         pass
@@ -138,6 +144,7 @@ class ProcessEngines:
     def __init__(self, engine_factory, store, devices, num_threads: int = 1, start_timeout: float = 600.0):
         ctx = mp.get_context("spawn")
         self.num_workers = len(devices)
+        self.busy_s = 0.0   # seconds spent generating, over all workers
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in devices]
         self.procs = [
@@ -180,7 +187,11 @@ class ProcessEngines:
         self.inboxes[worker].put(_to_wire(samples))
 
     def wait(self, timeout: float) -> list[tuple[int, list[StoredSample]]]:
-        return list(self._drain(timeout, expect="done"))
+        out = []
+        for worker, (stored, seconds) in self._drain(timeout, expect="done"):
+            self.busy_s += seconds
+            out.append((worker, stored))
+        return out
 
     def close(self) -> None:
         for q, p in zip(self.inboxes, self.procs):

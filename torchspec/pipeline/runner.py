@@ -120,6 +120,12 @@ def _write_report(out_dir: Path) -> None:
         log.info("training report: %s", path)
 
 
+def _inference_capacity(controller, engines) -> float | None:
+    """Samples/s the engines sustain when never paused: generated / (busy seconds per engine)."""
+    busy = getattr(engines, "busy_s", 0.0)
+    return controller.samples_generated * engines.num_workers / busy if busy else None
+
+
 def _put_bandwidth(store) -> float:
     nbytes, seconds = store.put_stats()
     return nbytes / seconds / 1e9 if seconds else 0.0
@@ -208,7 +214,7 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
             record[key] = _mean(window, key)
         record.update(epoch=controller.epoch - (1 if epoch_ended else 0), pool_size=controller.pool_size(),
                       samples_per_s=trained_samples / elapsed,
-                      inference_samples_per_s=controller.samples_generated / elapsed,
+                      inference_samples_per_s=_inference_capacity(controller, engines),
                       training_samples_per_s=trained_samples / max(train_time, 1e-9),
                       data_wait_frac=controller.data_wait_s / elapsed, data_wait_s=controller.data_wait_s,
                       elapsed_s=elapsed, store_bytes=store.bytes_used(),
