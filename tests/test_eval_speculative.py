@@ -142,3 +142,61 @@ def test_eagle3_proposer_lossless_and_cache_equals_recompute(target, draft, k):
         assert cached.drafts == fresh.drafts
         assert all(t % 2 == 0 for d in cached.drafts for t in d)  # drafts are target ids via d2t
         assert out.stats.num_drafts == len(cached.drafts)
+
+
+class OracleDraft(torch.nn.Module):
+    """A stand-in draft behind the real Eagle3Proposer: its 'cache' records the tokens fed at each position,
+    and it predicts the target's greedy next token given [x_0] + those tokens (cache-free target forward).
+    It is a perfect draft only if the proposer feeds the right token at the right position and rolls its
+    cache back correctly; `wrong` shifts every prediction by one id (a never-accepted draft)."""
+
+    class Cache:
+        def __init__(self):
+            self.tokens = []
+
+        @property
+        def length(self):
+            return len(self.tokens)
+
+        def crop(self, n):
+            del self.tokens[n:]
+
+    def __init__(self, model, first_token, wrong=False):
+        super().__init__()
+        self.model, self.first, self.wrong = model, first_token, wrong
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.vocab = model.config.vocab_size
+        self.widths = set()
+
+    def new_kv_cache(self):
+        return self.Cache()
+
+    def to_target_ids(self, ids):
+        return ids
+
+    @torch.no_grad()
+    def forward_step(self, input_ids, hidden, position_ids, kv):
+        n = input_ids.shape[1]
+        assert position_ids[0].tolist() == list(range(kv.length, kv.length + n))  # vLLM's slot = position
+        assert hidden.shape[:2] == (1, n)
+        self.widths.add(hidden.shape[-1])
+        kv.tokens += input_ids[0].tolist()
+        logits = torch.zeros(1, n, self.vocab)
+        for i in range(n):
+            ctx = [self.first] + kv.tokens[: kv.length - n + i + 1]
+            nxt = int(self.model(torch.tensor([ctx])).logits[0, -1].argmax())
+            logits[0, i, (nxt + 1) % self.vocab if self.wrong else nxt] = 1.0
+        return torch.zeros(1, n, 8), logits
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("wrong", [False, True])
+def test_eagle3_proposer_with_oracle_draft_gives_exact_tau(target, k, wrong):
+    from torchspec.eval.speculative import Eagle3Proposer
+
+    prompt = _prompts()[0]
+    draft = OracleDraft(target.model, prompt[0], wrong=wrong)
+    out = speculative_generate(target, Eagle3Proposer(draft), prompt, num_draft_steps=k, max_new_tokens=10)
+    assert out.tokens == greedy_generate(target, prompt, max_new_tokens=10)
+    assert out.stats.tau == (1.0 if wrong else k + 1)
+    assert draft.widths == ({3 * 64} if k == 1 else {3 * 64, 8})  # aux features first, own hidden after
