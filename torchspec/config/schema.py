@@ -93,6 +93,7 @@ class TrainingConfig:
     draft_vocab_size: Optional[int] = None  # null = the draft config's value (else full vocab)
     attention_backend: str = "sdpa"
     gradient_checkpointing: bool = False
+    gradient_checkpointing_steps: Optional[int] = None  # null = every TTT step; N = only the first N
     loss_mask_alignment: str = "eagle"  # one of LOSS_MASK_ALIGNMENTS
     seed: int = 0
     training_num_nodes: int = 1
