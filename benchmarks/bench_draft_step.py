@@ -12,6 +12,12 @@ steps of 1024), with ratios against the reference measured by a peer on one H100
     python benchmarks/bench_draft_step.py [--lengths 2048,8192,16384] [--no-max] [--gradient-checkpointing]
 
 Needs no config loader (no omegaconf): it builds the draft config directly.
+
+Measured 2026-11-26 on one H100 80GB HBM3 (torch 2.11.0+cu130), fp32 master weights + fused AdamW:
+  setting                                  2k       8k (vs ref)      16k      longest (vs ref)
+  no checkpointing                         0.094 s  0.309 s (1.16x)  0.686 s  54,272 (1.71x)
+  --gradient-checkpointing --checkpoint-steps 2     0.319 s (1.13x)  0.718 s  67,584 (2.13x)
+  --gradient-checkpointing (all 7 steps)   0.106 s  0.367 s (0.98x)  0.821 s  156,672 (4.94x)
 """
 
 from __future__ import annotations
