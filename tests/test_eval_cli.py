@@ -33,6 +33,7 @@ def _run(paths, data, draft, tmp_path, *extra):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # trains the tiny draft (once per session, shared with tests/test_vllm_eagle3.py)
 def test_trained_beats_untrained_and_is_lossless(setup, tmp_path, capsys):
     paths, data = setup
     trained = _run(paths, data, "trained", tmp_path, "--speedup")
@@ -54,10 +55,18 @@ def test_trained_beats_untrained_and_is_lossless(setup, tmp_path, capsys):
     assert trained["estimated_speedup"] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line(setup, tmp_path, capsys):
     paths, data = setup
     assert main(["--target", str(paths["target"]), "--draft", str(tmp_path), "--data", str(data)]) == 2
     assert "not an exported draft dir" in capsys.readouterr().err
+    run_dir = tmp_path / "run"  # a run's output_dir is accepted: its export/ is used
+    (run_dir / "export").mkdir(parents=True)
+    for f in paths["trained"].iterdir():
+        (run_dir / "export" / f.name).write_bytes(f.read_bytes())
+    assert main(["--target", str(paths["target"]), "--draft", str(run_dir), "--data", str(data),
+                 "--max-new-tokens", "4", "--num-prompts", "1", "--no-greedy-check"]) == 0
+    assert "prompts 1, tokens generated 4" in capsys.readouterr().out
     assert main(["--target", str(paths["target"]), "--draft", str(paths["trained"]),
                  "--data", str(tmp_path / "missing.jsonl")]) == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]

@@ -68,12 +68,15 @@ def prompts_from_samples(samples, limit: int | None = None) -> list[list[int]]:
 
 def load_target_and_draft(target_path, draft_dir, device: str | torch.device = "cpu",
                           dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(HFTarget with the export's aux layers hooked, draft in eval mode) from a target and an export dir."""
+    """(HFTarget with the export's aux layers hooked, draft in eval mode) from a target and an export dir
+    (or a run's output_dir / a checkpoint dir, whose export/ is used)."""
     from pathlib import Path
 
     from torchspec.export import aux_layer_ids_of, load_exported
     from torchspec.inference.hf import load_target
 
+    if not (Path(draft_dir) / "config.json").is_file() and (Path(draft_dir) / "export" / "config.json").is_file():
+        draft_dir = Path(draft_dir) / "export"  # a run's output_dir or a checkpoint dir: its export
     if not (Path(draft_dir) / "config.json").is_file():
         raise EvalError(f"--draft {draft_dir}: not an exported draft dir (no config.json); "
                         "export one with tools/convert_to_hf.py or use a run's output_dir/export")
