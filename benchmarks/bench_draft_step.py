@@ -112,7 +112,7 @@ def time_length(args, objs, T, device, iters):
 
 
 def check_compiled(args, objs, T, device):
-    """The compiled pieces must compute what the eager code (tested on CPU) computes."""
+    """flex (eager pieces, then compiled pieces) must compute what sdpa with eager pieces (tested on CPU) computes."""
     from torchspec.models import attention
     from torchspec.models.eagle3 import eagle3_loss
 
@@ -123,18 +123,20 @@ def check_compiled(args, objs, T, device):
         params = [p for p in draft.parameters() if p.requires_grad]
         batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
     res = {}
-    for flag in (False, True):
+    for backend, flag in (("sdpa", False), ("flex_attention", False), ("flex_attention", True)):
         attention.COMPILE_ON_CUDA = flag
-        out = eagle3_loss(draft, head, batch, args.ttt_length, "flex_attention")
+        out = eagle3_loss(draft, head, batch, args.ttt_length, backend)
         out.loss.backward()
-        res[flag] = (float(out.loss.detach()), [float(a) for a in out.accs],
-                     torch.cat([p.grad.float().flatten() for p in params]))
+        res[backend, flag] = (float(out.loss.detach()), [float(a) for a in out.accs],
+                              torch.cat([p.grad.float().flatten() for p in params]))
         for p in params:
             p.grad = None
-    (l0, a0, g0), (l1, a1, g1) = res[False], res[True]
-    rel = float((g0 - g1).norm() / g0.norm())
-    print(f"check T={T}: loss eager {l0:.5f} compiled {l1:.5f}; acc_0 {a0[0]:.4f}/{a1[0]:.4f}; "
-          f"grad rel. diff {rel:.2e}", flush=True)
+    l0, a0, g0 = res["sdpa", False]
+    for key in (("flex_attention", False), ("flex_attention", True)):
+        l1, a1, g1 = res[key]
+        rel = float((g0 - g1).norm() / g0.norm())
+        print(f"check T={T}: loss sdpa/eager {l0:.5f} vs {key[0]}/{'compiled' if key[1] else 'eager'} {l1:.5f}; "
+              f"acc_0 {a0[0]:.4f}/{a1[0]:.4f}; grad rel. diff {rel:.2e}", flush=True)
     attention.COMPILE_ON_CUDA = True
 
 
@@ -177,7 +179,7 @@ def main(argv=None):
     p.add_argument("--max-start", type=int, default=16384)
     p.add_argument("--max-limit", type=int, default=131072)
     p.add_argument("--memory-cap-gib", type=float, help="cap usable GPU memory (e.g. 79.6 = an H100 80GB on an H200)")
-    p.add_argument("--check", type=int, metavar="T", help="compare loss/grads with torch.compile on vs off at T tokens")
+    p.add_argument("--check", default="", metavar="T,..", help="compare loss/grads with torch.compile on vs off at T tokens")
     p.add_argument("--check-fp32", action="store_true", help="run --check on fp32 copies")
     p.add_argument("--profile", type=int, metavar="T", help="print the top CUDA kernels of one step at T tokens")
     args = p.parse_args(argv)
@@ -191,8 +193,8 @@ def main(argv=None):
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
     objs = build(args, device)
-    if args.check:
-        check_compiled(args, objs, args.check, device)
+    for T in [int(x) for x in args.check.split(",") if x]:
+        check_compiled(args, objs, T, device)
     if args.profile:
         profile(args, objs, args.profile, device)
     for T in [int(x) for x in args.lengths.split(",") if x]:
