@@ -179,7 +179,8 @@ def main(argv=None):
     p.add_argument("--max-start", type=int, default=16384)
     p.add_argument("--max-limit", type=int, default=131072)
     p.add_argument("--memory-cap-gib", type=float, help="cap usable GPU memory (e.g. 79.6 = an H100 80GB on an H200)")
-    p.add_argument("--check", default="", metavar="T,..", help="compare loss/grads with torch.compile on vs off at T tokens")
+    p.add_argument("--check", default="", metavar="T,..",
+                   help="compare loss/grads of flex (eager / compiled pieces) with sdpa at these lengths")
     p.add_argument("--check-fp32", action="store_true", help="run --check on fp32 copies")
     p.add_argument("--profile", type=int, metavar="T", help="print the top CUDA kernels of one step at T tokens")
     args = p.parse_args(argv)
@@ -188,7 +189,8 @@ def main(argv=None):
     torch._dynamo.config.cache_size_limit = 256
     device = torch.device("cuda")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, ttt_length {args.ttt_length}, "
-          f"gradient_checkpointing {args.gradient_checkpointing} (steps {args.checkpoint_steps or 'all'}), fp32 master {args.master_fp32}", flush=True)
+          f"gradient_checkpointing {args.gradient_checkpointing} (steps {args.checkpoint_steps or 'all'}), "
+          f"fp32 master {args.master_fp32}", flush=True)
     if args.memory_cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)

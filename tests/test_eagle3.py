@@ -318,8 +318,9 @@ def test_draft_config_from_json_target_and_errors(tmp_path, tiny_target_dir):
     assert yarn == yarn5
     inv, scale = rope_inv_freq(yarn)
     assert scale > 1.0 and not torch.allclose(inv, default)
-    l3 = DraftConfig.from_dict(dict(base, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                            high_freq_factor=4.0, original_max_position_embeddings=512)))
+    l3_scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=512)
+    l3 = DraftConfig.from_dict(dict(base, rope_scaling=l3_scaling))
     inv3 = rope_inv_freq(l3)[0]
     assert inv3[0] == default[0] and inv3[-1] < default[-1]  # high frequencies kept, low ones scaled
 
@@ -338,8 +339,12 @@ def test_target_head_reads_only_named_tensors_sharded_and_tied(tmp_path):
     head = TargetHead.from_pretrained(tmp_path / "sharded", "lm_head.weight", "model.embed_tokens.weight")
     assert torch.equal(head.lm_head, model.lm_head.weight.detach())
     assert torch.equal(head.embed_tokens, model.model.embed_tokens.weight.detach())
-    with pytest.raises(KeyError, match="set model.lm_head_key"):
+    from torchspec.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.lm_head_key .*'output.weight' not found"):
         TargetHead.from_pretrained(tmp_path / "sharded", "output.weight")
+    with pytest.raises(ConfigError, match="similar name: \\['lm_head.weight'\\]"):
+        TargetHead.from_pretrained(tmp_path / "sharded", "model.lm_head.weight")
     tied = AutoModelForCausalLM.from_config(_tied_cfg())
     tied.save_pretrained(tmp_path / "tied")
     th = TargetHead.from_pretrained(tmp_path / "tied", "lm_head.weight", "model.embed_tokens.weight")

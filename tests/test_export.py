@@ -248,7 +248,8 @@ def test_convert_tool_user_errors(tmp_path):
     with pytest.raises(SystemExit, match=re.escape("--prune-vocab 100: must be in [1, current draft_vocab_size=24]")):
         torch.save(torch.ones(V, dtype=torch.long), tmp_path / "c.pt")
         convert_to_hf.main(["--input-dir", str(tmp_path / "ckpt"), "--output-dir", str(tmp_path / "o"),
-                            "--aux-layer-ids", "1,2,3", "--prune-vocab", "100", "--token-counts", str(tmp_path / "c.pt")])
+                            "--aux-layer-ids", "1,2,3", "--prune-vocab", "100",
+                            "--token-counts", str(tmp_path / "c.pt")])
 
 
 def test_prune_keeps_full_vocab_identity():

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from torchspec.config.errors import ConfigError
 from torchspec.models.attention import maybe_compiled
 
 # Rows per chunk are chosen so one chunk's logits hold about this many elements.
@@ -30,7 +31,7 @@ def _safetensors_files(target_path: Path) -> dict[str, Path]:
 
     files = sorted(target_path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"model.target_model_path: no *.safetensors files in {target_path}")
+        raise ConfigError(f"model.target_model_path: no *.safetensors files in {target_path}")
     names = {}
     for f in files:
         with safe_open(str(f), framework="pt") as h:
@@ -47,11 +48,11 @@ def read_tensors(target_path, keys: list[str]) -> dict[str, torch.Tensor]:
     out = {}
     for key in keys:
         if key not in where:
-            near = [k for k in where if k.endswith(key.split(".")[-2] + "." + key.split(".")[-1])][:3] \
-                if key.count(".") else []
+            leaf = ".".join(key.split(".")[-2:])
+            near = [k for k in where if k.endswith(leaf)][:3]
             hint = f"; tensors with a similar name: {near}" if near else ""
-            raise KeyError(f"tensor '{key}' not found in {target_path}{hint} "
-                           "(set model.lm_head_key / model.embedding_key)")
+            raise ConfigError(f"model.lm_head_key / model.embedding_key: tensor '{key}' not found in "
+                              f"{target_path}{hint}")
         with safe_open(str(where[key]), framework="pt") as h:
             out[key] = h.get_tensor(key)
     return out
