@@ -5,11 +5,11 @@
 
 Nothing is downloaded. Stages, cached under --cache-dir (a second run skips 1 and 2):
  1. target: a byte-level BPE tokenizer and a small Qwen3-config model, trained for about a minute
-    (300 steps, at most 150 s) on the Python standard library's own sources (every 10th file is held out), so the target has
-    learned something real (its held-out next-token loss is printed next to a uniform guess's);
- 2. data: conversations in ShareGPT format (user: the start of a code snippet, assistant: its
-    continuation) from the same kind of text: train.jsonl from the training files, eval.jsonl from
-    the held-out ones;
+    (300 steps, at most 150 s) on the Python standard library's own sources, cut into chat-formatted
+    conversations (user: the start of a code snippet, assistant: its continuation); every 10th file
+    is held out. Its held-out next-token loss is printed next to a uniform guess's;
+ 2. data: the same kind of conversations in ShareGPT format: train.jsonl from the training files,
+    eval.jsonl from the held-out ones;
  3. draft: `python -m torchspec.train_entry --config configs/quickstart.yaml` (the full pipeline:
     HF engine -> local store -> controller -> trainer -> checkpoints + export); extra k=v
     arguments are passed on as config overrides;
@@ -101,9 +101,14 @@ def split_corpus(recipe: TargetRecipe) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------------------------------------------
 # stage 1: the target
 
-def build_target(out_dir: Path, recipe: TargetRecipe = TargetRecipe()) -> dict:
-    """Train the tokenizer and the target; save both (HF format) in out_dir. Returns the stage info."""
-    key = asdict(recipe)
+def build_target(out_dir: Path, recipe: TargetRecipe = TargetRecipe(), data: DataRecipe = DataRecipe()) -> dict:
+    """Train the tokenizer and the target; save both (HF format) in out_dir. Returns the stage info.
+
+    The target learns from the training files' text cut into the quickstart's conversations and
+    rendered with the chat template the run uses, so it has seen the chat format it will be served
+    in; its held-out loss is measured on the held-out files' conversations.
+    """
+    key = {**asdict(recipe), "data": asdict(data)}
     hit = _cached(out_dir, key)
     if hit is not None:
         log(f"target: cached in {out_dir} (trained {hit['steps']} steps, held-out loss {hit['heldout_loss']:.2f})")
@@ -119,10 +124,10 @@ def build_target(out_dir: Path, recipe: TargetRecipe = TargetRecipe()) -> dict:
     out_dir.mkdir(parents=True)
     train_texts, held_texts = split_corpus(recipe)
     tok = train_tokenizer(out_dir, texts=train_texts, vocab_size=recipe.vocab_size)
-    train_ids = _token_stream(tok, train_texts)
-    held_ids = _token_stream(tok, held_texts)
+    train_ids = _token_stream(tok, [render_chat(c) for c in conversations(train_texts, data)])
+    held_ids = _token_stream(tok, [render_chat(c) for c in conversations(held_texts, data)])
     log(f"target: tokenizer ({len(tok)} tokens) + {len(train_ids):,} training / {len(held_ids):,} held-out "
-        f"tokens from {len(train_texts) + len(held_texts)} stdlib files in {time.time() - t0:.0f}s")
+        f"tokens of conversations from {len(train_texts) + len(held_texts)} stdlib files in {time.time() - t0:.0f}s")
 
     config = tiny_target_config(
         "qwen3", vocab_size=len(tok), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_hidden_layers,
@@ -213,7 +218,16 @@ def snippets(text: str, recipe: DataRecipe):
             yield prompt, answer
 
 
-def conversations(texts: list[str], recipe: DataRecipe, limit: int) -> list[dict]:
+def render_chat(conversation: dict) -> str:
+    """The conversation as the run's chat template (qwen / ChatML) renders it."""
+    from torchspec.data.templates import QwenTemplate
+
+    roles = {"human": "user", "gpt": "assistant"}
+    return QwenTemplate().render([{"role": roles[m["from"]], "content": m["value"]}
+                                  for m in conversation["conversations"]])[0]
+
+
+def conversations(texts: list[str], recipe: DataRecipe, limit: int | None = None) -> list[dict]:
     out = []
     for text in texts:
         for prompt, answer in snippets(text, recipe):
@@ -221,7 +235,7 @@ def conversations(texts: list[str], recipe: DataRecipe, limit: int) -> list[dict
                 {"from": "human", "value": f"Continue this Python code:\n{prompt}"},
                 {"from": "gpt", "value": answer},
             ]})
-    if len(out) > limit:  # an even spread over all files, not the first few
+    if limit is not None and len(out) > limit:  # an even spread over all files, not the first few
         stride = len(out) / limit
         out = [out[int(i * stride)] for i in range(limit)]
     return out
@@ -286,7 +300,7 @@ class _DictStore:
         self.records.pop(key, None)
 
 
-def evaluate(cache: Path, run_dir: Path, num_tau_prompts: int = 8, max_new_tokens: int = 48) -> dict:
+def evaluate(cache: Path, run_dir: Path, num_tau_prompts: int = 8, max_new_tokens: int = 32) -> dict:
     """acc_k over the held-out conversations and tau, for the untrained and the trained draft."""
     import torch
     from transformers import AutoTokenizer
