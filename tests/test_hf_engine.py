@@ -17,7 +17,7 @@ def _samples(vocab: int, lengths=(5, 11, 3, 8, 11)):
     return out
 
 
-@pytest.mark.parametrize("layers", [[0, 1, 2], [2, 0, 1]])
+@pytest.mark.parametrize("layers", [[0, 1, 2], [0, 2, 3]])
 def test_records_equal_transformers_hidden_states(tiny_target_dir, tmp_path, layers):
     from transformers import AutoModelForCausalLM
 
@@ -56,8 +56,10 @@ def test_default_aux_layers_and_bad_layers(tiny_target_dir, tmp_path):
     L = model.config.num_hidden_layers
     store = LocalStore(root=tmp_path / "store")
     engine = HFEngine(model, store)
-    assert engine.aux_layers == [1, L // 2 - 1, L - 4]
+    assert L == 4 and engine.aux_layers == [0, 1, 2]  # the formula's [1, 1, 0] would repeat a layer
     engine.close()
+    with pytest.raises(ValueError, match=r"\[1, 1, 0\]: need 3 distinct, ascending"):
+        HFEngine(model, store, aux_layers=[1, 1, 0])
     with pytest.raises(ValueError, match=r"inference.aux_hidden_states_layers=\[1, 2, 4\]"):
         HFEngine(model, store, aux_layers=[1, 2, L])
 
@@ -65,3 +67,13 @@ def test_default_aux_layers_and_bad_layers(tiny_target_dir, tmp_path):
 def test_missing_target_path_names_the_key(tmp_path):
     with pytest.raises(TargetLoadError, match="model.target_model_path=.*not a local directory"):
         load_target(str(tmp_path / "nowhere"), torch.float32, "cpu")
+
+
+def test_default_aux_layers_formula_and_small_targets():
+    from torchspec.models import default_aux_layers
+
+    assert default_aux_layers(36) == [1, 17, 32]  # Qwen3-8B: [1, L//2 - 1, L - 4]
+    assert default_aux_layers(8) == [1, 3, 4]
+    for L in range(3, 129):
+        a, b, c = default_aux_layers(L)
+        assert 0 <= a < b < c < L, L

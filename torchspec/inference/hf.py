@@ -50,17 +50,11 @@ def _num_layers(model) -> int:
 
 
 def resolve_aux_layers(layers, num_layers: int) -> list[int]:
-    from torchspec.models import default_aux_layers
+    from torchspec.models import check_aux_layers, default_aux_layers
 
     if layers is None:
         return list(default_aux_layers(num_layers))
-    layers = [int(k) for k in layers]
-    bad = [k for k in layers if not 0 <= k < num_layers]
-    if bad or len(layers) != 3:
-        raise ValueError(
-            f"inference.aux_hidden_states_layers={layers}: need 3 decoder-layer ids in [0, {num_layers - 1}] "
-            f"(id k = output of layer k) for this {num_layers}-layer target")
-    return layers
+    return check_aux_layers(layers, num_layers)
 
 
 class HFEngine:

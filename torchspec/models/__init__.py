@@ -12,11 +12,29 @@ def default_aux_layers(num_layers: int) -> list[int]:
 
     Our convention (= SGLang's): id k is the OUTPUT of decoder layer k (0-based), i.e.
     transformers `hidden_states[k + 1]`. vLLM counts the state ENTERING layer k: add 1 there.
+
+    Servers collect aux states once per distinct id in ascending order (vLLM does), so the ids must
+    be distinct and ascending. For small targets (L < 8, where the formula repeats or goes out of
+    order) the three ids are spread evenly instead: [0, L//2 - 1, L - 2] when distinct, else [0, 1, 2].
     """
-    if num_layers < 4:
-        raise ValueError(f"default aux layers need a target with at least 4 layers, got {num_layers}; "
+    if num_layers < 3:
+        raise ValueError(f"default aux layers need a target with at least 3 layers, got {num_layers}; "
                          "set inference.aux_hidden_states_layers explicitly")
-    return [1, num_layers // 2 - 1, num_layers - 4]
+    for ids in ([1, num_layers // 2 - 1, num_layers - 4], [0, num_layers // 2 - 1, num_layers - 2], [0, 1, 2]):
+        if ids[0] < ids[1] < ids[2]:
+            return ids
+    raise AssertionError("unreachable: [0, 1, 2] is ascending")
 
 
-__all__ = ["default_aux_layers"]
+def check_aux_layers(layers, num_layers: int, key: str = "inference.aux_hidden_states_layers") -> list[int]:
+    """Validate explicit aux-layer ids: 3 distinct, ascending decoder-layer ids of this target."""
+    ids = [int(k) for k in layers]
+    if len(ids) != 3 or not all(0 <= k < num_layers for k in ids) or not ids[0] < ids[1] < ids[2]:
+        raise ValueError(
+            f"{key}={ids}: need 3 distinct, ascending decoder-layer ids in [0, {num_layers - 1}] "
+            f"(id k = output of layer k) for this {num_layers}-layer target; servers gather aux states "
+            "in ascending layer order, so any other order would not match at serving time")
+    return ids
+
+
+__all__ = ["check_aux_layers", "default_aux_layers"]
