@@ -257,3 +257,35 @@ def test_prune_keeps_full_vocab_identity():
     p = prune_draft_vocab(d, torch.arange(V), V)
     assert torch.equal(p.d2t, torch.zeros(V, dtype=torch.long)) and bool(p.t2d.all())
     assert torch.equal(p.lm_head.weight, d.lm_head.weight)
+
+
+def test_convert_tool_prunes_from_a_dataset(tmp_path, tiny_target_dir):
+    """--prune-vocab with --dataset: loss-masked token counts of the conversations (tokenized with the
+    target's tokenizer and the chat template) pick the kept tokens."""
+    import sys
+    sys.path.insert(0, "tools")
+    import convert_to_hf
+    from transformers import AutoConfig, AutoTokenizer
+
+    from torchspec.data import build_dataset, token_frequencies
+
+    tc = AutoConfig.from_pretrained(tiny_target_dir)
+    torch.manual_seed(0)
+    d = LlamaForCausalLMEagle3(DraftConfig.from_target(tc))  # full vocab before pruning
+    write_checkpoint(d, tmp_path / "ckpt", {"aux_layer_ids": [0, 1, 2]})
+    data = tmp_path / "conv.jsonl"
+    data.write_text("\n".join(json.dumps({"conversations": [
+        {"from": "human", "value": f"question {i}: what is {i} + {i}?"},
+        {"from": "gpt", "value": f"def add(a, b):\n    return a + b  # {2 * i}"}]}) for i in range(20)) + "\n")
+    out = convert_to_hf.main(["--input-dir", str(tmp_path / "ckpt"), "--output-dir", str(tmp_path / "out"),
+                              "--target-model-path", str(tiny_target_dir), "--prune-vocab", "16",
+                              "--dataset", str(data), "--chat-template", "qwen"])
+    p, cfg = load_exported(out)
+    tok = AutoTokenizer.from_pretrained(tiny_target_dir)
+    counts = token_frequencies(build_dataset(str(data), tok, chat_template="qwen", max_seq_length=8192,
+                                             prompt_key="conversations", progress=False), tc.vocab_size)
+    in_old = torch.where(d.t2d, counts, torch.full_like(counts, -1))
+    expected = torch.sort(-in_old, stable=True).indices[:16].sort().values
+    assert torch.equal((torch.arange(16) + p.d2t).sort().values, expected)
+    assert int(counts[expected].min()) > 0  # the kept tokens really occur in assistant turns
+    assert cfg["eos_token_id"] == tc.eos_token_id  # target fields copied from --target-model-path
