@@ -17,7 +17,9 @@ def _samples(vocab: int, lengths=(5, 11, 3, 8, 11)):
     return out
 
 
-@pytest.mark.parametrize("layers", [[0, 1, 2], [0, 2, 3]])
+# (transformers' hidden_states[L] is the POST-norm output of the last layer, so the reference below
+# holds for ids < L - 1 only; the 4-layer fixture leaves [0, 1, 2].)
+@pytest.mark.parametrize("layers", [[0, 1, 2]])
 def test_records_equal_transformers_hidden_states(tiny_target_dir, tmp_path, layers):
     from transformers import AutoModelForCausalLM
 
