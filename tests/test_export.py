@@ -252,6 +252,19 @@ def test_convert_tool_user_errors(tmp_path):
                             "--token-counts", str(tmp_path / "c.pt")])
 
 
+def test_full_vocab_export_has_no_vocab_map(tmp_path):
+    """vLLM creates no draft_id_to_target_id when draft_vocab_size == vocab_size: d2t must not be written."""
+    d = LlamaForCausalLMEagle3(make_draft().config.replace(draft_vocab_size=V))
+    out = export_draft(d, tmp_path / "full", None, aux_layer_ids=[1, 2, 3])
+    names = set(read(out))
+    assert names == set(EXPECTED) - {"d2t", "t2d"}
+    mapped = {vllm_name(n) for n in names} - {None}
+    assert mapped <= set(VLLM_PARAMS) - {"draft_id_to_target_id"}
+    back, _ = load_exported(out)
+    assert bool(back.t2d.all()) and not bool(back.d2t.any())
+    assert torch.equal(back.lm_head.weight, d.lm_head.weight)
+
+
 def test_prune_keeps_full_vocab_identity():
     d = LlamaForCausalLMEagle3(make_draft().config.replace(draft_vocab_size=V))
     p = prune_draft_vocab(d, torch.arange(V), V)

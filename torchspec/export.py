@@ -4,10 +4,11 @@ Layout (checked against SGLang `models/llama_eagle3.py` and vLLM `model_executor
   config.json        LlamaConfig-style: architectures ["LlamaForCausalLMEagle3"], model_type llama,
                      the draft's shape, vocab_size (target vocab), draft_vocab_size, target_hidden_size,
                      norm_before_residual false (our residual is the un-normed hidden, as SGLang's).
-  model.safetensors  midlayer.*, fc.weight, norm.weight, lm_head.weight, d2t, t2d, and
-                     embed_tokens.weight only when the embeddings were trained (otherwise both
-                     servers share the target's). Names are checked before returning: vLLM fails on
-                     an unknown name but silently keeps its init for a missing one.
+  model.safetensors  midlayer.*, fc.weight, norm.weight, lm_head.weight; d2t and t2d only for a
+                     pruned vocab (vLLM 0.32 has no d2t parameter when draft_vocab_size ==
+                     vocab_size, and an unknown name fails its load); embed_tokens.weight only when
+                     the embeddings were trained (otherwise both servers share the target's). Names
+                     are checked before returning: vLLM silently keeps its init for a missing one.
 Aux-layer ids. Ours (= SGLang's): id k = OUTPUT of target decoder layer k. vLLM: id k = the state
 ENTERING layer k, i.e. ours + 1. config.json carries both, each where its reader looks first:
   eagle_config.eagle_aux_hidden_state_layer_ids   ours      (SGLang and SpecForge read this)
@@ -49,9 +50,10 @@ def expected_tensors(cfg: DraftConfig, with_embeddings: bool) -> dict[str, tuple
         "midlayer.mlp.down_proj.weight": (H, I),
         "norm.weight": (H,),
         "lm_head.weight": (cfg.draft_vocab_size, H),
-        "d2t": (cfg.draft_vocab_size,),
-        "t2d": (cfg.vocab_size,),
     }
+    if cfg.draft_vocab_size != cfg.vocab_size:  # vLLM has no d2t parameter for a full-vocab draft
+        names["d2t"] = (cfg.draft_vocab_size,)
+        names["t2d"] = (cfg.vocab_size,)
     if with_embeddings:
         names["embed_tokens.weight"] = (cfg.vocab_size, H)
     return names

@@ -341,7 +341,10 @@ class LlamaForCausalLMEagle3(nn.Module):
 
     def load_checkpoint_state_dict(self, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         own = self.state_dict()
-        missing = sorted(set(own) - set(sd) - {"embed_tokens.weight"})
+        optional = {"embed_tokens.weight"}  # from the target when frozen
+        if self.config.draft_vocab_size == self.config.vocab_size:
+            optional |= {"d2t", "t2d"}  # identity map: exports of full-vocab drafts omit them
+        missing = sorted(set(own) - set(sd) - optional)
         unknown = sorted(set(sd) - set(own))
         if missing or unknown:
             raise ValueError(f"{source}: tensors do not match the draft config (missing {missing}, unknown {unknown})")
