@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,10 @@ from typing import Callable
 
 from torchspec.pipeline.build import ModelSpec, draft_config_for
 from torchspec.pipeline.controller import Controller
-from torchspec.pipeline.launcher_local import TrainerRanks, plan_local, start_engines
+from torchspec.pipeline.launcher import TrainerRanks, plan_placement, start_engines
 
 log = logging.getLogger("torchspec.pipeline")
+RATE_WINDOW = 20   # optimizer steps over which metrics' samples/s rates are measured
 
 
 @dataclass
@@ -164,7 +166,7 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
     aux_layers = _aux_layers(cfg, text_config)
     d2t, t2d = vocab_map_for(samples, draft_config.vocab_size, draft_config.draft_vocab_size)
 
-    placement = plan_local(cfg)
+    placement = plan_placement(cfg)   # local or Ray (inference.launcher)
     log.info("placement: %s", placement.describe())
     world = len(placement.trainer_devices)
     plan = plan_steps(tr, len(samples), world)
@@ -187,6 +189,7 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
     t_start = time.monotonic()
     train_time = 0.0
     trained_samples = 0
+    recent = deque(maxlen=RATE_WINDOW + 1)   # (time, trained samples, train seconds) at recent steps
     last_saved = None
 
     def save(step: int):
@@ -213,12 +216,17 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
         for key in sorted({k for w in window for k in w if k == "loss" or k.startswith(("acc_", "loss_"))}):
             record[key] = _mean(window, key)
         record.update(epoch=controller.epoch - (1 if epoch_ended else 0), pool_size=controller.pool_size(),
-                      samples_per_s=trained_samples / elapsed,
                       inference_samples_per_s=_inference_capacity(controller, engines),
-                      training_samples_per_s=trained_samples / max(train_time, 1e-9),
                       data_wait_frac=controller.data_wait_s / elapsed, data_wait_s=controller.data_wait_s,
                       elapsed_s=elapsed, store_bytes=store.bytes_used(),
                       store_put_gb_per_s=_put_bandwidth(store))
+        # rates over the last RATE_WINDOW steps (start-up and compilation drop out of them)
+        recent.append((time.monotonic(), trained_samples, train_time))
+        (t0, n0, busy0), (t1, n1, busy1) = recent[0], recent[-1]
+        if len(recent) == 1:
+            t0, n0, busy0 = t_start, 0, 0.0
+        record["samples_per_s"] = (n1 - n0) / max(t1 - t0, 1e-9)
+        record["training_samples_per_s"] = (n1 - n0) / max(busy1 - busy0, 1e-9)
         window.clear()
         logger.log(step, record)
         result.losses.append((step, record["loss"]))
