@@ -163,3 +163,39 @@ def test_engine_failure_and_bad_pool_size(tmp_path):
                       inference_buffer_threshold=1)
     with pytest.raises(RuntimeError, match="inference engine 0 failed"):
         ctrl.next_micro_batches()
+
+
+class CountingLazy:
+    """A lazily materialised dataset (like defer_tokenization): ids known up front, samples on access."""
+
+    def __init__(self, data):
+        self.data, self.accessed = data, []
+
+    @property
+    def sample_ids(self):
+        return [s.sample_id for s in self.data]
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.accessed.append(i)
+        return self.data[i]
+
+    def __iter__(self):
+        raise AssertionError("the controller must not iterate (tokenize) the whole dataset")
+
+
+def test_lazy_dataset_is_read_only_when_handed_to_engines(tmp_path):
+    lazy = CountingLazy(_dataset(9))
+    store = LocalStore(root=tmp_path / "s")
+    ctrl = Controller(lazy, InlineEngines(FakeEngine(store)), store, micro_batch_size=2, num_epochs=1,
+                      max_sample_pool_size=4, inference_batch_size=2, inference_buffer_threshold=2)
+    assert lazy.accessed == []
+    first = ctrl.next_micro_batches()
+    assert 2 <= len(lazy.accessed) <= 4          # only what the engines were given so far
+    ctrl.mark_trained(first)
+    rest = _flat(_drive(ctrl, store))
+    assert sorted(rest + [s.sample_id for s in first[0]]) == sorted(s.sample_id for s in lazy.data)
+    assert sorted(lazy.accessed) == list(range(9))
+    ctrl.shutdown()

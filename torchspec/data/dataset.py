@@ -39,6 +39,11 @@ class LazySamples(Sequence):
     def __len__(self):
         return len(self.conversations)
 
+    @property
+    def sample_ids(self) -> list[str]:
+        """Every sample's id, without tokenizing (the pipeline controller schedules by id)."""
+        return [c.sample_id for c in self.conversations]
+
     def __getitem__(self, i) -> Sample:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]

@@ -67,10 +67,15 @@ class Controller:
             raise ValueError(
                 f"inference.max_sample_pool_size={max_sample_pool_size} must hold at least one micro-batch per "
                 f"trainer rank (training.micro_batch_size={micro_batch_size} x {num_ranks} ranks)")
-        self.samples = {s.sample_id: s for s in samples}
-        if len(self.samples) != len(samples):
+        # Samples are read by position when they are handed to an engine, so a lazily tokenized
+        # dataset (dataset.defer_tokenization) is tokenized then, not here; its `sample_ids` name them.
+        self.samples = samples
+        ids = getattr(samples, "sample_ids", None)
+        ids = list(ids) if ids is not None else [s.sample_id for s in samples]
+        self.index = {sid: i for i, sid in enumerate(ids)}
+        if len(self.index) != len(ids):
             raise ValueError("duplicate sample ids in the dataset")
-        if not self.samples:
+        if not self.index:
             raise ValueError("the dataset has no samples")
         self.engines = engines
         self.store = store
@@ -99,11 +104,11 @@ class Controller:
 
     # -- state ------------------------------------------------------------------------------------
     def _start_epoch(self, skip: set[str] = frozenset()) -> None:
-        unknown = skip - self.samples.keys()
+        unknown = skip - self.index.keys()
         if unknown:
             raise ValueError(f"the resumed data state names {len(unknown)} sample ids not in this dataset "
                              f"(e.g. {sorted(unknown)[0]!r}); resume with the same dataset")
-        order = epoch_order(list(self.samples), self.seed, self.epoch) if self.epoch < self.num_epochs else []
+        order = epoch_order(list(self.index), self.seed, self.epoch) if self.epoch < self.num_epochs else []
         self.prompts: deque[str] = deque(i for i in order if i not in skip)
         self.remaining = len(self.prompts)   # samples of this epoch not yet trained
 
@@ -130,7 +135,7 @@ class Controller:
                 n = min(self.batch_size, len(self.prompts), room)
                 if n <= 0:
                     return
-                batch = [self.samples[self.prompts.popleft()] for _ in range(n)]
+                batch = [self.samples[self.index[self.prompts.popleft()]] for _ in range(n)]
                 self.engines.submit(w, batch)
                 self.in_flight[w] += n
                 self.in_flight_ids.update(s.sample_id for s in batch)
