@@ -159,6 +159,9 @@ class InferenceConfig:
     # Target inside the trainer process, on the trainer's device (the CPU quickstart, or one GPU
     # shared by target and draft); otherwise engines are processes on their own GPUs.
     colocate: bool = False
+    # Who places the engines: local (processes on this machine) or ray (one Ray actor per engine;
+    # always used when the run spans several nodes).
+    launcher: str = "local"
     # Bytes of hidden states the embedded local store may hold; null = bounded by max_sample_pool_size only.
     store_capacity: Optional[int] = field(default=None, metadata=SIZE)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)

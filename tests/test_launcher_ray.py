@@ -1,0 +1,177 @@
+"""The Ray launcher on a local, CPU-only Ray cluster (127.0.0.1): the full pipeline with engine actors."""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline_helpers import ids_by_epoch, tiny_run_config
+from torchspec.pipeline.launcher import plan_placement, select_launcher
+from torchspec.pipeline.launcher_local import PlacementError
+from torchspec.pipeline.runner import run_training
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray cluster of this machine alone, every server on 127.0.0.1, no usage reporting."""
+    from ray._private import ray_constants
+
+    env = {"RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}   # Ray's "no cluster" mode: loopback addresses only
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    saved_flag, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
+                 object_store_memory=80 << 20, log_to_driver=False)
+        assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+        yield ray
+    finally:
+        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _cpus_free(n: float, timeout: float = 10.0) -> bool:
+    """True once Ray has all n CPUs free again (placement groups are removed asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU") != n:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class _RecordingFactory:
+    """The config's engine, built where Ray runs it; leaves one file per engine: pid -> actor id, device."""
+
+    def __init__(self, cfg, out_dir: Path):
+        self.cfg, self.out_dir = cfg, out_dir
+
+    def __call__(self, store, device):
+        from torchspec.inference.factory import build_engine
+
+        actor_id = ray.get_runtime_context().get_actor_id()
+        (self.out_dir / str(os.getpid())).write_text(f"{actor_id} {device}")
+        return build_engine(self.cfg, store, device)
+
+
+def _ray_config(tmp_path, target_dir, engines: int, **kw):
+    cfg = tiny_run_config(tmp_path, target_dir, engines=engines, **kw)
+    cfg.inference.launcher = "ray"
+    return cfg
+
+
+def test_two_ray_engine_actors_every_sample_once_per_epoch(tmp_path, tiny_target_dir, local_ray):
+    cfg = _ray_config(tmp_path, tiny_target_dir, engines=2, num_epochs=2)
+    placement = plan_placement(cfg)
+    assert (placement.num_engines, placement.bundles, placement.strategy) == (2, ({"CPU": 1},), "STRICT_PACK")
+    (tmp_path / "engines").mkdir()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the factory class travels by value
+    result = run_training(cfg, engine_factory=_RecordingFactory(cfg, tmp_path / "engines"), progress=False)
+    # two engines, each built inside its own Ray actor (another process), on CPU
+    built = {int(p.name): p.read_text().split() for p in (tmp_path / "engines").iterdir()}
+    assert len(built) == 2 and os.getpid() not in built
+    assert len({a for a, _ in built.values()}) == 2 and all(a != "None" and d == "cpu" for a, d in built.values())
+
+    from torchspec.data.dataset import from_config, load_tokenizer
+    all_ids = sorted(s.sample_id for s in from_config(cfg, load_tokenizer(cfg), progress=False))
+    epochs = ids_by_epoch(result.trained)
+    assert sorted(epochs) == [0, 1]
+    for e in (0, 1):
+        assert sorted(epochs[e]) == all_ids             # every id exactly once per epoch
+    assert not result.interrupted and result.global_step == 12
+    assert result.pool_sizes and max(result.pool_sizes) <= cfg.inference.max_sample_pool_size
+    # the actors' puts are accounted in the driver's store counters: all bytes released, none leaked
+    assert result.store_put_bytes > 0 and result.store_bytes_end == 0
+    assert not list(result.store_root.parent.glob(result.store_root.name))   # the store directory is gone
+    assert all(loss == loss and loss > 0 for _, loss in result.losses)
+    # the placement groups are gone afterwards, and the actors' CPUs free again
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+    assert _cpus_free(2)
+
+
+def test_ray_engine_losses_bitwise_equal_local_engine(tmp_path, tiny_target_dir, local_ray):
+    """One engine each (Ray actor vs spawned process): same sample order and bitwise-equal losses. With
+    several engines the pool's order depends on which engine finishes first, under either launcher."""
+    ray_run = run_training(_ray_config(tmp_path / "ray", tiny_target_dir, engines=1, num_epochs=1, seed=5),
+                           progress=False)
+    local_run = run_training(tiny_run_config(tmp_path / "local", tiny_target_dir, engines=1, num_epochs=1, seed=5),
+                             progress=False)
+    assert len(ray_run.losses) == 6
+    assert [x[2] for x in ray_run.trained] == [x[2] for x in local_run.trained]
+    assert ray_run.losses == local_run.losses            # floats compared exactly
+    assert ray_run.store_bytes_end == local_run.store_bytes_end == 0
+
+
+def test_missing_ray_is_one_clear_error(tmp_path, tiny_target_dir, monkeypatch):
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=1, training_num_nodes=2)
+    monkeypatch.setitem(sys.modules, "ray", None)       # `import ray` now fails
+    with pytest.raises(ImportError, match=r"training.training_num_nodes=2: a run over several nodes needs the "
+                                          r"Ray launcher: .*pip install 'torchspec\[ray\]'"):
+        select_launcher(cfg)
+    cfg.training.training_num_nodes = 1
+    assert select_launcher(cfg) == "local"
+    cfg.inference.launcher = "ray"
+    with pytest.raises(ImportError, match=r"inference.launcher=ray needs the Ray launcher"):
+        select_launcher(cfg)
+    cfg.inference.launcher = "slurm"
+    with pytest.raises(PlacementError, match=r"inference.launcher='slurm': unknown launcher"):
+        select_launcher(cfg)
+
+
+def test_gpu_placement_bundles(tmp_path, tiny_target_dir):
+    from torchspec.pipeline.launcher_ray import plan_ray
+
+    cfg = _ray_config(tmp_path, tiny_target_dir, engines=4, training_num_gpus_per_node=2)
+    p = plan_ray(cfg, cluster_gpus=8, local_gpus=8)
+    assert (p.num_engines, p.bundles, p.strategy, p.actor_gpus) == (4, ({"GPU": 1},), "STRICT_PACK", 1)
+    assert p.trainer_devices == ("cuda:6", "cuda:7")
+    # sglang engines of 16 GPUs over 2 nodes of 8: one bundle per node, spread over distinct nodes
+    cfg.inference.inference_engine_type = "sgl"
+    cfg.inference.sglang.nnodes, cfg.inference.sglang.tp_size = 2, 16
+    cfg.inference.inference_num_gpus, cfg.inference.inference_num_gpus_per_node = 32, 8
+    p = plan_ray(cfg, cluster_gpus=40, local_gpus=8)
+    assert (p.num_engines, p.bundles, p.strategy, p.actor_gpus) == (2, ({"GPU": 8},) * 2, "STRICT_SPREAD", 8)
+    cfg.training.training_num_nodes = 2
+    with pytest.raises(PlacementError, match="training.training_num_nodes=2: trainer ranks on several nodes"):
+        plan_ray(cfg, cluster_gpus=40, local_gpus=8)
+    cfg.training.training_num_nodes = 1
+    cfg.inference.colocate = True
+    with pytest.raises(PlacementError, match="inference.colocate=true"):
+        plan_ray(cfg, cluster_gpus=40, local_gpus=8)
+
+
+def test_local_store_refuses_engines_off_the_driver_node(tmp_path, tiny_target_dir, local_ray, monkeypatch):
+    """Placement groups placed on another node (faked): a clear error before any actor starts, and the
+    placement groups are removed again."""
+    import importlib
+
+    from torchspec.pipeline.launcher_ray import RayEngines, plan_ray
+    from torchspec.transfer.local import LocalStore
+
+    rpg = importlib.import_module("ray.util.placement_group")   # (the package attribute is the function)
+    real_table = rpg.placement_group_table
+
+    def elsewhere(pg=None):
+        t = real_table(pg)
+        return {**t, "bundles_to_node_id": {i: "f" * 56 for i in t["bundles_to_node_id"]}}
+
+    monkeypatch.setattr(rpg, "placement_group_table", elsewhere)
+    cfg = _ray_config(tmp_path, tiny_target_dir, engines=2)
+    store = LocalStore()
+    try:
+        with pytest.raises(PlacementError, match="other than the driver's; the local hidden-state store is shared "
+                                                 "memory on one node: use the mooncake store"):
+            RayEngines(lambda s, d: None, store, plan_ray(cfg, cluster_gpus=0))
+    finally:
+        store.close()
+    assert _cpus_free(2)
