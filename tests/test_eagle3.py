@@ -370,7 +370,7 @@ def _tied_cfg():
 def test_tiny_draft_learns_a_fixed_random_target():
     """300 AdamW steps on a fixed random Qwen3 target's hidden states (CPU, a few seconds):
     held-out acc_0 ends far above chance (1/64) and above the best constant guess
-    (measured at commit time: init 0.02, held-out acc_0 0.36 / acc_1 0.36 / acc_2 0.36, best constant 0.14)."""
+    (measured: init acc_0 0.015, held-out acc_0/1/2 0.40/0.39/0.37 after training; best constant 0.14)."""
     from transformers import AutoModelForCausalLM
 
     from torchspec.models import default_aux_layers
