@@ -64,6 +64,12 @@ class _RecordingFactory:
         return build_engine(self.cfg, store, device)
 
 
+def _bad_target_factory(store, device):
+    from torchspec.config.errors import ConfigError
+
+    raise ConfigError("model.target_model_path=/nowhere: no such directory (command line)")
+
+
 def _ray_config(tmp_path, target_dir, engines: int, **kw):
     cfg = tiny_run_config(tmp_path, target_dir, engines=engines, **kw)
     cfg.inference.launcher = "ray"
@@ -175,3 +181,35 @@ def test_local_store_refuses_engines_off_the_driver_node(tmp_path, tiny_target_d
     finally:
         store.close()
     assert _cpus_free(2)
+
+
+def test_engine_config_error_in_actor_is_one_line(tmp_path, tiny_target_dir, local_ray):
+    """A user error raised while an actor builds its engine reaches the driver as the same one-line
+    ConfigError (no Ray traceback), and the actors and placement groups are cleaned up."""
+    from torchspec.config.errors import ConfigError
+    from torchspec.pipeline.launcher_ray import RayEngines, plan_ray
+    from torchspec.transfer.local import LocalStore
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    store = LocalStore()
+    try:
+        with pytest.raises(ConfigError) as e:
+            RayEngines(_bad_target_factory, store, plan_ray(_ray_config(tmp_path, tiny_target_dir, engines=2), 0))
+    finally:
+        store.close()
+    assert str(e.value) == "model.target_model_path=/nowhere: no such directory (command line)"
+    assert _cpus_free(2)
+
+
+def test_launcher_is_validated_with_the_config(tmp_path, tiny_target_dir):
+    from torchspec.config.errors import ConfigError
+    from torchspec.config.loader import load_config
+
+    cfg_file = tmp_path / "c.yaml"
+    train = tmp_path / "train.jsonl"
+    train.write_text("")
+    cfg_file.write_text(f"model:\n  target_model_path: {tiny_target_dir}\n"
+                        f"dataset:\n  train_data_path: {train}\ninference:\n  launcher: rey\n")
+    with pytest.raises(ConfigError, match=r"inference.launcher.*expected one of local, ray.*c.yaml"):
+        load_config([cfg_file])
+    assert load_config([cfg_file], ["inference.launcher=ray"]).inference.launcher == "ray"

@@ -32,6 +32,7 @@ FREE = {"free": True}
 
 # Allowed values of the enumerated fields (checked by torchspec.config.validate).
 INFERENCE_ENGINE_TYPES = ("hf", "sgl", "vllm")
+LAUNCHERS = ("local", "ray")
 TRAINING_ATTENTION_BACKENDS = ("sdpa", "flex_attention")
 # Which TTT rows are supervised: "eagle" = loss_mask[t+k] (EAGLE/SpecForge); "serving" = the predicted token
 # x_{t+2+k} is an assistant token (see ARCHITECTURE.md, the Eagle3 contract).

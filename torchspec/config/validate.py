@@ -64,6 +64,7 @@ def _chat_template_names() -> tuple[str, ...]:
 
 def _check_choices(cfg: Config) -> None:
     _one_of(cfg, "inference.inference_engine_type", S.INFERENCE_ENGINE_TYPES)
+    _one_of(cfg, "inference.launcher", S.LAUNCHERS)
     _one_of(cfg, "training.attention_backend", S.TRAINING_ATTENTION_BACKENDS)
     _one_of(cfg, "training.loss_mask_alignment", S.LOSS_MASK_ALIGNMENTS)
     _one_of(cfg, "dataset.chat_template", _chat_template_names())

@@ -15,7 +15,6 @@ from torchspec.pipeline.launcher_local import PlacementError, TrainerRanks  # no
 
 log = logging.getLogger("torchspec.pipeline")
 
-LAUNCHERS = ("local", "ray")
 
 
 def multi_node_reason(cfg) -> str | None:
@@ -32,6 +31,8 @@ def multi_node_reason(cfg) -> str | None:
 
 def select_launcher(cfg) -> str:
     """'local' or 'ray'; raises one clear error for an unknown launcher or a missing ray."""
+    from torchspec.config.schema import LAUNCHERS
+
     launcher = cfg.inference.launcher
     if launcher not in LAUNCHERS:
         raise PlacementError(f"inference.launcher={launcher!r}: unknown launcher (expected local or ray)")

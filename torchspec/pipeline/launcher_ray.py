@@ -9,8 +9,11 @@ same way), reserved by its own placement group:
 - CPU-only cluster: one bundle `{"CPU": 1}` per engine (STRICT_PACK).
 Trainer ranks stay on the driver's node (`TrainerRanks`), on the GPUs after the engines' there.
 
-Ray is connected to with `ray.init()` unless the caller already did (RAY_ADDRESS or a `ray start`
-cluster on this machine is joined; otherwise a local one is started and shut down on close()).
+Ray: unless the caller already connected, the cluster RAY_ADDRESS names is joined (`auto` = the one
+`ray start` made on this machine); without RAY_ADDRESS a Ray of this machine alone is started for the
+run (GPUs: all but the trainer ranks') and shut down when the engines close. On a cluster, start the
+driver node's Ray with `--num-gpus` excluding the trainer's GPUs (checked: an engine given one of them
+is an error).
 
 Hidden states: the embedded local store (shared memory) works only when every actor runs on the
 driver's node; that is checked once the placement groups are placed. Across machines the store
@@ -187,19 +190,26 @@ class _EngineActor:
     def __init__(self, engine_factory, store, num_threads: int):
         import ray
 
-        gpu_ids = ray.get_gpu_ids()
-        if gpu_ids:
+        from torchspec.config.errors import ConfigError
+
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        self.engine, self.config_error = None, None
+        if self.gpu_ids:
             device = "cuda:0"   # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs
             torch.cuda.set_device(0)
         else:
             device = "cpu"
             torch.set_num_threads(num_threads)
-        self.engine = engine_factory(store, device)
+        try:
+            self.engine = engine_factory(store, device)
+        except ConfigError as e:   # user-caused (e.g. model.target_model_path): one line for the driver
+            self.config_error = str(e)
 
-    def ready(self) -> tuple[str, int]:
+    def ready(self) -> dict:
         import ray
 
-        return ray.get_runtime_context().get_node_id(), os.getpid()
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "gpu_ids": self.gpu_ids,
+                "config_error": self.config_error}
 
     def generate(self, items) -> tuple[list[StoredSample], float]:
         t0 = time.monotonic()
@@ -207,7 +217,8 @@ class _EngineActor:
         return stored, time.monotonic() - t0
 
     def close(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
 class RayEngines:
@@ -260,13 +271,30 @@ class RayEngines:
                 ready = ray.get([a.ready.remote() for a in self.actors], timeout=start_timeout)
             except ray.exceptions.RayActorError as e:
                 raise RuntimeError(f"an inference engine actor failed to start:\n{e}") from None
-            if local_store and {n for n, _ in ready} - {ray.get_runtime_context().get_node_id()}:
-                raise PlacementError("an inference engine actor runs on another node than the driver's; the local "
-                                     "store needs every engine on the driver's node (use the mooncake store)")
-            self.pids = [pid for _, pid in ready]
+            self._check_ready(ready, placement, local_store)
+            self.pids = [r["pid"] for r in ready]
         except BaseException:
             self.close()
             raise
+
+    def _check_ready(self, ready: list[dict], placement: RayPlacement, local_store: bool) -> None:
+        from torchspec.config.errors import ConfigError
+
+        for r in ready:
+            if r["config_error"]:
+                raise ConfigError(r["config_error"])
+        here = self._ray.get_runtime_context().get_node_id()
+        if local_store and any(r["node"] != here for r in ready):
+            raise PlacementError("an inference engine actor runs on another node than the driver's; the local "
+                                 "store needs every engine on the driver's node (use the mooncake store)")
+        # Trainer ranks use the driver node's last GPUs: an engine there must not have been given one.
+        trainer_ids = {d.removeprefix("cuda:") for d in placement.trainer_devices if d.startswith("cuda")}
+        clash = sorted({g for r in ready if r["node"] == here for g in r["gpu_ids"]} & trainer_ids)
+        if clash:
+            raise PlacementError(
+                f"Ray gave GPU(s) {clash} of the driver's node to inference engines, but the trainer ranks use "
+                f"{', '.join(placement.trainer_devices)}; start this node's Ray with --num-gpus excluding the "
+                f"{len(trainer_ids)} trainer GPU(s) (training.training_num_gpus_per_node)")
 
     def submit(self, worker: int, samples: list) -> None:
         self.pending[self.actors[worker].generate.remote(_to_wire(samples))] = worker
@@ -318,14 +346,22 @@ class RayEngines:
 _started_ray = False   # this launcher called ray.init(): it also shuts Ray down when its engines close
 
 
-def _connect() -> None:
-    """ray.init() unless already connected (RAY_ADDRESS / a `ray start` cluster here, else a local one)."""
+def _connect(cfg) -> None:
+    """Connect to Ray unless already connected: the cluster RAY_ADDRESS names ("auto" = the one `ray start`
+    made on this machine), else a Ray of this machine alone, started here, holding back the GPUs the
+    trainer ranks use."""
     global _started_ray
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
         ray.init()
-        _started_ray = True
+        return
+    local_gpus = torch.cuda.device_count()
+    ray.init(address="local", include_dashboard=False,
+             num_gpus=max(local_gpus - cfg.training.training_num_gpus_per_node, 0) if local_gpus else 0)
+    _started_ray = True
 
 
 def _disconnect() -> None:
@@ -349,7 +385,7 @@ def plan_ray_connected(cfg) -> RayPlacement:
     """Connect to Ray and plan for its cluster's resources."""
     import ray
 
-    _connect()
+    _connect(cfg)
     return plan_ray(cfg, ray.cluster_resources().get("GPU", 0))
 
 
@@ -357,7 +393,7 @@ def start_ray_engines(cfg, store, placement: RayPlacement, engine_factory=None) 
     """The EngineGroup for a Ray placement. engine_factory(store, device) -> Engine; default: the config's."""
     from torchspec.inference.factory import build_engine
 
-    _connect()
+    _connect(cfg)
     factory = engine_factory or functools.partial(build_engine, cfg)
     cls = _OwnedRayEngines if _started_ray else RayEngines
     try:
