@@ -50,8 +50,23 @@ def _cpus_free(n: float, timeout: float = 10.0) -> bool:
     return True
 
 
+class _RecordingEngine:
+    """The config's engine; appends the ids it generated to a file named by its process id."""
+
+    def __init__(self, engine, path: Path):
+        self.engine, self.path = engine, path
+
+    def generate(self, samples):
+        with open(self.path, "a") as f:
+            f.writelines(f"{s.sample_id}\n" for s in samples)
+        return self.engine.generate(samples)
+
+    def close(self):
+        self.engine.close()
+
+
 class _RecordingFactory:
-    """The config's engine, built where Ray runs it; leaves one file per engine: pid -> actor id, device."""
+    """Builds the config's engine where Ray runs it; leaves `<pid>.built` (actor id, device) per engine."""
 
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir = cfg, out_dir
@@ -60,8 +75,8 @@ class _RecordingFactory:
         from torchspec.inference.factory import build_engine
 
         actor_id = ray.get_runtime_context().get_actor_id()
-        (self.out_dir / str(os.getpid())).write_text(f"{actor_id} {device}")
-        return build_engine(self.cfg, store, device)
+        (self.out_dir / f"{os.getpid()}.built").write_text(f"{actor_id} {device}")
+        return _RecordingEngine(build_engine(self.cfg, store, device), self.out_dir / f"{os.getpid()}.ids")
 
 
 def _bad_target_factory(store, device):
@@ -84,9 +99,13 @@ def test_two_ray_engine_actors_every_sample_once_per_epoch(tmp_path, tiny_target
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the factory class travels by value
     result = run_training(cfg, engine_factory=_RecordingFactory(cfg, tmp_path / "engines"), progress=False)
     # two engines, each built inside its own Ray actor (another process), on CPU
-    built = {int(p.name): p.read_text().split() for p in (tmp_path / "engines").iterdir()}
+    built = {int(p.stem): p.read_text().split() for p in (tmp_path / "engines").glob("*.built")}
     assert len(built) == 2 and os.getpid() not in built
     assert len({a for a, _ in built.values()}) == 2 and all(a != "None" and d == "cpu" for a, d in built.values())
+    # both actors generated, and between them every sample exactly once per epoch
+    ids_files = {pid: tmp_path / "engines" / f"{pid}.ids" for pid in built}
+    assert all(f.is_file() for f in ids_files.values()), "an engine actor never generated"
+    generated = {pid: f.read_text().split() for pid, f in ids_files.items()}
 
     from torchspec.data.dataset import from_config, load_tokenizer
     all_ids = sorted(s.sample_id for s in from_config(cfg, load_tokenizer(cfg), progress=False))
@@ -94,6 +113,7 @@ def test_two_ray_engine_actors_every_sample_once_per_epoch(tmp_path, tiny_target
     assert sorted(epochs) == [0, 1]
     for e in (0, 1):
         assert sorted(epochs[e]) == all_ids             # every id exactly once per epoch
+    assert sorted(sum(generated.values(), [])) == sorted(all_ids * 2)
     assert not result.interrupted and result.global_step == 12
     assert result.pool_sizes and max(result.pool_sizes) <= cfg.inference.max_sample_pool_size
     # the actors' puts are accounted in the driver's store counters: all bytes released, none leaked

@@ -271,6 +271,9 @@ class RayEngines:
                 ready = ray.get([a.ready.remote() for a in self.actors], timeout=start_timeout)
             except ray.exceptions.RayActorError as e:
                 raise RuntimeError(f"an inference engine actor failed to start:\n{e}") from None
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"the inference engine actors did not start within {start_timeout:.0f}s "
+                                   "(loading the target?)") from None
             self._check_ready(ready, placement, local_store)
             self.pids = [r["pid"] for r in ready]
         except BaseException:
@@ -307,8 +310,9 @@ class RayEngines:
         done, _ = ray.wait(refs, num_returns=1, timeout=max(timeout, 0.0))
         if done:   # then everything else already finished, without waiting
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        finished = set(done)
         out = []
-        for ref in done:
+        for ref in (r for r in refs if r in finished):   # in submission order
             worker = self.pending.pop(ref)
             try:
                 stored, seconds = ray.get(ref)
@@ -317,7 +321,6 @@ class RayEngines:
                 raise RuntimeError(f"inference engine {worker} (Ray actor) failed:\n{e}") from None
             self.busy_s += seconds
             out.append((worker, stored))
-        out.sort(key=lambda x: x[0])
         return out
 
     def close(self) -> None:
