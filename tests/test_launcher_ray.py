@@ -153,6 +153,12 @@ def test_missing_ray_is_one_clear_error(tmp_path, tiny_target_dir, monkeypatch):
         select_launcher(cfg)
     cfg.training.training_num_nodes = 1
     assert select_launcher(cfg) == "local"
+    cfg.inference.inference_num_gpus, cfg.inference.inference_num_gpus_per_node = 16, 8   # engines on 2 nodes
+    with pytest.raises(ImportError, match=r"inference.inference_num_gpus=16 > inference.inference_num_gpus_per_node"
+                                          r"=8: a run over several nodes needs the Ray launcher"):
+        select_launcher(cfg)
+    cfg.inference.inference_num_gpus = 8
+    assert select_launcher(cfg) == "local"
     cfg.inference.launcher = "ray"
     with pytest.raises(ImportError, match=r"inference.launcher=ray needs the Ray launcher"):
         select_launcher(cfg)

@@ -23,6 +23,10 @@ def multi_node_reason(cfg) -> str | None:
 
     if cfg.training.training_num_nodes > 1:
         return f"training.training_num_nodes={cfg.training.training_num_nodes}"
+    inf = cfg.inference
+    if not inf.colocate and inf.inference_num_gpus > inf.inference_num_gpus_per_node:
+        return (f"inference.inference_num_gpus={inf.inference_num_gpus} > "
+                f"inference.inference_num_gpus_per_node={inf.inference_num_gpus_per_node}")
     if gpus_per_engine(cfg) > gpus_per_engine_process(cfg):
         return (f"one engine spans {gpus_per_engine(cfg) // gpus_per_engine_process(cfg)} nodes "
                 f"(inference.sglang.nnodes={cfg.inference.sglang.nnodes})")
