@@ -3,6 +3,7 @@
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,29 +21,50 @@ except ImportError:   # the Ray-cluster tests skip; the launcher-selection tests
 needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'torchspec[ray]')")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A Ray cluster of this machine alone, every server on 127.0.0.1, no usage reporting."""
+@contextmanager
+def _loopback_only():
+    """Ray's "no cluster" mode (servers on 127.0.0.1 only) and no usage reporting, for Rays started inside."""
     from ray._private import ray_constants
 
-    env = {"RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}   # Ray's "no cluster" mode: loopback addresses only
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     saved_flag, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     try:
-        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
-                 object_store_memory=80 << 20, log_to_driver=False)
-        assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
-        yield ray
+        yield
     finally:
-        ray.shutdown()
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@needs_ray
+def test_run_starts_and_stops_its_own_ray(tmp_path, tiny_target_dir, monkeypatch):
+    """No Ray connection and no RAY_ADDRESS: the run starts a Ray of this machine and shuts it down.
+    (First in the file: the module's shared Ray below is not up yet.)"""
+    if ray.is_initialized():
+        pytest.skip("a Ray connection is already open in this process")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with _loopback_only():
+        result = run_training(_ray_config(tmp_path, tiny_target_dir, engines=1, num_epochs=1), progress=False)
+    assert result.global_step == 6 and result.store_bytes_end == 0
+    assert not ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray cluster of this machine alone, every server on 127.0.0.1, no usage reporting."""
+    with _loopback_only():
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
+                 object_store_memory=80 << 20, log_to_driver=False)
+        try:
+            assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 def _cpus_free(n: float, timeout: float = 10.0) -> bool:

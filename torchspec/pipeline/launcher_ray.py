@@ -265,7 +265,7 @@ class RayEngines:
                 strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
                 resources = ({"num_gpus": placement.actor_gpus, "num_cpus": 0} if placement.actor_gpus
                              else {"num_cpus": 1})
-                self.actors.append(actor_cls.options(scheduling_strategy=strategy, name=None, max_restarts=0,
+                self.actors.append(actor_cls.options(scheduling_strategy=strategy, max_restarts=0,
                                                      **resources).remote(engine_factory, store, num_threads))
             try:
                 ready = ray.get([a.ready.remote() for a in self.actors], timeout=start_timeout)
