@@ -8,4 +8,5 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[dev]"
+# ray is included so the Ray-launcher tests (local cluster on 127.0.0.1) run too.
+"$PY" -m pip install -q -e ".[dev,ray]"
