@@ -199,3 +199,16 @@ def test_lazy_dataset_is_read_only_when_handed_to_engines(tmp_path):
     assert sorted(rest + [s.sample_id for s in first[0]]) == sorted(s.sample_id for s in lazy.data)
     assert sorted(lazy.accessed) == list(range(9))
     ctrl.shutdown()
+
+
+def dying_factory(store, device):
+    import os
+    os._exit(3)   # the process dies while "loading its model", without a word
+
+
+def test_engine_process_dying_at_start_is_reported_at_once(tmp_path):
+    store = LocalStore(root=tmp_path / "s")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"exited unexpectedly \(exit codes \[3(, 3)?\]\)"):
+        ProcessEngines(dying_factory, store, ["cpu", "cpu"], start_timeout=300)
+    assert time.monotonic() - t0 < 60

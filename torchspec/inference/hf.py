@@ -14,11 +14,12 @@ from typing import Sequence
 
 import torch
 
+from torchspec.config.errors import ConfigError
 from torchspec.inference.base import StoredSample
 
 
-class TargetLoadError(RuntimeError):
-    pass
+class TargetLoadError(ConfigError):
+    """model.target_model_path cannot be loaded (user-caused: one line naming the key)."""
 
 
 def load_target(path: str, dtype: torch.dtype, device: torch.device | str, trust_remote_code: bool = False):

@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
+from torchspec.config.errors import ConfigError
 from torchspec.inference.base import StoredSample
 
 
@@ -64,7 +65,7 @@ class Controller:
                  inference_batch_size: int, inference_buffer_threshold: int, seed: int = 0,
                  data_state: dict | None = None):
         if max_sample_pool_size < micro_batch_size * num_ranks:
-            raise ValueError(
+            raise ConfigError(
                 f"inference.max_sample_pool_size={max_sample_pool_size} must hold at least one micro-batch per "
                 f"trainer rank (training.micro_batch_size={micro_batch_size} x {num_ranks} ranks)")
         # Samples are read by position when they are handed to an engine, so a lazily tokenized

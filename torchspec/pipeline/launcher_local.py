@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from torchspec.config.errors import ConfigError
 from torchspec.inference.base import StoredSample
 
 
@@ -43,7 +44,7 @@ class Placement:
                 f"{len(self.trainer_devices)} trainer rank(s) on {', '.join(self.trainer_devices)}")
 
 
-class PlacementError(ValueError):
+class PlacementError(ConfigError):
     pass
 
 
@@ -134,6 +135,8 @@ def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbo
         engine.close()
     except KeyboardInterrupt:
         pass
+    except ConfigError as e:   # user-caused (e.g. model.target_model_path): one line, no traceback
+        outbox.put(("config_error", worker, str(e)))
     except BaseException:
         outbox.put(("error", worker, traceback.format_exc()))
 
@@ -154,9 +157,13 @@ class ProcessEngines:
         ]
         for p in self.procs:
             p.start()
-        ready = 0
+        # Poll, so a worker that dies while loading its model is reported at once, not at the timeout.
+        deadline, ready = time.monotonic() + start_timeout, 0
         while ready < self.num_workers:
-            ready += sum(1 for _ in self._drain(start_timeout, expect="ready"))
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"inference engines were not ready within {start_timeout:.0f} s")
+            ready += sum(1 for _ in self._drain(1.0, expect="ready"))
 
     def _drain(self, timeout: float, expect: str):
         """Yield payloads of `expect` messages: wait up to timeout for one, then take what is queued."""
@@ -165,11 +172,15 @@ class ProcessEngines:
             try:
                 kind, worker, payload = self.outbox.get(block=block, timeout=timeout if block else None)
             except queue_mod.Empty:
+                kind = None
+            if kind is None:
                 if block:
                     self._check_alive()
                 return
-            if kind == "error":
+            if kind in ("error", "config_error"):
                 self.close()
+                if kind == "config_error":
+                    raise ConfigError(payload)
                 raise RuntimeError(f"inference engine {worker} failed:\n{payload}")
             if kind != expect:
                 raise RuntimeError(f"inference engine {worker}: unexpected message {kind!r}")
