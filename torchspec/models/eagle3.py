@@ -43,6 +43,11 @@ class Eagle3Output:
     correct: list[torch.Tensor]  # detached number of valid rows whose argmax agrees
 
 
+# A pytree node, so module hooks that look for tensors in a forward's output (FSDP2 registers its
+# pre-backward hook, and with it the gradient reduce-scatter, on them) find `loss` inside it.
+torch.utils._pytree.register_dataclass(Eagle3Output)
+
+
 @dataclass
 class Eagle3Targets:
     valid: torch.Tensor  # bool [K, B, T]

@@ -45,7 +45,7 @@ def parallelize_draft(draft: torch.nn.Module, dist, mode: str, device: torch.dev
     """Return the draft ready for data-parallel training (the process group must be initialised).
 
     mode "ddp": DistributedDataParallel (replicated weights; the draft is one layer, so this is
-    usually fastest). mode "fsdp": FSDP2 `fully_shard` on the decoder layer(s) and the root.
+    usually fastest). mode "fsdp": FSDP2 `fully_shard` on the root (one unit).
     """
     if world_size_of(dist) <= 1:
         return draft
@@ -59,8 +59,9 @@ def parallelize_draft(draft: torch.nn.Module, dist, mode: str, device: torch.dev
         return _ddp_class()(draft, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
-    for layer in _decoder_layers(draft):
-        fully_shard(layer)
+    # One FSDP unit for the whole draft: the TTT loop calls the decoder layer's pieces (qkv, finish)
+    # directly, not through the layer's forward, so per-layer units would never be unsharded. The
+    # draft has one layer, so a single unit costs no extra memory.
     fully_shard(draft)
     return draft
 
@@ -77,14 +78,6 @@ def _ddp_class():
                 return getattr(self.module, name)
 
     return DraftDDP
-
-
-def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The draft's decoder layer(s): `midlayer` (a single layer) or the items of `layers`."""
-    if isinstance(getattr(model, "midlayer", None), torch.nn.Module):
-        return [model.midlayer]
-    layers = getattr(model, "layers", None)
-    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
