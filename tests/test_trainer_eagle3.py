@@ -111,3 +111,22 @@ def test_eval_step_pools_exactly():
         n = sum(p[f"num_valid_{k}"] for p in parts)
         assert n == whole[f"num_valid_{k}"] == 4 * (T - 1 - k)
         assert sum(p[f"correct_{k}"] for p in parts) / n == pytest.approx(whole[f"acc_{k}"], abs=1e-6)
+
+
+def test_gradient_checkpointing_steps_reach_the_loss(monkeypatch):
+    import torchspec.models.eagle3 as e3
+
+    seen = []
+    real = e3.ttt_forward
+
+    def spy(draft, **kw):
+        seen.append((kw["gradient_checkpointing"], kw["checkpoint_steps"]))
+        return real(draft, **kw)
+
+    monkeypatch.setattr(e3, "ttt_forward", spy)
+    plain = make_trainer()
+    ckpt = make_trainer(gradient_checkpointing=True, gradient_checkpointing_steps=2)
+    b = batches(1)[0]
+    a, c = plain.train_step(b), ckpt.train_step(b)
+    assert seen == [(False, None), (True, 2)]
+    assert a["loss"] == pytest.approx(c["loss"], rel=1e-6)  # recomputation changes no number

@@ -109,7 +109,8 @@ class Trainer:
                             enabled=self.autocast_dtype is not None):
             return self.loss_fn(self.model, self.target_head, batch, self.ttt_length, self.attention_backend,
                                 loss_mask_alignment=self.training.loss_mask_alignment,
-                                gradient_checkpointing=bool(self.training.gradient_checkpointing))
+                                gradient_checkpointing=bool(self.training.gradient_checkpointing),
+                                checkpoint_steps=self.training.gradient_checkpointing_steps)
 
     @staticmethod
     def _metrics(out, counts: bool = False) -> dict:
