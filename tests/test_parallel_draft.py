@@ -11,6 +11,7 @@ import socket
 
 import pytest
 import torch
+from batch_helpers import random_batch
 import torch.multiprocessing as mp
 
 H, V, B, STEPS = 256, 512, 4, 3
@@ -25,13 +26,7 @@ def _free_port() -> int:
 
 def _micro_batches(n):
     g = torch.Generator().manual_seed(1)
-    return [{
-        "input_ids": torch.randint(0, V, (B, T), generator=g),
-        "loss_mask": torch.ones(B, T, dtype=torch.uint8),
-        "attention_mask": torch.ones(B, T, dtype=torch.long),
-        "aux_hidden_states": torch.randn(B, T, 3 * H, generator=g),
-        "final_hidden_states": torch.randn(B, T, H, generator=g),
-    } for _ in range(n)]
+    return [random_batch(g, B, T, H, V) for _ in range(n)]
 
 
 def _train(device, rank, world, mode, out_path):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from batch_helpers import random_batch
 
 from torchspec.config.schema import Config
 from torchspec.training.optim import lr_at, plan_steps
@@ -50,13 +51,7 @@ def make_cfg(**training):
 
 
 def make_batch(gen, b=2):
-    return {
-        "input_ids": torch.randint(0, V, (b, T), generator=gen),
-        "loss_mask": torch.ones(b, T, dtype=torch.uint8),
-        "attention_mask": torch.ones(b, T, dtype=torch.long),
-        "aux_hidden_states": torch.randn(b, T, 3 * H, generator=gen),
-        "final_hidden_states": torch.randn(b, T, H, generator=gen),
-    }
+    return random_batch(gen, b, T, H, V)
 
 
 def make_trainer(cfg, total_steps=8, seed=0):

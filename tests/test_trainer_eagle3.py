@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from batch_helpers import random_batch
 from safetensors.torch import load_file
 
 from torchspec.config.schema import Config
@@ -40,13 +41,7 @@ def make_trainer(seed=0, **training):
 
 def batches(n, b=2, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [{
-        "input_ids": torch.randint(0, V, (b, T), generator=g),
-        "loss_mask": torch.ones(b, T, dtype=torch.uint8),
-        "attention_mask": torch.ones(b, T, dtype=torch.long),
-        "aux_hidden_states": torch.randn(b, T, 3 * H, generator=g),
-        "final_hidden_states": torch.randn(b, T, H, generator=g),
-    } for _ in range(n)]
+    return [random_batch(g, b, T, H, V) for _ in range(n)]
 
 
 def test_accumulation_matches_the_concatenated_batch():
