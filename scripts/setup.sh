@@ -5,8 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+# (pip's "Location ... is ignored" notes about local package mirrors are noise: dropped.)
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install -q "torch==2.13.0"
+  quiet "$PY" -m pip install -q "torch==2.13.0"
 fi
 # ray is included so the Ray-launcher tests (local cluster on 127.0.0.1) run too.
-"$PY" -m pip install -q -e ".[dev,ray]"
+quiet "$PY" -m pip install -q -e ".[dev,ray]"
+"$PY" -c "import torch, torchspec; print('torchspec ready: torch', torch.__version__)"
