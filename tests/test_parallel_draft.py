@@ -74,6 +74,7 @@ def _worker(rank, world, port, out_dir, cuda, tokens):
     try:
         for mode in ("ddp", "fsdp"):
             _train(f"cuda:{rank}" if cuda else "cpu", rank, world, mode, out_dir / f"{mode}.pt")
+        dist.barrier()  # both ranks done before either tears gloo down (else a rank can abort at exit)
     finally:
         dist.destroy_process_group()
 

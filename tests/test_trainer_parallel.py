@@ -47,6 +47,7 @@ def _worker(rank, world, port, micro, out_dir):
     try:
         for mode in MODES:
             _train(rank, world, mode, micro, out_dir / f"{mode}.pt")
+        dist.barrier()  # both ranks done before either tears gloo down (else a rank can abort at exit)
     finally:
         dist.destroy_process_group()
 
