@@ -429,12 +429,8 @@ def main(argv=None) -> int:
         return 0
     run_dir = train_draft(cache, args.overrides)
     result = evaluate(cache, run_dir)
+    # (kept apart from metrics.jsonl: its eval/ lines are the run's own, on dataset.eval_tau_prompts)
     (run_dir / "quickstart_result.json").write_text(json.dumps({"target": info, **result}, indent=1))
-    from torchspec.training.metrics import MetricsLogger
-
-    with MetricsLogger(run_dir, progress=False) as metrics:  # eval/ lines: step 0 = the untrained draft
-        metrics.log_eval(0, result["untrained"])
-        metrics.log_eval(result["step"], result["trained"])
     print(report(info, result, time.time() - t0), flush=True)
     return 0
 
