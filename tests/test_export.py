@@ -302,3 +302,18 @@ def test_convert_tool_prunes_from_a_dataset(tmp_path, tiny_target_dir):
     assert torch.equal((torch.arange(16) + p.d2t).sort().values, expected)
     assert int(counts[expected].min()) > 0  # the kept tokens really occur in assistant turns
     assert cfg["eos_token_id"] == tc.eos_token_id  # target fields copied from --target-model-path
+
+
+@pytest.mark.parametrize("ids", [[1, 1, 0], [2, 1, 3], [1, 2]])
+def test_export_refuses_aux_ids_a_server_cannot_reproduce(ids):
+    from torchspec.export import export_config
+    from torchspec.models.draft import DraftConfig
+
+    cfg = DraftConfig.from_dict({
+        "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 8, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 64,
+        "vocab_size": 40, "draft_vocab_size": 40,
+    })
+    with pytest.raises(ValueError, match="3 distinct, ascending aux layer ids"):
+        export_config(cfg, ids)
+    assert export_config(cfg, [0, 2, 5])["eagle_aux_hidden_state_layer_ids"] == [1, 3, 6]

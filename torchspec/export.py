@@ -69,8 +69,9 @@ def _target_dict(target_config) -> dict:
 def export_config(cfg: DraftConfig, aux_layer_ids: Sequence[int], target_config=None,
                   dtype: torch.dtype = torch.bfloat16, embeddings_trained: bool = False) -> dict[str, Any]:
     ours = [int(i) for i in aux_layer_ids]
-    if len(ours) != 3:
-        raise ValueError(f"EAGLE-3 needs exactly 3 aux layer ids, got {ours}")
+    if len(ours) != 3 or not 0 <= ours[0] < ours[1] < ours[2]:
+        raise ValueError(f"EAGLE-3 needs 3 distinct, ascending aux layer ids, got {ours} (servers gather "
+                         "the aux states in ascending layer order, so no other order can be served)")
     tgt = _target_dict(target_config)
     if tgt.get("vocab_size") not in (None, cfg.vocab_size):
         raise ValueError(f"draft vocab_size {cfg.vocab_size} != target vocab_size {tgt['vocab_size']}")
