@@ -131,8 +131,8 @@ def main(argv=None) -> Path:
     else:
         raise fail("aux layer ids unknown: pass --aux-layer-ids or --target-model-path "
                    f"(no aux_layer_ids in {ckpt / 'export_meta.json'})")
-    if len(aux) != 3:
-        raise fail(f"aux layer ids {aux}: EAGLE-3 needs exactly 3")
+    if len(aux) != 3 or not 0 <= aux[0] < aux[1] < aux[2]:
+        raise fail(f"aux layer ids {aux}: EAGLE-3 needs 3 distinct, ascending ids (servers gather them in that order)")
     if args.prune_vocab is not None:
         counts = token_counts(args, draft.config.vocab_size)
         try:
