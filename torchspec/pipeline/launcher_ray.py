@@ -17,25 +17,17 @@ is an error).
 
 Hidden states: the embedded local store (shared memory) works only when every actor runs on the
 driver's node; that is checked once the placement groups are placed. Across machines the store
-must be Mooncake. Actors get the store object itself: `share_store_accounting` first moves the
-local store's capacity counters into a small file on the node's shared memory, so processes Ray
-started (not spawned by us) account puts and deletes in the same counters.
+must be Mooncake. Actors get the store object itself (pickled); its capacity counters live in a
+file in the store's directory, so processes Ray started account puts and deletes in the same
+counters as the driver.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
-import mmap
 import os
-import shutil
-import tempfile
-import threading
 import time
-import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -96,90 +88,6 @@ def plan_ray(cfg, cluster_gpus: float, local_gpus: int | None = None) -> RayPlac
         bundles = tuple({"GPU": per_process} for _ in range(per_engine // per_process))
         return RayPlacement(n_engines, bundles, "STRICT_SPREAD", per_process, trainer_devices)
     return RayPlacement(n_engines, ({"GPU": per_engine},), "STRICT_PACK", per_engine, trainer_devices)
-
-
-# -- the local store's counters, shared with processes Ray started --------------------------------
-
-class _FileCounters:
-    """int64 counters in a small file on the node's shared memory, locked with flock; picklable (by path),
-    so any process on the node can attach to them."""
-
-    def __init__(self, path: str, n: int, create: bool = False):
-        self.path, self.n = path, n
-        self._fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
-        if create:
-            os.ftruncate(self._fd, 8 * n)
-        self._map = mmap.mmap(self._fd, 8 * n)
-        self._vals = memoryview(self._map).cast("q")
-        self._tlock = threading.Lock()
-
-    def __reduce__(self):
-        return _FileCounters, (self.path, self.n)
-
-    @contextmanager
-    def lock(self):
-        with self._tlock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def __getitem__(self, i: int) -> int:
-        return self._vals[i]
-
-    def __setitem__(self, i: int, v) -> None:
-        self._vals[i] = int(v)
-
-
-class _SharedValue:
-    """`multiprocessing.Value` look-alike over counter `index` (get_lock(), value)."""
-
-    def __init__(self, counters: _FileCounters, index: int):
-        self.counters, self.index = counters, index
-
-    def get_lock(self):
-        return self.counters.lock()
-
-    @property
-    def value(self) -> int:
-        return self.counters[self.index]
-
-    @value.setter
-    def value(self, v) -> None:
-        self.counters[self.index] = v
-
-
-class _SharedArray:
-    """`multiprocessing.Array` look-alike over counters [offset, offset + n) (get_lock(), [i])."""
-
-    def __init__(self, counters: _FileCounters, offset: int, n: int):
-        self.counters, self.offset, self.n = counters, offset, n
-
-    def get_lock(self):
-        return self.counters.lock()
-
-    def __getitem__(self, i: int) -> int:
-        return self.counters[self.offset + range(self.n)[i]]
-
-    def __setitem__(self, i: int, v) -> None:
-        self.counters[self.offset + range(self.n)[i]] = v
-
-
-def share_store_accounting(store) -> None:
-    """Move a LocalStore's capacity counters (bytes used; bytes and ns spent in put) into a file next to
-    its records, so that Ray actors holding a pickled copy of the store account in the same counters.
-    Processes spawned before keep working only if they never put or delete (trainer ranks only get)."""
-    if isinstance(getattr(store, "_used", None), _SharedValue):
-        return
-    if not all(hasattr(store, a) for a in ("_used", "_puts", "root")):
-        raise TypeError(f"{type(store).__name__}: not the local store this launcher knows how to share")
-    acct_dir = Path(tempfile.mkdtemp(prefix="torchspec-store-acct-", dir=store.root.parent))
-    counters = _FileCounters(str(acct_dir / "counters"), 3, create=True)
-    with store._used.get_lock(), store._puts.get_lock():
-        counters[0], counters[1], counters[2] = store._used.value, store._puts[0], store._puts[1]
-        store._used, store._puts = _SharedValue(counters, 0), _SharedArray(counters, 1, 2)
-    weakref.finalize(store, shutil.rmtree, str(acct_dir), True)   # with the driver's store object
 
 
 # -- the engine actor -------------------------------------------------------------------------------
@@ -259,7 +167,6 @@ class RayEngines:
                         f"Ray placed inference engines on {len(nodes - {here})} node(s) other than the driver's; "
                         "the local hidden-state store is shared memory on one node: use the mooncake store for "
                         "engines on other machines, or keep inference.inference_num_gpus within this node")
-                share_store_accounting(store)
             actor_cls = ray.remote(_EngineActor)
             for w, pg in enumerate(self.pgs):
                 strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)

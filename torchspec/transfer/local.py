@@ -4,11 +4,11 @@ Each record is one file in a per-run directory on the node's shared-memory files
 (``/dev/shm`` on Linux): a small JSON header followed by the tensors' bytes, 64-byte aligned.
 ``put`` writes the file (GPU tensors through a pinned staging buffer) and publishes it with an
 atomic rename, so a reader never sees half a record; ``get`` maps the file copy-on-write and returns tensor views
-of it (zero copy); ``delete`` unlinks it. Any process on the node that holds this object (passed
-to it when it was spawned) can put, get and delete by key.
+of it (zero copy); ``delete`` unlinks it. Any process on the node that holds this object (pickled
+to it, by torch.multiprocessing or by Ray) can put, get and delete by key.
 
-Capacity is accounted in bytes of shared memory (header + payload) in a counter shared between
-processes; a put that does not fit waits for deletes, up to ``put_timeout_s``, then raises
+Capacity is accounted in bytes of shared memory (header + payload) in a counter file inside the
+store's directory (`torchspec.transfer.counters`), shared by every process holding the store; a put that does not fit waits for deletes, up to ``put_timeout_s``, then raises
 `StoreFull`. When the owning process drops the store, the directory is removed.
 """
 
@@ -27,6 +27,11 @@ import torch
 import torch.multiprocessing as mp
 
 from torchspec.transfer.base import StoreFull
+from torchspec.transfer.counters import FileCounters
+
+# Record files are named by quote(key), which never yields "%c": this name cannot be a key's.
+_COUNTERS_FILE = "%counters"
+_USED, _PUT_BYTES, _PUT_NS = range(3)
 
 _ALIGN = 64
 _LEN_BYTES = 8
@@ -63,8 +68,8 @@ class LocalStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
         self.put_timeout_s = put_timeout_s
-        self._used = mp.get_context("spawn").Value("q", 0)
-        self._puts = mp.get_context("spawn").Array("q", 2)   # bytes put, nanoseconds spent in put (all processes)
+        # [bytes in use, bytes put, nanoseconds spent in put], shared by every process holding this store
+        self._counters = FileCounters(str(self.root / _COUNTERS_FILE), 3, create=True)
         self._owner_pid = os.getpid()
         self._pinned = None
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.root), True)
@@ -86,11 +91,11 @@ class LocalStore:
     def _reserve(self, nbytes: int) -> None:
         deadline = time.monotonic() + self.put_timeout_s
         while True:
-            with self._used.get_lock():
-                if self.capacity_bytes is None or self._used.value + nbytes <= self.capacity_bytes:
-                    self._used.value += nbytes
+            with self._counters.lock():
+                used = self._counters[_USED]
+                if self.capacity_bytes is None or used + nbytes <= self.capacity_bytes:
+                    self._counters[_USED] = used + nbytes
                     return
-                used = self._used.value
             if nbytes > self.capacity_bytes or time.monotonic() > deadline:
                 raise StoreFull(
                     f"local store: a record of {nbytes} bytes does not fit (capacity {self.capacity_bytes}, "
@@ -98,8 +103,8 @@ class LocalStore:
             time.sleep(0.002)
 
     def _release(self, nbytes: int) -> None:
-        with self._used.get_lock():
-            self._used.value -= nbytes
+        with self._counters.lock():
+            self._counters[_USED] -= nbytes
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         header, offset = {}, 0
@@ -132,9 +137,9 @@ class LocalStore:
             tmp.unlink(missing_ok=True)
             self._release(total)
             raise
-        with self._puts.get_lock():
-            self._puts[0] += total
-            self._puts[1] += time.perf_counter_ns() - t0
+        with self._counters.lock():
+            self._counters[_PUT_BYTES] += total
+            self._counters[_PUT_NS] += time.perf_counter_ns() - t0
 
     def _host_bytes(self, t: torch.Tensor) -> memoryview:
         """The tensor's bytes in host memory; device tensors go through a reused pinned buffer (a fast
@@ -173,15 +178,16 @@ class LocalStore:
         self._release(size)
 
     def keys(self) -> list[str]:
-        return sorted(urllib.parse.unquote(p.name) for p in self.root.iterdir() if ".tmp" not in p.name)
+        return sorted(urllib.parse.unquote(p.name) for p in self.root.iterdir()
+                      if ".tmp" not in p.name and p.name != _COUNTERS_FILE)
 
     def bytes_used(self) -> int:
-        return int(self._used.value)
+        return int(self._counters[_USED])
 
     def put_stats(self) -> tuple[int, float]:
         """(bytes put, seconds spent inside put) summed over every process using this store."""
-        with self._puts.get_lock():
-            return int(self._puts[0]), self._puts[1] / 1e9
+        with self._counters.lock():
+            return int(self._counters[_PUT_BYTES]), self._counters[_PUT_NS] / 1e9
 
     def clear(self) -> None:
         """Delete every record (used on shutdown so the store ends empty)."""
