@@ -184,7 +184,10 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
 
     ranks = trainer = engines = controller = evaluator = None
     last_eval = None
-    logger = MetricsLogger(out_dir, cfg.logging, total_steps=plan.num_train_steps, progress=progress)
+    from torchspec.config.render import redacted_dict
+
+    logger = MetricsLogger(out_dir, cfg.logging, total_steps=plan.num_train_steps, progress=progress,
+                           run_config=redacted_dict(cfg))  # W&B / TensorBoard get the config, secrets out
     window: list[dict] = []   # micro-batch metrics of the current accumulation window
     t_start = time.monotonic()
     train_time = 0.0
