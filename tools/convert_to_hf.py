@@ -106,7 +106,7 @@ def main(argv=None) -> Path:
     import torch
 
     from torchspec.export import export_draft, prune_draft_vocab
-    from torchspec.models import default_aux_layers
+    from torchspec.models import check_aux_layers, default_aux_layers
 
     ckpt = Path(args.input_dir)
     if not ckpt.is_dir():
@@ -131,8 +131,10 @@ def main(argv=None) -> Path:
     else:
         raise fail("aux layer ids unknown: pass --aux-layer-ids or --target-model-path "
                    f"(no aux_layer_ids in {ckpt / 'export_meta.json'})")
-    if len(aux) != 3 or not 0 <= aux[0] < aux[1] < aux[2]:
-        raise fail(f"aux layer ids {aux}: EAGLE-3 needs 3 distinct, ascending ids (servers gather them in that order)")
+    try:
+        aux = check_aux_layers(aux, key="aux layer ids")
+    except ValueError as e:
+        raise fail(str(e)) from None
     if args.prune_vocab is not None:
         counts = token_counts(args, draft.config.vocab_size)
         try:

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from torchspec.models import check_aux_layers
 from torchspec.models.draft import DraftConfig, LlamaForCausalLMEagle3
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -68,10 +69,7 @@ def _target_dict(target_config) -> dict:
 
 def export_config(cfg: DraftConfig, aux_layer_ids: Sequence[int], target_config=None,
                   dtype: torch.dtype = torch.bfloat16, embeddings_trained: bool = False) -> dict[str, Any]:
-    ours = [int(i) for i in aux_layer_ids]
-    if len(ours) != 3 or not 0 <= ours[0] < ours[1] < ours[2]:
-        raise ValueError(f"EAGLE-3 needs 3 distinct, ascending aux layer ids, got {ours} (servers gather "
-                         "the aux states in ascending layer order, so no other order can be served)")
+    ours = check_aux_layers(aux_layer_ids, key="aux_layer_ids")
     tgt = _target_dict(target_config)
     if tgt.get("vocab_size") not in (None, cfg.vocab_size):
         raise ValueError(f"draft vocab_size {cfg.vocab_size} != target vocab_size {tgt['vocab_size']}")

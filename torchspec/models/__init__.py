@@ -26,14 +26,18 @@ def default_aux_layers(num_layers: int) -> list[int]:
     raise AssertionError("unreachable: [0, 1, 2] is ascending")
 
 
-def check_aux_layers(layers, num_layers: int, key: str = "inference.aux_hidden_states_layers") -> list[int]:
-    """Validate explicit aux-layer ids: 3 distinct, ascending decoder-layer ids of this target."""
+def check_aux_layers(layers, num_layers: int | None = None,
+                     key: str = "inference.aux_hidden_states_layers") -> list[int]:
+    """Validate aux-layer ids: 3 distinct, ascending decoder-layer ids (of this target, when its layer
+    count is known). The one place this rule lives: engine, export and converter all call it."""
     ids = [int(k) for k in layers]
-    if len(ids) != 3 or not all(0 <= k < num_layers for k in ids) or not ids[0] < ids[1] < ids[2]:
+    top = num_layers if num_layers is not None else float("inf")
+    if len(ids) != 3 or not 0 <= ids[0] < ids[1] < ids[2] < top:
+        where = (f" in [0, {num_layers - 1}] for this {num_layers}-layer target" if num_layers is not None else "")
         raise ValueError(
-            f"{key}={ids}: need 3 distinct, ascending decoder-layer ids in [0, {num_layers - 1}] "
-            f"(id k = output of layer k) for this {num_layers}-layer target; servers gather aux states "
-            "in ascending layer order, so any other order would not match at serving time")
+            f"{key}={ids}: need 3 distinct, ascending aux layer ids{where} (id k = output of decoder layer k); "
+            "servers gather aux states in ascending layer order, so any other order would not match at "
+            "serving time")
     return ids
 
 
