@@ -16,6 +16,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """Run a CPU-topology test as on a machine without GPUs, also on one that has some: the placement
+    sees 0 GPUs, and processes the test starts see none (CUDA_VISIBLE_DEVICES="")."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     from torchspec.utils.tiny import train_tokenizer

@@ -8,7 +8,7 @@ from pipeline_helpers import ids_by_epoch, tiny_run_config
 from torchspec.pipeline.runner import run_training
 
 
-def test_two_engine_processes_every_sample_once_per_epoch(tmp_path, tiny_target_dir):
+def test_two_engine_processes_every_sample_once_per_epoch(tmp_path, tiny_target_dir, cpu_only):
     cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, num_epochs=2, save_interval=4, n_eval=4)
     cfg.dataset.eval_interval = 4
     cfg.inference.max_sample_pool_size = 4
@@ -62,7 +62,7 @@ def test_same_seed_single_process_bitwise_identical_losses(tmp_path, tiny_target
     assert sa["global_step"] == sb["global_step"] == 6
 
 
-def test_two_engines_two_trainer_ranks_gloo(tmp_path, tiny_target_dir):
+def test_two_engines_two_trainer_ranks_gloo(tmp_path, tiny_target_dir, cpu_only):
     """2 engine processes + 2 DDP trainer ranks (gloo). 9 samples: each epoch ends with one sample for
     rank 0 and none for rank 1 (which then joins the step with a zero-loss batch)."""
     cfg = tiny_run_config(tmp_path, tiny_target_dir, n_conversations=9, engines=2, num_epochs=2,

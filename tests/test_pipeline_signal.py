@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_ctrl_c_stops_workers_saves_and_empties_store(tmp_path, tiny_target_dir):
+def test_ctrl_c_stops_workers_saves_and_empties_store(tmp_path, tiny_target_dir, cpu_only):
     tests = Path(__file__).resolve().parent
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(tests), root=str(tests.parent), tmp=str(tmp_path),

@@ -19,6 +19,7 @@ Greedy speculative decoding is lossless: the output equals plain greedy decoding
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -92,6 +93,10 @@ class HFTarget:
         self._hooks = [layers[k].register_forward_hook(self._hook(k)) for k in sorted(set(self.aux_layers))]
         self.cache = None
         self.num_forwards = 0
+        # transformers renamed the forward's cache argument from past_key_values to cache (after 5.17);
+        # an unknown name is swallowed by **kwargs and the model silently runs without the cache.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def _hook(self, k: int):
         def capture(module, args, output):
@@ -113,7 +118,7 @@ class HFTarget:
         all of them when 0; aux [n, 3H] of every position)."""
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         self._captured.clear()
-        out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=num_logits)
+        out = self.model(input_ids=ids, **{self._cache_arg: self.cache}, use_cache=True, logits_to_keep=num_logits)
         self.num_forwards += 1
         aux = torch.cat([self._captured[k][0] for k in self.aux_layers], dim=-1)
         self._captured.clear()

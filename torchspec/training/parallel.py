@@ -57,12 +57,15 @@ def parallelize_draft(draft: torch.nn.Module, dist, mode: str, device: torch.dev
     if mode == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return _ddp_class()(draft, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     # One FSDP unit for the whole draft: the TTT loop calls the decoder layer's pieces (qkv, finish)
     # directly, not through the layer's forward, so per-layer units would never be unsharded. The
     # draft has one layer, so a single unit costs no extra memory.
-    fully_shard(draft)
+    # The mesh names the trainer's device type: FSDP2's default mesh is CUDA whenever a GPU exists, which
+    # would move a CPU (gloo) trainer's weights onto the GPU.
+    fully_shard(draft, mesh=init_device_mesh(device.type, (world_size_of(dist),)))
     return draft
 
 
