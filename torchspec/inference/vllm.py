@@ -1,0 +1,309 @@
+"""The `vllm` engine: the target runs in vLLM; hidden states leave it through vLLM's own mechanism.
+
+vLLM (>= 0.32) produces EAGLE-3 training data with the ``extract_hidden_states`` speculative method:
+the target returns the residual-stream states of the layers listed in
+``eagle_aux_hidden_state_layer_ids``, a cache-only "draft" writes them into a KV-cache layer of
+their own, and a hidden-states KV connector copies each finished request's rows to
+``<dir>/<request id>.safetensors`` ({"hidden_states": [T, n_layers, H], "token_ids": [T]}),
+whose path comes back in the request's ``kv_transfer_params``. We prefill every sample with
+``max_tokens=1`` and turn those files into the record the hf engine writes (docs/interfaces.md,
+"Hidden-state record"). The lm_head output (one sampled token) is discarded inside vLLM: no logits
+leave the engine.
+
+Layer ids. OUR id k is the OUTPUT of decoder layer k (0-based; transformers ``hidden_states[k + 1]``).
+vLLM's id j is the state ENTERING decoder layer j (j = 0: the embeddings; j = L: the last layer's
+output, before the final norm). So we ask vLLM for k + 1 (``to_vllm_layer_ids``).
+
+The final hidden state is post-norm; vLLM never exposes that one, so we also ask for vLLM id L (the
+last layer's pre-norm output) and apply the target's own final norm (transformers' module for the
+architecture, weights read from the checkpoint) here: the same function the hf engine's model runs.
+
+vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while it starts), so the engine
+works inside the launcher's daemonic engine processes; the connector's write of a finished request
+happens on the next engine step, which we drive ourselves (``LLM.llm_engine.step``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from torchspec.config.errors import ConfigError
+from torchspec.inference.base import StoredSample
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'torchspec[vllm]' (or: bash scripts/setup_vllm.sh for a CPU venv)"
+CONNECTOR = "TorchSpecHiddenStatesConnector"
+CONNECTOR_MODULE = "torchspec.inference.vllm_connector"
+
+# vllm.LLM keys that inference.vllm.extra_args may not set, and where the user sets them instead.
+PROTECTED_EXTRA_ARGS: dict[str, str] = {
+    "model": "model.target_model_path",
+    "tokenizer": "model.target_model_path",
+    "trust_remote_code": "model.trust_remote_code",
+    "tensor_parallel_size": "inference.vllm.tp_size",
+    "gpu_memory_utilization": "inference.vllm.mem_fraction_static",
+    "dtype": "the target's compute dtype, as the hf engine uses: bf16 on GPU, fp32 on CPU",
+    "speculative_config": "managed by the engine (extract_hidden_states)",
+    "kv_transfer_config": "managed by the engine (the hidden-states connector)",
+    "enable_prefix_caching": "always false for spec training (every token's state is computed)",
+}
+
+
+class VLLMEngineError(ConfigError):
+    """A user-fixable problem starting the vllm engine (one line naming the key)."""
+
+
+def filter_extra_args(extra_args: Mapping[str, Any], warn: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """extra_args without the keys we manage; one warning naming all the dropped ones."""
+    dropped = {k: v for k, v in extra_args.items() if k in PROTECTED_EXTRA_ARGS}
+    if dropped:
+        (warn or logger.warning)(
+            "inference.vllm.extra_args: dropped " + ", ".join(
+                f"{k}={v!r} (managed by TorchSpec: {PROTECTED_EXTRA_ARGS[k]})" for k, v in dropped.items()))
+    return {k: v for k, v in extra_args.items() if k not in PROTECTED_EXTRA_ARGS}
+
+
+def to_vllm_layer_ids(aux_layers: Sequence[int]) -> list[int]:
+    """Our aux id k (output of decoder layer k) -> vLLM's id k + 1 (the state entering layer k + 1)."""
+    return [int(k) + 1 for k in aux_layers]
+
+
+def extraction_plan(aux_layers: Sequence[int], num_layers: int) -> tuple[list[int], list[int], int]:
+    """(vLLM ids to extract, ascending and distinct as vLLM stores them; row of each aux layer in that
+    list; row of the last layer's pre-norm output, vLLM id L). Our last layer L - 1 is vLLM's L too."""
+    wanted = to_vllm_layer_ids(aux_layers)
+    ids = sorted(set(wanted) | {num_layers})
+    return ids, [ids.index(j) for j in wanted], ids.index(num_layers)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_llm_kwargs(cfg, device: torch.device | str, extract_ids: Sequence[int], storage_dir: str,
+                     warn: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """The `vllm.LLM(**kwargs)` of this config (pure; no vllm import). Later layers win: derived keys,
+    extra_args (minus the protected keys), then the keys the engine manages."""
+    device = torch.device(device)
+    v = cfg.inference.vllm
+    kwargs: dict[str, Any] = {
+        # prompt + the one token vLLM samples (discarded)
+        "max_model_len": int(cfg.training.max_seq_length) + 1,
+    }
+    if device.type == "cpu":
+        kwargs["enforce_eager"] = True  # vLLM's CPU backend has no graph capture
+    kwargs.update(filter_extra_args(v.extra_args, warn))
+    kwargs.update({
+        "model": str(cfg.model.target_model_path),
+        "trust_remote_code": bool(cfg.model.trust_remote_code),
+        "tensor_parallel_size": int(v.tp_size),
+        "gpu_memory_utilization": float(v.mem_fraction_static),
+        "dtype": str(compute_dtype(device)).removeprefix("torch."),
+        "enable_prefix_caching": False,
+        "speculative_config": {
+            "method": "extract_hidden_states",
+            "num_speculative_tokens": 1,
+            "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": list(extract_ids)}},
+        },
+        "kv_transfer_config": {
+            "kv_connector": CONNECTOR,
+            "kv_connector_module_path": CONNECTOR_MODULE,
+            "kv_role": "kv_producer",
+            "kv_connector_extra_config": {"shared_storage_path": storage_dir},
+        },
+    })
+    return kwargs
+
+
+def _checkpoint_tensors(path: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors checkpoint (local dir or hub id), read one by one."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        missing = [n for n in names if n not in weight_map]
+        files = {n: cached_file(path, weight_map[n]) for n in names if n in weight_map}
+    else:
+        single = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+        if not single:
+            raise VLLMEngineError(f"model.target_model_path={path!r}: no safetensors checkpoint "
+                                  "(model.safetensors or its index) to read the final norm from")
+        with safe_open(single, "pt") as f:
+            present = set(f.keys())
+        missing = [n for n in names if n not in present]
+        files = {n: single for n in names if n in present}
+    if missing:
+        raise VLLMEngineError(f"model.target_model_path={path!r}: checkpoint has no {missing} "
+                              "(the final norm the vllm engine applies)")
+    out = {}
+    for name, file in files.items():
+        with safe_open(file, "pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
+
+
+def load_final_norm(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[torch.nn.Module, int]:
+    """(the target's final norm as transformers defines it, on CPU with the checkpoint's weights; the
+    number of decoder layers). The model is built on the meta device: no other weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from torchspec.inference.hf import _base_model, _num_layers
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    norm = getattr(_base_model(model), "norm", None)
+    if norm is None:
+        raise VLLMEngineError(f"model.target_model_path={path!r}: {type(model).__name__} has no final .norm "
+                              "for the vllm engine to apply")
+    prefix = next(n for n, m in model.named_modules() if m is norm)
+    names = {f"{prefix}.{k}": k for k in norm.state_dict()}
+    tensors = _checkpoint_tensors(str(path), list(names))
+    norm = norm.to_empty(device="cpu")
+    norm.load_state_dict({names[n]: t.to(dtype) for n, t in tensors.items()})
+    return norm.eval().requires_grad_(False), _num_layers(model)
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _visible_devices(device: torch.device, tp_size: int) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for an engine placed on cuda:i (vLLM always starts at its device 0)."""
+    if device.type != "cuda" or not device.index:
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(ids[device.index:device.index + tp_size])}
+
+
+def _ready(path: str) -> bool:
+    """The connector has finished writing `path` (it holds an exclusive flock on path + '.lock' until then)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        fd = os.open(path + ".lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class VLLMEngine:
+    MAX_IDLE_STEPS = 64  # engine steps to wait for a finished request's file before giving up
+
+    def __init__(self, llm, store, aux_layers: Sequence[int], num_layers: int, final_norm: torch.nn.Module,
+                 storage_dir: str, device: torch.device | str = "cpu"):
+        self.llm = llm
+        self.store = store
+        self.aux_layers = list(aux_layers)
+        self.extract_ids, self._aux_rows, self._final_row = extraction_plan(self.aux_layers, num_layers)
+        self.final_norm = final_norm
+        self.device = torch.device(device)
+        self.storage_dir = storage_dir
+
+    @classmethod
+    def from_config(cls, cfg, store, device: torch.device | str = "cpu"):
+        try:
+            import vllm
+        except ModuleNotFoundError as e:
+            if e.name != "vllm":
+                raise
+            raise VLLMEngineError(f"inference.inference_engine_type='vllm' needs vllm: {INSTALL_HINT}") from None
+        from torchspec.inference.hf import resolve_aux_layers
+
+        device = torch.device(device)
+        path = str(cfg.model.target_model_path)
+        final_norm, num_layers = load_final_norm(path, compute_dtype(device), bool(cfg.model.trust_remote_code))
+        aux_layers = resolve_aux_layers(cfg.inference.aux_hidden_states_layers, num_layers)
+        extract_ids = extraction_plan(aux_layers, num_layers)[0]
+        storage_dir = tempfile.mkdtemp(prefix="torchspec-vllm-hs-")
+        kwargs = build_llm_kwargs(cfg, device, extract_ids, storage_dir)
+        try:
+            # In-process engine core: no child process (engines may run as daemonic processes) and we
+            # drive the steps that flush the connector's writes.
+            with _env(VLLM_ENABLE_V1_MULTIPROCESSING="0", **_visible_devices(device, int(cfg.inference.vllm.tp_size))):
+                llm = vllm.LLM(**kwargs)
+        except BaseException:
+            shutil.rmtree(storage_dir, ignore_errors=True)
+            raise
+        logger.info("vllm engine: aux layers %s (vLLM ids %s), final = norm(vLLM id %d)",
+                    aux_layers, to_vllm_layer_ids(aux_layers), num_layers)
+        return cls(llm, store, aux_layers, num_layers, final_norm.to(device), storage_dir, device)
+
+    def _read(self, path: str) -> dict[str, torch.Tensor]:
+        from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
+            cleanup_hidden_states, load_hidden_states)
+
+        for _ in range(self.MAX_IDLE_STEPS):
+            if _ready(path):
+                break
+            self.llm.llm_engine.step()  # the write of a finished request happens on the next step
+        else:
+            raise RuntimeError(f"vllm engine: hidden states {path} not written after {self.MAX_IDLE_STEPS} steps")
+        data = load_hidden_states(path)
+        cleanup_hidden_states(path)
+        return data
+
+    @torch.inference_mode()
+    def generate(self, samples: Sequence) -> list[StoredSample]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        prompts = [{"prompt_token_ids": s.input_ids.tolist()} for s in samples]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        stored = []
+        for s, out in zip(samples, outs):
+            n = int(s.input_ids.numel())
+            data = self._read((out.kv_transfer_params or {})["hidden_states_path"])
+            hs, ids = data["hidden_states"], data["token_ids"]   # [T, len(extract_ids), H], [T]
+            if not torch.equal(ids.to(torch.long), s.input_ids.to(torch.long)):
+                raise RuntimeError(f"vllm engine: hidden states of sample {s.sample_id} are for other tokens")
+            hs = hs.to(self.device)
+            record = {
+                "input_ids": s.input_ids.to(torch.long),
+                "loss_mask": s.loss_mask.to(torch.uint8),
+                "aux_hidden_states": hs[:, self._aux_rows].reshape(n, -1),
+                "final_hidden_states": self.final_norm(hs[:, self._final_row]),
+            }
+            self.store.put(s.sample_id, record)
+            stored.append(StoredSample(key=s.sample_id, sample_id=s.sample_id, length=n))
+        return stored
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+        shutil.rmtree(self.storage_dir, ignore_errors=True)
+
+
+def build_engine(cfg, store, device: str | torch.device = "cpu") -> VLLMEngine:
+    return VLLMEngine.from_config(cfg, store, device=device)
