@@ -2,13 +2,12 @@
 
 import os
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from pipeline_helpers import ids_by_epoch, tiny_run_config
+from ray_helpers import cpus_free, loopback_only
 from torchspec.pipeline.launcher import plan_placement, select_launcher
 from torchspec.pipeline.launcher_local import PlacementError
 from torchspec.pipeline.runner import run_training
@@ -21,26 +20,6 @@ except ImportError:   # the Ray-cluster tests skip; the launcher-selection tests
 needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'torchspec[ray]')")
 
 
-@contextmanager
-def _loopback_only():
-    """Ray's "no cluster" mode (servers on 127.0.0.1 only) and no usage reporting, for Rays started inside."""
-    from ray._private import ray_constants
-
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    saved_flag, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @needs_ray
 def test_run_starts_and_stops_its_own_ray(tmp_path, tiny_target_dir, monkeypatch):
     """No Ray connection and no RAY_ADDRESS: the run starts a Ray of this machine and shuts it down.
@@ -48,7 +27,7 @@ def test_run_starts_and_stops_its_own_ray(tmp_path, tiny_target_dir, monkeypatch
     if ray.is_initialized():
         pytest.skip("a Ray connection is already open in this process")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with _loopback_only():
+    with loopback_only():
         result = run_training(_ray_config(tmp_path, tiny_target_dir, engines=1, num_epochs=1), progress=False)
     assert result.global_step == 6 and result.store_bytes_end == 0
     assert not ray.is_initialized()
@@ -56,25 +35,16 @@ def test_run_starts_and_stops_its_own_ray(tmp_path, tiny_target_dir, monkeypatch
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A Ray cluster of this machine alone, every server on 127.0.0.1, no usage reporting."""
-    with _loopback_only():
-        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
+    """A Ray cluster of this machine alone, every server on 127.0.0.1, no usage reporting; 3 CPUs: two
+    engines and trainer rank 0's slot."""
+    with loopback_only():
+        ray.init(address="local", num_cpus=3, num_gpus=0, include_dashboard=False,
                  object_store_memory=80 << 20, log_to_driver=False)
         try:
             assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
             yield ray
         finally:
             ray.shutdown()
-
-
-def _cpus_free(n: float, timeout: float = 10.0) -> bool:
-    """True once Ray has all n CPUs free again (placement groups are removed asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while ray.available_resources().get("CPU") != n:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 class _RecordingEngine:
@@ -150,7 +120,7 @@ def test_two_ray_engine_actors_every_sample_once_per_epoch(tmp_path, tiny_target
     assert all(loss == loss and loss > 0 for _, loss in result.losses)
     # the placement groups are gone afterwards, and the actors' CPUs free again
     assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
-    assert _cpus_free(2)
+    assert cpus_free(ray, 3)
 
 
 @needs_ray
@@ -193,22 +163,26 @@ def test_gpu_placement_bundles(tmp_path, tiny_target_dir):
     from torchspec.pipeline.launcher_ray import plan_ray
 
     cfg = _ray_config(tmp_path, tiny_target_dir, engines=4, training_num_gpus_per_node=2)
-    p = plan_ray(cfg, cluster_gpus=8, local_gpus=8)
+    p = plan_ray(cfg, cluster_gpus=8)
     assert (p.num_engines, p.bundles, p.strategy, p.actor_gpus) == (4, ({"GPU": 1},), "STRICT_PACK", 1)
-    assert p.trainer_devices == ("cuda:6", "cuda:7")
+    # the trainer's GPUs are reserved by its own placement group: one bundle on one node
+    assert p.trainer_devices == ("cuda", "cuda")
+    assert (p.trainer_bundles, p.trainer_strategy) == (({"GPU": 2},), "STRICT_PACK")
     # sglang engines of 16 GPUs over 2 nodes of 8: one bundle per node, spread over distinct nodes
     cfg.inference.inference_engine_type = "sgl"
     cfg.inference.sglang.nnodes, cfg.inference.sglang.tp_size = 2, 16
     cfg.inference.inference_num_gpus, cfg.inference.inference_num_gpus_per_node = 32, 8
-    p = plan_ray(cfg, cluster_gpus=40, local_gpus=8)
+    p = plan_ray(cfg, cluster_gpus=40)
     assert (p.num_engines, p.bundles, p.strategy, p.actor_gpus) == (2, ({"GPU": 8},) * 2, "STRICT_SPREAD", 8)
-    cfg.training.training_num_nodes = 2
-    with pytest.raises(PlacementError, match="training.training_num_nodes=2: trainer ranks on several nodes"):
-        plan_ray(cfg, cluster_gpus=40, local_gpus=8)
+    # trainer ranks over 2 nodes: one bundle per node, on distinct nodes
+    cfg.training.training_num_nodes, cfg.training.training_num_gpus_per_node = 2, 8
+    p = plan_ray(cfg, cluster_gpus=48)
+    assert (p.trainer_bundles, p.trainer_strategy, p.ranks_per_node) == (({"GPU": 8},) * 2, "STRICT_SPREAD", 8)
+    assert len(p.trainer_devices) == 16
     cfg.training.training_num_nodes = 1
     cfg.inference.colocate = True
     with pytest.raises(PlacementError, match="inference.colocate=true"):
-        plan_ray(cfg, cluster_gpus=40, local_gpus=8)
+        plan_ray(cfg, cluster_gpus=40)
 
 
 @needs_ray
@@ -231,12 +205,13 @@ def test_local_store_refuses_engines_off_the_driver_node(tmp_path, tiny_target_d
     cfg = _ray_config(tmp_path, tiny_target_dir, engines=2)
     store = LocalStore()
     try:
-        with pytest.raises(PlacementError, match="other than the driver's; the local hidden-state store is shared "
-                                                 "memory on one node: use the mooncake store"):
+        with pytest.raises(PlacementError, match=r"Ray placed inference engines on another machine \(unknown\) than "
+                                                 r"the driver's \(127.0.0.1\); the local hidden-state store is shared "
+                                                 r"memory of one machine: .* needs the mooncake store"):
             RayEngines(lambda s, d: None, store, plan_ray(cfg, cluster_gpus=0))
     finally:
         store.close()
-    assert _cpus_free(2)
+    assert cpus_free(ray, 3)
 
 
 @needs_ray
@@ -255,7 +230,7 @@ def test_engine_config_error_in_actor_is_one_line(tmp_path, tiny_target_dir, loc
     finally:
         store.close()
     assert str(e.value) == "model.target_model_path=/nowhere: no such directory (command line)"
-    assert _cpus_free(2)
+    assert cpus_free(ray, 3)
 
 
 def test_launcher_is_validated_with_the_config(tmp_path, tiny_target_dir):

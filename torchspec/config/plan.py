@@ -147,6 +147,49 @@ def make_plan(cfg: Config) -> Plan:
     )
 
 
+def _span(first: int, last: int, what: str) -> str:
+    return f"{what} {first}" if first == last else f"{what}s {first}-{last}"
+
+
+def node_layout(cfg: Config, plan: Plan) -> list[str]:
+    """Which node each engine and trainer rank goes to. Node 0 is the driver's (trainer rank 0 runs
+    in the driver process); under Ray the placement groups decide, and the run logs where each
+    actor landed."""
+    inf, tr = cfg.inference, cfg.training
+    per_node = tr.training_num_gpus_per_node
+    ray = inf.launcher == "ray" or plan.nodes > 1
+
+    def ranks(node: int) -> str:
+        first, last = node * per_node, (node + 1) * per_node - 1
+        text = _span(first, last, "trainer rank")
+        others = "Ray actors" if ray else "spawned processes"
+        if node == 0:
+            text += " (rank 0 in the driver process" + (f", the others {others})" if last else ")")
+        else:
+            text += f" ({others})"
+        return text
+
+    if inf.colocate:
+        return [f"node 0 (driver): {ranks(0)}, the target inside each"]
+    engines = _span(0, plan.num_engines - 1, "engine") + f" ({plan.gpus_per_engine} GPU(s) each)"
+    if plan.shared_node:
+        return [f"node 0 (driver): {engines}; {ranks(0)}"]
+    lines = [f"node {n}{' (driver)' if n == 0 else ''}: {ranks(n)}" for n in range(tr.training_num_nodes)]
+    base, node_gpus = tr.training_num_nodes, inf.inference_num_gpus_per_node
+    if plan.gpus_per_engine > node_gpus:   # one engine spans several nodes
+        span = plan.gpus_per_engine // node_gpus
+        for e in range(plan.num_engines):
+            first = base + e * span
+            lines.append(f"nodes {first}-{first + span - 1}: engine {e} ({node_gpus} GPUs on each node)")
+        return lines
+    per = max(node_gpus // plan.gpus_per_engine, 1)
+    for n in range(plan.inference_nodes):
+        first, last = n * per, min((n + 1) * per, plan.num_engines) - 1
+        if first <= last:
+            lines.append(f"node {base + n}: {_span(first, last, 'engine')} ({plan.gpus_per_engine} GPU(s) each)")
+    return lines
+
+
 def _gib(n: int) -> str:
     return f"{n / 1024**3:.1f} GiB"
 
@@ -186,6 +229,8 @@ def format_plan(cfg: Config, plan: Plan) -> str:
         f"  training: world size {plan.training_world_size} = {tr.training_num_nodes} node(s) x "
         f"{tr.training_num_gpus_per_node} GPU(s) ({tr.parallel_mode})"
     )
+    lines.append("  layout:")
+    lines.extend(f"    {line}" for line in node_layout(cfg, plan))
     lines.append(
         "  hidden-state store: "
         + ("mooncake (samples cross machines)" if plan.nodes > 1 else "local (one machine)")

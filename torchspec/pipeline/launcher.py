@@ -2,8 +2,9 @@
 on a Ray cluster), from `inference.launcher`; a run over several nodes always needs Ray.
 
 `plan_placement(cfg)` -> a placement (`launcher_local.Placement` or `launcher_ray.RayPlacement`);
-`start_engines(cfg, store, placement, engine_factory)` -> the controller's EngineGroup for it.
-Trainer ranks are `TrainerRanks` either way (on the driver's node).
+`start_engines(cfg, store, placement, engine_factory)` -> the controller's EngineGroup for it;
+`start_trainer_ranks(cfg, spec, store, placement, workdir)` -> `TrainerRanks`: rank 0 in this
+process either way, ranks 1.. spawned on this machine (local) or Ray actors on the training nodes (ray).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from torchspec.pipeline import launcher_local
 from torchspec.pipeline.launcher_local import PlacementError, TrainerRanks  # noqa: F401  (re-exported)
 
 log = logging.getLogger("torchspec.pipeline")
-
 
 
 def multi_node_reason(cfg) -> str | None:
@@ -69,3 +69,11 @@ def start_engines(cfg, store, placement, engine_factory=None):
     if isinstance(placement, RayPlacement):
         return start_ray_engines(cfg, store, placement, engine_factory)
     return launcher_local.start_engines(cfg, store, placement, engine_factory)
+
+
+def start_trainer_ranks(cfg, spec, store, placement, workdir) -> TrainerRanks:
+    from torchspec.pipeline.launcher_ray import RayPlacement, start_ray_trainer_ranks
+
+    if isinstance(placement, RayPlacement):
+        return start_ray_trainer_ranks(cfg, spec, store, placement)
+    return launcher_local.start_trainer_ranks(cfg, spec, store, placement.trainer_devices, workdir)

@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 
 from torchspec.config.errors import ConfigError
 from torchspec.inference.base import StoredSample
+from torchspec.pipeline.ranks import RankWorker, TrainerRanks, leave_dist  # noqa: F401  (TrainerRanks re-exported)
 
 
 @dataclass(frozen=True)
@@ -225,103 +226,52 @@ def start_engines(cfg, store, placement: Placement, engine_factory=None, trainer
     return ProcessEngines(factory, store, placement.engine_devices)
 
 
-# -- trainer ranks ------------------------------------------------------------------------------------
+# -- trainer ranks: ranks 1.. as spawned processes -----------------------------------------------
 
-def _rank_batch(store, keys: list[str], ref_key: str):
-    """The rank's micro-batch; a rank left without samples (an epoch's short tail) trains on a copy of
-    another rank's sample with its loss mask zeroed: it joins the collectives with zero gradient."""
-    from torchspec.pipeline.batch import collate
-
-    if keys:
-        return collate([store.get(k) for k in keys])
-    batch = collate([store.get(ref_key)])
-    batch["loss_mask"].zero_()
-    return batch
-
-
-def _init_dist(rank: int, world: int, device: str, init_file: str, timeout_minutes: int) -> None:
-    import datetime
-
-    import torch.distributed as tdist
-
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    tdist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
-                             timeout=datetime.timedelta(minutes=timeout_minutes))
-
-
-def _trainer_rank_worker(rank: int, world: int, cfg, spec, store, device: str, init_file: str, inbox, outbox):
-    import torch.distributed as tdist
-
-    from torchspec.pipeline.build import build_trainer
-    from torchspec.training.parallel import DistInfo
-
+def _trainer_rank_worker(rank: int, world: int, cfg, spec, store, device: str, init_method: str, inbox, outbox):
     import signal
 
     # Ctrl-C reaches the whole process group; rank 0 decides when to stop and tells the others.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = None
     try:
-        if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
-        else:
-            torch.set_num_threads(1)
-        _init_dist(rank, world, device, init_file, cfg.training.distributed_timeout_minutes)
-        trainer, _ = build_trainer(cfg, spec, device, DistInfo(rank, world, rank))
+        worker = RankWorker(rank, world, cfg, spec, store, device, init_method)
         outbox.put(("ok", rank, None))
         while True:
-            op, *args = inbox.get()
-            if op == "stop":
+            msg = inbox.get()
+            if msg[0] == "stop":
                 break
-            if op == "train":
-                batch = _rank_batch(store, *args)
-                outbox.put(("ok", rank, None))      # records read: rank 0 may delete them now
-                trainer.train_step(batch)
-            elif op == "finish":
-                trainer.finish_accumulation()
-            elif op == "state":
-                trainer.state_dict()                 # a collective under FSDP
+            worker.handle(*msg)
             outbox.put(("ok", rank, None))
     except KeyboardInterrupt:
         pass
     except BaseException:
         outbox.put(("error", rank, traceback.format_exc()))
     finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
+        leave_dist()
 
 
-class TrainerRanks:
-    """Trainer rank 0 in this process (it owns logging and checkpoints), ranks 1.. as spawned processes,
-    all stepping in lockstep: each `train_step` gives every rank its micro-batch of store keys."""
+class ProcessPeers:
+    """Trainer ranks 1.. as spawned processes of this machine (the `Peers` of `ranks.TrainerRanks`)."""
 
-    def __init__(self, cfg, spec, store, devices, workdir):
-        from torchspec.pipeline.build import build_trainer
-        from torchspec.training.parallel import DistInfo
-
-        self.store = store
-        self.world = len(devices)
+    def __init__(self, cfg, spec, store, devices, init_method: str):
+        ctx = mp.get_context("spawn")
+        world = len(devices) + 1
+        self.outbox = ctx.Queue()
         self.procs, self.inboxes = [], []
-        dist = None
-        if self.world > 1:
-            ctx = mp.get_context("spawn")
-            init_file = str(Path(workdir) / f"dist-init-{os.getpid()}-{time.time_ns()}")
-            self.outbox = ctx.Queue()
-            for rank in range(1, self.world):
-                inbox = ctx.Queue()
-                p = ctx.Process(target=_trainer_rank_worker, daemon=True, name=f"torchspec-trainer-{rank}",
-                                args=(rank, self.world, cfg, spec, store, devices[rank], init_file, inbox,
-                                      self.outbox))
-                p.start()
-                self.procs.append(p)
-                self.inboxes.append(inbox)
-            if devices[0].startswith("cuda"):
-                torch.cuda.set_device(torch.device(devices[0]))
-            _init_dist(0, self.world, devices[0], init_file, cfg.training.distributed_timeout_minutes)
-            dist = DistInfo(0, self.world, 0)
-        self.trainer, self.checkpoint = build_trainer(cfg, spec, devices[0], dist)
-        self._acks()
+        for rank, device in enumerate(devices, start=1):
+            inbox = ctx.Queue()
+            p = ctx.Process(target=_trainer_rank_worker, daemon=True, name=f"torchspec-trainer-{rank}",
+                            args=(rank, world, cfg, spec, store, device, init_method, inbox, self.outbox))
+            p.start()
+            self.procs.append(p)
+            self.inboxes.append(inbox)
 
-    def _acks(self) -> None:
-        """One answer from every other rank; raises if one failed or died."""
+    def send(self, messages: list[tuple]) -> None:
+        for q, msg in zip(self.inboxes, messages):
+            q.put(msg)
+
+    def acks(self) -> None:
         for _ in self.procs:
             while True:
                 try:
@@ -334,36 +284,7 @@ class TrainerRanks:
             if kind == "error":
                 raise RuntimeError(f"trainer rank {rank} failed:\n{payload}")
 
-    def _send(self, *msg) -> None:
-        for q in self.inboxes:
-            q.put(msg)
-
-    def train_step(self, batches: list[list[StoredSample]]) -> dict:
-        ref = batches[0][0].key
-        for r, q in enumerate(self.inboxes, start=1):
-            q.put(("train", [s.key for s in batches[r]], ref))
-        self._acks()    # every rank has read its records
-        m = self.trainer.train_step(_rank_batch(self.store, [s.key for s in batches[0]], ref))
-        self._acks()
-        return m
-
-    def finish_accumulation(self) -> dict | None:
-        if not self.trainer.micro_step:
-            return None
-        self._send("finish")
-        m = self.trainer.finish_accumulation()
-        self._acks()
-        return m
-
-    def state_dict(self) -> dict:
-        self._send("state")
-        state = self.trainer.state_dict()
-        self._acks()
-        return state
-
     def close(self) -> None:
-        import torch.distributed as tdist
-
         for q, p in zip(self.inboxes, self.procs):
             if p.is_alive():
                 q.put(("stop",))
@@ -372,6 +293,13 @@ class TrainerRanks:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
-        if self.procs and tdist.is_initialized():
-            tdist.destroy_process_group()
         self.procs, self.inboxes = [], []
+
+
+def start_trainer_ranks(cfg, spec, store, devices, workdir) -> TrainerRanks:
+    """Rank 0 in this process on devices[0], ranks 1.. spawned here; rendezvous through a file in workdir."""
+    init_method = peers = None
+    if len(devices) > 1:
+        init_method = f"file://{Path(workdir) / f'dist-init-{os.getpid()}-{time.time_ns()}'}"
+        peers = ProcessPeers(cfg, spec, store, devices[1:], init_method)
+    return TrainerRanks(cfg, spec, store, devices[0], len(devices), peers, init_method)

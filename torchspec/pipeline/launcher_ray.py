@@ -1,30 +1,41 @@
-"""The Ray launcher: inference engines as Ray actors, placed by placement groups built from the config.
+"""The Ray launcher: inference engines and trainer ranks as Ray actors, placed by placement groups
+built from the config.
 
-Placement (`plan_ray`): `inference_num_gpus / gpus_per_engine` engine replicas, each one Ray actor
+Engines (`plan_ray`): `inference_num_gpus / gpus_per_engine` engine replicas, each one Ray actor
 wrapping the same engine class the local launcher uses (`build_engine`: hf today, sglang/vllm the
 same way), reserved by its own placement group:
 - GPU cluster: an engine on one node is one bundle `{"GPU": gpus_per_engine}` (STRICT_PACK); an
   engine spanning nodes (sglang `nnodes > 1`) is one bundle `{"GPU": inference_num_gpus_per_node}`
   per node (STRICT_SPREAD, one bundle a node); the actor runs in bundle 0.
 - CPU-only cluster: one bundle `{"CPU": 1}` per engine (STRICT_PACK).
-Trainer ranks stay on the driver's node (`TrainerRanks`), on the GPUs after the engines' there.
+
+Trainer ranks: one placement group of `training_num_nodes` bundles, one per training node, each
+`{"GPU": training_num_gpus_per_node}` (CPU-only cluster: `{"CPU": ...}`). Over several nodes it is
+STRICT_SPREAD: every bundle on a distinct node, so each node's ranks share that node's GPU
+interconnect and the world really spans `training_num_nodes` machines (PACK or SPREAD could fold two
+bundles onto one big node); on one node a single bundle, STRICT_PACK. Bundle 0 is pinned to the
+driver's node (label `ray.io/node-id`): rank 0 runs in the driver process (controller, logging,
+checkpoints) on bundle 0's first slot; ranks 1.. are Ray actors, rank r in bundle r // per_node.
+On GPUs rank 0's GPU is held by a small lease actor that reports which one Ray gave it, so Ray never
+hands a trainer GPU to an engine. The ranks meet through a TCP store on the driver's node IP
+(`tcp://<ip>:<free port>`): gloo on CPU, nccl on GPU. The rank protocol is `ranks.py`'s, shared
+with the local launcher.
 
 Ray: unless the caller already connected, the cluster RAY_ADDRESS names is joined (`auto` = the one
 `ray start` made on this machine); without RAY_ADDRESS a Ray of this machine alone is started for the
-run (GPUs: all but the trainer ranks') and shut down when the engines close. On a cluster, start the
-driver node's Ray with `--num-gpus` excluding the trainer's GPUs (checked: an engine given one of them
-is an error).
+run and shut down when both the engines and the trainer ranks have closed.
 
 Hidden states: the embedded local store (shared memory) works only when every actor runs on the
-driver's node; that is checked once the placement groups are placed. Across machines the store
-must be Mooncake. Actors get the store object itself (pickled); its capacity counters live in a
-file in the store's directory, so processes Ray started account puts and deletes in the same
-counters as the driver.
+driver's machine: checked by node IP once the placement groups are placed (so a cluster simulated on
+one machine, every node on one IP, may use it). Across machines the store must be Mooncake. Actors
+get the store object itself (pickled); its capacity counters live in a file in the store's
+directory, so processes Ray started account puts and deletes in the same counters as the driver.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -33,6 +44,8 @@ import torch
 
 from torchspec.inference.base import StoredSample
 from torchspec.pipeline.launcher_local import PlacementError, _from_wire, _to_wire
+
+log = logging.getLogger("torchspec.pipeline")
 
 
 # -- placement --------------------------------------------------------------------------------------
@@ -43,29 +56,32 @@ class RayPlacement:
     bundles: tuple[dict, ...]          # one engine replica's placement-group bundles
     strategy: str                      # STRICT_PACK (one node) or STRICT_SPREAD (one bundle a node)
     actor_gpus: int                    # GPUs of the actor (bundle 0); 0 on a CPU-only cluster
-    trainer_devices: tuple[str, ...]   # one per trainer rank, on the driver's node
+    trainer_devices: tuple[str, ...]   # one per trainer rank: "cpu", or "cuda" (the GPU Ray gives it)
+    trainer_bundles: tuple[dict, ...] = ({"CPU": 1},)   # one per training node; bundle 0 = driver's node
+    trainer_strategy: str = "STRICT_PACK"               # STRICT_SPREAD over several training nodes
     colocate: bool = False
+
+    @property
+    def ranks_per_node(self) -> int:
+        return len(self.trainer_devices) // len(self.trainer_bundles)
 
     def describe(self) -> str:
         where = f"{self.actor_gpus} GPU(s) each" if self.actor_gpus else "CPU"
+        nodes = len(self.trainer_bundles)
         return (f"{self.num_engines} Ray engine actor(s) ({where}; placement group {self.strategy} "
-                f"{list(self.bundles)} per engine); {len(self.trainer_devices)} trainer rank(s) on the "
-                f"driver's node on {', '.join(self.trainer_devices)}")
+                f"{list(self.bundles)} per engine); {len(self.trainer_devices)} trainer rank(s) on {nodes} "
+                f"node(s) (placement group {self.trainer_strategy} {list(self.trainer_bundles)}; rank 0 in "
+                "the driver process on the driver's node, ranks 1.. Ray actors)")
 
 
-def plan_ray(cfg, cluster_gpus: float, local_gpus: int | None = None) -> RayPlacement:
-    """The placement for a cluster with `cluster_gpus` GPUs in all (0: CPU-only) and `local_gpus` on
-    the driver's node (default: torch's count)."""
+def plan_ray(cfg, cluster_gpus: float) -> RayPlacement:
+    """The placement for a cluster with `cluster_gpus` GPUs in all (0: CPU-only)."""
     from torchspec.config.validate import gpus_per_engine, gpus_per_engine_process
 
     inf, tr = cfg.inference, cfg.training
     if inf.colocate:
         raise PlacementError("inference.launcher=ray runs the engines as Ray actors; inference.colocate=true "
                              "(target inside the trainer process) needs inference.launcher=local")
-    if tr.training_num_nodes > 1:
-        raise PlacementError(f"training.training_num_nodes={tr.training_num_nodes}: trainer ranks on several nodes "
-                             "are not supported yet; the Ray launcher spreads the inference engines over the "
-                             "cluster and runs the trainer ranks on the driver's node (training_num_nodes=1)")
     per_engine, per_process = gpus_per_engine(cfg), gpus_per_engine_process(cfg)
     if inf.inference_engine_type == "hf" and per_engine != 1:
         raise PlacementError(f"inference.inference_num_gpus_per_engine={per_engine}: the hf engine runs on one GPU "
@@ -74,20 +90,88 @@ def plan_ray(cfg, cluster_gpus: float, local_gpus: int | None = None) -> RayPlac
     if n_engines < 1:
         raise PlacementError(f"inference.inference_num_gpus={inf.inference_num_gpus}: need at least one engine "
                              f"of {per_engine} GPU(s)")
-    world = tr.training_num_gpus_per_node
-    local_gpus = torch.cuda.device_count() if local_gpus is None else local_gpus
+    nodes, per_node = tr.training_num_nodes, tr.training_num_gpus_per_node
+    if nodes < 1 or per_node < 1:
+        raise PlacementError(f"training.training_num_nodes={nodes} x training.training_num_gpus_per_node="
+                             f"{per_node}: both must be at least 1")
+    key = "GPU" if cluster_gpus else "CPU"
+    trainer = dict(trainer_devices=("cuda" if cluster_gpus else "cpu",) * (nodes * per_node),
+                   trainer_bundles=tuple({key: per_node} for _ in range(nodes)),
+                   trainer_strategy="STRICT_SPREAD" if nodes > 1 else "STRICT_PACK")
     if not cluster_gpus:
-        return RayPlacement(n_engines, ({"CPU": 1},), "STRICT_PACK", 0, ("cpu",) * world)
-    if local_gpus < world:
-        raise PlacementError(f"training.training_num_gpus_per_node={world}: the driver's node has {local_gpus} "
-                             "GPU(s) for the trainer ranks")
-    # The driver node's Ray hands out its first GPUs to engines (start it with --num-gpus excluding
-    # the trainer's); the trainer ranks take the last `world` GPUs of the node.
-    trainer_devices = tuple(f"cuda:{local_gpus - world + i}" for i in range(world))
+        return RayPlacement(n_engines, ({"CPU": 1},), "STRICT_PACK", 0, **trainer)
     if per_engine > per_process:   # spans nodes: one bundle per node
         bundles = tuple({"GPU": per_process} for _ in range(per_engine // per_process))
-        return RayPlacement(n_engines, bundles, "STRICT_SPREAD", per_process, trainer_devices)
-    return RayPlacement(n_engines, ({"GPU": per_engine},), "STRICT_PACK", per_engine, trainer_devices)
+        return RayPlacement(n_engines, bundles, "STRICT_SPREAD", per_process, **trainer)
+    return RayPlacement(n_engines, ({"GPU": per_engine},), "STRICT_PACK", per_engine, **trainer)
+
+
+def check_cluster(placement: RayPlacement, nodes: list[dict], driver_node: str) -> None:
+    """One clear error when the cluster (`ray.nodes()`) lacks what the placement needs: enough nodes
+    with the trainer's per-node resources (the driver's among them), and enough in all."""
+    key = next(iter(placement.trainer_bundles[0]))
+    per_node = placement.trainer_bundles[0][key]
+    n_train = len(placement.trainer_bundles)
+    alive = [n for n in nodes if n.get("Alive", True)]
+    have = {n["NodeID"]: n.get("Resources", {}).get(key, 0) for n in alive}
+    where = f"the Ray cluster has {key} per node {sorted(have.values(), reverse=True)}"
+    if have.get(driver_node, 0) < per_node:
+        raise PlacementError(
+            f"training.training_num_gpus_per_node={per_node}: trainer rank 0 runs in the driver, so the driver's "
+            f"node needs {per_node} {key} for the training node it hosts, but it has {have.get(driver_node, 0)} "
+            f"({where})")
+    if sum(v >= per_node for v in have.values()) < n_train:
+        raise PlacementError(
+            f"training.training_num_nodes={n_train} x training.training_num_gpus_per_node={per_node}: needs "
+            f"{n_train} distinct node(s) with {per_node} {key} each; {where}")
+    engine_need = placement.num_engines * sum(b.get(key, 0) for b in placement.bundles)
+    need = engine_need + n_train * per_node
+    if need > sum(have.values()):
+        raise PlacementError(
+            f"inference.inference_num_gpus ({engine_need} {key} for {placement.num_engines} engine(s)) + "
+            f"training.training_num_nodes x training.training_num_gpus_per_node ({n_train * per_node}) = {need} "
+            f"{key}, but {where} ({sum(have.values()):g} in all)")
+
+
+def node_ips(node_ids) -> dict:
+    """node id -> IP address of the machine it runs on (None for a node Ray does not know)."""
+    import ray
+
+    known = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    return {n: known.get(n) for n in node_ids}
+
+
+def check_local_store(store, what: str, node_ids) -> None:
+    """The local store is shared memory of one machine: refuse actors on another machine than the
+    driver's. Nodes are compared by IP, so a cluster simulated on one machine passes."""
+    from torchspec.transfer.local import LocalStore
+
+    if not isinstance(store, LocalStore):
+        return
+    import ray
+
+    here = node_ips([ray.get_runtime_context().get_node_id()]).popitem()[1]
+    away = sorted({ip or "unknown" for ip in node_ips(node_ids).values() if ip != here})
+    if away:
+        raise PlacementError(
+            f"Ray placed {what} on another machine ({', '.join(away)}) than the driver's ({here}); the local "
+            "hidden-state store is shared memory of one machine: a run over several machines needs the mooncake "
+            "store (inference.store=mooncake)")
+
+
+def check_store_config(cfg, nodes: list[dict]) -> None:
+    """Before anything starts: inference.store=local (when that setting exists) over several nodes of a
+    cluster that spans several machines cannot work."""
+    from torchspec.pipeline.launcher import multi_node_reason
+
+    store = getattr(cfg.inference, "store", None)
+    reason = multi_node_reason(cfg)
+    machines = {n["NodeManagerAddress"] for n in nodes if n.get("Alive", True)}
+    if store == "local" and reason and len(machines) > 1:
+        raise PlacementError(
+            f"inference.store=local: this run spans several nodes ({reason}) of a Ray cluster on "
+            f"{len(machines)} machines, but the local store is shared memory of one machine; set "
+            "inference.store=mooncake")
 
 
 # -- the engine actor -------------------------------------------------------------------------------
@@ -139,8 +223,6 @@ class RayEngines:
         from ray.util.placement_group import placement_group, placement_group_table
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from torchspec.transfer.local import LocalStore
-
         self._ray = ray
         self.num_workers = placement.num_engines
         self.busy_s = 0.0   # seconds spent generating, over all workers
@@ -148,7 +230,8 @@ class RayEngines:
         self.actors: list = []
         self.pgs: list = []
         self._closed = False
-        local_store = isinstance(store, LocalStore)
+        self.hold = None   # a Ray this launcher started, released on close
+        self.nodes: list[str] = []   # the node id of each engine actor
         try:
             for _ in range(self.num_workers):
                 self.pgs.append(placement_group([dict(b) for b in placement.bundles], strategy=placement.strategy))
@@ -159,14 +242,8 @@ class RayEngines:
                     f"Ray could not place {self.num_workers} engine(s) of {list(placement.bundles)} "
                     f"({placement.strategy}) within {pg_timeout:.0f}s; cluster resources: "
                     f"{ray.cluster_resources()} (inference.inference_num_gpus / _per_engine / _per_node)") from None
-            if local_store:
-                here = ray.get_runtime_context().get_node_id()
-                nodes = {n for pg in self.pgs for n in placement_group_table(pg)["bundles_to_node_id"].values()}
-                if nodes - {here}:
-                    raise PlacementError(
-                        f"Ray placed inference engines on {len(nodes - {here})} node(s) other than the driver's; "
-                        "the local hidden-state store is shared memory on one node: use the mooncake store for "
-                        "engines on other machines, or keep inference.inference_num_gpus within this node")
+            check_local_store(store, "inference engines",
+                              {n for pg in self.pgs for n in placement_group_table(pg)["bundles_to_node_id"].values()})
             actor_cls = ray.remote(_EngineActor)
             for w, pg in enumerate(self.pgs):
                 strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
@@ -181,30 +258,21 @@ class RayEngines:
             except ray.exceptions.GetTimeoutError:
                 raise RuntimeError(f"the inference engine actors did not start within {start_timeout:.0f}s "
                                    "(loading the target?)") from None
-            self._check_ready(ready, placement, local_store)
+            self._check_ready(ready, store)
             self.pids = [r["pid"] for r in ready]
         except BaseException:
             self.close()
             raise
 
-    def _check_ready(self, ready: list[dict], placement: RayPlacement, local_store: bool) -> None:
+    def _check_ready(self, ready: list[dict], store) -> None:
         from torchspec.config.errors import ConfigError
 
         for r in ready:
             if r["config_error"]:
                 raise ConfigError(r["config_error"])
-        here = self._ray.get_runtime_context().get_node_id()
-        if local_store and any(r["node"] != here for r in ready):
-            raise PlacementError("an inference engine actor runs on another node than the driver's; the local "
-                                 "store needs every engine on the driver's node (use the mooncake store)")
-        # Trainer ranks use the driver node's last GPUs: an engine there must not have been given one.
-        trainer_ids = {d.removeprefix("cuda:") for d in placement.trainer_devices if d.startswith("cuda")}
-        clash = sorted({g for r in ready if r["node"] == here for g in r["gpu_ids"]} & trainer_ids)
-        if clash:
-            raise PlacementError(
-                f"Ray gave GPU(s) {clash} of the driver's node to inference engines, but the trainer ranks use "
-                f"{', '.join(placement.trainer_devices)}; start this node's Ray with --num-gpus excluding the "
-                f"{len(trainer_ids)} trainer GPU(s) (training.training_num_gpus_per_node)")
+        check_local_store(store, "an inference engine actor", [r["node"] for r in ready])
+        self.nodes = [r["node"] for r in ready]
+        log.info("engine actors on Ray nodes %s", ", ".join(f"{w}: {n[:8]}" for w, n in enumerate(self.nodes)))
 
     def submit(self, worker: int, samples: list) -> None:
         self.pending[self.actors[worker].generate.remote(_to_wire(samples))] = worker
@@ -251,15 +319,37 @@ class RayEngines:
             except Exception:
                 pass
         self.actors, self.pgs = [], []
+        if self.hold is not None:
+            self.hold.release()
+            self.hold = None
 
 
-_started_ray = False   # this launcher called ray.init(): it also shuts Ray down when its engines close
+_started_ray = False   # this launcher called ray.init(): it shuts Ray down once its last user closes
+_holds: set = set()     # users (engines, trainer ranks) of the Ray this launcher started
+
+
+class _RayHold:
+    """One user of a Ray this launcher started; the last one released shuts Ray down (idempotent)."""
+
+    def __init__(self):
+        _holds.add(self)
+
+    def release(self) -> None:
+        global _started_ray
+        if self not in _holds:
+            return
+        _holds.discard(self)
+        if not _holds and _started_ray:
+            import ray
+
+            ray.shutdown()
+            _started_ray = False
 
 
 def _connect(cfg) -> None:
     """Connect to Ray unless already connected: the cluster RAY_ADDRESS names ("auto" = the one `ray start`
-    made on this machine), else a Ray of this machine alone, started here, holding back the GPUs the
-    trainer ranks use."""
+    made on this machine), else a Ray of this machine alone, started here, with all its GPUs (the
+    trainer ranks' placement group reserves theirs)."""
     global _started_ray
     import ray
 
@@ -268,46 +358,188 @@ def _connect(cfg) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    local_gpus = torch.cuda.device_count()
-    ray.init(address="local", include_dashboard=False,
-             num_gpus=max(local_gpus - cfg.training.training_num_gpus_per_node, 0) if local_gpus else 0)
+    ray.init(address="local", include_dashboard=False, num_gpus=torch.cuda.device_count())
     _started_ray = True
 
 
-def _disconnect() -> None:
-    global _started_ray
-    if _started_ray:
-        import ray
-
-        ray.shutdown()
-        _started_ray = False
-
-
-class _OwnedRayEngines(RayEngines):
-    """RayEngines on a Ray connection this launcher opened: shut down on close()."""
-
-    def close(self) -> None:
-        super().close()
-        _disconnect()
+def _hold(cfg) -> _RayHold | None:
+    _connect(cfg)
+    return _RayHold() if _started_ray else None
 
 
 def plan_ray_connected(cfg) -> RayPlacement:
-    """Connect to Ray and plan for its cluster's resources."""
+    """Connect to Ray, plan for its cluster's resources and check the cluster has them."""
     import ray
 
     _connect(cfg)
-    return plan_ray(cfg, ray.cluster_resources().get("GPU", 0))
+    placement = plan_ray(cfg, ray.cluster_resources().get("GPU", 0))
+    nodes = ray.nodes()
+    check_cluster(placement, nodes, ray.get_runtime_context().get_node_id())
+    check_store_config(cfg, nodes)
+    return placement
 
 
 def start_ray_engines(cfg, store, placement: RayPlacement, engine_factory=None) -> RayEngines:
     """The EngineGroup for a Ray placement. engine_factory(store, device) -> Engine; default: the config's."""
     from torchspec.inference.factory import build_engine
 
-    _connect(cfg)
+    hold = _hold(cfg)
     factory = engine_factory or functools.partial(build_engine, cfg)
-    cls = _OwnedRayEngines if _started_ray else RayEngines
     try:
-        return cls(factory, store, placement)
+        engines = RayEngines(factory, store, placement)
     except BaseException:
-        _disconnect()
+        if hold is not None:
+            hold.release()
         raise
+    engines.hold = hold
+    return engines
+
+
+# -- trainer ranks ----------------------------------------------------------------------------------
+
+class _TrainerRankActor:
+    """Trainer rank r >= 1 inside a Ray actor (a `RankWorker` once started). On GPUs rank 0's slot gets
+    one too, never started: it holds rank 0's GPU and tells the driver which one Ray gave it."""
+
+    def __init__(self):
+        self.worker = None
+
+    def info(self) -> dict:
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def start(self, rank: int, world: int, cfg, spec, store, init_method: str, local_rank: int) -> None:
+        import ray
+
+        from torchspec.pipeline.ranks import RankWorker
+
+        device = "cuda:0" if ray.get_gpu_ids() else "cpu"   # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
+        self.worker = RankWorker(rank, world, cfg, spec, store, device, init_method, local_rank)
+
+    def handle(self, *msg) -> None:
+        self.worker.handle(*msg)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+
+def _free_port(ip: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as sock:
+        sock.bind((ip, 0))
+        return sock.getsockname()[1]
+
+
+class RayPeers:
+    """Trainer ranks 1.. as Ray actors in one placement group over the training nodes (the `Peers`
+    of `ranks.TrainerRanks`). `nodes[r]` is the Ray node id rank r runs on (as the actor reported it;
+    rank 0: the driver's); `rank0_device` and `init_method` are for rank 0 in the driver."""
+
+    def __init__(self, cfg, spec, store, placement: RayPlacement, pg_timeout: float = 120.0,
+                 start_timeout: float = 600.0):
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self._ray = ray
+        self.actors: dict[int, object] = {}
+        self.pending: list = []
+        self.pg = None
+        self.hold = None
+        world, per_node = len(placement.trainer_devices), placement.ranks_per_node
+        bundles = [dict(b) for b in placement.trainer_bundles]
+        here = ray.get_runtime_context().get_node_id()
+        try:
+            self.pg = placement_group(bundles, strategy=placement.trainer_strategy,
+                                      bundle_label_selector=[{"ray.io/node-id": here}] + [{}] * (len(bundles) - 1))
+            try:
+                ray.get(self.pg.ready(), timeout=pg_timeout)
+            except ray.exceptions.GetTimeoutError:
+                raise PlacementError(
+                    f"Ray could not place the trainer ranks' {bundles} ({placement.trainer_strategy}, bundle 0 on the "
+                    f"driver's node) within {pg_timeout:.0f}s; cluster resources: {ray.available_resources()} "
+                    "(training.training_num_nodes / training.training_num_gpus_per_node)") from None
+            bundle_nodes = placement_group_table(self.pg)["bundles_to_node_id"]
+            if bundle_nodes[0] != here:
+                raise PlacementError("Ray placed trainer rank 0's bundle off the driver's node (rank 0 runs in the driver)")
+            gpu = placement.trainer_devices[0].startswith("cuda")
+            opts = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": 1}
+            actor_cls = ray.remote(_TrainerRankActor)
+            for r in range(0 if gpu else 1, world):
+                strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r // per_node)
+                self.actors[r] = actor_cls.options(scheduling_strategy=strategy, max_restarts=0, **opts).remote()
+            try:
+                infos = dict(zip(self.actors, ray.get([a.info.remote() for a in self.actors.values()],
+                                                      timeout=start_timeout)))
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"the trainer rank actors did not start within {start_timeout:.0f}s") from None
+            self.nodes = [here] + [infos[r]["node"] for r in range(1, world)]
+            check_local_store(store, "trainer ranks", self.nodes)
+            log.info("trainer ranks on Ray nodes %s (rank 0: the driver's)",
+                     ", ".join(f"{r}: {n[:8]}" for r, n in enumerate(self.nodes)))
+            self.rank0_device = f"cuda:{infos[0]['gpu_ids'][0]}" if gpu else "cpu"
+            ip = ray.util.get_node_ip_address()
+            self.init_method = f"tcp://{f'[{ip}]' if ':' in ip else ip}:{_free_port(ip)}"
+            # they join the process group now and wait there for rank 0 (TrainerRanks)
+            self.pending = [(r, self.actors[r].start.remote(r, world, cfg, spec, store, self.init_method,
+                                                            r % per_node)) for r in range(1, world)]
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, messages: list[tuple]) -> None:
+        self.pending = [(r, self.actors[r].handle.remote(*m)) for r, m in enumerate(messages, start=1)]
+
+    def acks(self) -> None:
+        ray = self._ray
+        pending, self.pending = self.pending, []
+        for r, ref in pending:
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+                raise RuntimeError(f"trainer rank {r} (Ray actor) failed:\n{e}") from None
+
+    def close(self) -> None:
+        ray = self._ray
+        self.pending = []
+        started = [a for r, a in self.actors.items() if r]
+        if started:
+            try:
+                ray.get([a.close.remote() for a in started], timeout=30)
+            except Exception:
+                pass
+        for a in self.actors.values():
+            ray.kill(a, no_restart=True)
+        self.actors = {}
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
+        if self.hold is not None:
+            self.hold.release()
+            self.hold = None
+
+
+def start_ray_trainer_ranks(cfg, spec, store, placement: RayPlacement):
+    """Rank 0 in this process, ranks 1.. as Ray actors placed by `placement`'s trainer placement group."""
+    from torchspec.pipeline.ranks import TrainerRanks
+
+    hold = _hold(cfg)
+    try:
+        peers = RayPeers(cfg, spec, store, placement)
+    except BaseException:
+        if hold is not None:
+            hold.release()
+        raise
+    peers.hold = hold
+    world = len(placement.trainer_devices)
+    return TrainerRanks(cfg, spec, store, peers.rank0_device, world, peers, peers.init_method)

@@ -23,7 +23,7 @@ from typing import Callable
 
 from torchspec.pipeline.build import ModelSpec, draft_config_for
 from torchspec.pipeline.controller import Controller
-from torchspec.pipeline.launcher import TrainerRanks, plan_placement, start_engines
+from torchspec.pipeline.launcher import plan_placement, start_engines, start_trainer_ranks
 
 log = logging.getLogger("torchspec.pipeline")
 RATE_WINDOW = 20   # optimizer steps over which metrics' samples/s rates are measured
@@ -245,7 +245,7 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
     try:
         with interrupts.installed():
             try:
-                ranks = TrainerRanks(cfg, spec, store, placement.trainer_devices, out_dir)
+                ranks = start_trainer_ranks(cfg, spec, store, placement, out_dir)
                 trainer = ranks.trainer
                 data_state = None
                 if ranks.checkpoint is not None:

@@ -1,0 +1,221 @@
+"""The Ray launcher over several nodes, on a Ray cluster simulated on this machine
+(`ray.cluster_utils.Cluster`: a head node and a second node, every server on 127.0.0.1):
+trainer ranks on distinct nodes, engines on one, the same weights as the local launcher."""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline_helpers import ids_by_epoch, tiny_run_config
+from torchspec.pipeline.launcher_local import PlacementError
+
+try:
+    import ray
+except ImportError:
+    ray = None
+
+needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'torchspec[ray]')")
+
+HEAD_CPUS, NODE_CPUS = 3, 1   # head: two engines + trainer rank 0's slot; second node: trainer rank 1
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head node (the driver's) and one more node, each its own raylet, all on 127.0.0.1."""
+    from ray.cluster_utils import Cluster
+
+    from ray_helpers import loopback_only
+
+    if ray.is_initialized():
+        pytest.skip("a Ray connection is already open in this process")
+    with loopback_only():
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": HEAD_CPUS, "num_gpus": 0, "include_dashboard": False, "object_store_memory": 80 << 20})
+        try:
+            second = cluster.add_node(num_cpus=NODE_CPUS, num_gpus=0, object_store_memory=80 << 20)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False)
+            head = ray.get_runtime_context().get_node_id()
+            assert {n["NodeID"] for n in ray.nodes()} == {head, second.node_id}
+            assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+            yield head, second.node_id
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def _resources_free(timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU") != HEAD_CPUS + NODE_CPUS:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class _NodeRecordingFactory:
+    """The config's engine, built where Ray runs it; leaves `<pid>.node` = the Ray node id of the actor."""
+
+    def __init__(self, cfg, out_dir: Path):
+        self.cfg, self.out_dir = cfg, out_dir
+
+    def __call__(self, store, device):
+        from torchspec.inference.factory import build_engine
+
+        (self.out_dir / f"{os.getpid()}.node").write_text(ray.get_runtime_context().get_node_id())
+        return build_engine(self.cfg, store, device)
+
+
+def _weights(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "model.safetensors")
+
+
+@needs_ray
+def test_two_nodes_trainer_ranks_spread_engines_on_one_weights_equal_local(tmp_path, tiny_target_dir, two_nodes,
+                                                                           monkeypatch, cpu_only):
+    """2 engines + trainer ranks 0 (driver, head node) and 1 (Ray actor, second node), gloo over a TCP
+    store: every sample trained once per epoch, the store ends empty, and the final weights are bitwise
+    those of the local launcher (2 spawned engines, 2 spawned ranks) with the same seed."""
+    from torchspec.pipeline import runner
+    from torchspec.pipeline.runner import run_training
+
+    head, second = two_nodes
+    cfg = tiny_run_config(tmp_path / "ray", tiny_target_dir, engines=2, num_epochs=2, seed=11,
+                          save_interval=3, training_num_nodes=2, training_num_gpus_per_node=1)
+    cfg.inference.launcher = "ray"
+    started = []
+
+    def recording_ranks(*args):
+        ranks = runner_start(*args)
+        started.append((list(ranks.peers.nodes), ranks.peers.init_method))
+        return ranks
+
+    runner_start = runner.start_trainer_ranks
+    monkeypatch.setattr(runner, "start_trainer_ranks", recording_ranks)
+    (tmp_path / "engines").mkdir()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the factory class travels by value
+    ray_run = run_training(cfg, engine_factory=_NodeRecordingFactory(cfg, tmp_path / "engines"), progress=False)
+
+    # rank 1's node as its actor reported it: the second node; rank 0 is the driver, on the head
+    [(rank_nodes, init_method)] = started
+    assert rank_nodes == [head, second]
+    assert init_method.startswith("tcp://127.0.0.1:")
+    # both engines built inside actors on one node: the head (the second node's CPU holds rank 1)
+    engine_nodes = [p.read_text() for p in (tmp_path / "engines").glob("*.node")]
+    assert engine_nodes == [head, head]
+
+    from torchspec.data.dataset import from_config, load_tokenizer
+    all_ids = sorted(s.sample_id for s in from_config(cfg, load_tokenizer(cfg), progress=False))
+    epochs = ids_by_epoch(ray_run.trained)
+    assert sorted(epochs) == [0, 1] and all(sorted(epochs[e]) == all_ids for e in (0, 1))
+    assert not ray_run.interrupted and ray_run.global_step == 6           # 12 samples / (2 ranks x 2), 2 epochs
+    assert ray_run.store_put_bytes > 0 and ray_run.store_bytes_end == 0
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+    assert _resources_free()
+
+    # the local launcher, same seed and world size (spawned engines and rank 1, file:// rendezvous)
+    monkeypatch.setattr(runner, "start_trainer_ranks", runner_start)
+    local_run = run_training(tiny_run_config(tmp_path / "local", tiny_target_dir, engines=2, num_epochs=2, seed=11,
+                                             save_interval=3, training_num_gpus_per_node=2), progress=False)
+    assert local_run.global_step == 6
+    # Each step trains the same 4 samples under both launchers (the pool holds exactly one step's worth);
+    # only which engine's pair reaches rank 0 first may differ, and the 2-rank gradient sum a+b is
+    # exact either way: the weights are bitwise equal.
+    assert [sorted(x[2] for x in ray_run.trained if x[0] == s) for s in range(1, 7)] == \
+           [sorted(x[2] for x in local_run.trained if x[0] == s) for s in range(1, 7)]
+    assert [p.name for p in ray_run.checkpoints] == [p.name for p in local_run.checkpoints] == \
+           ["step_00000003", "step_00000006"]
+    for ray_ckpt, local_ckpt in zip(ray_run.checkpoints, local_run.checkpoints):
+        ray_w, local_w = _weights(ray_ckpt), _weights(local_ckpt)
+        assert ray_w.keys() == local_w.keys() and len(ray_w) > 3
+        assert all(torch.equal(ray_w[k], local_w[k]) for k in ray_w)
+    first, last = _weights(ray_run.checkpoints[0]), _weights(ray_run.checkpoints[1])
+    assert any(not torch.equal(first[k], last[k]) for k in first)   # the steps between changed them
+
+
+@needs_ray
+def test_cluster_too_small_is_one_line_naming_the_keys(tmp_path, tiny_target_dir, two_nodes):
+    from torchspec.pipeline.launcher import plan_placement
+
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, training_num_nodes=3)
+    cfg.inference.launcher = "ray"
+    with pytest.raises(PlacementError, match=r"^training.training_num_nodes=3 x training.training_num_gpus_per_node=1: "
+                                             r"needs 3 distinct node\(s\) with 1 CPU each; the Ray cluster has CPU "
+                                             r"per node \[3.0, 1.0\]$"):
+        plan_placement(cfg)
+    cfg.training.training_num_nodes, cfg.training.training_num_gpus_per_node = 2, 2
+    with pytest.raises(PlacementError, match=r"needs 2 distinct node\(s\) with 2 CPU each"):
+        plan_placement(cfg)
+    cfg.training.training_num_gpus_per_node, cfg.inference.inference_num_gpus = 1, 3
+    with pytest.raises(PlacementError, match=r"^inference.inference_num_gpus \(3 CPU for 3 engine\(s\)\) \+ "
+                                             r"training.training_num_nodes x training.training_num_gpus_per_node "
+                                             r"\(2\) = 5 CPU, but the Ray cluster has CPU per node \[3.0, 1.0\] "
+                                             r"\(4 in all\)$"):
+        plan_placement(cfg)
+    cfg.inference.inference_num_gpus = 2
+    assert len(plan_placement(cfg).trainer_devices) == 2   # what the other test runs fits
+
+
+@needs_ray
+def test_local_store_refused_for_ranks_on_another_machine(tmp_path, tiny_target_dir, two_nodes, monkeypatch):
+    """The second node faked onto another IP: the trainer-rank actors are refused before they join the
+    process group, with the mooncake hint, and their placement group is removed."""
+    from torchspec.pipeline import launcher_ray
+    from torchspec.pipeline.launcher import plan_placement
+    from torchspec.transfer.local import LocalStore
+
+    head, second = two_nodes
+    real = launcher_ray.node_ips
+    monkeypatch.setattr(launcher_ray, "node_ips",
+                        lambda ids: {n: ("10.0.0.2" if n == second else ip) for n, ip in real(ids).items()})
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, training_num_nodes=2)
+    cfg.inference.launcher = "ray"
+    store = LocalStore()
+    try:
+        with pytest.raises(PlacementError, match=r"^Ray placed trainer ranks on another machine \(10.0.0.2\) than the "
+                                                 r"driver's \(127.0.0.1\); .* needs the mooncake store "
+                                                 r"\(inference.store=mooncake\)$"):
+            launcher_ray.RayPeers(cfg, None, store, plan_placement(cfg))
+    finally:
+        store.close()
+    assert _resources_free()
+
+
+def test_store_setting_local_over_several_machines_is_refused(tmp_path, tiny_target_dir):
+    """inference.store=local (the setting, where it exists) with a run over several nodes of a cluster on
+    several machines; on one machine (a simulated cluster) it is allowed."""
+    from torchspec.pipeline.launcher_ray import check_store_config
+
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, training_num_nodes=2)
+    one_machine = [{"NodeID": "a", "NodeManagerAddress": "127.0.0.1"}, {"NodeID": "b", "NodeManagerAddress": "127.0.0.1"}]
+    two_machines = [{"NodeID": "a", "NodeManagerAddress": "10.0.0.1"}, {"NodeID": "b", "NodeManagerAddress": "10.0.0.2"}]
+    setattr(cfg.inference, "store", "local")
+    check_store_config(cfg, one_machine)
+    with pytest.raises(PlacementError, match=r"^inference.store=local: this run spans several nodes \(training."
+                                             r"training_num_nodes=2\) of a Ray cluster on 2 machines, .*set "
+                                             r"inference.store=mooncake$"):
+        check_store_config(cfg, two_machines)
+    setattr(cfg.inference, "store", "mooncake")
+    check_store_config(cfg, two_machines)
+
+
+def test_dry_run_layout_names_each_node(tmp_path, tiny_target_dir):
+    from torchspec.config.plan import format_plan, make_plan
+
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, training_num_nodes=2, training_num_gpus_per_node=8)
+    cfg.inference.inference_num_gpus = 16
+    out = format_plan(cfg, make_plan(cfg))
+    assert ("  layout:\n"
+            "    node 0 (driver): trainer ranks 0-7 (rank 0 in the driver process, the others Ray actors)\n"
+            "    node 1: trainer ranks 8-15 (Ray actors)\n"
+            "    node 2: engines 0-7 (1 GPU(s) each)\n"
+            "    node 3: engines 8-15 (1 GPU(s) each)\n") in out
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, training_num_gpus_per_node=2)
+    assert ("    node 0 (driver): engines 0-1 (1 GPU(s) each); trainer ranks 0-1 (rank 0 in the driver "
+            "process, the others spawned processes)\n") in format_plan(cfg, make_plan(cfg))

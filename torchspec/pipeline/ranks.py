@@ -1,0 +1,175 @@
+"""Trainer ranks, whichever launcher runs them.
+
+Rank 0 runs in the driver process (it owns the controller, logging and checkpoints); ranks 1.. run
+elsewhere: spawned processes (`launcher_local`) or Ray actors (`launcher_ray`). All step in lockstep
+on per-rank micro-batches of store keys. Rank 0 talks to the others through a `Peers` transport,
+one message per rank at a time, each answered once:
+
+  ("read", keys, ref_key)   read the rank's micro-batch from the store; once every rank has
+                            answered, the controller may delete the records
+  ("train",)                Trainer.train_step on it (a collective)
+  ("finish",)               Trainer.finish_accumulation (a collective)
+  ("state",)                Trainer.state_dict (a collective under FSDP)
+
+`RankWorker` is a rank's side of that protocol, `TrainerRanks` rank 0's; the launchers only carry
+the messages.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Protocol
+
+import torch
+
+from torchspec.inference.base import StoredSample
+
+
+def rank_batch(store, keys: list[str], ref_key: str):
+    """The rank's micro-batch; a rank left without samples (an epoch's short tail) trains on a copy of
+    another rank's sample with its loss mask zeroed: it joins the collectives with zero gradient."""
+    from torchspec.pipeline.batch import collate
+
+    if keys:
+        return collate([store.get(k) for k in keys])
+    batch = collate([store.get(ref_key)])
+    batch["loss_mask"].zero_()
+    return batch
+
+
+def use_device(device: str, num_threads: int = 1) -> None:
+    """Make `device` this process's current device (CPU: `num_threads` intra-op threads)."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    else:
+        torch.set_num_threads(num_threads)
+
+
+def init_dist(rank: int, world: int, device: str, init_method: str, timeout_minutes: int) -> None:
+    """Join the trainer's process group: nccl on GPUs, gloo on CPU. `init_method` is `file://...`
+    (one machine) or `tcp://<rank 0's host>:<port>` (any machines: rank 0 hosts the store)."""
+    import torch.distributed as tdist
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    tdist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                             timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def leave_dist() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+class RankWorker:
+    """One trainer rank other than 0: joins the process group, builds its Trainer, then `handle`s
+    rank 0's messages. The caller owns the transport (a queue loop, a Ray actor)."""
+
+    def __init__(self, rank: int, world: int, cfg, spec, store, device: str, init_method: str,
+                 local_rank: int | None = None):
+        from torchspec.pipeline.build import build_trainer
+        from torchspec.training.parallel import DistInfo
+
+        use_device(device)
+        init_dist(rank, world, device, init_method, cfg.training.distributed_timeout_minutes)
+        self.store = store
+        self.rank = rank
+        self.batch = None
+        dist = DistInfo(rank, world, rank if local_rank is None else local_rank)
+        self.trainer, _ = build_trainer(cfg, spec, device, dist)
+
+    def handle(self, op: str, *args) -> None:
+        if op == "read":
+            self.batch = rank_batch(self.store, *args)
+        elif op == "train":
+            batch, self.batch = self.batch, None
+            self.trainer.train_step(batch)
+        elif op == "finish":
+            self.trainer.finish_accumulation()
+        elif op == "state":
+            self.trainer.state_dict()
+        else:
+            raise ValueError(f"trainer rank {self.rank}: unknown message {op!r}")
+
+    def close(self) -> None:
+        leave_dist()
+
+
+class Peers(Protocol):
+    """How rank 0 reaches ranks 1..: `send` one message per rank (rank 1 first), returning at once;
+    `acks` waits for one answer from every rank and raises if one failed or died."""
+
+    def send(self, messages: list[tuple]) -> None: ...
+
+    def acks(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TrainerRanks:
+    """Rank 0's side: its Trainer in this process, the other `world - 1` ranks behind `peers`
+    (already started and joining the process group through `init_method`)."""
+
+    def __init__(self, cfg, spec, store, device: str, world: int, peers: Peers | None = None,
+                 init_method: str | None = None):
+        from torchspec.pipeline.build import build_trainer
+        from torchspec.training.parallel import DistInfo
+
+        self.store = store
+        self.world = world
+        self.device = device
+        self.peers = peers
+        self.others = world - 1
+        try:
+            dist = None
+            if world > 1:
+                if device.startswith("cuda"):
+                    torch.cuda.set_device(torch.device(device))
+                init_dist(0, world, device, init_method, cfg.training.distributed_timeout_minutes)
+                dist = DistInfo(0, world, 0)
+            self.trainer, self.checkpoint = build_trainer(cfg, spec, device, dist)
+            self._acks()   # every rank has built its Trainer
+        except BaseException:
+            self.close()
+            raise
+
+    def _send(self, *msg) -> None:
+        if self.others:
+            self.peers.send([msg] * self.others)
+
+    def _acks(self) -> None:
+        if self.others:
+            self.peers.acks()
+
+    def train_step(self, batches: list[list[StoredSample]]) -> dict:
+        ref = batches[0][0].key
+        if self.others:
+            self.peers.send([("read", [s.key for s in b], ref) for b in batches[1:]])
+            self.peers.acks()    # every rank has read its records
+        batch = rank_batch(self.store, [s.key for s in batches[0]], ref)
+        self._send("train")
+        m = self.trainer.train_step(batch)
+        self._acks()
+        return m
+
+    def finish_accumulation(self) -> dict | None:
+        if not self.trainer.micro_step:
+            return None
+        self._send("finish")
+        m = self.trainer.finish_accumulation()
+        self._acks()
+        return m
+
+    def state_dict(self) -> dict:
+        self._send("state")
+        state = self.trainer.state_dict()
+        self._acks()
+        return state
+
+    def close(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
+            self.peers = None
+        if self.world > 1:
+            leave_dist()
