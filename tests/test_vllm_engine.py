@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = Path(os.environ.get("VLLM_PYTHON")
                or Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm")) / "bin" / "python")
 SCRIPT = Path(__file__).parent / "vllm_scripts" / "engine_records.py"
+PIPELINE_SCRIPT = Path(__file__).parent / "vllm_scripts" / "pipeline_run.py"
 REQUIRED = os.environ.get("TORCHSPEC_REQUIRE_VLLM") == "1"
 VLLM_MARKS = (pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(not REQUIRED and not VLLM_PY.exists(),
@@ -101,15 +102,30 @@ def test_missing_vllm_names_install_hint(monkeypatch, tiny_target_dir):
 
 # -- cross-engine, in the vllm venv ---------------------------------------------------------------
 
+def run_in_venv(script: Path, *args) -> None:
+    assert VLLM_PY.exists(), f"TORCHSPEC_REQUIRE_VLLM=1 but no vLLM venv python at {VLLM_PY} (bash scripts/setup_vllm.sh)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([str(VLLM_PY), str(script), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"{script.name} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
 @pytest.fixture(scope="module")
-def records(tmp_path_factory, tiny_tokenizer):
+def vllm_target(tmp_path_factory, tiny_tokenizer):
+    """4 layers, H 64, head_dim 32 (vLLM's CPU attention takes head_dim 32, 64, ...)."""
     from torchspec.utils.tiny import make_tiny_target
 
-    assert VLLM_PY.exists(), f"TORCHSPEC_REQUIRE_VLLM=1 but no vLLM venv python at {VLLM_PY} (bash scripts/setup_vllm.sh)"
-    tmp = tmp_path_factory.mktemp("vllm_engine")
-    target = tmp / "target"
+    target = tmp_path_factory.mktemp("vllm_target")
     make_tiny_target(target, arch="qwen3", seed=1, tokenizer=tiny_tokenizer, hidden_size=64, num_attention_heads=2,
                      num_key_value_heads=2, head_dim=32, num_hidden_layers=4)
+    return target
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory, tiny_tokenizer, vllm_target):
+    tmp = tmp_path_factory.mktemp("vllm_engine")
     g = torch.Generator().manual_seed(0)
     samples = []
     for i, n in enumerate(LENGTHS):
@@ -118,16 +134,11 @@ def records(tmp_path_factory, tiny_tokenizer):
                         "loss_mask": (torch.arange(n) >= n // 2).to(torch.uint8).tolist()})
     spec, out = tmp / "spec.json", tmp / "out.pt"
     spec.write_text(json.dumps({
-        "target": str(target), "work": str(tmp), "samples": samples, "max_seq_length": 128,
+        "target": str(vllm_target), "work": str(tmp), "samples": samples, "max_seq_length": 128,
         "vllm_aux_layers": AUX, "hf_aux_layers": [AUX, SHIFTED],
         # chunk the 70-token prefill over 3 steps; the protected key must be dropped with a warning
         "extra_args": {"max_num_batched_tokens": 32, "tensor_parallel_size": 4}}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([str(VLLM_PY), str(SCRIPT), str(spec), str(out)], capture_output=True, text=True,
-                          env=env, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"vLLM run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    run_in_venv(SCRIPT, spec, out)
     got = torch.load(out)
     got["samples"] = samples
     print(f"\nvllm engine start {got['seconds']['vllm_start']:.1f}s, generate {got['seconds']['vllm_generate']:.2f}s; "
@@ -180,3 +191,23 @@ def test_off_by_one_aux_ids_fail_the_comparison(records):
 def test_protected_extra_args_dropped_with_one_warning(records):
     (msg,) = [w for w in records["warnings"] if "extra_args" in w]
     assert "tensor_parallel_size=4" in msg and "inference.vllm.tp_size" in msg
+
+
+@needs_vllm
+def test_pipeline_with_vllm_engine_trains_every_sample_once(tmp_path, vllm_target):
+    """run_training with inference_engine_type=vllm, the engine in its own (daemonic) process; the same
+    run with the hf engine trains the same samples in the same order to the same losses."""
+    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec.write_text(json.dumps({"target": str(vllm_target), "work": str(tmp_path), "engines": 1, "num_epochs": 1,
+                                "engine_types": ["vllm", "hf"]}))
+    run_in_venv(PIPELINE_SCRIPT, spec, out)
+    got = json.loads(out.read_text())
+    vllm, hf = got["runs"]["vllm"], got["runs"]["hf"]
+    print(f"\npipeline: vllm run {vllm['seconds']:.1f}s, hf run {hf['seconds']:.1f}s; max |loss diff| "
+          f"{max(abs(a - b) for a, b in zip(vllm['losses'], hf['losses'])):.1e}")
+    assert len(got["sample_ids"]) == 12
+    assert sorted(sid for _, _, sid in vllm["trained"]) == sorted(got["sample_ids"])   # each exactly once
+    assert not vllm["interrupted"] and vllm["global_step"] == 6                       # 12 samples / micro-batch 2
+    assert vllm["store_bytes_end"] == 0                                                 # every record deleted
+    assert vllm["trained"] == hf["trained"]
+    assert vllm["losses"] == pytest.approx(hf["losses"], rel=1e-5, abs=1e-5)
