@@ -41,6 +41,8 @@ LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PARALLEL_MODES = ("ddp", "fsdp")
 REPORT_TO = ("none", "wandb", "tensorboard")
 MOONCAKE_PROTOCOLS = ("tcp", "rdma")
+# Where hidden states go: "auto" = local unless the run spans several nodes (then mooncake).
+STORE_TYPES = ("auto", "local", "mooncake")
 # model.target_model_backend is the original TorchSpec's name for the engine type.
 TARGET_MODEL_BACKENDS = ("hf", "sglang", "sgl", "vllm")
 
@@ -165,13 +167,16 @@ class InferenceConfig:
     launcher: str = "local"
     # Bytes of hidden states the embedded local store may hold; null = bounded by max_sample_pool_size only.
     store_capacity: Optional[int] = field(default=None, metadata=SIZE)
+    # The hidden-state store: auto | local (shared memory, one node) | mooncake (any node; the `mooncake` section).
+    store: str = "auto"
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
 class MooncakeConfig:
-    master_server_address: Optional[str] = None  # null = we start a master
+    master_server_address: Optional[str] = None  # host:port; null = we start a master on 127.0.0.1
+    master_metrics_port: int = 9003  # HTTP admin port of a given master (its --metrics_port), for key listing
     metadata_server: Optional[str] = None
     metadata_port: Optional[int] = None
     protocol: str = "tcp"

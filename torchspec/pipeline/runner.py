@@ -149,7 +149,7 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
     from torchspec.training.checkpoint import CheckpointManager
     from torchspec.training.metrics import MetricsLogger
     from torchspec.training.optim import plan_steps
-    from torchspec.transfer.local import LocalStore
+    from torchspec.transfer.factory import build_store
 
     tr, inf = cfg.training, cfg.inference
     out_dir = Path(cfg.output_dir)
@@ -171,8 +171,8 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
     world = len(placement.trainer_devices)
     plan = plan_steps(tr, len(samples), world)
     spec = ModelSpec(draft_config, d2t, t2d, plan.lr_total_steps, tr.load_path, bool(tr.continual_training))
-    store = LocalStore(capacity_bytes=inf.store_capacity)
-    result.store_root = store.root
+    store = build_store(cfg)   # inference.store: local (shared memory) or mooncake
+    result.store_root = getattr(store, "root", None)   # the local store's directory; mooncake has none
 
     ckpts = CheckpointManager(out_dir, tr.max_checkpoints)
     export_meta = {"aux_layer_ids": aux_layers, "target_num_hidden_layers": text_config.num_hidden_layers}

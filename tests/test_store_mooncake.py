@@ -1,0 +1,331 @@
+"""The mooncake store against a real mooncake_master on 127.0.0.1 (TCP), and inference.store selection.
+
+Needs the `mooncake` package (pip install 'torchspec[mooncake]'); without it the Mooncake tests skip,
+unless TORCHSPEC_REQUIRE_MOONCAKE=1 (then they fail).
+"""
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from torchspec.config.schema import Config
+from torchspec.transfer.base import Store, StoreFull, record_nbytes
+from torchspec.transfer.factory import build_store, store_type
+
+SEGMENT = 16 << 20      # the run's Mooncake segment in these tests (the default is 8 GiB)
+STAGING = 4 << 20       # each client's local staging buffer
+
+
+def _mooncake_missing() -> str | None:
+    try:
+        import mooncake.store  # noqa: F401
+    except ImportError as e:
+        if os.environ.get("TORCHSPEC_REQUIRE_MOONCAKE") == "1":
+            raise
+        return f"mooncake is not installed ({e}); install it with: pip install 'torchspec[mooncake]'"
+    return None
+
+
+@pytest.fixture
+def needs_mooncake():
+    reason = _mooncake_missing()
+    if reason:
+        pytest.skip(reason)
+
+
+def _settings(**kw):
+    from torchspec.transfer.mooncake import MooncakeSettings
+
+    return MooncakeSettings(global_segment_size=kw.pop("segment", SEGMENT), local_buffer_size=STAGING, **kw)
+
+
+@pytest.fixture(scope="module")
+def _shared_store():
+    if _mooncake_missing():
+        pytest.skip(_mooncake_missing())
+    from torchspec.transfer.mooncake import MooncakeStore
+
+    s = MooncakeStore(_settings(), put_timeout_s=5.0)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def store(_shared_store):
+    """One master for the module's simple tests (starting and stopping one takes ~2 s); each test starts empty."""
+    _shared_store.clear()
+    assert _shared_store.bytes_used() == 0
+    return _shared_store
+
+
+def _record(seed: int, T: int = 7, H: int = 8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(0, 100, (T,), generator=g),
+        "loss_mask": (torch.rand(T, generator=g) > 0.5).to(torch.uint8),
+        "aux_hidden_states": torch.randn(T, 3 * H, generator=g).to(dtype),
+        "final_hidden_states": torch.randn(T, H, generator=g).to(dtype),
+    }
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        assert torch.equal(_bits(got[k]), _bits(want[k])), k     # bit-exact (NaN payloads, -0.0 included)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_roundtrip_bitwise_and_accounting(store, dtype):
+    from torchspec.transfer.mooncake import encode_record
+
+    assert isinstance(store, Store)
+    rec = _record(0, dtype=dtype)
+    rec["aux_hidden_states"][0, :3] = torch.tensor([float("nan"), -0.0, float("inf")]).to(dtype)
+    store.put("a/b c", rec)                 # keys with characters unsafe in Mooncake/regex names
+    assert store.keys() == ["a/b c"]
+    assert store.bytes_used() == encode_record(rec)[1] >= record_nbytes(rec)
+    got = store.get("a/b c")
+    _assert_same(got, rec)
+    got["aux_hidden_states"].zero_()        # a reader's writes never reach the stored record
+    _assert_same(store.get("a/b c"), rec)
+    with pytest.raises(KeyError):
+        store.put("a/b c", rec)
+    store.delete("a/b c")
+    assert store.bytes_used() == 0 and store.keys() == []
+    with pytest.raises(KeyError):
+        store.get("a/b c")
+    with pytest.raises(KeyError):
+        store.delete("a/b c")
+
+
+def test_every_dtype_and_odd_shapes_bit_exact(store):
+    g = torch.Generator().manual_seed(5)
+    rec = {
+        "f64": torch.randn(3, 5, generator=g, dtype=torch.float64),
+        "bf16_3d": torch.randn(2, 3, 5, generator=g).bfloat16(),
+        "i32": torch.randint(-2**31, 2**31 - 1, (11,), generator=g, dtype=torch.int32),
+        "i8": torch.randint(-128, 127, (13,), generator=g, dtype=torch.int8),
+        "bool": torch.rand(9, generator=g) > 0.5,
+        "scalar": torch.tensor(3.25),
+        "empty": torch.zeros(0, 4, dtype=torch.bfloat16),
+        "strided": torch.randn(6, 4, generator=g).t(),   # non-contiguous input
+    }
+    store.put("k", rec)
+    _assert_same(store.get("k"), rec)
+    store.clear()
+    assert store.keys() == [] and store.bytes_used() == 0
+
+
+def test_capacity_blocks_until_delete_then_times_out(needs_mooncake):
+    from torchspec.transfer.mooncake import MooncakeStore, encode_record
+
+    rec = _record(1)
+    one = encode_record(rec)[1]
+    store = MooncakeStore(_settings(), capacity_bytes=2 * one, put_timeout_s=5.0)
+    try:
+        store.put("k0", rec)
+        store.put("k1", rec)
+        assert store.bytes_used() == 2 * one
+        threading.Timer(0.3, store.delete, args=("k0",)).start()
+        t0 = time.monotonic()
+        store.put("k2", rec)                     # waits for the delete
+        assert time.monotonic() - t0 >= 0.25
+        assert store.bytes_used() == 2 * one and store.keys() == ["k1", "k2"]
+        store.put_timeout_s = 0.2
+        with pytest.raises(StoreFull, match="max_sample_pool_size"):
+            store.put("k3", rec)
+        assert store.keys() == ["k1", "k2"] and store.bytes_used() == 2 * one
+    finally:
+        store.close()
+
+
+def test_full_segment_raises_store_full_and_evicts_nothing(needs_mooncake):
+    """Without capacity_bytes the Mooncake segment is the bound: a put that finds no room waits, then raises
+    StoreFull; records already stored are hard-pinned, never evicted to make room."""
+    from torchspec.transfer.mooncake import MooncakeStore
+
+    store = MooncakeStore(_settings(), put_timeout_s=0.3)
+    try:
+        recs, n = {}, 0
+        with pytest.raises(StoreFull, match="global_segment_size"):
+            while n < 20:
+                recs[f"r{n}"] = _record(n, T=96, H=2048)      # ~3 MB each, in a 16 MiB segment
+                store.put(f"r{n}", recs[f"r{n}"])
+                n += 1
+        assert 3 <= n <= 5
+        assert store.keys() == sorted(f"r{i}" for i in range(n))
+        for i in range(n):
+            _assert_same(store.get(f"r{i}"), recs[f"r{i}"])
+        store.delete("r0")                                   # room again
+        store.put(f"r{n}", recs[f"r{n}"])
+        _assert_same(store.get(f"r{n}"), recs[f"r{n}"])
+    finally:
+        store.close()
+
+
+def _child_put(store, n):
+    for i in range(n):
+        store.put(f"child-{i}", _record(100 + i, dtype=torch.bfloat16))
+    _assert_same(store.get("parent-0"), _record(7))
+    store.delete("parent-0")
+    store.close()                       # a receiving process only disconnects: the records stay
+
+
+def test_processes_share_records_and_accounting(store):
+    bytes_before, _ = store.put_stats()
+    store.put("parent-0", _record(7))
+    parent_bytes = store.bytes_used()
+    p = mp.get_context("spawn").Process(target=_child_put, args=(store, 3))
+    p.start()
+    p.join(120)
+    assert p.exitcode == 0
+    assert store.keys() == ["child-0", "child-1", "child-2"]
+    for i in range(3):
+        _assert_same(store.get(f"child-{i}"), _record(100 + i, dtype=torch.bfloat16))
+    used = store.bytes_used()
+    put_bytes, put_s = store.put_stats()       # summed over both processes
+    assert put_bytes - bytes_before == parent_bytes + used and put_s > 0
+    for i in range(3):
+        store.delete(f"child-{i}")
+    assert store.bytes_used() == 0
+
+
+def test_close_stops_the_master_it_started(needs_mooncake):
+    from torchspec.transfer.mooncake import MooncakeStore
+
+    store = MooncakeStore(_settings())
+    pid = store.master_pid
+    assert pid is not None and _alive(pid)
+    store.put("k", _record(3))
+    store.close()
+    assert not _alive(pid)
+
+
+def test_unreachable_master_is_one_clear_error(needs_mooncake):
+    from torchspec.transfer.mooncake import MooncakeStore
+    from torchspec.transfer.mooncake_master import free_port
+
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"mooncake\.master_server_address='127\.0\.0\.1:\d+'.*unreachable"):
+        MooncakeStore(_settings(master_address=f"127.0.0.1:{free_port()}"))
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(ValueError, match="mooncake.master_server_address='nohostport': expected host:port"):
+        MooncakeStore(_settings(master_address="nohostport"))
+
+
+def test_master_that_cannot_start_is_one_clear_error(needs_mooncake):
+    from torchspec.transfer.mooncake_master import start_master
+
+    with pytest.raises(RuntimeError, match="mooncake_master exited at start.*master_server_address is null"):
+        start_master(timeout_s=20, extra_flags=("--no_such_flag_torchspec=1",))
+
+
+def test_given_master_is_used_and_left_running(needs_mooncake):
+    """mooncake.master_server_address set: the store connects to that master and does not stop it."""
+    from torchspec.transfer.mooncake import MooncakeStore
+    from torchspec.transfer.mooncake_master import start_master
+
+    master = start_master()
+    try:
+        port = int(master.admin_url.rpartition(":")[2])
+        store = MooncakeStore(_settings(master_address=master.rpc_address, master_metrics_port=port))
+        assert store.master_pid is None
+        store.put("k", _record(4))
+        _assert_same(store.get("k"), _record(4))
+        store.close()
+        assert master.alive()
+    finally:
+        master.stop()
+
+
+# -- inference.store selection ----------------------------------------------------------------------
+
+def test_store_selection_auto_local_and_multi_node():
+    cfg = Config()
+    assert cfg.inference.store == "auto" and store_type(cfg) == "local"
+    cfg.inference.store = "mooncake"
+    assert store_type(cfg) == "mooncake"
+    cfg.inference.store = "redis"
+    with pytest.raises(ValueError, match="inference.store='redis'"):
+        store_type(cfg)
+    cfg.inference.store = "auto"
+    cfg.training.training_num_nodes = 2
+    assert store_type(cfg) == "mooncake"
+    with pytest.raises(ValueError, match="mooncake.master_server_address is null.*training_num_nodes=2"):
+        build_store(cfg)        # a master on 127.0.0.1 cannot serve other nodes
+
+
+def test_build_store_local_by_default(tmp_path):
+    from torchspec.transfer.local import LocalStore
+
+    cfg = Config()
+    cfg.inference.store_capacity = 1 << 20
+    s = build_store(cfg)
+    try:
+        assert isinstance(s, LocalStore) and s.capacity_bytes == 1 << 20
+    finally:
+        s.close()
+
+
+def test_build_store_mooncake_from_config(needs_mooncake):
+    from torchspec.transfer.mooncake import MooncakeStore
+
+    cfg = Config()
+    cfg.inference.store = "mooncake"
+    cfg.mooncake.global_segment_size = SEGMENT
+    cfg.mooncake.local_buffer_size = STAGING
+    s = build_store(cfg)
+    try:
+        assert isinstance(s, MooncakeStore) and s.capacity_bytes is None
+        s.put("k", _record(2))
+        _assert_same(s.get("k"), _record(2))
+    finally:
+        s.close()
+
+
+# -- the full pipeline ------------------------------------------------------------------------------
+
+def test_pipeline_two_engines_through_mooncake(tmp_path, tiny_target_dir, cpu_only, needs_mooncake, monkeypatch):
+    from pipeline_helpers import ids_by_epoch, tiny_run_config
+
+    import torchspec.transfer.factory as factory
+    from torchspec.pipeline.runner import run_training
+    from torchspec.transfer.mooncake import MooncakeStore
+
+    built, original = [], factory.build_store
+    monkeypatch.setattr(factory, "build_store", lambda cfg: built.append(original(cfg)) or built[-1])
+
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, num_epochs=1)
+    cfg.inference.store = "mooncake"
+    cfg.mooncake.global_segment_size = SEGMENT
+    cfg.mooncake.local_buffer_size = STAGING
+    result = run_training(cfg, progress=False)
+
+    [store] = built
+    assert isinstance(store, MooncakeStore)
+    from torchspec.data.dataset import from_config, load_tokenizer
+    all_ids = sorted(s.sample_id for s in from_config(cfg, load_tokenizer(cfg), progress=False))
+    assert sorted(ids_by_epoch(result.trained)[0]) == all_ids and len(all_ids) == 12   # each sample once
+    assert result.global_step == 6 and not result.interrupted
+    assert all(loss == loss and loss > 0 for _, loss in result.losses)
+    assert result.store_bytes_end == 0 and result.store_root is None
+    assert result.store_put_bytes > 0 and result.store_put_s > 0      # engines' puts, summed over processes
+    assert max(result.pool_sizes) <= cfg.inference.max_sample_pool_size
+    assert not _alive(store._master.pid)                               # the master is gone

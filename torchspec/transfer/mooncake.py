@@ -1,0 +1,343 @@
+"""The `mooncake` store: hidden-state records in a Mooncake distributed store, reachable from any node.
+
+Layout. One Mooncake object per record, named ``torchspec/<run id>/r/<quoted key>``: an 8-byte header
+length, a JSON header ``{name: [dtype, shape, offset, nbytes]}``, then each tensor's raw bytes at a
+64-byte-aligned offset (so every tensor can be viewed in place with its own dtype). One object rather
+than one per tensor because a record is produced, consumed and deleted as a unit: one master round trip
+per put/get/delete instead of four, a reader sees a whole record or none (Mooncake publishes an object
+at the end of its put), and each key has one size for the byte accounting. Raw bytes + a dtype name
+keep every dtype bit-exact, bf16 included.
+
+Memory. The process that creates the store (the trainer driver) mounts the run's global segment
+(``mooncake.global_segment_size``); every process that unpickles it (engines, trainer ranks, Ray actors,
+on any node) opens its own client that mounts nothing, so records live with their consumer and survive
+their producer. Records are hard-pinned: Mooncake never evicts them. A put that finds no room (the
+segment is full, or ``capacity_bytes`` would be exceeded) retries until ``put_timeout_s``, then raises
+`StoreFull`.
+
+Accounting is read from Mooncake itself, so it holds across processes and nodes: ``keys()`` lists the run's
+objects from the master's HTTP admin server (``/get_all_keys``), ``bytes_used()`` sums their sizes
+(header + payload, like the local store). The ``capacity_bytes`` check is made before each put and
+is not atomic across producers: concurrent puts may overshoot it by one record each (the segment size
+is the hard limit). ``put_stats()`` sums small per-process ledger objects under ``torchspec/<run id>/s/``.
+
+The master. With ``mooncake.master_server_address`` null the creating process starts ``mooncake_master``
+on 127.0.0.1 (`torchspec.transfer.mooncake_master`) and stops it in ``close()``; otherwise it connects to
+the given master, whose admin server is ``mooncake.master_metrics_port`` on the same host. Transfer-engine
+metadata goes peer to peer ("P2PHANDSHAKE") unless ``mooncake.metadata_server`` names a server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import struct
+import time
+import urllib.parse
+import uuid
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from torchspec.transfer.base import StoreFull
+
+_ALIGN = 64
+_LEN_BYTES = 8
+_RECORDS, _LEDGERS = "r/", "s/"
+
+# Mooncake's error codes (mooncake-store/include/types.h) that the store reacts to.
+NO_AVAILABLE_HANDLE = -200      # no segment has room for the object
+BUFFER_ALLOC_FAILED = -600      # the client's local staging buffer has no room
+OBJECT_NOT_FOUND = -704
+MIN_SEGMENT = 16 << 20          # the smallest global segment Mooncake's allocator accepts
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def _host_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    return memoryview(flat.numpy())
+
+
+def encode_record(tensors: dict[str, torch.Tensor]) -> tuple[list, int]:
+    """(parts, total bytes): the buffers whose concatenation is the stored object (no copy of the payload)."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = [str(t.dtype), list(t.shape), offset, nbytes]
+        offset = _aligned(offset + nbytes)
+    head = json.dumps(header).encode()
+    data_start = _aligned(_LEN_BYTES + len(head))
+    parts = [len(head).to_bytes(_LEN_BYTES, "little") + head + bytes(data_start - _LEN_BYTES - len(head))]
+    pos = 0
+    for name, t in tensors.items():
+        off, nbytes = header[name][2], header[name][3]
+        if off > pos:
+            parts.append(bytes(off - pos))
+        if nbytes:
+            parts.append(_host_bytes(t))
+        pos = off + nbytes
+    total = data_start + offset
+    if total > data_start + pos:
+        parts.append(bytes(total - data_start - pos))
+    return parts, total
+
+
+def decode_record(buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Tensor views into `buf` (uint8, one stored object)."""
+    hlen = int.from_bytes(bytes(buf[:_LEN_BYTES].tolist()), "little")
+    header = json.loads(bytes(buf[_LEN_BYTES:_LEN_BYTES + hlen].tolist()).decode())
+    data_start = _aligned(_LEN_BYTES + hlen)
+    return {name: buf[data_start + off:data_start + off + nbytes].view(_dtype(dtype)).reshape(shape)
+            for name, (dtype, shape, off, nbytes) in header.items()}
+
+
+@dataclass(frozen=True)
+class MooncakeSettings:
+    """What every process needs to open a client (built from the `mooncake` config section)."""
+    master_address: str | None = None      # host:port; None = start a master on 127.0.0.1
+    master_metrics_port: int = 9003
+    metadata_server: str | None = None
+    metadata_port: int | None = None
+    protocol: str = "tcp"
+    device_name: str = ""
+    local_hostname: str | None = None
+    global_segment_size: int = 8 << 30
+    local_buffer_size: int = 2 << 30
+
+    @classmethod
+    def from_config(cls, mc) -> "MooncakeSettings":
+        return cls(master_address=mc.master_server_address, master_metrics_port=int(mc.master_metrics_port),
+                   metadata_server=mc.metadata_server, metadata_port=mc.metadata_port, protocol=mc.protocol,
+                   device_name=mc.device_name or "", local_hostname=mc.local_hostname,
+                   global_segment_size=int(mc.global_segment_size), local_buffer_size=int(mc.local_buffer_size))
+
+    def metadata(self) -> str:
+        if not self.metadata_server:
+            return "P2PHANDSHAKE"
+        if self.metadata_port and "://" not in self.metadata_server and ":" not in self.metadata_server:
+            return f"http://{self.metadata_server}:{self.metadata_port}/metadata"
+        return self.metadata_server
+
+
+def _route_ip(address: str) -> str:
+    """This node's IP on the route to host:port (a UDP connect sends nothing)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host.startswith("127.") or host == "localhost":
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))
+        return s.getsockname()[0]
+
+
+def _stop_master(master) -> None:
+    master.stop()
+
+
+class MooncakeStore:
+    def __init__(self, settings: MooncakeSettings | None = None, capacity_bytes: int | None = None,
+                 put_timeout_s: float = 600.0):
+        from torchspec.transfer import mooncake_master as mm
+        from torchspec.utils.optional import require
+
+        require("mooncake.store", "mooncake")
+        self.settings = settings or MooncakeSettings()
+        if self.settings.global_segment_size < MIN_SEGMENT:
+            raise ValueError(f"mooncake.global_segment_size={self.settings.global_segment_size}: Mooncake needs at "
+                             f"least {MIN_SEGMENT} bytes (16MB)")
+        self.capacity_bytes = capacity_bytes
+        self.put_timeout_s = put_timeout_s
+        self.run_id = uuid.uuid4().hex
+        self._prefix = f"torchspec/{self.run_id}/"
+        self._owner = True        # False in every copy unpickled from this one
+        self._owner_pid = os.getpid()
+        self._master = None
+        self._finalizer = None
+        if self.settings.master_address is None:
+            self._master = mm.start_master()
+            self.master_address = self._master.rpc_address
+            self.admin_url = self._master.admin_url
+            self._finalizer = weakref.finalize(self, _stop_master, self._master)
+        else:
+            self.master_address = self.settings.master_address
+            mm.check_reachable(self.master_address)
+            host = self.master_address.rpartition(":")[0]
+            self.admin_url = f"http://{host}:{self.settings.master_metrics_port}"
+        self._reset_process_state()
+        try:
+            self._client()   # the owner mounts the run's segment now, so engines have somewhere to put
+        except BaseException:
+            self.close()
+            raise
+
+    def _reset_process_state(self) -> None:
+        self._mc = self._pin = None
+        self._mc_pid = None
+        self._ledger = None
+        self._put_bytes = 0
+        self._put_ns = 0
+
+    # Pickled to engines / trainer ranks / Ray actors: they open their own client; only the owner stops the master.
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_mc", "_pin", "_master", "_finalizer")}
+        state["_master"] = state["_finalizer"] = None
+        state["_owner"] = False
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset_process_state()
+
+    @property
+    def master_pid(self) -> int | None:
+        """Pid of the master this store started (owner process only), else None."""
+        return self._master.pid if self._master is not None else None
+
+    def _is_owner(self) -> bool:
+        return self._owner and os.getpid() == self._owner_pid
+
+    def _client(self):
+        if self._mc is not None and self._mc_pid == os.getpid():
+            return self._mc
+        from mooncake.store import MooncakeDistributedStore, ReplicateConfig
+
+        s = self.settings
+        owner = self._is_owner()
+        hostname = s.local_hostname or _route_ip(self.master_address)
+        client = MooncakeDistributedStore()
+        rc = client.setup(hostname, s.metadata(), s.global_segment_size if owner else 0, s.local_buffer_size,
+                          s.protocol, s.device_name, self.master_address)
+        if rc != 0:
+            raise ConnectionError(
+                f"mooncake: client setup failed (code {rc}; Mooncake's log above says why) for master {self.master_address} "
+                f"(mooncake.master_server_address), metadata {s.metadata()!r} (mooncake.metadata_server), "
+                f"protocol {s.protocol!r} (mooncake.protocol), local_hostname {hostname!r} (mooncake.local_hostname)")
+        self._pin = ReplicateConfig()
+        self._pin.with_hard_pin = True
+        self._mc, self._mc_pid = client, os.getpid()
+        self._ledger = None
+        self._put_bytes = self._put_ns = 0
+        return client
+
+    def _name(self, key: str) -> str:
+        return self._prefix + _RECORDS + urllib.parse.quote(key, safe="")
+
+    def _listed(self, kind: str) -> list[str]:
+        from torchspec.transfer.mooncake_master import http_get
+
+        text = http_get(self.admin_url + "/get_all_keys").decode()
+        head = self._prefix + kind
+        return [k for k in text.split("\n") if k.startswith(head)]
+
+    # -- the Store protocol ------------------------------------------------------------------------
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        mc = self._client()
+        name = self._name(key)
+        if mc.is_exist(name) == 1:
+            raise KeyError(f"mooncake store: key {key!r} is already present")
+        parts, total = encode_record(tensors)
+        if total > self.settings.local_buffer_size:
+            raise ValueError(f"mooncake store: a record of {total} bytes does not fit the client's staging buffer "
+                             f"(mooncake.local_buffer_size={self.settings.local_buffer_size})")
+        deadline = time.monotonic() + self.put_timeout_s
+        self._wait_capacity(total, deadline)
+        t0 = time.perf_counter_ns()
+        while True:
+            rc = mc.put_parts(name, *parts, config=self._pin)
+            if rc == 0:
+                break
+            if rc not in (NO_AVAILABLE_HANDLE, BUFFER_ALLOC_FAILED):
+                raise RuntimeError(f"mooncake store: put of {key!r} ({total} bytes) failed with Mooncake code {rc}")
+            if time.monotonic() > deadline:
+                raise StoreFull(
+                    f"mooncake store: a record of {total} bytes found no room within {self.put_timeout_s:.0f}s "
+                    f"(in use {self.bytes_used()} bytes); raise mooncake.global_segment_size or lower "
+                    "inference.max_sample_pool_size")
+            time.sleep(0.01)
+        self._put_bytes += total
+        self._put_ns += time.perf_counter_ns() - t0
+        self._write_ledger(mc)
+
+    def _wait_capacity(self, nbytes: int, deadline: float) -> None:
+        if self.capacity_bytes is None:
+            return
+        while True:
+            used = self.bytes_used()
+            if used + nbytes <= self.capacity_bytes:
+                return
+            if nbytes > self.capacity_bytes or time.monotonic() > deadline:
+                raise StoreFull(
+                    f"mooncake store: a record of {nbytes} bytes does not fit (capacity {self.capacity_bytes}, "
+                    f"in use {used}); raise the store capacity or lower inference.max_sample_pool_size")
+            time.sleep(0.01)
+
+    def _write_ledger(self, mc) -> None:
+        if self._ledger is None:
+            self._ledger = self._prefix + _LEDGERS + uuid.uuid4().hex
+        rc = mc.upsert(self._ledger, struct.pack("<qq", self._put_bytes, self._put_ns), self._pin)
+        if rc != 0:
+            raise RuntimeError(f"mooncake store: writing put statistics failed with Mooncake code {rc}")
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        handle = self._client().get_buffer(self._name(key))
+        if handle is None:
+            raise KeyError(f"mooncake store: no key {key!r}")
+        # Copy out of the client's staging buffer at once: returned tensors own their memory and the
+        # staging buffer (mooncake.local_buffer_size) is free for the next transfer.
+        buf = torch.frombuffer(handle, dtype=torch.uint8).clone()
+        del handle
+        return decode_record(buf)
+
+    def delete(self, key: str) -> None:
+        rc = self._client().remove(self._name(key), True)   # force: a reader's lease does not block a delete
+        if rc == OBJECT_NOT_FOUND:
+            raise KeyError(f"mooncake store: no key {key!r}")
+        if rc != 0:
+            raise RuntimeError(f"mooncake store: delete of {key!r} failed with Mooncake code {rc}")
+
+    def keys(self) -> list[str]:
+        n = len(self._prefix + _RECORDS)
+        return sorted(urllib.parse.unquote(k[n:]) for k in self._listed(_RECORDS))
+
+    def bytes_used(self) -> int:
+        mc = self._client()
+        return sum(max(mc.get_size(k), 0) for k in self._listed(_RECORDS))   # < 0: deleted since listed
+
+    def put_stats(self) -> tuple[int, float]:
+        """(bytes put, seconds spent inside put) summed over every process using this store."""
+        mc = self._client()
+        nbytes = ns = 0
+        for k in self._listed(_LEDGERS):
+            raw = mc.get(k)
+            if len(raw) == 16:
+                b, n = struct.unpack("<qq", raw)
+                nbytes, ns = nbytes + b, ns + n
+        return nbytes, ns / 1e9
+
+    def clear(self) -> None:
+        """Delete every record of this run (used on shutdown so the store ends empty)."""
+        self._client().remove_by_regex("^" + re.escape(self._prefix + _RECORDS), True)
+
+    def close(self) -> None:
+        """The owner deletes the run's objects, disconnects and stops the master it started; any other
+        process only disconnects its own client."""
+        owner = self._is_owner()
+        mc = self._mc if self._mc_pid == os.getpid() else None
+        if mc is not None:
+            if owner:
+                mc.remove_by_regex("^" + re.escape(self._prefix), True)
+            mc.close()
+        self._mc = None
+        if owner and self._finalizer is not None:
+            self._finalizer()
