@@ -100,6 +100,37 @@ def test_missing_vllm_names_install_hint(monkeypatch, tiny_target_dir):
         build_engine(cfg, LocalStore(), device="cpu")
 
 
+def test_final_norm_is_the_targets_own(tiny_target_dir, tmp_path):
+    from torchspec.inference.hf import TargetLoadError, load_target
+    from torchspec.inference.vllm import load_final_norm
+
+    model = load_target(tiny_target_dir, torch.float32, "cpu")
+    norm, num_layers = load_final_norm(str(tiny_target_dir), torch.float32)
+    assert num_layers == model.config.num_hidden_layers and type(norm) is type(model.model.norm)
+    with torch.no_grad():   # perturbed weights, so a default-initialised norm would not pass
+        model.model.norm.weight.mul_(torch.linspace(0.5, 1.5, model.config.hidden_size))
+    model.save_pretrained(tmp_path / "t")
+    model2 = load_target(tmp_path / "t", torch.float32, "cpu")
+    norm2, _ = load_final_norm(str(tmp_path / "t"), torch.float32)
+    x = torch.randn(3, 5, model.config.hidden_size)
+    assert torch.equal(norm2(x), model2.model.norm(x)) and not torch.equal(norm(x), norm2(x))
+    with pytest.raises(TargetLoadError, match=r"model.target_model_path='/no/such/target'"):
+        load_final_norm("/no/such/target", torch.float32)
+
+
+def test_tp_in_daemonic_engine_process_is_refused(monkeypatch):
+    import torchspec.inference.vllm as vllm_engine
+
+    class Daemon:
+        daemon = True
+
+    monkeypatch.setattr(vllm_engine.multiprocessing, "current_process", lambda: Daemon())
+    cfg = Config()
+    cfg.inference.vllm.tp_size = 2
+    with pytest.raises(VLLMEngineError, match=r"inference.vllm.tp_size=2: .*inference.launcher: ray"):
+        vllm_engine.build_engine(cfg, store=None)
+
+
 # -- cross-engine, in the vllm venv ---------------------------------------------------------------
 
 def run_in_venv(script: Path, *args) -> None:

@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -160,11 +161,16 @@ def load_final_norm(path: str, dtype: torch.dtype, trust_remote_code: bool = Fal
     number of decoder layers). The model is built on the meta device: no other weight is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from torchspec.inference.hf import _base_model, _num_layers
+    from torchspec.inference.hf import TargetLoadError, _base_model, _num_layers
 
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    except Exception as e:  # user-caused: wrong path / id, or a model needing trust_remote_code
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise TargetLoadError(f"model.target_model_path={path!r} could not be loaded as a causal LM: "
+                              f"{type(e).__name__}: {first}") from None
     norm = getattr(_base_model(model), "norm", None)
     if norm is None:
         raise VLLMEngineError(f"model.target_model_path={path!r}: {type(model).__name__} has no final .norm "
@@ -232,6 +238,11 @@ class VLLMEngine:
 
     @classmethod
     def from_config(cls, cfg, store, device: torch.device | str = "cpu"):
+        tp = int(cfg.inference.vllm.tp_size)
+        if tp > 1 and multiprocessing.current_process().daemon:
+            raise VLLMEngineError(
+                f"inference.vllm.tp_size={tp}: vLLM starts a worker process per GPU, which the local launcher's "
+                "(daemonic) engine processes may not do; use inference.launcher: ray for tp > 1")
         try:
             import vllm
         except ModuleNotFoundError as e:
@@ -250,7 +261,7 @@ class VLLMEngine:
         try:
             # In-process engine core: no child process (engines may run as daemonic processes) and we
             # drive the steps that flush the connector's writes.
-            with _env(VLLM_ENABLE_V1_MULTIPROCESSING="0", **_visible_devices(device, int(cfg.inference.vllm.tp_size))):
+            with _env(VLLM_ENABLE_V1_MULTIPROCESSING="0", **_visible_devices(device, tp)):
                 llm = vllm.LLM(**kwargs)
         except BaseException:
             shutil.rmtree(storage_dir, ignore_errors=True)
