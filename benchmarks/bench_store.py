@@ -3,8 +3,10 @@
 Compares LocalStore.put (file write; device tensors through a pinned staging buffer) with a
 reference that copies straight into a fresh shared mapping of the file (page faults on first touch),
 in the same process on the same machine, and times get + collate-style copy out.
+With --store mooncake it measures the same put / get + copy out through a Mooncake store (a master
+started on 127.0.0.1, TCP) and the local store, one after the other in the same run.
 
-    python benchmarks/bench_store.py [--tokens 2048 --hidden 4096 --reps 8]
+    python benchmarks/bench_store.py [--tokens 2048 --hidden 4096 --reps 8] [--store mooncake]
 """
 
 from __future__ import annotations
@@ -39,11 +41,50 @@ def mapped_put(root: Path, key: str, tensors: dict) -> None:
     del buf
 
 
+def put_get_gbs(store, rec: dict, nbytes: int, reps: int) -> tuple[float, float]:
+    """(median put GB/s, get + copy out GB/s) of `reps` records through `store`."""
+    store.put("warm", rec)
+    store.delete("warm")
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        store.put(f"k{i}", rec)
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for i in range(reps):
+        _ = {k: v.clone() for k, v in store.get(f"k{i}").items()}
+        store.delete(f"k{i}")
+    get_gbs = nbytes * reps / (time.perf_counter() - t0) / 1e9
+    return nbytes / sorted(times)[len(times) // 2] / 1e9, get_gbs
+
+
+def compare_mooncake(rec: dict, nbytes: int, reps: int) -> None:
+    from torchspec.transfer.mooncake import MooncakeSettings, MooncakeStore
+
+    segment = max(16 << 20, (reps + 2) * (nbytes + (1 << 20)))
+    res = {}
+    for name, make in (("local", LocalStore),
+                       ("mooncake", lambda: MooncakeStore(MooncakeSettings(global_segment_size=segment,
+                                                                           local_buffer_size=2 * nbytes + (8 << 20))))):
+        store = make()
+        try:
+            res[name] = put_get_gbs(store, rec, nbytes, reps)
+        finally:
+            store.close()
+    dev = next(iter(rec.values())).device
+    print(f"[store] {dev} ({os.cpu_count()} cores), record {nbytes / 1e6:.1f} MB; "
+          + "; ".join(f"{n}: put {p * 1e3:.0f} MB/s, get + copy out {g * 1e3:.0f} MB/s" for n, (p, g) in res.items())
+          + f"; mooncake/local put {res['mooncake'][0] / res['local'][0]:.2f}x, "
+          f"get {res['mooncake'][1] / res['local'][1]:.2f}x; median of {reps} puts")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--reps", type=int, default=8)
+    p.add_argument("--store", choices=("local", "mooncake"), default="local",
+                   help="mooncake: compare a Mooncake store (master on 127.0.0.1, TCP) with the local store")
     args = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     T, H = args.tokens, args.hidden
@@ -51,6 +92,9 @@ def main(argv=None) -> int:
            "aux_hidden_states": torch.randn(T, 3 * H, device=dev).bfloat16(),
            "final_hidden_states": torch.randn(T, H, device=dev).bfloat16()}
     nbytes = sum(t.numel() * t.element_size() for t in rec.values())
+    if args.store == "mooncake":
+        compare_mooncake(rec, nbytes, args.reps)
+        return 0
     store = LocalStore()
     ref_root = Path(tempfile.mkdtemp(prefix="torchspec-bench-ref-", dir=store.root.parent))
     res = {}
