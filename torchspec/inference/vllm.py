@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -224,7 +225,7 @@ def _ready(path: str) -> bool:
 
 
 class VLLMEngine:
-    MAX_IDLE_STEPS = 64  # engine steps to wait for a finished request's file before giving up
+    READ_TIMEOUT_S = 600  # wait for a finished request's file at most this long
 
     def __init__(self, llm, store, aux_layers: Sequence[int], num_layers: int, final_norm: torch.nn.Module,
                  storage_dir: str, device: torch.device | str = "cpu"):
@@ -274,12 +275,14 @@ class VLLMEngine:
         from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
             cleanup_hidden_states, load_hidden_states)
 
-        for _ in range(self.MAX_IDLE_STEPS):
-            if _ready(path):
-                break
-            self.llm.llm_engine.step()  # the write of a finished request happens on the next step
-        else:
-            raise RuntimeError(f"vllm engine: hidden states {path} not written after {self.MAX_IDLE_STEPS} steps")
+        deadline = time.monotonic() + self.READ_TIMEOUT_S
+        while not _ready(path):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vllm engine: hidden states {path} not written in {self.READ_TIMEOUT_S} s")
+            # The connector writes a finished request's file on the next engine step (on CUDA from a
+            # thread, after that step); idle steps return at once.
+            self.llm.llm_engine.step()
+            time.sleep(0.001)
         data = load_hidden_states(path)
         cleanup_hidden_states(path)
         return data
