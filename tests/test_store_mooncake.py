@@ -216,6 +216,9 @@ def test_close_stops_the_master_it_started(needs_mooncake):
     store.put("k", _record(3))
     store.close()
     assert not _alive(pid)
+    assert store.bytes_used() == 0 and store.keys() == []     # like the local store after close
+    with pytest.raises(RuntimeError, match="after close"):
+        store.put("k2", _record(3))
 
 
 def test_unreachable_master_is_one_clear_error(needs_mooncake):

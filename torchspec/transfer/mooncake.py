@@ -141,6 +141,11 @@ def _route_ip(address: str) -> str:
         return s.getsockname()[0]
 
 
+# Clients inherited through fork(): kept referenced, since destroying one in the child would disconnect
+# (and unmount the segment of) the parent's client.
+_inherited_clients: list = []
+
+
 def _stop_master(master) -> None:
     master.stop()
 
@@ -162,6 +167,7 @@ class MooncakeStore:
         self._prefix = f"torchspec/{self.run_id}/"
         self._owner = True        # False in every copy unpickled from this one
         self._owner_pid = os.getpid()
+        self._closed = False
         self._master = None
         self._finalizer = None
         if self.settings.master_address is None:
@@ -210,6 +216,10 @@ class MooncakeStore:
     def _client(self):
         if self._mc is not None and self._mc_pid == os.getpid():
             return self._mc
+        if self._closed:
+            raise RuntimeError("mooncake store: used after close()")
+        if self._mc is not None:
+            _inherited_clients.append(self._mc)
         from mooncake.store import MooncakeDistributedStore, ReplicateConfig
 
         s = self.settings
@@ -292,6 +302,8 @@ class MooncakeStore:
     def get(self, key: str) -> dict[str, torch.Tensor]:
         handle = self._client().get_buffer(self._name(key))
         if handle is None:
+            if self._client().is_exist(self._name(key)) == 1:
+                raise RuntimeError(f"mooncake store: get of {key!r} failed (Mooncake's log above says why)")
             raise KeyError(f"mooncake store: no key {key!r}")
         # Copy out of the client's staging buffer at once: returned tensors own their memory and the
         # staging buffer (mooncake.local_buffer_size) is free for the next transfer.
@@ -307,10 +319,14 @@ class MooncakeStore:
             raise RuntimeError(f"mooncake store: delete of {key!r} failed with Mooncake code {rc}")
 
     def keys(self) -> list[str]:
+        if self._closed:
+            return []
         n = len(self._prefix + _RECORDS)
         return sorted(urllib.parse.unquote(k[n:]) for k in self._listed(_RECORDS))
 
     def bytes_used(self) -> int:
+        if self._closed:
+            return 0
         mc = self._client()
         return sum(max(mc.get_size(k), 0) for k in self._listed(_RECORDS))   # < 0: deleted since listed
 
@@ -339,5 +355,7 @@ class MooncakeStore:
                 mc.remove_by_regex("^" + re.escape(self._prefix), True)
             mc.close()
         self._mc = None
-        if owner and self._finalizer is not None:
-            self._finalizer()
+        if owner:
+            self._closed = True     # the run's objects are gone (a master we started goes with them)
+            if self._finalizer is not None:
+                self._finalizer()
