@@ -221,3 +221,28 @@ def test_dry_run_layout_names_each_node(tmp_path, tiny_target_dir):
     cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, training_num_gpus_per_node=2)
     assert ("    node 0 (driver): engines 0-1 (1 GPU(s) each); trainer ranks 0-1 (rank 0 in the driver "
             "process, the others spawned processes)\n") in format_plan(cfg, make_plan(cfg))
+
+
+def test_gpu_cluster_checks_name_the_keys(tmp_path, tiny_target_dir):
+    """check_cluster on GPU nodes as ray.nodes() reports them (no Ray needed)."""
+    from torchspec.pipeline.launcher_ray import check_cluster, plan_ray
+
+    def node(i, gpus):
+        return {"NodeID": f"n{i}", "Alive": True, "Resources": {"CPU": 64, **({"GPU": gpus} if gpus else {})}}
+
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=8, training_num_nodes=2, training_num_gpus_per_node=8)
+    cfg.inference.launcher = "ray"
+    p = plan_ray(cfg, cluster_gpus=24)
+    assert (p.trainer_bundles, p.trainer_strategy, p.trainer_devices) == (({"GPU": 8},) * 2, "STRICT_SPREAD",
+                                                                         ("cuda",) * 16)
+    check_cluster(p, [node(0, 8), node(1, 8), node(2, 8)], "n0")          # fits: 2 training nodes + 8 engine GPUs
+    with pytest.raises(PlacementError, match=r"^inference.inference_num_gpus \(8 GPU for 8 engine\(s\)\) \+ training"
+                                             r"\.training_num_nodes x training.training_num_gpus_per_node \(16\) = "
+                                             r"24 GPU, but the Ray cluster has GPU per node \[8, 8, 4\] \(20 in all\)$"):
+        check_cluster(p, [node(0, 8), node(1, 8), node(2, 4)], "n0")
+    with pytest.raises(PlacementError, match=r"^training.training_num_nodes=2 x training.training_num_gpus_per_node=8: "
+                                             r"needs 2 distinct node\(s\) with 8 GPU each"):
+        check_cluster(p, [node(0, 8), node(1, 4), node(2, 4), node(3, 4)], "n0")
+    with pytest.raises(PlacementError, match=r"^training.training_num_gpus_per_node=8: trainer rank 0 runs in the "
+                                             r"driver, so the driver's node needs 8 GPU"):
+        check_cluster(p, [node(0, 0), node(1, 8), node(2, 8), node(3, 8)], "n0")   # driver on a CPU-only head

@@ -57,8 +57,8 @@ class RayPlacement:
     strategy: str                      # STRICT_PACK (one node) or STRICT_SPREAD (one bundle a node)
     actor_gpus: int                    # GPUs of the actor (bundle 0); 0 on a CPU-only cluster
     trainer_devices: tuple[str, ...]   # one per trainer rank: "cpu", or "cuda" (the GPU Ray gives it)
-    trainer_bundles: tuple[dict, ...] = ({"CPU": 1},)   # one per training node; bundle 0 = driver's node
-    trainer_strategy: str = "STRICT_PACK"               # STRICT_SPREAD over several training nodes
+    trainer_bundles: tuple[dict, ...]  # one per training node; bundle 0 on the driver's node
+    trainer_strategy: str              # STRICT_SPREAD over several training nodes, else STRICT_PACK
     colocate: bool = False
 
     @property
