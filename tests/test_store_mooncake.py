@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from torchspec.config.errors import ConfigError
 from torchspec.config.schema import Config
 from torchspec.transfer.base import Store, StoreFull, record_nbytes
 from torchspec.transfer.factory import build_store, store_type
@@ -226,11 +227,21 @@ def test_unreachable_master_is_one_clear_error(needs_mooncake):
     from torchspec.transfer.mooncake_master import free_port
 
     t0 = time.monotonic()
-    with pytest.raises(ConnectionError, match=r"mooncake\.master_server_address='127\.0\.0\.1:\d+'.*unreachable"):
+    with pytest.raises(ConfigError, match=r"mooncake\.master_server_address='127\.0\.0\.1:\d+'.*unreachable"):
         MooncakeStore(_settings(master_address=f"127.0.0.1:{free_port()}"))
     assert time.monotonic() - t0 < 10
-    with pytest.raises(ValueError, match="mooncake.master_server_address='nohostport': expected host:port"):
+    with pytest.raises(ConfigError, match="mooncake.master_server_address='nohostport': expected host:port"):
         MooncakeStore(_settings(master_address="nohostport"))
+
+
+def test_sizes_mooncake_cannot_use_are_config_errors(store):
+    from torchspec.transfer.mooncake import MooncakeStore
+
+    with pytest.raises(ConfigError, match="mooncake.global_segment_size=1048576: Mooncake needs at least"):
+        MooncakeStore(_settings(segment=1 << 20))
+    with pytest.raises(ConfigError, match=r"staging buffer \(mooncake.local_buffer_size=4194304\)"):
+        store.put("big", {"x": torch.zeros(5 << 20, dtype=torch.uint8)})
+    assert store.keys() == []
 
 
 def test_master_that_cannot_start_is_one_clear_error(needs_mooncake):
@@ -266,12 +277,12 @@ def test_store_selection_auto_local_and_multi_node():
     cfg.inference.store = "mooncake"
     assert store_type(cfg) == "mooncake"
     cfg.inference.store = "redis"
-    with pytest.raises(ValueError, match="inference.store='redis'"):
+    with pytest.raises(ConfigError, match="inference.store='redis'"):
         store_type(cfg)
     cfg.inference.store = "auto"
     cfg.training.training_num_nodes = 2
     assert store_type(cfg) == "mooncake"
-    with pytest.raises(ValueError, match="mooncake.master_server_address is null.*training_num_nodes=2"):
+    with pytest.raises(ConfigError, match="mooncake.master_server_address is null.*training_num_nodes=2"):
         build_store(cfg)        # a master on 127.0.0.1 cannot serve other nodes
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from torchspec.config.errors import ConfigError
 from torchspec.transfer.base import Store
 
 log = logging.getLogger("torchspec.transfer")
@@ -20,7 +21,7 @@ def store_type(cfg) -> str:
 
     kind = cfg.inference.store
     if kind not in STORE_TYPES:
-        raise ValueError(f"inference.store={kind!r}: expected one of {', '.join(STORE_TYPES)}")
+        raise ConfigError(f"inference.store={kind!r}: expected one of {', '.join(STORE_TYPES)}")
     if kind != "auto":
         return kind
     from torchspec.pipeline.launcher import multi_node_reason
@@ -43,7 +44,7 @@ def build_store(cfg) -> Store:
 
     reason = multi_node_reason(cfg)
     if reason is not None and cfg.mooncake.master_server_address is None:
-        raise ValueError(f"mooncake.master_server_address is null, but {reason} spans several nodes: a master "
+        raise ConfigError(f"mooncake.master_server_address is null, but {reason} spans several nodes: a master "
                          "torchspec starts listens on 127.0.0.1 only; start mooncake_master where every node can "
                          "reach it and set mooncake.master_server_address=host:port")
     return MooncakeStore(MooncakeSettings.from_config(cfg.mooncake), capacity_bytes=capacity)

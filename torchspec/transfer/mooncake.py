@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from torchspec.config.errors import ConfigError
 from torchspec.transfer.base import StoreFull
 
 _ALIGN = 64
@@ -103,6 +104,21 @@ def decode_record(buf: torch.Tensor) -> dict[str, torch.Tensor]:
             for name, (dtype, shape, off, nbytes) in header.items()}
 
 
+def require_mooncake():
+    """Import mooncake.store, or one ImportError with the install hint (and which wheel / system library)."""
+    from torchspec.utils.optional import require
+
+    try:
+        return require("mooncake.store", "mooncake")
+    except ImportError as e:
+        msg = str(e)
+        if "libcuda" in msg:
+            msg += "; on a machine without CUDA install mooncake-transfer-engine-non-cuda instead"
+        elif "libibverbs" in msg:
+            msg += "; Mooncake also needs the system library libibverbs (apt-get install libibverbs1)"
+        raise ImportError(msg) from None
+
+
 @dataclass(frozen=True)
 class MooncakeSettings:
     """What every process needs to open a client (built from the `mooncake` config section)."""
@@ -154,12 +170,11 @@ class MooncakeStore:
     def __init__(self, settings: MooncakeSettings | None = None, capacity_bytes: int | None = None,
                  put_timeout_s: float = 600.0):
         from torchspec.transfer import mooncake_master as mm
-        from torchspec.utils.optional import require
 
-        require("mooncake.store", "mooncake")
+        require_mooncake()
         self.settings = settings or MooncakeSettings()
         if self.settings.global_segment_size < MIN_SEGMENT:
-            raise ValueError(f"mooncake.global_segment_size={self.settings.global_segment_size}: Mooncake needs at "
+            raise ConfigError(f"mooncake.global_segment_size={self.settings.global_segment_size}: Mooncake needs at "
                              f"least {MIN_SEGMENT} bytes (16MB)")
         self.capacity_bytes = capacity_bytes
         self.put_timeout_s = put_timeout_s
@@ -258,7 +273,7 @@ class MooncakeStore:
             raise KeyError(f"mooncake store: key {key!r} is already present")
         parts, total = encode_record(tensors)
         if total > self.settings.local_buffer_size:
-            raise ValueError(f"mooncake store: a record of {total} bytes does not fit the client's staging buffer "
+            raise ConfigError(f"mooncake store: a record of {total} bytes does not fit the client's staging buffer "
                              f"(mooncake.local_buffer_size={self.settings.local_buffer_size})")
         deadline = time.monotonic() + self.put_timeout_s
         self._wait_capacity(total, deadline)

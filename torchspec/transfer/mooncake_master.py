@@ -139,11 +139,13 @@ def start_master(timeout_s: float = 30.0, extra_flags: tuple[str, ...] = ()) -> 
 def check_reachable(address: str, key: str = "mooncake.master_server_address", timeout_s: float = 5.0) -> None:
     """One clear error when nothing accepts TCP connections at host:port (Mooncake's own client retries for
     about 90 s before failing)."""
+    from torchspec.config.errors import ConfigError
+
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValueError(f"{key}={address!r}: expected host:port")
+        raise ConfigError(f"{key}={address!r}: expected host:port")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             pass
     except OSError as e:
-        raise ConnectionError(f"{key}={address!r}: the Mooncake master is unreachable ({e})") from None
+        raise ConfigError(f"{key}={address!r}: the Mooncake master is unreachable ({e})") from None
