@@ -9,7 +9,7 @@ import pytest
 from pipeline_helpers import ids_by_epoch, tiny_run_config
 from ray_helpers import cpus_free, loopback_only
 from torchspec.pipeline.launcher import plan_placement, select_launcher
-from torchspec.pipeline.launcher_local import PlacementError
+from torchspec.pipeline.launcher_local import PlacementError, plan_local
 from torchspec.pipeline.runner import run_training
 
 try:
@@ -180,6 +180,14 @@ def test_gpu_placement_bundles(tmp_path, tiny_target_dir):
     assert (p.trainer_bundles, p.trainer_strategy, p.ranks_per_node) == (({"GPU": 8},) * 2, "STRICT_SPREAD", 8)
     assert len(p.trainer_devices) == 16
     cfg.training.training_num_nodes = 1
+    # the hf engine has no tensor parallelism: one message, the same under both launchers
+    cfg.inference.inference_engine_type, cfg.inference.inference_num_gpus_per_engine = "hf", 2
+    with pytest.raises(PlacementError, match=r"^inference.inference_num_gpus_per_engine=2: the hf engine runs on "
+                                             r"one GPU per engine; .* or the vllm engine for tensor parallelism"):
+        plan_ray(cfg, cluster_gpus=40)
+    with pytest.raises(PlacementError, match=r"^inference.inference_num_gpus_per_engine=\d+: the hf engine"):
+        plan_local(cfg, num_gpus=8)
+    cfg.inference.inference_engine_type, cfg.inference.inference_num_gpus_per_engine = "sgl", 1
     cfg.inference.colocate = True
     with pytest.raises(PlacementError, match="inference.colocate=true"):
         plan_ray(cfg, cluster_gpus=40)

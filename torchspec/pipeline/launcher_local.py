@@ -49,6 +49,14 @@ class PlacementError(ConfigError):
     pass
 
 
+def check_gpus_per_engine(cfg, per_engine: int) -> None:
+    """The hf engine runs on one GPU; tensor parallelism needs an engine that has it."""
+    if cfg.inference.inference_engine_type == "hf" and per_engine != 1:
+        raise PlacementError(f"inference.inference_num_gpus_per_engine={per_engine}: the hf engine runs on one GPU "
+                             "per engine; use more engines (inference.inference_num_gpus), or the vllm engine for "
+                             "tensor parallelism (tp > 1 runs under inference.launcher: ray)")
+
+
 def plan_local(cfg, num_gpus: int | None = None) -> Placement:
     inf, tr = cfg.inference, cfg.training
     num_gpus = torch.cuda.device_count() if num_gpus is None else num_gpus
@@ -63,9 +71,7 @@ def plan_local(cfg, num_gpus: int | None = None) -> Placement:
                                  f"training.training_num_gpus_per_node={world} must be 1")
         return Placement(True, (), trainer_devices[:1])
     per = inf.inference_num_gpus_per_engine
-    if inf.inference_engine_type == "hf" and per != 1:
-        raise PlacementError(f"inference.inference_num_gpus_per_engine={per}: the hf engine runs on one GPU "
-                             "per engine; use more engines (inference.inference_num_gpus) or sglang/vllm for TP")
+    check_gpus_per_engine(cfg, per)
     n_engines = inf.inference_num_gpus // per
     if not num_gpus:
         return Placement(False, ("cpu",) * n_engines, trainer_devices)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from torchspec.inference.base import StoredSample
-from torchspec.pipeline.launcher_local import PlacementError, _from_wire, _to_wire
+from torchspec.pipeline.launcher_local import PlacementError, _from_wire, _to_wire, check_gpus_per_engine
 
 log = logging.getLogger("torchspec.pipeline")
 
@@ -83,9 +83,7 @@ def plan_ray(cfg, cluster_gpus: float) -> RayPlacement:
         raise PlacementError("inference.launcher=ray runs the engines as Ray actors; inference.colocate=true "
                              "(target inside the trainer process) needs inference.launcher=local")
     per_engine, per_process = gpus_per_engine(cfg), gpus_per_engine_process(cfg)
-    if inf.inference_engine_type == "hf" and per_engine != 1:
-        raise PlacementError(f"inference.inference_num_gpus_per_engine={per_engine}: the hf engine runs on one GPU "
-                             "per engine; use more engines (inference.inference_num_gpus) or sglang/vllm for TP")
+    check_gpus_per_engine(cfg, per_engine)
     n_engines = inf.inference_num_gpus // per_engine
     if n_engines < 1:
         raise PlacementError(f"inference.inference_num_gpus={inf.inference_num_gpus}: need at least one engine "
