@@ -252,6 +252,31 @@ class Eagle3DecoderLayer(nn.Module):
         v = a.v_proj(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    # The training path splits the q/k/v projection of concat(e, h) into W_e e + W_h h: the embedding
+    # half of every TTT step is a row-shifted slice of one projection over the sequence (computed once),
+    # and no concatenated [T, 2H] input exists. Same function as `qkv` (a test holds them equal).
+    def split_qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_e, W_h), each [(nh + 2 nkv) * d, H]: the q/k/v rows acting on the embedding / hidden half."""
+        a = self.self_attn
+        H = self.hidden_norm.weight.shape[0]
+        ws = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+        return torch.cat([w[:, :H] for w in ws]), torch.cat([w[:, H:] for w in ws])
+
+    def embed_projection(self, embeds: torch.Tensor, w_embed: torch.Tensor) -> torch.Tensor:
+        """input_layernorm(embeds) @ W_e^T: [B, L, (nh + 2 nkv) * d]."""
+        return F.linear(self.input_layernorm(embeds), w_embed)
+
+    def qkv_from_parts(self, embed_proj, hidden, w_hidden, cos, sin):
+        """`qkv` given the embedding half already projected (embed_proj [B, T, (nh + 2 nkv) * d])."""
+        a = self.self_attn
+        B, T, _ = hidden.shape
+        nq, nkv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        qkv = F.linear(self.hidden_norm(hidden), w_hidden) + embed_proj
+        q = qkv[..., :nq].reshape(B, T, a.num_heads, a.head_dim).transpose(1, 2)
+        k = qkv[..., nq:nq + nkv].reshape(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        v = qkv[..., nq + nkv:].reshape(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def finish(self, attn: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """attn [B, T, nh*d] -> o_proj + residual, MLP + residual; returns the pre-norm stream."""
         h = hidden + self.self_attn.o_proj(attn)

@@ -53,6 +53,8 @@ class Eagle3Targets:
     valid: torch.Tensor  # bool [K, B, T]
     probs: torch.Tensor  # [N, V_draft] target probs of the needed positions
     prob_row: torch.Tensor  # long [B*T]: row of `probs` holding flat position b*T+t (-1: none)
+    rows: list[torch.Tensor]  # per step k: long flat positions b*T+t of its valid rows, ascending
+    p_rows: list[torch.Tensor]  # per step k: the `probs` row of each of those rows (position +1+k)
 
 
 def step_validity(loss_mask: torch.Tensor, attention_mask: torch.Tensor, ttt_length: int,
@@ -105,14 +107,21 @@ def prepare_targets(target_head, final_hidden_states: torch.Tensor, loss_mask: t
     ok = ok.view(B, T)
     for k in range(K):
         valid[k] &= _shift_left(ok, 1 + k)
-    return Eagle3Targets(valid=valid, probs=probs, prob_row=prob_row)
+    # Every step's valid rows at once, so the TTT forward and backward never wait on the host.
+    flat = valid.view(K, B * T)
+    counts = flat.sum(1).tolist()
+    rows = list(flat.nonzero()[:, 1].split(counts))
+    p_rows = [prob_row[r + 1 + k] for k, r in enumerate(rows)]
+    return Eagle3Targets(valid=valid, probs=probs, prob_row=prob_row, rows=rows, p_rows=p_rows)
 
 
-def _head_chunk(hc, weight, p, scale, want_grad: bool):
-    """One chunk of rows: (sum of -sum_v p log q, #argmax agreements, d(scale * loss)/dlogits or None)."""
+def _head_chunk(hc, weight, probs, p_idx, scale, want_grad: bool):
+    """One chunk of rows: (sum of -sum_v p log q, #argmax agreements, d(scale * loss)/dlogits or None).
+
+    The target rows p = probs[p_idx] are gathered inside (no separate copy of them)."""
     z = hc @ weight.T
     logq = torch.log_softmax(z.float(), dim=-1)
-    p = p.float()
+    p = probs[p_idx].float()
     loss = -(p * logq).sum()
     correct = (z.argmax(-1) == p.argmax(-1)).sum()
     gz = ((logq.exp() * p.sum(-1, keepdim=True) - p) * scale).to(hc.dtype) if want_grad else None
@@ -146,7 +155,7 @@ class _DraftHeadLoss(torch.autograd.Function):
             gh = torch.empty_like(h) if want_h else None
             for s in range(0, n, rows):
                 hc = h[s:s + rows]
-                loss, correct, gz = chunk_fn(hc, weight, probs[p_rows[k][s:s + rows]], scale, want_h or want_w)
+                loss, correct, gz = chunk_fn(hc, weight, probs, p_rows[k][s:s + rows], scale, want_h or want_w)
                 stats[k, 0] += loss
                 stats[k, 1] += correct
                 if want_h:
@@ -168,11 +177,18 @@ class _DraftHeadLoss(torch.autograd.Function):
         return (None, gw, *ghs)
 
 
+def _norm_rows(norm, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """norm(hidden) of the flat rows `rows` of hidden [B, T, H]: [len(rows), H]."""
+    return norm(hidden.reshape(-1, hidden.shape[-1])[rows])
+
+
 def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tensor, targets: Eagle3Targets,
                 ttt_length: int, attention_backend: str, gradient_checkpointing: bool,
                 checkpoint_steps: Optional[int] = None) -> Eagle3Output:
     """The TTT unroll of `draft` over a right-padded batch; returns the weighted loss and metrics.
 
+    Step k's token embeddings are those of step 0 shifted k rows, so the embedding half of the
+    q/k/v projection is computed once over T + K - 1 positions and sliced per step.
     With gradient_checkpointing, the decoder layer of each TTT step is recomputed in backward
     (only its inputs, keys and values are kept); checkpoint_steps limits that to the first N steps
     (None = all), trading memory for speed in between.
@@ -180,36 +196,39 @@ def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tens
     n_ckpt = (ttt_length if checkpoint_steps is None else checkpoint_steps) if gradient_checkpointing else 0
     B, T = input_ids.shape
     layer = draft.midlayer
-    qkv_fn = maybe_compiled(type(layer).qkv, input_ids)
+    qkv_fn = maybe_compiled(type(layer).qkv_from_parts, input_ids)
     finish_fn = maybe_compiled(type(layer).finish, input_ids)
+    norm_fn = maybe_compiled(_norm_rows, input_ids)
     hidden = draft.fc(aux_hidden_states.to(draft.fc.weight.dtype))
     dtype = hidden.dtype
     cos_all, sin_all = draft.rope(torch.arange(T + ttt_length - 1, device=input_ids.device), dtype)
+    w_embed, w_hidden = layer.split_qkv_weights()
+    # position j holds token x_{j+1} (0 past the end): step k reads positions k .. k+T-1
+    ids = torch.cat([input_ids[:, 1:], input_ids.new_zeros(B, ttt_length)], dim=1)
+    embed_proj = maybe_compiled(type(layer).embed_projection, input_ids)(
+        layer, draft.embed_tokens(ids).to(dtype), w_embed)
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
-    hs, p_rows = [], []
+    hs = []
     for k in range(ttt_length):
-        embeds = draft.embed_tokens(_shift_left(input_ids, 1 + k)).to(dtype)
         cos, sin = cos_all[k:k + T], sin_all[k:k + T]
         n_prev = len(keys)
 
-        def step(embeds, hidden, cos, sin, *kv, n_prev=n_prev):  # bind n_prev now: recomputation runs later
-            q, kk, vv = qkv_fn(layer, embeds, hidden, cos, sin)
+        def step(e_proj, hidden, cos, sin, *kv, n_prev=n_prev):  # bind n_prev now: recomputation runs later
+            q, kk, vv = qkv_fn(layer, e_proj, hidden, w_hidden, cos, sin)
             attn = ttt_attention(attention_backend, q, list(kv[:n_prev]) + [kk], list(kv[n_prev:]) + [vv])
             return finish_fn(layer, attn, hidden), kk, vv
 
-        args = (embeds, hidden, cos, sin, *keys, *values)
+        args = (embed_proj[:, k:k + T], hidden, cos, sin, *keys, *values)
         if k < n_ckpt and torch.is_grad_enabled():
             hidden, kk, vv = checkpoint(step, *args, use_reentrant=False)
         else:
             hidden, kk, vv = step(*args)
         keys.append(kk)
         values.append(vv)
-        rows = targets.valid[k].flatten().nonzero().squeeze(1)
-        hs.append(draft.norm(hidden.reshape(B * T, -1)[rows]))
-        p_rows.append(targets.prob_row[rows + 1 + k])
+        hs.append(norm_fn(draft.norm, hidden, targets.rows[k]))
     weights = [STEP_DECAY ** k for k in range(ttt_length)]
-    loss, stats = _DraftHeadLoss.apply((targets.probs, p_rows, weights), draft.lm_head.weight, *hs)
+    loss, stats = _DraftHeadLoss.apply((targets.probs, targets.p_rows, weights), draft.lm_head.weight, *hs)
     num_valid = [h.shape[0] for h in hs]
     denom = [max(n, 1) for n in num_valid]
     return Eagle3Output(

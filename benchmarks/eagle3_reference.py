@@ -1,0 +1,231 @@
+"""FROZEN reference for benchmarks/bench_draft_step.py: the Eagle3 TTT forward + loss as it was at
+commit e103b92, before the step-time work (per-step concatenated [embed, hidden] q/k/v input, one
+host sync per TTT step, eager final norm, probs gathered outside the compiled loss chunk).
+
+Not used by the library; kept only so the benchmark can time the previous implementation in the
+same run as the current one (`--reference`). Do not edit except to keep it runnable.
+"""
+
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from torchspec.config.schema import LOSS_MASK_ALIGNMENTS, TrainingConfig
+from torchspec.models.attention import maybe_compiled, ttt_attention
+
+STEP_DECAY = 0.8  # loss weight of TTT step k is STEP_DECAY**k (the EAGLE-3 recipe)
+CHUNK_ELEMENTS = 1 << 27  # rows per lm_head chunk ~ CHUNK_ELEMENTS / draft_vocab_size
+
+
+@dataclass
+class Eagle3Output:
+    loss: torch.Tensor  # scalar, differentiable: sum_k 0.8^k loss_k
+    losses: list[torch.Tensor]  # detached loss_k (0 where a step has no valid row)
+    accs: list[torch.Tensor]  # detached acc_k (0 where a step has no valid row)
+    num_valid: list[int]  # valid rows per step
+    loss_sums: list[torch.Tensor]  # detached sum over valid rows of the step-k loss (for exact pooling)
+    correct: list[torch.Tensor]  # detached number of valid rows whose argmax agrees
+
+
+# A pytree node, so module hooks that look for tensors in a forward's output (FSDP2 registers its
+# pre-backward hook, and with it the gradient reduce-scatter, on them) find `loss` inside it.
+torch.utils._pytree.register_dataclass(Eagle3Output)
+
+
+@dataclass
+class Eagle3Targets:
+    valid: torch.Tensor  # bool [K, B, T]
+    probs: torch.Tensor  # [N, V_draft] target probs of the needed positions
+    prob_row: torch.Tensor  # long [B*T]: row of `probs` holding flat position b*T+t (-1: none)
+
+
+def step_validity(loss_mask: torch.Tensor, attention_mask: torch.Tensor, ttt_length: int,
+                  alignment: str) -> torch.Tensor:
+    """bool [K, B, T]: rows supervised at each step, before the draft-vocab (argmax) check."""
+    if alignment not in LOSS_MASK_ALIGNMENTS:
+        raise ValueError(f"training.loss_mask_alignment: unknown value '{alignment}' "
+                         f"(choose from {LOSS_MASK_ALIGNMENTS})")
+    B, T = loss_mask.shape
+    lengths = attention_mask.long().sum(-1, keepdim=True)  # right padding
+    t = torch.arange(T, device=loss_mask.device)
+    lm = loss_mask.bool() & attention_mask.bool()
+    valid = torch.zeros(ttt_length, B, T, dtype=torch.bool, device=loss_mask.device)
+    for k in range(ttt_length):
+        has_target = (t + 1 + k) < lengths
+        shift = k if alignment == "eagle" else k + 2
+        shifted = torch.zeros_like(lm)
+        if shift < T:
+            shifted[:, : T - shift] = lm[:, shift:]
+        valid[k] = has_target & shifted
+    return valid
+
+
+def _shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x[:, t + n] at column t, zero-filled past the end."""
+    out = torch.zeros_like(x)
+    if n < x.shape[1]:
+        out[:, : x.shape[1] - n] = x[:, n:]
+    return out
+
+
+@torch.no_grad()
+def prepare_targets(target_head, final_hidden_states: torch.Tensor, loss_mask: torch.Tensor,
+                    attention_mask: torch.Tensor, d2t: torch.Tensor, t2d: torch.Tensor, ttt_length: int,
+                    alignment: str) -> Eagle3Targets:
+    """Target probs (draft vocab) for the positions some step supervises, and the final valid masks."""
+    valid = step_validity(loss_mask, attention_mask, ttt_length, alignment)
+    K, B, T = valid.shape
+    needed = torch.zeros(B, T, dtype=torch.bool, device=valid.device)
+    for k in range(K):  # step k at row t needs position t+1+k
+        if T > 1 + k:
+            needed[:, 1 + k:] |= valid[k][:, : T - 1 - k]
+    pos = needed.flatten().nonzero().squeeze(1)
+    f = final_hidden_states.reshape(B * T, -1)[pos]
+    in_draft, probs = target_head.draft_probs(f, d2t, t2d)
+    prob_row = torch.full((B * T,), -1, dtype=torch.long, device=valid.device)
+    prob_row[pos] = torch.arange(pos.numel(), device=valid.device)
+    ok = torch.zeros(B * T, dtype=torch.bool, device=valid.device)
+    ok[pos] = in_draft
+    ok = ok.view(B, T)
+    for k in range(K):
+        valid[k] &= _shift_left(ok, 1 + k)
+    return Eagle3Targets(valid=valid, probs=probs, prob_row=prob_row)
+
+
+def _head_chunk(hc, weight, p, scale, want_grad: bool):
+    """One chunk of rows: (sum of -sum_v p log q, #argmax agreements, d(scale * loss)/dlogits or None)."""
+    z = hc @ weight.T
+    logq = torch.log_softmax(z.float(), dim=-1)
+    p = p.float()
+    loss = -(p * logq).sum()
+    correct = (z.argmax(-1) == p.argmax(-1)).sum()
+    gz = ((logq.exp() * p.sum(-1, keepdim=True) - p) * scale).to(hc.dtype) if want_grad else None
+    return loss, correct, gz
+
+
+class _DraftHeadLoss(torch.autograd.Function):
+    """sum_k w_k/n_k * sum_rows -sum_v p log softmax(h W^T), chunked; gradients made in the forward.
+
+    Inputs: `meta` = (probs, per-step prob-row indices, per-step weights w_k), weight W [V_d, H],
+    then one tensor of normed hidden rows [n_k, H] per step. Returns (loss, stats [K, 2]) where
+    stats[k] = (sum of row losses, number of correct argmax) — not differentiable.
+    The weight gradient accumulates in fp32 for fp32 weights, else in the weights' dtype (as
+    autograd would sum per-step bf16 gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, meta, weight, *hs):
+        probs, p_rows, step_w = meta
+        chunk_fn = maybe_compiled(_head_chunk, weight)
+        want_w = ctx.needs_input_grad[1]
+        grad_w = torch.zeros_like(weight) if want_w else None
+        grad_hs = []
+        stats = torch.zeros(len(hs), 2, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=weight.device)
+        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        for k, h in enumerate(hs):
+            n = h.shape[0]
+            scale = step_w[k] / max(n, 1)
+            want_h = ctx.needs_input_grad[2 + k]
+            gh = torch.empty_like(h) if want_h else None
+            for s in range(0, n, rows):
+                hc = h[s:s + rows]
+                loss, correct, gz = chunk_fn(hc, weight, probs[p_rows[k][s:s + rows]], scale, want_h or want_w)
+                stats[k, 0] += loss
+                stats[k, 1] += correct
+                if want_h:
+                    torch.mm(gz, weight, out=gh[s:s + rows])
+                if want_w:
+                    grad_w.addmm_(gz.T, hc)
+            total = total + scale * stats[k, 0]
+            grad_hs.append(gh)
+        ctx.grad_w = grad_w
+        ctx.grad_hs = grad_hs
+        ctx.mark_non_differentiable(stats)
+        return total, stats
+
+    @staticmethod
+    def backward(ctx, g_total, g_stats):
+        gw = None if ctx.grad_w is None else ctx.grad_w * g_total.to(ctx.grad_w.dtype)
+        ghs = [None if g is None else g * g_total.to(g.dtype) for g in ctx.grad_hs]
+        ctx.grad_w = ctx.grad_hs = None
+        return (None, gw, *ghs)
+
+
+def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tensor, targets: Eagle3Targets,
+                ttt_length: int, attention_backend: str, gradient_checkpointing: bool,
+                checkpoint_steps: Optional[int] = None) -> Eagle3Output:
+    """The TTT unroll of `draft` over a right-padded batch; returns the weighted loss and metrics.
+
+    With gradient_checkpointing, the decoder layer of each TTT step is recomputed in backward
+    (only its inputs, keys and values are kept); checkpoint_steps limits that to the first N steps
+    (None = all), trading memory for speed in between.
+    """
+    n_ckpt = (ttt_length if checkpoint_steps is None else checkpoint_steps) if gradient_checkpointing else 0
+    B, T = input_ids.shape
+    layer = draft.midlayer
+    qkv_fn = maybe_compiled(type(layer).qkv, input_ids)
+    finish_fn = maybe_compiled(type(layer).finish, input_ids)
+    hidden = draft.fc(aux_hidden_states.to(draft.fc.weight.dtype))
+    dtype = hidden.dtype
+    cos_all, sin_all = draft.rope(torch.arange(T + ttt_length - 1, device=input_ids.device), dtype)
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    hs, p_rows = [], []
+    for k in range(ttt_length):
+        embeds = draft.embed_tokens(_shift_left(input_ids, 1 + k)).to(dtype)
+        cos, sin = cos_all[k:k + T], sin_all[k:k + T]
+        n_prev = len(keys)
+
+        def step(embeds, hidden, cos, sin, *kv, n_prev=n_prev):  # bind n_prev now: recomputation runs later
+            q, kk, vv = qkv_fn(layer, embeds, hidden, cos, sin)
+            attn = ttt_attention(attention_backend, q, list(kv[:n_prev]) + [kk], list(kv[n_prev:]) + [vv])
+            return finish_fn(layer, attn, hidden), kk, vv
+
+        args = (embeds, hidden, cos, sin, *keys, *values)
+        if k < n_ckpt and torch.is_grad_enabled():
+            hidden, kk, vv = checkpoint(step, *args, use_reentrant=False)
+        else:
+            hidden, kk, vv = step(*args)
+        keys.append(kk)
+        values.append(vv)
+        rows = targets.valid[k].flatten().nonzero().squeeze(1)
+        hs.append(draft.norm(hidden.reshape(B * T, -1)[rows]))
+        p_rows.append(targets.prob_row[rows + 1 + k])
+    weights = [STEP_DECAY ** k for k in range(ttt_length)]
+    loss, stats = _DraftHeadLoss.apply((targets.probs, p_rows, weights), draft.lm_head.weight, *hs)
+    num_valid = [h.shape[0] for h in hs]
+    denom = [max(n, 1) for n in num_valid]
+    return Eagle3Output(
+        loss=loss,
+        losses=[stats[k, 0] / denom[k] for k in range(ttt_length)],
+        accs=[stats[k, 1] / denom[k] for k in range(ttt_length)],
+        num_valid=num_valid,
+        loss_sums=[stats[k, 0] for k in range(ttt_length)],
+        correct=[stats[k, 1] for k in range(ttt_length)],
+    )
+
+
+def eagle3_loss(draft, target_head, batch: dict, ttt_length: int, attention_backend: str, *,
+                loss_mask_alignment: str = TrainingConfig.loss_mask_alignment,
+                gradient_checkpointing: bool = TrainingConfig.gradient_checkpointing,
+                checkpoint_steps: Optional[int] = None) -> Eagle3Output:
+    """Target probs from the frozen target head, then `draft(...)` (the TTT forward) on the batch.
+
+    batch: input_ids [B,T], loss_mask [B,T], attention_mask [B,T] (right padding),
+    aux_hidden_states [B,T,3H_t], final_hidden_states [B,T,H_t].
+    """
+    targets = prepare_targets(target_head, batch["final_hidden_states"], batch["loss_mask"],
+                              batch["attention_mask"], draft.d2t, draft.t2d, ttt_length, loss_mask_alignment)
+    return ttt_forward(draft, input_ids=batch["input_ids"], aux_hidden_states=batch["aux_hidden_states"],
+                       targets=targets, ttt_length=ttt_length, attention_backend=attention_backend,
+                       gradient_checkpointing=gradient_checkpointing, checkpoint_steps=checkpoint_steps)
+
+
+__all__ = ["Eagle3Output", "Eagle3Targets", "eagle3_loss", "prepare_targets", "step_validity", "ttt_forward",
+           "STEP_DECAY"]
