@@ -343,3 +343,24 @@ def test_pipeline_two_engines_through_mooncake(tmp_path, tiny_target_dir, cpu_on
     assert result.store_put_bytes > 0 and result.store_put_s > 0      # engines' puts, summed over processes
     assert max(result.pool_sizes) <= cfg.inference.max_sample_pool_size
     assert not _alive(store._master.pid)                               # the master is gone
+
+
+def test_pipeline_ray_engine_actor_through_mooncake(tmp_path, tiny_target_dir, cpu_only, needs_mooncake):
+    """The store pickled into a Ray actor (a Ray of this machine, 127.0.0.1, started by the run): every
+    sample trained once, the store empty at the end."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'torchspec[ray]')")
+    from pipeline_helpers import ids_by_epoch, tiny_run_config
+    from ray_helpers import loopback_only
+
+    from torchspec.pipeline.runner import run_training
+
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=1, num_epochs=1)
+    cfg.inference.launcher = "ray"
+    cfg.inference.store = "mooncake"
+    cfg.mooncake.global_segment_size = SEGMENT
+    cfg.mooncake.local_buffer_size = STAGING
+    with loopback_only():
+        result = run_training(cfg, progress=False)
+    ids = ids_by_epoch(result.trained)[0]
+    assert len(ids) == len(set(ids)) == 12 and result.global_step == 6
+    assert result.store_bytes_end == 0 and result.store_put_bytes > 0
