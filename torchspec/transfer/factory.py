@@ -45,6 +45,6 @@ def build_store(cfg) -> Store:
     reason = multi_node_reason(cfg)
     if reason is not None and cfg.mooncake.master_server_address is None:
         raise ConfigError(f"mooncake.master_server_address is null, but {reason} spans several nodes: a master "
-                         "torchspec starts listens on 127.0.0.1 only; start mooncake_master where every node can "
-                         "reach it and set mooncake.master_server_address=host:port")
+                          "torchspec starts listens on 127.0.0.1 only; start mooncake_master where every node can "
+                          "reach it and set mooncake.master_server_address=host:port")
     return MooncakeStore(MooncakeSettings.from_config(cfg.mooncake), capacity_bytes=capacity)

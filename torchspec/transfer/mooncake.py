@@ -174,8 +174,8 @@ class MooncakeStore:
         require_mooncake()
         self.settings = settings or MooncakeSettings()
         if self.settings.global_segment_size < MIN_SEGMENT:
-            raise ConfigError(f"mooncake.global_segment_size={self.settings.global_segment_size}: Mooncake needs at "
-                             f"least {MIN_SEGMENT} bytes (16MB)")
+            raise ConfigError(f"mooncake.global_segment_size={self.settings.global_segment_size}: Mooncake needs "
+                              f"at least {MIN_SEGMENT} bytes (16MB)")
         self.capacity_bytes = capacity_bytes
         self.put_timeout_s = put_timeout_s
         self.run_id = uuid.uuid4().hex
@@ -245,9 +245,9 @@ class MooncakeStore:
                           s.protocol, s.device_name, self.master_address)
         if rc != 0:
             raise ConnectionError(
-                f"mooncake: client setup failed (code {rc}; Mooncake's log above says why) for master {self.master_address} "
-                f"(mooncake.master_server_address), metadata {s.metadata()!r} (mooncake.metadata_server), "
-                f"protocol {s.protocol!r} (mooncake.protocol), local_hostname {hostname!r} (mooncake.local_hostname)")
+                f"mooncake: client setup failed (code {rc}; Mooncake's log above says why) for master "
+                f"{self.master_address} (mooncake.master_server_address), metadata {s.metadata()!r} "
+                f"(mooncake.metadata_server), protocol {s.protocol!r} (mooncake.protocol), local_hostname {hostname!r} (mooncake.local_hostname)")
         self._pin = ReplicateConfig()
         self._pin.with_hard_pin = True
         self._mc, self._mc_pid = client, os.getpid()
@@ -273,8 +273,8 @@ class MooncakeStore:
             raise KeyError(f"mooncake store: key {key!r} is already present")
         parts, total = encode_record(tensors)
         if total > self.settings.local_buffer_size:
-            raise ConfigError(f"mooncake store: a record of {total} bytes does not fit the client's staging buffer "
-                             f"(mooncake.local_buffer_size={self.settings.local_buffer_size})")
+            raise ConfigError(f"mooncake store: a record of {total} bytes does not fit the client's staging "
+                              f"buffer (mooncake.local_buffer_size={self.settings.local_buffer_size})")
         deadline = time.monotonic() + self.put_timeout_s
         self._wait_capacity(total, deadline)
         t0 = time.perf_counter_ns()
