@@ -85,11 +85,16 @@ def _assert_same(got: dict, want: dict) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -364,3 +369,28 @@ def test_pipeline_ray_engine_actor_through_mooncake(tmp_path, tiny_target_dir, c
     ids = ids_by_epoch(result.trained)[0]
     assert len(ids) == len(set(ids)) == 12 and result.global_step == 6
     assert result.store_bytes_end == 0 and result.store_put_bytes > 0
+
+
+def test_master_dies_with_a_killed_owner(needs_mooncake):
+    """SIGKILL of the process that started the master (no close(), no finalizers): the master goes too."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from torchspec.transfer.mooncake import MooncakeStore, MooncakeSettings; "
+            f"s = MooncakeStore(MooncakeSettings(global_segment_size={SEGMENT}, local_buffer_size={STAGING})); "
+            "print(s.master_pid, flush=True); time.sleep(120)")
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), text=True)
+    try:
+        pid = int(owner.stdout.readline())
+        assert _alive(pid)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid)
+    finally:
+        owner.kill()
+        owner.wait()
