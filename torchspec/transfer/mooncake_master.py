@@ -3,7 +3,8 @@
 The master listens for clients' RPCs on a free port and serves its HTTP admin endpoints (`/health`,
 `/get_all_keys`) on another; both bind 127.0.0.1 only, so a master we start serves this machine alone.
 Transfer-engine metadata needs no server: clients use Mooncake's peer-to-peer handshake.
-The master dies with the process that started it (a parent-death signal), and `stop()` ends it earlier.
+The master dies with the thread that started it (a parent-death signal: start it from a long-lived thread,
+as the runner does from the main one), and `stop()` ends it earlier.
 """
 
 from __future__ import annotations
