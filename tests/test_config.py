@@ -493,6 +493,34 @@ def test_run_saves_redacted_config_then_calls_the_runner(tmp_path, monkeypatch):
     assert "s3cr3t" not in saved and "seed: 123" in saved  # ... the saved file does not
 
 
+@pytest.mark.parametrize("hint", [True, False])
+def test_missing_optional_dependency_is_one_line(tmp_path, monkeypatch, capsys, hint):
+    """An install hint from a lazy import (e.g. inference.store=mooncake without mooncake) is one line and
+    exit 2; any other ImportError is a bug and keeps its traceback."""
+    import sys
+    import types
+
+    from torchspec.utils.optional import require
+
+    def run_training(cfg):
+        if hint:
+            require("torchspec_no_such_module", "mooncake")
+        raise ImportError("cannot import name 'x' from 'y'")
+
+    fake = types.ModuleType("torchspec.pipeline.runner")
+    fake.run_training = run_training
+    monkeypatch.setitem(sys.modules, "torchspec.pipeline.runner", fake)
+    argv = ["--config", str(CONFIGS / "hf_qwen3_8b.yaml"), f"output_dir={tmp_path / 'run'}"]
+    if not hint:
+        with pytest.raises(ImportError, match="cannot import name"):
+            main(argv)
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["missing dependency: torchspec_no_such_module is needed here but is not installed (No module "
+                   "named 'torchspec_no_such_module'); install it with: pip install 'torchspec[mooncake]'"]
+
+
 def test_require_names_the_extra_to_install():
     from torchspec.utils.optional import require
 

@@ -82,6 +82,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DataError) as e:  # user-fixable: one line, no traceback
         print(f"{type(e).__name__.replace('Error', '').lower()} error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:
+        if "pip install" not in str(e):  # not one of our install hints: a bug, keep the traceback
+            raise
+        print(f"missing dependency: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
