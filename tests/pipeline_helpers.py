@@ -56,3 +56,22 @@ def ids_by_epoch(trained) -> dict[int, list[str]]:
     for _step, epoch, sid in trained:
         out[epoch].append(sid)
     return dict(out)
+
+
+def child_pids(pid: int | None = None) -> set[int]:
+    """Live (not zombie) direct children of process `pid` (default: this one), from /proc."""
+    import os
+
+    pid = os.getpid() if pid is None else pid
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(entry))
+    return out

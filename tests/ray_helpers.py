@@ -36,3 +36,34 @@ def cpus_free(ray, n: float, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+@contextmanager
+def two_node_cluster(head_cpus: int, node_cpus: int, object_store_memory: int = 80 << 20):
+    """A simulated 2-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: a head node, the driver's,
+    and a second node, each its own raylet, every server on 127.0.0.1), connected; yields (head id, second id)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    with loopback_only():
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": head_cpus, "num_gpus": 0, "include_dashboard": False,
+            "object_store_memory": object_store_memory})
+        try:
+            second = cluster.add_node(num_cpus=node_cpus, num_gpus=0, object_store_memory=object_store_memory)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False)
+            head = ray.get_runtime_context().get_node_id()
+            assert {n["NodeID"] for n in ray.nodes()} == {head, second.node_id}
+            assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+            yield head, second.node_id
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def live_actors(ray) -> list[dict]:
+    """Actors of the connected cluster that are not DEAD (from the GCS; needs no dashboard)."""
+    from ray._private.state import actors
+
+    return [a for a in actors().values() if a["State"] != "DEAD"]
