@@ -5,16 +5,18 @@ unless TORCHSPEC_REQUIRE_MOONCAKE=1 (then they fail).
 """
 
 import os
-import threading
 import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from store_helpers import (check_capacity_wait, check_odd_dtypes_and_shapes, check_roundtrip,
+                           check_shared_across_processes, record_bytes)
+from store_helpers import assert_same as _assert_same
+from store_helpers import make_record as _record
 
 from torchspec.config.errors import ConfigError
 from torchspec.config.schema import Config
-from torchspec.transfer.base import Store, StoreFull, record_nbytes
+from torchspec.transfer.base import StoreFull
 from torchspec.transfer.factory import build_store, store_type
 
 SEGMENT = 16 << 20      # the run's Mooncake segment in these tests (the default is 8 GiB)
@@ -63,27 +65,6 @@ def store(_shared_store):
     return _shared_store
 
 
-def _record(seed: int, T: int = 7, H: int = 8, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "input_ids": torch.randint(0, 100, (T,), generator=g),
-        "loss_mask": (torch.rand(T, generator=g) > 0.5).to(torch.uint8),
-        "aux_hidden_states": torch.randn(T, 3 * H, generator=g).to(dtype),
-        "final_hidden_states": torch.randn(T, H, generator=g).to(dtype),
-    }
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _assert_same(got: dict, want: dict) -> None:
-    assert list(got) == list(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
-        assert torch.equal(_bits(got[k]), _bits(want[k])), k     # bit-exact (NaN payloads, -0.0 included)
-
-
 def _alive(pid: int) -> bool:
     """Running (a zombie waiting for a reaper counts as gone)."""
     try:
@@ -99,65 +80,20 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_roundtrip_bitwise_and_accounting(store, dtype):
-    from torchspec.transfer.mooncake import encode_record
-
-    assert isinstance(store, Store)
-    rec = _record(0, dtype=dtype)
-    rec["aux_hidden_states"][0, :3] = torch.tensor([float("nan"), -0.0, float("inf")]).to(dtype)
-    store.put("a/b c", rec)                 # keys with characters unsafe in Mooncake/regex names
-    assert store.keys() == ["a/b c"]
-    assert store.bytes_used() == encode_record(rec)[1] >= record_nbytes(rec)
-    got = store.get("a/b c")
-    _assert_same(got, rec)
-    got["aux_hidden_states"].zero_()        # a reader's writes never reach the stored record
-    _assert_same(store.get("a/b c"), rec)
-    with pytest.raises(KeyError):
-        store.put("a/b c", rec)
-    store.delete("a/b c")
-    assert store.bytes_used() == 0 and store.keys() == []
-    with pytest.raises(KeyError):
-        store.get("a/b c")
-    with pytest.raises(KeyError):
-        store.delete("a/b c")
+    check_roundtrip(store, dtype)
 
 
 def test_every_dtype_and_odd_shapes_bit_exact(store):
-    g = torch.Generator().manual_seed(5)
-    rec = {
-        "f64": torch.randn(3, 5, generator=g, dtype=torch.float64),
-        "bf16_3d": torch.randn(2, 3, 5, generator=g).bfloat16(),
-        "i32": torch.randint(-2**31, 2**31 - 1, (11,), generator=g, dtype=torch.int32),
-        "i8": torch.randint(-128, 127, (13,), generator=g, dtype=torch.int8),
-        "bool": torch.rand(9, generator=g) > 0.5,
-        "scalar": torch.tensor(3.25),
-        "empty": torch.zeros(0, 4, dtype=torch.bfloat16),
-        "strided": torch.randn(6, 4, generator=g).t(),   # non-contiguous input
-    }
-    store.put("k", rec)
-    _assert_same(store.get("k"), rec)
-    store.clear()
-    assert store.keys() == [] and store.bytes_used() == 0
+    check_odd_dtypes_and_shapes(store)
 
 
 def test_capacity_blocks_until_delete_then_times_out(needs_mooncake):
-    from torchspec.transfer.mooncake import MooncakeStore, encode_record
+    from torchspec.transfer.mooncake import MooncakeStore
 
     rec = _record(1)
-    one = encode_record(rec)[1]
-    store = MooncakeStore(_settings(), capacity_bytes=2 * one, put_timeout_s=5.0)
+    store = MooncakeStore(_settings(), capacity_bytes=2 * record_bytes(rec), put_timeout_s=5.0)
     try:
-        store.put("k0", rec)
-        store.put("k1", rec)
-        assert store.bytes_used() == 2 * one
-        threading.Timer(0.3, store.delete, args=("k0",)).start()
-        t0 = time.monotonic()
-        store.put("k2", rec)                     # waits for the delete
-        assert time.monotonic() - t0 >= 0.25
-        assert store.bytes_used() == 2 * one and store.keys() == ["k1", "k2"]
-        store.put_timeout_s = 0.2
-        with pytest.raises(StoreFull, match="max_sample_pool_size"):
-            store.put("k3", rec)
-        assert store.keys() == ["k1", "k2"] and store.bytes_used() == 2 * one
+        check_capacity_wait(store, rec)
     finally:
         store.close()
 
@@ -186,31 +122,8 @@ def test_full_segment_raises_store_full_and_evicts_nothing(needs_mooncake):
         store.close()
 
 
-def _child_put(store, n):
-    for i in range(n):
-        store.put(f"child-{i}", _record(100 + i, dtype=torch.bfloat16))
-    _assert_same(store.get("parent-0"), _record(7))
-    store.delete("parent-0")
-    store.close()                       # a receiving process only disconnects: the records stay
-
-
 def test_processes_share_records_and_accounting(store):
-    bytes_before, _ = store.put_stats()
-    store.put("parent-0", _record(7))
-    parent_bytes = store.bytes_used()
-    p = mp.get_context("spawn").Process(target=_child_put, args=(store, 3))
-    p.start()
-    p.join(120)
-    assert p.exitcode == 0
-    assert store.keys() == ["child-0", "child-1", "child-2"]
-    for i in range(3):
-        _assert_same(store.get(f"child-{i}"), _record(100 + i, dtype=torch.bfloat16))
-    used = store.bytes_used()
-    put_bytes, put_s = store.put_stats()       # summed over both processes
-    assert put_bytes - bytes_before == parent_bytes + used and put_s > 0
-    for i in range(3):
-        store.delete(f"child-{i}")
-    assert store.bytes_used() == 0
+    check_shared_across_processes(store)
 
 
 def test_close_stops_the_master_it_started(needs_mooncake):

@@ -1,7 +1,8 @@
 """The embedded `local` store: hidden-state records in shared memory, no external process.
 
 Each record is one file in a per-run directory on the node's shared-memory filesystem
-(``/dev/shm`` on Linux): a small JSON header followed by the tensors' bytes, 64-byte aligned.
+(``/dev/shm`` on Linux) in `torchspec.transfer.record`'s layout (a small JSON header, then the tensors'
+bytes, 64-byte aligned).
 ``put`` writes the file (GPU tensors through a pinned staging buffer) and publishes it with an
 atomic rename, so a reader never sees half a record; ``get`` maps the file copy-on-write and returns tensor views
 of it (zero copy); ``delete`` unlinks it. Any process on the node that holds this object (pickled
@@ -14,7 +15,6 @@ store's directory (`torchspec.transfer.counters`), shared by every process holdi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -26,16 +26,13 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from torchspec.transfer import record
 from torchspec.transfer.base import StoreFull
 from torchspec.transfer.counters import FileCounters
 
 # Record files are named by quote(key), which never yields "%c": this name cannot be a key's.
 _COUNTERS_FILE = "%counters"
 _USED, _PUT_BYTES, _PUT_NS = range(3)
-
-_ALIGN = 64
-_LEN_BYTES = 8
-
 
 _MIN_SHM_FREE = 1 << 30
 
@@ -51,12 +48,9 @@ def _shm_root() -> str | None:
     return None
 
 
-def _aligned(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.removeprefix("torch."))
+def _write_all(f, data: memoryview) -> None:
+    while data:   # a raw write may be partial
+        data = data[f.write(data):]
 
 
 class LocalStore:
@@ -107,14 +101,7 @@ class LocalStore:
             self._counters[_USED] -= nbytes
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        header, offset = {}, 0
-        for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            header[name] = [str(t.dtype), list(t.shape), offset, nbytes]
-            offset = _aligned(offset + nbytes)
-        head = json.dumps(header).encode()
-        data_start = _aligned(_LEN_BYTES + len(head))
-        total = data_start + offset
+        prefix, offsets, total = record.layout(tensors)
         path = self._path(key)
         if path.exists():
             raise KeyError(f"local store: key {key!r} is already present")
@@ -123,14 +110,11 @@ class LocalStore:
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         try:
             with open(tmp, "wb", buffering=0) as f:
-                f.write(len(head).to_bytes(_LEN_BYTES, "little") + head)
-                for name, t in tensors.items():
-                    _, _, off, nbytes = header[name]
-                    if nbytes:
-                        f.seek(data_start + off)
-                        data = self._host_bytes(t)
-                        while data:   # a raw write may be partial
-                            data = data[f.write(data):]
+                _write_all(f, memoryview(prefix))
+                for t, off in zip(tensors.values(), offsets):
+                    if t.numel():
+                        f.seek(off)
+                        _write_all(f, self._host_bytes(t))
                 f.truncate(total)
             os.replace(tmp, path)
         except BaseException:
@@ -144,7 +128,7 @@ class LocalStore:
     def _host_bytes(self, t: torch.Tensor) -> memoryview:
         """The tensor's bytes in host memory; device tensors go through a reused pinned buffer (a fast
         DMA copy, then one kernel copy into the file: no page faults on the shared-memory side)."""
-        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        flat = record.tensor_bytes(t)
         if flat.device.type != "cpu":
             n = flat.numel()
             if self._pinned is None or self._pinned.numel() < n:
@@ -158,15 +142,7 @@ class LocalStore:
             size = path.stat().st_size
         except FileNotFoundError:
             raise KeyError(f"local store: no key {key!r}") from None
-        buf = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
-        hlen = int.from_bytes(bytes(buf[:_LEN_BYTES].tolist()), "little")
-        header = json.loads(bytes(buf[_LEN_BYTES:_LEN_BYTES + hlen].tolist()).decode())
-        data_start = _aligned(_LEN_BYTES + hlen)
-        out = {}
-        for name, (dtype, shape, off, nbytes) in header.items():
-            raw = buf[data_start + off:data_start + off + nbytes]
-            out[name] = raw.view(_dtype(dtype)).reshape(shape)
-        return out
+        return record.decode(torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8))
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -1,12 +1,10 @@
 """The `mooncake` store: hidden-state records in a Mooncake distributed store, reachable from any node.
 
-Layout. One Mooncake object per record, named ``torchspec/<run id>/r/<quoted key>``: an 8-byte header
-length, a JSON header ``{name: [dtype, shape, offset, nbytes]}``, then each tensor's raw bytes at a
-64-byte-aligned offset (so every tensor can be viewed in place with its own dtype). One object rather
+Layout. One Mooncake object per record, named ``torchspec/<run id>/r/<quoted key>``, holding the record
+in `torchspec.transfer.record`'s layout (the local store's file format). One object rather
 than one per tensor because a record is produced, consumed and deleted as a unit: one master round trip
 per put/get/delete instead of four, a reader sees a whole record or none (Mooncake publishes an object
-at the end of its put), and each key has one size for the byte accounting. Raw bytes + a dtype name
-keep every dtype bit-exact, bf16 included.
+at the end of its put), and each key has one size for the byte accounting.
 
 Memory. The process that creates the store (the trainer driver) mounts the run's global segment
 (``mooncake.global_segment_size``); every process that unpickles it (engines, trainer ranks, Ray actors,
@@ -29,7 +27,6 @@ metadata goes peer to peer ("P2PHANDSHAKE") unless ``mooncake.metadata_server`` 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -43,10 +40,9 @@ from dataclasses import dataclass
 import torch
 
 from torchspec.config.errors import ConfigError
+from torchspec.transfer import record
 from torchspec.transfer.base import StoreFull
 
-_ALIGN = 64
-_LEN_BYTES = 8
 _RECORDS, _LEDGERS = "r/", "s/"
 
 # Mooncake's error codes (mooncake-store/include/types.h) that the store reacts to.
@@ -56,16 +52,8 @@ OBJECT_NOT_FOUND = -704
 MIN_SEGMENT = 16 << 20          # the smallest global segment Mooncake's allocator accepts
 
 
-def _aligned(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.removeprefix("torch."))
-
-
 def _host_bytes(t: torch.Tensor) -> memoryview:
-    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    flat = record.tensor_bytes(t)
     if flat.device.type != "cpu":
         flat = flat.cpu()
     return memoryview(flat.numpy())
@@ -73,35 +61,17 @@ def _host_bytes(t: torch.Tensor) -> memoryview:
 
 def encode_record(tensors: dict[str, torch.Tensor]) -> tuple[list, int]:
     """(parts, total bytes): the buffers whose concatenation is the stored object (no copy of the payload)."""
-    header, offset = {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = [str(t.dtype), list(t.shape), offset, nbytes]
-        offset = _aligned(offset + nbytes)
-    head = json.dumps(header).encode()
-    data_start = _aligned(_LEN_BYTES + len(head))
-    parts = [len(head).to_bytes(_LEN_BYTES, "little") + head + bytes(data_start - _LEN_BYTES - len(head))]
-    pos = 0
-    for name, t in tensors.items():
-        off, nbytes = header[name][2], header[name][3]
+    prefix, offsets, total = record.layout(tensors)
+    parts, pos = [prefix], len(prefix)
+    for t, off in zip(tensors.values(), offsets):
         if off > pos:
             parts.append(bytes(off - pos))
-        if nbytes:
+        if t.numel():
             parts.append(_host_bytes(t))
-        pos = off + nbytes
-    total = data_start + offset
-    if total > data_start + pos:
-        parts.append(bytes(total - data_start - pos))
+        pos = off + t.numel() * t.element_size()
+    if total > pos:
+        parts.append(bytes(total - pos))
     return parts, total
-
-
-def decode_record(buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Tensor views into `buf` (uint8, one stored object)."""
-    hlen = int.from_bytes(bytes(buf[:_LEN_BYTES].tolist()), "little")
-    header = json.loads(bytes(buf[_LEN_BYTES:_LEN_BYTES + hlen].tolist()).decode())
-    data_start = _aligned(_LEN_BYTES + hlen)
-    return {name: buf[data_start + off:data_start + off + nbytes].view(_dtype(dtype)).reshape(shape)
-            for name, (dtype, shape, off, nbytes) in header.items()}
 
 
 def require_mooncake():
@@ -324,7 +294,7 @@ class MooncakeStore:
         # staging buffer (mooncake.local_buffer_size) is free for the next transfer.
         buf = torch.frombuffer(handle, dtype=torch.uint8).clone()
         del handle
-        return decode_record(buf)
+        return record.decode(buf)
 
     def delete(self, key: str) -> None:
         rc = self._client().remove(self._name(key), True)   # force: a reader's lease does not block a delete
