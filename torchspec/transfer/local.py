@@ -174,6 +174,9 @@ class LocalStore:
                 pass
 
     def close(self) -> None:
+        """The owner deletes every record and removes the directory; in any other process (an engine or
+        trainer rank holding a pickled or forked copy) there is nothing to release and the records stay."""
+        if os.getpid() != self._owner_pid or self._finalizer is None:
+            return
         self.clear()
-        if os.getpid() == self._owner_pid and self._finalizer is not None:
-            self._finalizer()
+        self._finalizer()
