@@ -172,7 +172,7 @@ def test_master_that_cannot_start_is_one_clear_error(needs_mooncake):
 def test_given_master_is_used_and_left_running(needs_mooncake):
     """mooncake.master_server_address set: the store connects to that master and does not stop it."""
     from torchspec.transfer.mooncake import MooncakeStore
-    from torchspec.transfer.mooncake_master import start_master
+    from torchspec.transfer.mooncake_master import free_port, start_master
 
     master = start_master()
     try:
@@ -183,6 +183,8 @@ def test_given_master_is_used_and_left_running(needs_mooncake):
         _assert_same(store.get("k"), _record(4))
         store.close()
         assert master.alive()
+        with pytest.raises(ConfigError, match=r"mooncake\.master_metrics_port=\d+: no Mooncake master admin server"):
+            MooncakeStore(_settings(master_address=master.rpc_address, master_metrics_port=free_port()))
     finally:
         master.stop()
 

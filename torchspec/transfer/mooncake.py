@@ -165,6 +165,7 @@ class MooncakeStore:
             mm.check_reachable(self.master_address)
             host = self.master_address.rpartition(":")[0]
             self.admin_url = f"http://{host}:{self.settings.master_metrics_port}"
+            mm.check_admin(self.admin_url)
         self._reset_process_state()
         try:
             self._client()   # the owner mounts the run's segment now, so engines have somewhere to put

@@ -22,7 +22,6 @@ import urllib.request
 from dataclasses import dataclass
 
 LOOPBACK = "127.0.0.1"
-MOONCAKE_DEFAULT_ADMIN_PORT = 9003   # mooncake_master's --metrics_port default (its HTTP admin server)
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -150,3 +149,20 @@ def check_reachable(address: str, key: str = "mooncake.master_server_address", t
             pass
     except OSError as e:
         raise ConfigError(f"{key}={address!r}: the Mooncake master is unreachable ({e})") from None
+
+
+def check_admin(admin_url: str, key: str = "mooncake.master_metrics_port") -> None:
+    """One clear error when no Mooncake admin server answers /health at admin_url (the store lists its keys
+    there; a wrong port would otherwise fail deep inside the first key listing)."""
+    from torchspec.config.errors import ConfigError
+
+    try:
+        ok = b'"ok"' in http_get(admin_url + "/health")
+    except (urllib.error.URLError, OSError) as e:
+        ok, why = False, getattr(e, "reason", e)
+    else:
+        why = "it does not answer /health as a Mooncake master"
+    if not ok:
+        port = admin_url.rpartition(":")[2]
+        raise ConfigError(f"{key}={port}: no Mooncake master admin server at {admin_url} ({why}); set it to the "
+                          "master's --metrics_port")
