@@ -1,0 +1,355 @@
+"""The sgl engine (torchspec/inference/sglang.py), run WITHOUT sglang: a stand-in `sglang` module is put in
+sys.modules. Its Engine follows SGLang v0.5.10.post1 as the engine's docstring cites it:
+- it takes the `sgl.Engine(**kwargs)` keyword arguments and refuses return_hidden_states without
+  enable_return_hidden_states (tokenizer_manager.py:849-857);
+- its model has SGLang's module names and layer protocol: decoder layers `model.layers.<i>` called as
+  `layer(positions, hidden_states, forward_batch, residual)` returning `(hidden_states, residual)` whose sum is
+  the residual stream, with the fused add-RMSNorm of the next layer (and of the final norm) updating both
+  tensors IN PLACE (sgl_kernel semantics), and a `logits_processor` module returning an object whose
+  `hidden_states` are the post-norm states of every packed token (CaptureHiddenMode.FULL);
+- it registers `forward_hooks` like model_executor/hook_manager.py (factory(config), fnmatch on
+  named_modules, register_forward_hook), runs every prompt of a generate() call as ONE packed extend batch,
+  and returns per request `meta_info["hidden_states"] = [rows.tolist()]` sliced by prompt length in batch
+  order (scheduler_output_processor_mixin.py:221-235).
+The numbers are transformers': the residual stream after each decoder layer of the tiny target, computed
+per prompt (no padding, as SGLang runs them), re-expressed as SGLang's (hidden_states, residual) pairs.
+What this cannot show: that a real SGLang build behaves as cited (not run here: no sglang, no GPU build).
+"""
+
+import fnmatch
+import importlib
+import sys
+import types
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+from torchspec.config.schema import Config
+from torchspec.data.sample import Sample
+from torchspec.inference import sglang as sgl_engine
+from torchspec.inference.hf import HFEngine, load_target
+from torchspec.transfer.local import LocalStore
+
+LENGTHS = [5, 37, 3, 12, 70, 21]
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+# -- the stand-in sglang ---------------------------------------------------------------------------------
+
+@dataclass
+class _ForwardBatch:
+    layer_outputs: list            # transformers' output of decoder layer i, packed [num_tokens, H]
+    return_hidden_states: bool
+
+
+@dataclass
+class _LogitsProcessorOutput:
+    next_token_logits: torch.Tensor
+    hidden_states: Optional[torch.Tensor] = None
+
+
+class _Layer(torch.nn.Module):
+    """SGLang's decoder-layer protocol around transformers' numbers for layer i."""
+
+    def __init__(self, i: int, input_layernorm):
+        super().__init__()
+        self.i, self.input_layernorm = i, input_layernorm
+
+    def forward(self, positions, hidden_states, forward_batch, residual):
+        if residual is None:
+            residual = hidden_states
+        else:   # fused add-RMSNorm: residual += hidden_states; hidden_states = norm(residual), both in place
+            residual.add_(hidden_states)
+            hidden_states.copy_(self.input_layernorm(residual))
+        out = forward_batch.layer_outputs[self.i]
+        return out - residual, residual
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, hf_base):
+        super().__init__()
+        self.embed_tokens = hf_base.embed_tokens
+        self.layers = torch.nn.ModuleList(_Layer(i, layer.input_layernorm) for i, layer in enumerate(hf_base.layers))
+        self.hf_norm = hf_base.norm
+
+    def forward(self, input_ids, positions, forward_batch):
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, forward_batch, residual)
+        residual.add_(hidden)   # final fused add-norm, in place
+        return self.hf_norm(residual)
+
+
+class _LogitsProcessor(torch.nn.Module):
+    def forward(self, input_ids, hidden_states, lm_head, forward_batch, aux_hidden_states=None):
+        last = torch.tensor(forward_batch.last_index)
+        return _LogitsProcessorOutput(next_token_logits=lm_head(hidden_states[last]),
+                                      hidden_states=hidden_states if forward_batch.return_hidden_states else None)
+
+
+class _CausalLM(torch.nn.Module):
+    def __init__(self, hf_model):
+        super().__init__()
+        self.model = _Model(hf_model.model)
+        self.lm_head = hf_model.lm_head
+        self.logits_processor = _LogitsProcessor()
+
+    def forward(self, input_ids, positions, forward_batch):
+        return self.logits_processor(input_ids, self.model(input_ids, positions, forward_batch), self.lm_head,
+                                     forward_batch)
+
+
+def _register_forward_hooks(model, hook_specs):
+    """model_executor/hook_manager.py:11-56, as cited."""
+    names = dict(model.named_modules())
+    for spec in hook_specs:
+        module_name, fn = spec["hook_factory"].split(":", 1)
+        hook = getattr(importlib.import_module(module_name), fn)(spec.get("config") or {})
+        for name, module in names.items():
+            if any(fnmatch.fnmatch(name, p) for p in spec["target_modules"]):
+                module.register_forward_hook(hook)
+
+
+class FakeEngine:
+    instances: list = []
+
+    def __init__(self, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        self.kwargs = kwargs
+        self.calls = []
+        self.shutdowns = 0
+        self.hf = AutoModelForCausalLM.from_pretrained(kwargs["model_path"], dtype=torch.float32).eval()
+        self.model = _CausalLM(self.hf).eval()
+        _register_forward_hooks(self.model, kwargs.get("forward_hooks") or [])
+        FakeEngine.instances.append(self)
+
+    def _layer_outputs(self, ids: list[int]) -> list[torch.Tensor]:
+        """transformers' output of every decoder layer for one prompt (pre-norm for the last one)."""
+        outs = {}
+        layers = self.hf.model.layers
+        handles = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple)
+                                                                                    else o))
+                   for i, layer in enumerate(layers)]
+        try:
+            self.hf.model(input_ids=torch.tensor([ids]), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return [outs[i][0] for i in range(len(layers))]
+
+    @torch.no_grad()
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_hidden_states=False, **other):
+        self.calls.append(dict(sampling_params=sampling_params, return_hidden_states=return_hidden_states,
+                               other=other, n=len(input_ids)))
+        if return_hidden_states and not self.kwargs.get("enable_return_hidden_states"):
+            raise ValueError("The server is not configured to return the hidden states. "
+                             "Please set `--enable-return-hidden-states` to enable this feature.")
+        assert prompt is None and sampling_params["max_new_tokens"] == 1
+        per_prompt = [self._layer_outputs(ids) for ids in input_ids]
+        packed = [torch.cat([p[i] for p in per_prompt]) for i in range(len(per_prompt[0]))]
+        lens = [len(ids) for ids in input_ids]
+        fb = _ForwardBatch(packed, return_hidden_states)
+        fb.last_index = [sum(lens[:j + 1]) - 1 for j in range(len(lens))]
+        flat = torch.tensor([t for ids in input_ids for t in ids])
+        positions = torch.cat([torch.arange(n) for n in lens])
+        out = self.model(flat, positions, fb)
+        next_ids = out.next_token_logits.argmax(-1).tolist()
+        results, offset = [], 0
+        for ids, tok in zip(input_ids, next_ids):
+            meta = {"prompt_tokens": len(ids), "completion_tokens": 1}
+            if return_hidden_states and out.hidden_states is not None:
+                meta["hidden_states"] = [out.hidden_states[offset:offset + len(ids)].cpu().clone().tolist()]
+            offset += len(ids)
+            results.append({"text": "", "output_ids": [tok], "meta_info": meta})
+        return results
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+@pytest.fixture
+def fake_sglang(monkeypatch):
+    module = types.ModuleType("sglang")
+    module.Engine = FakeEngine
+    monkeypatch.setitem(sys.modules, "sglang", module)
+    FakeEngine.instances = []
+    yield module
+    sgl_engine._captured.clear()
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+def _cfg(target_dir, aux=(0, 1, 2)) -> Config:
+    cfg = Config()
+    cfg.model.target_model_path = str(target_dir)
+    cfg.inference.inference_engine_type = "sgl"
+    cfg.inference.aux_hidden_states_layers = list(aux)
+    cfg.inference.sglang.tp_size = 1
+    return cfg
+
+
+def _samples(vocab: int):
+    g = torch.Generator().manual_seed(0)
+    return [Sample(f"s{i}", torch.randint(0, vocab, (n,), generator=g), (torch.arange(n) % 3 > 0).to(torch.uint8))
+            for i, n in enumerate(LENGTHS)]
+
+
+def _hf_records(target_dir, tmp_path, aux, samples):
+    store = LocalStore(root=tmp_path / "hf-store")
+    engine = HFEngine(load_target(target_dir, torch.float32, "cpu"), store, aux_layers=aux, batch_size=len(samples))
+    engine.generate(samples)
+    engine.close()
+    return {s.sample_id: store.get(s.sample_id) for s in samples}
+
+
+def _sgl_records(cfg, tmp_path, samples):
+    from torchspec.inference.factory import build_engine
+
+    store = LocalStore(root=tmp_path / "sgl-store")
+    engine = build_engine(cfg, store, "cpu")
+    assert isinstance(engine, sgl_engine.SGLangEngine)
+    stored = engine.generate(samples)
+    assert [(s.key, s.sample_id, s.length) for s in stored] == [(s.sample_id, s.sample_id, len(s)) for s in samples]
+    records = {s.sample_id: store.get(s.sample_id) for s in samples}
+    engine.close()
+    return records, FakeEngine.instances[-1]
+
+
+# -- tests -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aux", [[0, 1, 2], [1, 2, 3]])   # 3 = L - 1: the last layer, pre-norm
+def test_records_equal_hf_engine(fake_sglang, tiny_target_dir, tmp_path, aux):
+    samples = _samples(512)
+    want = _hf_records(tiny_target_dir, tmp_path, aux, samples)
+    got, fake = _sgl_records(_cfg(tiny_target_dir, aux), tmp_path, samples)
+    # one generate() call for the whole batch, prefill + one discarded token, hidden states on, no logprobs
+    assert len(fake.calls) == 1 and fake.calls[0]["n"] == len(samples)
+    assert fake.calls[0]["sampling_params"]["max_new_tokens"] == 1 and fake.calls[0]["return_hidden_states"]
+    assert not fake.calls[0]["other"].get("return_logprob")
+    assert fake.shutdowns == 1
+    for s in samples:
+        g, w = got[s.sample_id], want[s.sample_id]
+        assert set(g) == set(w) == {"input_ids", "loss_mask", "aux_hidden_states", "final_hidden_states"}
+        for key in w:
+            assert g[key].dtype == w[key].dtype and g[key].shape == w[key].shape, key
+        assert torch.equal(g["input_ids"], w["input_ids"]) and torch.equal(g["loss_mask"], w["loss_mask"])
+        torch.testing.assert_close(g["aux_hidden_states"], w["aux_hidden_states"], **TOL)
+        torch.testing.assert_close(g["final_hidden_states"], w["final_hidden_states"], **TOL)
+
+
+def test_off_by_one_layer_mapping_is_caught(fake_sglang, tiny_target_dir, tmp_path, monkeypatch):
+    """Hooking the module of SGLang's internal capture id (k + 1) instead of our k gives other states."""
+    aux = [0, 1, 2]
+    samples = _samples(512)[:3]
+    want = _hf_records(tiny_target_dir, tmp_path, aux, samples)
+    monkeypatch.setattr(sgl_engine, "aux_hook_targets", lambda ks: [f"model.layers.{k + 1}" for k in ks])
+    got, _ = _sgl_records(_cfg(tiny_target_dir, aux), tmp_path, samples)
+    for s in samples:
+        g, w = got[s.sample_id]["aux_hidden_states"], want[s.sample_id]["aux_hidden_states"]
+        assert (g - w).abs().max() > 1e-2   # far outside TOL
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(g, w, **TOL)
+        # the final state does not depend on the aux mapping
+        torch.testing.assert_close(got[s.sample_id]["final_hidden_states"], want[s.sample_id]["final_hidden_states"],
+                                   **TOL)
+
+
+def test_hook_must_find_the_layer_modules(fake_sglang, tiny_target_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(sgl_engine, "aux_hook_targets", lambda ks: [f"model.decoder.{k}" for k in ks])
+    with pytest.raises(RuntimeError, match="no output captured for aux layer"):
+        _sgl_records(_cfg(tiny_target_dir), tmp_path, _samples(512)[:2])
+
+
+def test_engine_kwargs_are_the_config(fake_sglang, tiny_target_dir, tmp_path):
+    cfg = _cfg(tiny_target_dir, [0, 1, 2])
+    sg = cfg.inference.sglang
+    sg.mem_fraction_static = 0.55
+    sg.context_length = 4096
+    sg.attention_backend = "fa3"
+    sg.dist_timeout = 77
+    user_hook = {"name": "mine", "target_modules": ["lm_head"], "hook_factory": "x:y"}
+    sg.extra_args = {"watchdog_timeout": 1800, "enable_torch_compile": True, "forward_hooks": [user_hook],
+                     # protected: dropped with a warning each
+                     "tp_size": 8, "port": 1, "chunked_prefill_size": 8192, "disable_radix_cache": False,
+                     "enable_return_hidden_states": False, "model_path": "/elsewhere", "mem_fraction_static": 0.9,
+                     "dtype": "float16"}
+    warnings = []
+    kw = sgl_engine.build_engine_kwargs(cfg, "cuda:3", [0, 1, 2], warn=warnings.append)
+    dropped = {"tp_size", "port", "chunked_prefill_size", "disable_radix_cache", "enable_return_hidden_states",
+               "model_path", "mem_fraction_static", "dtype"}
+    assert len(warnings) == len(dropped) and all(any(f".{k}=" in w for w in warnings) for k in dropped)
+    assert kw["dtype"] == "bfloat16"   # the target's compute dtype on GPU, as the hf engine's
+    assert kw["model_path"] == str(tiny_target_dir) and kw["trust_remote_code"] is False
+    assert kw["tp_size"] == 1 and kw["pp_size"] == 1 and kw["nnodes"] == 1
+    assert kw["mem_fraction_static"] == 0.55 and kw["context_length"] == 4096 and kw["attention_backend"] == "fa3"
+    assert kw["dist_timeout"] == 77 and kw["log_level"] == "warning"
+    assert kw["watchdog_timeout"] == 1800 and kw["enable_torch_compile"] is True
+    # the invariants, and what this engine manages
+    assert kw["disable_radix_cache"] is True and kw["enable_return_hidden_states"] is True
+    assert kw["disable_cuda_graph"] is True and kw["chunked_prefill_size"] == -1
+    assert kw["disable_piecewise_cuda_graph"] is True
+    assert kw["base_gpu_id"] == 3 and kw["node_rank"] == 0
+    assert isinstance(kw["port"], int) and isinstance(kw["nccl_port"], int) and kw["port"] != 1
+    assert kw["forward_hooks"][0] == user_hook
+    ours = kw["forward_hooks"][1:]
+    assert [h["target_modules"] for h in ours] == [["model.layers.0"], ["model.layers.1"], ["model.layers.2"],
+                                                   ["logits_processor"]]
+    assert ours[-1]["config"] == {"layers": [0, 1, 2]}
+    assert "dist_init_addr" not in kw and "quantization" not in kw   # null = SGLang's own default
+
+    # what the engine really hands to sgl.Engine: the same, with its own free ports
+    cfg.inference.sglang.extra_args = {"watchdog_timeout": 1800}
+    store = LocalStore(root=tmp_path / "store")
+    engine = sgl_engine.build_engine(cfg, store, "cpu")
+    passed = FakeEngine.instances[-1].kwargs
+    expect = sgl_engine.build_engine_kwargs(cfg, "cpu", [0, 1, 2])
+    for k in ("port", "nccl_port"):
+        passed.pop(k), expect.pop(k)
+    assert passed == expect and passed["base_gpu_id"] == 0 and passed["dtype"] == "float32"
+    engine.close()
+    engine.close()   # idempotent
+    assert FakeEngine.instances[-1].shutdowns == 1
+
+
+def test_without_enable_return_hidden_states_the_fake_refuses(fake_sglang, tiny_target_dir):
+    """The stand-in enforces what SGLang's tokenizer manager does, so the invariant above matters."""
+    kw = {"model_path": str(tiny_target_dir)}
+    with pytest.raises(ValueError, match="enable-return-hidden-states"):
+        FakeEngine(**kw).generate(input_ids=[[1, 2, 3]], sampling_params={"max_new_tokens": 1},
+                                  return_hidden_states=True)
+
+
+def test_missing_sglang_is_one_line_install_hint(tiny_target_dir, tmp_path, monkeypatch):
+    from torchspec.inference.factory import build_engine
+
+    monkeypatch.setitem(sys.modules, "sglang", None)   # import sglang -> ImportError
+    with pytest.raises(ImportError) as e:
+        build_engine(_cfg(tiny_target_dir), LocalStore(root=tmp_path / "store"), "cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "pip install 'torchspec[sglang]'" in msg
+
+
+def test_refused_placements(fake_sglang, tiny_target_dir, tmp_path, monkeypatch):
+    store = LocalStore(root=tmp_path / "store")
+    cfg = _cfg(tiny_target_dir)
+    cfg.inference.sglang.nnodes = 2
+    with pytest.raises(sgl_engine.SGLangEngineError, match=r"inference.sglang.nnodes=2"):
+        sgl_engine.build_engine(cfg, store, "cpu")
+    cfg = _cfg(tiny_target_dir)
+    cfg.inference.colocate = True
+    with pytest.raises(sgl_engine.SGLangEngineError, match=r"inference.colocate=true"):
+        sgl_engine.build_engine(cfg, store, "cpu")
+    monkeypatch.setattr(sgl_engine.multiprocessing, "current_process", lambda: types.SimpleNamespace(daemon=True))
+    with pytest.raises(sgl_engine.SGLangEngineError, match=r"inference.launcher: ray"):
+        sgl_engine.build_engine(_cfg(tiny_target_dir), store, "cpu")
+    assert FakeEngine.instances == []   # refused before sgl.Engine started
+
+
+def test_bad_target_path_is_one_line(fake_sglang, tmp_path):
+    from torchspec.inference.hf import TargetLoadError
+
+    with pytest.raises(TargetLoadError, match="model.target_model_path="):
+        sgl_engine.build_engine(_cfg(tmp_path / "nope"), LocalStore(root=tmp_path / "store"), "cpu")

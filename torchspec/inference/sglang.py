@@ -1,0 +1,286 @@
+"""The `sgl` engine: the target runs in SGLang (``sgl.Engine``); hidden states leave through SGLang's
+public ``return_hidden_states`` API, with the aux layers added by SGLang's ``forward_hooks`` option.
+
+Written against SGLang v0.5.10.post1 (the PyPI wheel ``sglang-0.5.10.post1-py3-none-any.whl``, the
+release the original TorchSpec patches at commit 94f03a39db), UNPATCHED. Paths below are under
+``python/sglang/srt/`` of that release. Never run against a real SGLang here (no GPU build of it was
+available); tests/test_sglang_engine.py runs the engine against a stand-in module that follows the
+behaviour cited below.
+
+What SGLang returns (``Engine.generate(input_ids=[...], sampling_params=..., return_hidden_states=True)``):
+- needs ``enable_return_hidden_states=True`` on the engine (managers/tokenizer_manager.py:849-857);
+- a batch with such a request runs with ``CaptureHiddenMode.FULL`` (managers/schedule_batch.py:2372-2381),
+  so ``LogitsProcessorOutput.hidden_states`` holds EVERY token of the packed extend batch
+  ``[num_tokens, D]``: the model's post-final-norm state (the lm_head input), or, when the model
+  captures EAGLE-3 aux layers, ONLY their concat, without the final state
+  (layers/logits_processor.py:537-588, ``_get_hidden_states_to_store``);
+- after a prefill each request gets its own rows, ``len(origin_input_ids)`` of them in batch order,
+  as a Python list (``.cpu().clone().tolist()``), appended to ``req.hidden_states``; a decode step
+  appends one row per step (managers/scheduler_output_processor_mixin.py:221-235, 523-526);
+- ``out["meta_info"]["hidden_states"]`` is that list (managers/tokenizer_manager.py:1591-1592): element
+  0 = the prompt's ``T x D`` rows. We ask for ``max_new_tokens=1`` (0 would make the request
+  "prefill-only", managers/schedule_batch.py:884-889), so no decode step runs and element 0 is all we
+  read. The one sampled token (lm_head on the last position) is discarded inside SGLang; we request no
+  logprobs, so no logits leave the engine.
+- chunked prefill would drop the earlier chunks' rows (only ``is_chunked <= 0`` appends) and a radix-cache
+  hit would shorten the extend: hence ``chunked_prefill_size=-1`` and ``disable_radix_cache=True``.
+
+Aux layers. Unpatched SGLang turns its own capture on only for EAGLE-3 speculative decoding
+(model_executor/model_runner.py:355-379, 667-670: ``set_eagle3_layers_to_capture`` with the draft config's
+``eagle_aux_hidden_state_layer_ids``), and then the returned tensor is the aux concat alone. So we do not
+use it; we use the public ``forward_hooks`` server argument (server_args.py:742;
+model_executor/model_runner.py:664-665 -> model_executor/hook_manager.py:11-56: for each spec, ``hook_factory``
+(``module:function``) is called with ``config`` and its hook is registered with ``register_forward_hook``
+on every module whose name matches ``target_modules`` (fnmatch)):
+- ``model.layers.<k>`` for each aux layer k: an SGLang decoder layer returns ``(hidden_states, residual)``
+  and its output on the residual stream is their sum (models/llama.py:301-323); SGLang's own capture
+  takes the same sum, ``hidden_states + residual``, before running layer k + 1 (models/llama.py:385-388,
+  models/qwen2.py:356-360). The sum must be taken inside the hook: the next layer's fused add-RMSNorm
+  overwrites both tensors in place.
+- ``logits_processor``: after it ran (FULL mode), ``output.hidden_states`` = final post-norm states;
+  the hook replaces them by ``cat(aux_k1, aux_k2, aux_k3, final)`` along the last dim. The root model is no
+  hook target: the model runner calls ``self.model.forward`` directly (model_runner.py:2362, 2638), so
+  hooks on the root never fire.
+So every returned row is ``[aux concat (3H) | final (H)]``.
+
+Layer ids. OUR id k is the OUTPUT of decoder layer k (ARCHITECTURE.md; transformers ``hidden_states[k + 1]``)
+= SGLang's ``eagle_aux_hidden_state_layer_ids`` convention (SGLang itself adds 1, models/llama.py:783-795,
+because its loop captures the state ENTERING layer i). With hooks the boundary conversion is: our k ->
+the module ``model.layers.<k>`` (``aux_hook_targets``); k = L - 1 works too (SGLang's own capture
+cannot reach it).
+
+Placement. ``sgl.Engine`` starts its scheduler (one per TP rank) and detokenizer as child processes, so it
+cannot run in the local launcher's daemonic engine processes: use ``inference.launcher: ray``. Its
+``shutdown()`` kills every child process of the process it runs in (entrypoints/engine.py:756-763), so it
+is refused inside the trainer process (``inference.colocate``). An engine spanning nodes
+(``inference.sglang.nnodes > 1``) needs an ``sgl.Engine`` with ``node_rank`` r on every node r, which the
+launchers do not start: refused. ``base_gpu_id`` is the engine's device index (Ray: 0 of the actor's
+visible GPUs), ``port``/``nccl_port`` are free ports picked here, ``dtype`` is the hf engine's compute
+dtype (bf16 on GPU), and ``disable_piecewise_cuda_graph`` keeps prefill eager so the hooks run
+(server_args.py:637, on by default on CUDA: server_args.py:1078-1130).
+
+Cost: SGLang ships hidden states as Python float lists through ZMQ (the public API's format); fine for
+checking and small targets, slow for large ones (the original TorchSpec patches SGLang to write them to
+Mooncake instead).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import socket
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from torchspec.config.errors import ConfigError
+from torchspec.inference.base import StoredSample
+
+logger = logging.getLogger(__name__)
+
+HOOK_MODULE = __name__   # the scheduler processes import the hook factories below by this path
+DECODER_LAYER = "model.layers.{}"   # SGLang's decoder-layer module names (llama, qwen2/3, deepseek, ...)
+FINAL_MODULE = "logits_processor"
+
+# Set by this engine on every sgl.Engine, next to sglang_args.SPEC_TRAINING_INVARIANTS.
+ENGINE_MANAGED: dict[str, Any] = {
+    "chunked_prefill_size": -1,            # whole prompts: a chunked prefill loses rows
+    "disable_piecewise_cuda_graph": True,  # prefill CUDA graphs would replay without our hooks
+}
+
+
+class SGLangEngineError(ConfigError):
+    """A user-fixable problem starting the sgl engine (one line naming the key)."""
+
+
+# -- inside SGLang's scheduler processes --------------------------------------------------------------
+
+_captured: dict[int, torch.Tensor] = {}   # aux layer id -> its output on the residual stream, this forward
+
+
+def capture_layer_output(config: dict) -> Callable:
+    """hook_factory for ``model.layers.<k>``: keep the layer's residual-stream output (config["layer"] = k)."""
+    k = int(config["layer"])
+
+    def hook(module, args, output):
+        if isinstance(output, (tuple, list)):
+            hidden, residual = output[0], (output[1] if len(output) > 1 else None)
+            # a new tensor now: the next layer's fused add-norm overwrites both in place
+            _captured[k] = hidden + residual if residual is not None else hidden.clone()
+        else:
+            _captured[k] = output.clone()
+    return hook
+
+
+def append_final_state(config: dict) -> Callable:
+    """hook_factory for ``logits_processor``: returned rows become [aux layers in config["layers"] order | final]."""
+    layers = [int(k) for k in config["layers"]]
+
+    def hook(module, args, output):
+        try:
+            final = getattr(output, "hidden_states", None)
+            if final is None:   # no request of this batch asked for hidden states
+                return
+            missing = [k for k in layers if k not in _captured]
+            if missing:
+                raise RuntimeError(f"torchspec sgl engine: no output captured for aux layer(s) {missing}: this "
+                                   f"SGLang model has no module {DECODER_LAYER.format(missing[0])!r}")
+            aux = [_captured[k] for k in layers]
+            if any(a.shape[0] != final.shape[0] for a in aux):
+                raise RuntimeError(f"torchspec sgl engine: aux rows {[a.shape[0] for a in aux]} != returned rows "
+                                   f"{final.shape[0]} (dp attention / speculative decoding are not supported)")
+            output.hidden_states = torch.cat([*aux, final], dim=-1)
+        finally:
+            _captured.clear()
+    return hook
+
+
+def aux_hook_targets(aux_layers: Sequence[int]) -> list[str]:
+    """Our aux id k (output of decoder layer k) -> the SGLang module whose output that is."""
+    return [DECODER_LAYER.format(int(k)) for k in aux_layers]
+
+
+def forward_hook_specs(aux_layers: Sequence[int]) -> list[dict]:
+    """SGLang ``forward_hooks`` entries: one per aux layer, then the one that appends the final state."""
+    specs = [{"name": f"torchspec_aux_{k}", "target_modules": [target],
+              "hook_factory": f"{HOOK_MODULE}:capture_layer_output", "config": {"layer": int(k)}}
+             for k, target in zip(aux_layers, aux_hook_targets(aux_layers))]
+    specs.append({"name": "torchspec_final", "target_modules": [FINAL_MODULE],
+                  "hook_factory": f"{HOOK_MODULE}:append_final_state",
+                  "config": {"layers": [int(k) for k in aux_layers]}})
+    return specs
+
+
+# -- in the engine's process --------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_engine_kwargs(cfg, device: torch.device | str, aux_layers: Sequence[int],
+                        warn: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """`sgl.Engine(**kwargs)` for one single-node engine on `device` (pure; no sglang import)."""
+    from torchspec.inference.sglang_args import build_sglang_engine_kwargs
+
+    device = torch.device(device)
+    extra = cfg.inference.sglang.extra_args
+    dtype = str(compute_dtype(device)).removeprefix("torch.")
+    if "dtype" in extra and extra["dtype"] != dtype:
+        (warn or logger.warning)(f"inference.sglang.extra_args.dtype={extra['dtype']!r} dropped: the sgl engine "
+                                 f"runs the target in {dtype}, as the hf engine does (bf16 on GPU, fp32 on CPU)")
+    managed = {
+        **ENGINE_MANAGED,
+        "dtype": dtype,
+        "base_gpu_id": device.index or 0,
+        "node_rank": 0,
+        "port": _free_port(),
+        "nccl_port": _free_port(),
+        "forward_hooks": list(extra.get("forward_hooks") or []) + forward_hook_specs(aux_layers),
+    }
+    return build_sglang_engine_kwargs(cfg, managed=managed, warn=warn)
+
+
+def check_placement(cfg) -> None:
+    """Refuse, in one line, the placements the sgl engine cannot run in (module docstring, Placement)."""
+    inf = cfg.inference
+    if inf.sglang.nnodes > 1:
+        raise SGLangEngineError(
+            f"inference.sglang.nnodes={inf.sglang.nnodes}: an sgl engine spanning nodes needs an sgl.Engine with "
+            "node_rank r on every node, which TorchSpec's launchers do not start yet; use engines within one node")
+    if inf.colocate:
+        raise SGLangEngineError(
+            "inference.colocate=true: sgl.Engine.shutdown() kills every child process of the trainer process it "
+            "would run in; use inference.colocate=false with inference.launcher: ray")
+    if multiprocessing.current_process().daemon:
+        raise SGLangEngineError(
+            "inference.inference_engine_type='sgl': sgl.Engine starts scheduler/detokenizer child processes, which "
+            "the local launcher's (daemonic) engine processes may not do; use inference.launcher: ray")
+
+
+def _target_shape(path: str, trust_remote_code: bool) -> tuple[int, int]:
+    """(hidden size, decoder layers) of the target, from its config alone."""
+    from transformers import AutoConfig
+
+    from torchspec.inference.hf import TargetLoadError
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:  # user-caused: wrong path / id
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise TargetLoadError(f"model.target_model_path={path!r} has no readable model config: "
+                              f"{type(e).__name__}: {first}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.hidden_size), int(text.num_hidden_layers)
+
+
+class SGLangEngine:
+    def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu"):
+        self.llm = llm
+        self.store = store
+        self.aux_layers = [int(k) for k in aux_layers]
+        self.hidden_size = int(hidden_size)
+        self.device = torch.device(device)
+        self.dtype = compute_dtype(self.device)
+
+    @classmethod
+    def from_config(cls, cfg, store, device: torch.device | str = "cpu"):
+        from torchspec.inference.hf import resolve_aux_layers
+        from torchspec.utils.optional import require
+
+        check_placement(cfg)
+        sgl = require("sglang", "sglang")
+        device = torch.device(device)
+        hidden, num_layers = _target_shape(cfg.model.target_model_path, bool(cfg.model.trust_remote_code))
+        aux_layers = resolve_aux_layers(cfg.inference.aux_hidden_states_layers, num_layers)
+        kwargs = build_engine_kwargs(cfg, device, aux_layers)
+        llm = sgl.Engine(**kwargs)
+        logger.info("sgl engine: aux layers %s (hooks on %s), final = %s output", aux_layers,
+                    aux_hook_targets(aux_layers), FINAL_MODULE)
+        return cls(llm, store, aux_layers, hidden, device)
+
+    def _rows(self, out: dict, n: int, sample_id: str) -> torch.Tensor:
+        """The prompt's [n, (len(aux) + 1) * H] rows of one `generate` output."""
+        rows = out["meta_info"]["hidden_states"][0]
+        hs = torch.tensor(rows, dtype=torch.float32)
+        width = (len(self.aux_layers) + 1) * self.hidden_size
+        if hs.shape != (n, width):
+            raise RuntimeError(f"sgl engine: sample {sample_id}: SGLang returned hidden states of shape "
+                               f"{tuple(hs.shape)}, expected ({n}, {width}) = (prompt tokens, "
+                               f"{len(self.aux_layers)} aux layers + final, x H {self.hidden_size})")
+        return hs
+
+    def generate(self, samples: Sequence) -> list[StoredSample]:
+        if not samples:
+            return []
+        outs = self.llm.generate(input_ids=[s.input_ids.tolist() for s in samples],
+                                 sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+                                 return_hidden_states=True)
+        split = len(self.aux_layers) * self.hidden_size
+        stored = []
+        for s, out in zip(samples, outs):
+            n = int(s.input_ids.numel())
+            hs = self._rows(out, n, s.sample_id).to(device=self.device, dtype=self.dtype)
+            record = {
+                "input_ids": s.input_ids.to(torch.long),
+                "loss_mask": s.loss_mask.to(torch.uint8),
+                "aux_hidden_states": hs[:, :split].contiguous(),
+                "final_hidden_states": hs[:, split:].contiguous(),
+            }
+            self.store.put(s.sample_id, record)
+            stored.append(StoredSample(key=s.sample_id, sample_id=s.sample_id, length=n))
+        return stored
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
+
+
+def build_engine(cfg, store, device: str | torch.device = "cpu") -> SGLangEngine:
+    return SGLangEngine.from_config(cfg, store, device=device)
