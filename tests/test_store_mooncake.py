@@ -206,6 +206,13 @@ def test_store_selection_auto_local_and_multi_node():
         build_store(cfg)        # a master on 127.0.0.1 cannot serve other nodes
 
 
+def test_settings_defaults_are_the_schemas():
+    from torchspec.config.schema import MooncakeConfig
+    from torchspec.transfer.mooncake import MooncakeSettings
+
+    assert MooncakeSettings() == MooncakeSettings.from_config(MooncakeConfig())
+
+
 def test_build_store_local_by_default(tmp_path):
     from torchspec.transfer.local import LocalStore
 

@@ -12,6 +12,10 @@ from typing import Protocol, runtime_checkable
 import torch
 
 
+# How long a put waits for room before raising StoreFull (configs/README.md: "after 10 minutes").
+PUT_TIMEOUT_S = 600.0
+
+
 class StoreFull(RuntimeError):
     """A put did not fit in the store's capacity before its timeout."""
 

@@ -27,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 from torchspec.transfer import record
-from torchspec.transfer.base import StoreFull
+from torchspec.transfer.base import PUT_TIMEOUT_S, StoreFull
 from torchspec.transfer.counters import FileCounters
 
 # Record files are named by quote(key), which never yields "%c": this name cannot be a key's.
@@ -55,7 +55,7 @@ def _write_all(f, data: memoryview) -> None:
 
 class LocalStore:
     def __init__(self, capacity_bytes: int | None = None, root: str | os.PathLike | None = None,
-                 put_timeout_s: float = 600.0):
+                 put_timeout_s: float = PUT_TIMEOUT_S):
         if root is None:
             root = tempfile.mkdtemp(prefix="torchspec-store-", dir=_shm_root())
         self.root = Path(root)

@@ -40,8 +40,9 @@ from dataclasses import dataclass
 import torch
 
 from torchspec.config.errors import ConfigError
+from torchspec.config.schema import MooncakeConfig
 from torchspec.transfer import record
-from torchspec.transfer.base import StoreFull
+from torchspec.transfer.base import PUT_TIMEOUT_S, StoreFull
 
 _RECORDS, _LEDGERS = "r/", "s/"
 
@@ -89,18 +90,21 @@ def require_mooncake():
         raise ImportError(msg) from None
 
 
+_D = MooncakeConfig   # the defaults live in the schema only
+
+
 @dataclass(frozen=True)
 class MooncakeSettings:
     """What every process needs to open a client (built from the `mooncake` config section)."""
-    master_address: str | None = None      # host:port; None = start a master on 127.0.0.1
-    master_metrics_port: int = 9003
-    metadata_server: str | None = None
-    metadata_port: int | None = None
-    protocol: str = "tcp"
-    device_name: str = ""
-    local_hostname: str | None = None
-    global_segment_size: int = 8 << 30
-    local_buffer_size: int = 2 << 30
+    master_address: str | None = _D.master_server_address      # host:port; None = start a master on 127.0.0.1
+    master_metrics_port: int = _D.master_metrics_port
+    metadata_server: str | None = _D.metadata_server
+    metadata_port: int | None = _D.metadata_port
+    protocol: str = _D.protocol
+    device_name: str = _D.device_name
+    local_hostname: str | None = _D.local_hostname
+    global_segment_size: int = _D.global_segment_size
+    local_buffer_size: int = _D.local_buffer_size
 
     @classmethod
     def from_config(cls, mc) -> "MooncakeSettings":
@@ -138,7 +142,7 @@ def _stop_master(master) -> None:
 
 class MooncakeStore:
     def __init__(self, settings: MooncakeSettings | None = None, capacity_bytes: int | None = None,
-                 put_timeout_s: float = 600.0):
+                 put_timeout_s: float = PUT_TIMEOUT_S):
         from torchspec.transfer import mooncake_master as mm
 
         require_mooncake()
