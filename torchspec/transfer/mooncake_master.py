@@ -24,10 +24,20 @@ from dataclasses import dataclass
 LOOPBACK = "127.0.0.1"
 
 
+def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
+    """n distinct free ports (all bound at once, so two calls in a row cannot hand out the same one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def master_binary() -> str:
@@ -51,14 +61,20 @@ def http_get(url: str, timeout: float = 5.0) -> bytes:
         return r.read()
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM the master when the process that started it dies (Linux)."""
+def _die_with_parent():
+    """A preexec_fn that SIGTERMs the master when the thread that started it dies (Linux), or None.
+
+    libc's prctl is looked up here, in the parent: the child between fork and exec of a threaded
+    process (Ray, torch) must not dlopen, which could deadlock on a loader lock another thread held."""
+    if sys.platform != "linux":
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -102,7 +118,7 @@ def _log_tail(path: str, n: int = 3) -> str:
 def start_master(timeout_s: float = 30.0, extra_flags: tuple[str, ...] = ()) -> MasterProcess:
     """Start mooncake_master on 127.0.0.1 with free ports and wait until it answers /health."""
     binary = master_binary()
-    rpc_port, admin_port = free_port(), free_port()
+    rpc_port, admin_port = free_ports(2)
     fd, log_path = tempfile.mkstemp(prefix="torchspec-mooncake-master-", suffix=".log")
     flags = [
         f"--rpc_address={LOOPBACK}", f"--rpc_port={rpc_port}",
@@ -114,7 +130,7 @@ def start_master(timeout_s: float = 30.0, extra_flags: tuple[str, ...] = ()) -> 
     ]
     with os.fdopen(fd, "wb") as log:
         proc = subprocess.Popen([binary, *flags], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                preexec_fn=_die_with_parent())
     master = MasterProcess(proc, f"{LOOPBACK}:{rpc_port}", f"http://{LOOPBACK}:{admin_port}", log_path)
     deadline = time.monotonic() + timeout_s
     while True:
