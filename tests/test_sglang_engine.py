@@ -275,11 +275,11 @@ def test_engine_kwargs_are_the_config(fake_sglang, tiny_target_dir, tmp_path):
                      # protected: dropped with a warning each
                      "tp_size": 8, "port": 1, "chunked_prefill_size": 8192, "disable_radix_cache": False,
                      "enable_return_hidden_states": False, "model_path": "/elsewhere", "mem_fraction_static": 0.9,
-                     "dtype": "float16"}
+                     "dtype": "float16", "enforce_disable_flashinfer_allreduce_fusion": False}
     warnings = []
     kw = sgl_engine.build_engine_kwargs(cfg, "cuda:3", [0, 1, 2], warn=warnings.append)
     dropped = {"tp_size", "port", "chunked_prefill_size", "disable_radix_cache", "enable_return_hidden_states",
-               "model_path", "mem_fraction_static", "dtype"}
+               "model_path", "mem_fraction_static", "dtype", "enforce_disable_flashinfer_allreduce_fusion"}
     assert len(warnings) == len(dropped) and all(any(f".{k}=" in w for w in warnings) for k in dropped)
     assert kw["dtype"] == "bfloat16"   # the target's compute dtype on GPU, as the hf engine's
     assert kw["model_path"] == str(tiny_target_dir) and kw["trust_remote_code"] is False
@@ -290,7 +290,8 @@ def test_engine_kwargs_are_the_config(fake_sglang, tiny_target_dir, tmp_path):
     # the invariants, and what this engine manages
     assert kw["disable_radix_cache"] is True and kw["enable_return_hidden_states"] is True
     assert kw["disable_cuda_graph"] is True and kw["chunked_prefill_size"] == -1
-    assert kw["disable_piecewise_cuda_graph"] is True
+    assert kw["disable_piecewise_cuda_graph"] is True and kw["enforce_disable_flashinfer_allreduce_fusion"] is True
+    assert kw["enable_aiter_allreduce_fusion"] is False
     assert kw["base_gpu_id"] == 3 and kw["node_rank"] == 0
     assert isinstance(kw["port"], int) and isinstance(kw["nccl_port"], int) and kw["port"] != 1
     assert kw["forward_hooks"][0] == user_hook

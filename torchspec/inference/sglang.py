@@ -56,8 +56,9 @@ is refused inside the trainer process (``inference.colocate``). An engine spanni
 (``inference.sglang.nnodes > 1``) needs an ``sgl.Engine`` with ``node_rank`` r on every node r, which the
 launchers do not start: refused. ``base_gpu_id`` is the engine's device index (Ray: 0 of the actor's
 visible GPUs), ``port``/``nccl_port`` are free ports picked here, ``dtype`` is the hf engine's compute
-dtype (bf16 on GPU), and ``disable_piecewise_cuda_graph`` keeps prefill eager so the hooks run
-(server_args.py:637, on by default on CUDA: server_args.py:1078-1130).
+dtype (bf16 on GPU), ``disable_piecewise_cuda_graph`` keeps prefill eager so the hooks run
+(server_args.py:637, on by default on CUDA: server_args.py:1078-1130), and the all-reduce fusions stay
+off so a hooked layer output is complete on every TP rank (``ENGINE_MANAGED``).
 
 Cost: SGLang ships hidden states as Python float lists through ZMQ (the public API's format); fine for
 checking and small targets, slow for large ones (the original TorchSpec patches SGLang to write them to
@@ -82,10 +83,14 @@ HOOK_MODULE = __name__   # the scheduler processes import the hook factories bel
 DECODER_LAYER = "model.layers.{}"   # SGLang's decoder-layer module names (llama, qwen2/3, deepseek, ...)
 FINAL_MODULE = "logits_processor"
 
-# Set by this engine on every sgl.Engine, next to sglang_args.SPEC_TRAINING_INVARIANTS.
-ENGINE_MANAGED: dict[str, Any] = {
-    "chunked_prefill_size": -1,            # whole prompts: a chunked prefill loses rows
-    "disable_piecewise_cuda_graph": True,  # prefill CUDA graphs would replay without our hooks
+# Set by this engine on every sgl.Engine, next to sglang_args.SPEC_TRAINING_INVARIANTS: key -> (value, why).
+ENGINE_MANAGED: dict[str, tuple[Any, str]] = {
+    "chunked_prefill_size": (-1, "a chunked prefill loses the earlier chunks' hidden states"),
+    "disable_piecewise_cuda_graph": (True, "prefill CUDA graphs would replay without the capture hooks"),
+    # A fused all-reduce leaves a decoder layer's output partial on each TP rank until the next layer
+    # (layers/communicator.py:617-650; auto-enabled for some MoE models, server_args.py:2081-2112).
+    "enforce_disable_flashinfer_allreduce_fusion": (True, "a layer's output must be complete when hooked"),
+    "enable_aiter_allreduce_fusion": (False, "a layer's output must be complete when hooked"),
 }
 
 
@@ -168,15 +173,18 @@ def build_engine_kwargs(cfg, device: torch.device | str, aux_layers: Sequence[in
     """`sgl.Engine(**kwargs)` for one single-node engine on `device` (pure; no sglang import)."""
     from torchspec.inference.sglang_args import build_sglang_engine_kwargs
 
+    from torchspec.inference.sglang_args import PROTECTED_EXTRA_ARGS
+
     device = torch.device(device)
     extra = cfg.inference.sglang.extra_args
     dtype = str(compute_dtype(device)).removeprefix("torch.")
-    if "dtype" in extra and extra["dtype"] != dtype:
-        (warn or logger.warning)(f"inference.sglang.extra_args.dtype={extra['dtype']!r} dropped: the sgl engine "
-                                 f"runs the target in {dtype}, as the hf engine does (bf16 on GPU, fp32 on CPU)")
+    ours = {**ENGINE_MANAGED, "dtype": (dtype, "the target's compute dtype, as the hf engine's (bf16 on GPU)")}
+    for key, (value, why) in ours.items():
+        if key in extra and key not in PROTECTED_EXTRA_ARGS and extra[key] != value:   # (those warn there)
+            (warn or logger.warning)(f"inference.sglang.extra_args.{key}={extra[key]!r} dropped: the sgl engine "
+                                     f"sets {key}={value!r} ({why})")
     managed = {
-        **ENGINE_MANAGED,
-        "dtype": dtype,
+        **{key: value for key, (value, _) in ours.items()},
         "base_gpu_id": device.index or 0,
         "node_rank": 0,
         "port": _free_port(),
