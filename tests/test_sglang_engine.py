@@ -38,6 +38,21 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 # -- the stand-in sglang ---------------------------------------------------------------------------------
 
+# ServerArgs fields (v0.5.10.post1 server_args.py, line of each) the engine and these tests pass; the
+# stand-in refuses any other keyword, as the ServerArgs dataclass would.
+SERVER_ARGS_FIELDS = {
+    "model_path": 298, "skip_tokenizer_init": 302, "model_loader_extra_config": 304, "trust_remote_code": 305,
+    "context_length": 306, "enable_multimodal": 308, "port": 314, "nccl_port": 319, "dtype": 330,
+    "quantization": 331, "kv_cache_dtype": 333, "mem_fraction_static": 343, "chunked_prefill_size": 347,
+    "tp_size": 371, "pp_size": 372, "watchdog_timeout": 382, "dist_timeout": 384, "base_gpu_id": 387,
+    "log_level": 394, "log_requests": 396, "log_requests_level": 397, "enable_metrics": 405,
+    "dist_init_addr": 451, "nnodes": 452, "node_rank": 453, "attention_backend": 475,
+    "disable_flashinfer_autotune": 489, "moe_runner_backend": 522,
+    "enforce_disable_flashinfer_allreduce_fusion": 525, "enable_aiter_allreduce_fusion": 526,
+    "disable_radix_cache": 609, "disable_cuda_graph": 612, "enable_torch_compile": 636,
+    "disable_piecewise_cuda_graph": 637, "enable_return_hidden_states": 662, "forward_hooks": 742,
+}
+
 @dataclass
 class _ForwardBatch:
     layer_outputs: list            # transformers' output of decoder layer i, packed [num_tokens, H]
@@ -118,6 +133,9 @@ class FakeEngine:
     def __init__(self, **kwargs):
         from transformers import AutoModelForCausalLM
 
+        unknown = sorted(set(kwargs) - set(SERVER_ARGS_FIELDS))
+        if unknown:
+            raise TypeError(f"ServerArgs.__init__() got unexpected keyword arguments {unknown}")
         self.kwargs = kwargs
         self.calls = []
         self.shutdowns = 0
@@ -354,3 +372,50 @@ def test_bad_target_path_is_one_line(fake_sglang, tmp_path):
 
     with pytest.raises(TargetLoadError, match="model.target_model_path="):
         sgl_engine.build_engine(_cfg(tmp_path / "nope"), LocalStore(root=tmp_path / "store"), "cpu")
+
+
+# -- opt-in: a real SGLang on a GPU (never run here: no sglang on this machine or the GPU machine) ----------
+
+def _real_sglang_reason():
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is None:
+        return "needs a real sglang: pip install 'torchspec[sglang]'"
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU for SGLang"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_real_sglang_reason() is not None, reason=str(_real_sglang_reason()))
+def test_real_sglang_records_match_hf_engine(tiny_tokenizer, tmp_path):
+    """The same comparison against a real sgl.Engine (bf16 on cuda:0): relative error of each record's
+    states within bf16 noise (an off-by-one layer gives O(1))."""
+    from torchspec.utils.tiny import make_tiny_target
+
+    target = tmp_path / "target"
+    make_tiny_target(target, arch="qwen3", tokenizer=tiny_tokenizer, head_dim=64)
+    aux = [0, 1, 3]
+    samples = _samples(512)
+    store = LocalStore(root=tmp_path / "hf-store")
+    hf = HFEngine(load_target(target, torch.bfloat16, "cuda:0"), store, aux_layers=aux, batch_size=len(samples))
+    hf.generate(samples)
+    hf.close()
+    want = {s.sample_id: store.get(s.sample_id) for s in samples}
+    cfg = _cfg(target, aux)
+    cfg.inference.sglang.mem_fraction_static = 0.3
+    cfg.inference.sglang.context_length = 256
+    cfg.inference.sglang.attention_backend = "triton"
+    got_store = LocalStore(root=tmp_path / "sgl-store")
+    engine = sgl_engine.build_engine(cfg, got_store, "cuda:0")
+    try:
+        engine.generate(samples)
+    finally:
+        engine.close()
+    for s in samples:
+        g, w = got_store.get(s.sample_id), want[s.sample_id]
+        for key in w:
+            assert g[key].dtype == w[key].dtype and g[key].shape == w[key].shape, key
+        for key in ("aux_hidden_states", "final_hidden_states"):
+            rel = ((g[key].float() - w[key].float()).norm() / w[key].float().norm()).item()
+            assert rel < 2e-2, (s.sample_id, key, rel)
