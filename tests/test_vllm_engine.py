@@ -121,6 +121,24 @@ def test_final_norm_is_the_targets_own(tiny_target_dir, tmp_path):
         load_final_norm("/no/such/target", torch.float32)
 
 
+def test_close_removes_the_hidden_state_dir_even_when_shutdown_fails(tmp_path):
+    from types import SimpleNamespace
+
+    from torchspec.inference.vllm import VLLMEngine
+
+    def shutdown():
+        raise RuntimeError("engine core already dead")
+
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=SimpleNamespace(shutdown=shutdown)))
+    (tmp_path / "hs").mkdir()
+    (tmp_path / "hs" / "req-0.safetensors").write_bytes(b"x")
+    engine = VLLMEngine(llm, None, [0, 1, 2], 4, torch.nn.Identity(), str(tmp_path / "hs"))
+    with pytest.raises(RuntimeError, match="already dead"):
+        engine.close()
+    assert not (tmp_path / "hs").exists()
+    engine.close()     # a second close has nothing left to do
+
+
 def test_tp_in_daemonic_engine_process_is_refused(monkeypatch):
     import torchspec.inference.vllm as vllm_engine
 

@@ -258,8 +258,8 @@ class VLLMEngine:
         aux_layers = resolve_aux_layers(cfg.inference.aux_hidden_states_layers, num_layers)
         extract_ids = extraction_plan(aux_layers, num_layers)[0]
         storage_dir = tempfile.mkdtemp(prefix="torchspec-vllm-hs-")
-        kwargs = build_llm_kwargs(cfg, device, extract_ids, storage_dir)
         try:
+            kwargs = build_llm_kwargs(cfg, device, extract_ids, storage_dir)
             # In-process engine core: no child process (engines may run as daemonic processes) and we
             # drive the steps that flush the connector's writes.
             with _env(VLLM_ENABLE_V1_MULTIPROCESSING="0", **_visible_devices(device, tp)):
@@ -314,9 +314,11 @@ class VLLMEngine:
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
-        if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-        shutil.rmtree(self.storage_dir, ignore_errors=True)
+        try:
+            if llm is not None:
+                llm.llm_engine.engine_core.shutdown()
+        finally:   # the hidden-state files go even when vLLM's shutdown fails
+            shutil.rmtree(self.storage_dir, ignore_errors=True)
 
 
 def build_engine(cfg, store, device: str | torch.device = "cpu") -> VLLMEngine:
