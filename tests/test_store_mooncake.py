@@ -162,6 +162,29 @@ def test_sizes_mooncake_cannot_use_are_config_errors(store):
     assert store.keys() == []
 
 
+def test_client_setup_failure_is_one_config_error_and_stops_the_master(needs_mooncake, monkeypatch):
+    """Mooncake refusing the client (a wrong protocol / device / local_hostname: its own retries take ~20 s,
+    so a stand-in refuses here) is one ConfigError naming the keys; the master started for it is stopped."""
+    import mooncake.store
+
+    from torchspec.transfer import mooncake_master
+    from torchspec.transfer.mooncake import MooncakeStore
+
+    started = []
+    real_start = mooncake_master.start_master
+    monkeypatch.setattr(mooncake_master, "start_master", lambda: started.append(real_start()) or started[-1])
+
+    class Refusing:
+        def setup(self, *args):
+            return -1
+
+    monkeypatch.setattr(mooncake.store, "MooncakeDistributedStore", Refusing)
+    with pytest.raises(ConfigError, match=r"client setup failed.*protocol 'tcp' \(mooncake\.protocol\)"):
+        MooncakeStore(_settings())
+    [master] = started
+    assert not master.alive()
+
+
 def test_master_that_cannot_start_is_one_clear_error(needs_mooncake):
     from torchspec.transfer.mooncake_master import start_master
 

@@ -90,6 +90,10 @@ def require_mooncake():
         raise ImportError(msg) from None
 
 
+class MooncakeSetupError(ConfigError, ConnectionError):
+    """A client could not connect with the `mooncake` settings (one line naming the keys, via train_entry)."""
+
+
 _D = MooncakeConfig   # the defaults live in the schema only
 
 
@@ -219,7 +223,7 @@ class MooncakeStore:
         rc = client.setup(hostname, s.metadata(), s.global_segment_size if owner else 0, s.local_buffer_size,
                           s.protocol, s.device_name, self.master_address)
         if rc != 0:
-            raise ConnectionError(
+            raise MooncakeSetupError(
                 f"mooncake: client setup failed (code {rc}; Mooncake's log above says why) for master "
                 f"{self.master_address} (mooncake.master_server_address), metadata {s.metadata()!r} "
                 f"(mooncake.metadata_server), protocol {s.protocol!r} (mooncake.protocol), local_hostname {hostname!r} (mooncake.local_hostname)")
