@@ -165,7 +165,8 @@ class InferenceConfig:
     # Who places the engines: local (processes on this machine) or ray (one Ray actor per engine;
     # always used when the run spans several nodes).
     launcher: str = "local"
-    # Bytes of hidden states the embedded local store may hold; null = bounded by max_sample_pool_size only.
+    # Bytes of hidden states the store (local or mooncake) may hold; null = bounded by max_sample_pool_size
+    # (and, for mooncake, the segment size) only.
     store_capacity: Optional[int] = field(default=None, metadata=SIZE)
     # The hidden-state store: auto | local (shared memory, one node) | mooncake (any node; the `mooncake` section).
     store: str = "auto"
