@@ -138,6 +138,17 @@ def test_cli_overrides_show_in_dry_run(capsys, caplog):
     assert printed["training"]["learning_rate"] == 5e-5
     assert printed["inference"]["sglang"]["extra_args"] == {"watchdog_timeout": 1800}
     assert "  watchdog_timeout: 1800" in out  # forwarded to sgl.Engine
+    # the kwargs shown are the sgl engine's own (its managed keys included), not only the config's
+    assert "  chunked_prefill_size: -1" in out and "  dtype: 'bfloat16'" in out
+    assert "  forward_hooks: \"<one hook per aux layer" in out  # a hub id: the ids are resolved at launch
+
+
+def test_dry_run_sgl_hooks_name_the_aux_layers_when_known(capsys, caplog):
+    rc, out, err = dry_run(["--config", str(CONFIGS / "sglang_qwen3_8b.yaml"),
+                            "inference.aux_hidden_states_layers=[2,17,32]"], capsys, caplog)
+    assert rc == 0, err
+    hooks = next(line for line in out.splitlines() if line.startswith("  forward_hooks:"))
+    assert all(f"'layer': {k}" in hooks for k in (2, 17, 32)), hooks
 
 
 def test_protected_extra_arg_dropped_with_warning(capsys, caplog):

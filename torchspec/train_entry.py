@@ -34,14 +34,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def dry_run_report(cfg) -> str:
     """The text a dry run prints: redacted resolved config, engine kwargs, placement plan."""
-    from torchspec.config.plan import format_plan, make_plan
+    from torchspec.config.plan import format_plan, make_plan, target_aux_layers
     from torchspec.config.render import config_to_yaml
-    from torchspec.inference.sglang_args import build_sglang_engine_kwargs, filter_extra_args
+    from torchspec.inference.sglang import build_engine_kwargs
+    from torchspec.inference.sglang_args import filter_extra_args
 
     parts = ["# resolved config (secrets redacted)", config_to_yaml(cfg).rstrip()]
     if cfg.inference.inference_engine_type == "sgl":
-        kwargs = build_sglang_engine_kwargs(cfg)
-        parts.append("# sgl.Engine kwargs of one engine (launcher adds base_gpu_id, node_rank, ports)")
+        aux = target_aux_layers(cfg)
+        kwargs = build_engine_kwargs(cfg, "cuda:0", aux or [])  # what the sgl engine passes, for engine 0
+        for key in ("port", "nccl_port"):
+            kwargs[key] = "<a free port, picked at launch>"
+        if aux is None:
+            kwargs["forward_hooks"] = ("<one hook per aux layer + the final state; ids [1, L//2-1, L-4] from the "
+                                       "target's config at launch>")
+        parts.append("# sgl.Engine kwargs of engine 0 (each engine gets its own base_gpu_id)")
         parts.extend(f"  {k}: {v!r}" for k, v in kwargs.items())
     else:
         filter_extra_args(cfg.inference.sglang.extra_args)  # still warn about protected keys
@@ -76,12 +83,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         raise
     from torchspec.data.errors import DataError
+    from torchspec.pipeline.failures import WorkerFailure
 
     try:
         run_training(cfg)
     except (ConfigError, DataError) as e:  # user-fixable: one line, no traceback
         print(f"{type(e).__name__.replace('Error', '').lower()} error: {e}", file=sys.stderr)
         return 2
+    except WorkerFailure as e:  # a rank or engine died: which one and how is the whole story
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ImportError as e:
         if "pip install" not in str(e):  # not one of our install hints: a bug, keep the traceback
             raise

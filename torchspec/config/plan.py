@@ -59,6 +59,18 @@ def target_hidden_size(cfg: Config, draft: Optional[dict]) -> tuple[Optional[int
     return None, "unknown (target not local, no draft config, mooncake.hidden_dim unset)"
 
 
+def target_aux_layers(cfg: Config) -> Optional[list[int]]:
+    """inference.aux_hidden_states_layers, else the default for a local target's layer count; None when
+    neither is known without loading anything (a hub id)."""
+    from torchspec.models import default_aux_layers
+
+    if cfg.inference.aux_hidden_states_layers:
+        return [int(k) for k in cfg.inference.aux_hidden_states_layers]
+    target = read_json(str(Path(cfg.model.target_model_path) / "config.json"))
+    layers = target and _text_config(target).get("num_hidden_layers")
+    return default_aux_layers(int(layers)) if layers else None
+
+
 def draft_like_target(cfg: Config) -> Optional[dict]:
     """Without a draft config the draft copies the target's layer shape (when it is local)."""
     target = read_json(str(Path(cfg.model.target_model_path) / "config.json"))

@@ -171,9 +171,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 def build_engine_kwargs(cfg, device: torch.device | str, aux_layers: Sequence[int],
                         warn: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """`sgl.Engine(**kwargs)` for one single-node engine on `device` (pure; no sglang import)."""
-    from torchspec.inference.sglang_args import build_sglang_engine_kwargs
-
-    from torchspec.inference.sglang_args import PROTECTED_EXTRA_ARGS
+    from torchspec.inference.sglang_args import PROTECTED_EXTRA_ARGS, build_sglang_engine_kwargs
 
     device = torch.device(device)
     extra = cfg.inference.sglang.extra_args
