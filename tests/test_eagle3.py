@@ -223,6 +223,24 @@ def test_cuda_compiled_path_matches_naive_reference_fp32():
         torch.testing.assert_close(got[n].cpu(), ref_grads[n], atol=1e-4, rtol=1e-3, msg=n)
 
 
+def test_split_qkv_projection_equals_the_concatenated_one():
+    """The training path's W_e e + W_h h (embedding half projected once) == `qkv` over concat(e, h)."""
+    draft, _, _ = make_setup(seed=4)
+    layer, g = draft.midlayer, torch.Generator().manual_seed(4)
+    H = layer.hidden_norm.weight.shape[0]
+    embeds, hidden = torch.randn(2, 9, H, generator=g), torch.randn(2, 9, H, generator=g)
+    cos, sin = draft.rope(torch.arange(9), torch.float32)
+    w_embed, w_hidden = layer.split_qkv_weights()
+    got = layer.qkv_from_parts(layer.embed_projection(embeds, w_embed), hidden, w_hidden, cos, sin)
+    want = layer.qkv(embeds, hidden, cos, sin)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # and each half matters: swapping the halves' inputs changes q
+    swapped = layer.qkv_from_parts(layer.embed_projection(hidden, w_embed), embeds, w_hidden, cos, sin)
+    assert not torch.allclose(swapped[0], want[0], atol=1e-3)
+
+
 def test_bf16_close_to_fp32_reference():
     K = 3
     draft, head, batch = make_setup(seed=3)
