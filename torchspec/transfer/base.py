@@ -20,6 +20,12 @@ class StoreFull(RuntimeError):
     """A put did not fit in the store's capacity before its timeout."""
 
 
+def over_capacity(store: str, nbytes: int, capacity: int, used: int) -> StoreFull:
+    """The StoreFull of a put that `capacity_bytes` (inference.store_capacity) kept out."""
+    return StoreFull(f"{store} store: a record of {nbytes} bytes does not fit (capacity {capacity}, in use {used}); "
+                     "raise the store capacity or lower inference.max_sample_pool_size")
+
+
 @runtime_checkable
 class Store(Protocol):
     capacity_bytes: int | None

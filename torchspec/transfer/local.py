@@ -27,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 from torchspec.transfer import record
-from torchspec.transfer.base import PUT_TIMEOUT_S, StoreFull
+from torchspec.transfer.base import PUT_TIMEOUT_S, over_capacity
 from torchspec.transfer.counters import FileCounters
 
 # Record files are named by quote(key), which never yields "%c": this name cannot be a key's.
@@ -91,9 +91,7 @@ class LocalStore:
                     self._counters[_USED] = used + nbytes
                     return
             if nbytes > self.capacity_bytes or time.monotonic() > deadline:
-                raise StoreFull(
-                    f"local store: a record of {nbytes} bytes does not fit (capacity {self.capacity_bytes}, "
-                    f"in use {used}); raise the store capacity or lower inference.max_sample_pool_size")
+                raise over_capacity("local", nbytes, self.capacity_bytes, used)
             time.sleep(0.002)
 
     def _release(self, nbytes: int) -> None:

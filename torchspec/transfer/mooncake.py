@@ -42,7 +42,7 @@ import torch
 from torchspec.config.errors import ConfigError
 from torchspec.config.schema import MooncakeConfig
 from torchspec.transfer import record
-from torchspec.transfer.base import PUT_TIMEOUT_S, StoreFull
+from torchspec.transfer.base import PUT_TIMEOUT_S, StoreFull, over_capacity
 
 _RECORDS, _LEDGERS = "r/", "s/"
 
@@ -281,9 +281,7 @@ class MooncakeStore:
             if used + nbytes <= self.capacity_bytes:
                 return
             if nbytes > self.capacity_bytes or time.monotonic() > deadline:
-                raise StoreFull(
-                    f"mooncake store: a record of {nbytes} bytes does not fit (capacity {self.capacity_bytes}, "
-                    f"in use {used}); raise the store capacity or lower inference.max_sample_pool_size")
+                raise over_capacity("mooncake", nbytes, self.capacity_bytes, used)
             time.sleep(0.01)
 
     def _write_ledger(self, mc) -> None:
