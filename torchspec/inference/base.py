@@ -11,6 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
+import torch
+
+
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The target's compute dtype on `device`, and so the records' (docs/interfaces.md): bf16 on GPU, fp32 on CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
 
 @dataclass(frozen=True)
 class StoredSample:

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from torchspec.config.errors import ConfigError
-from torchspec.inference.base import StoredSample
+from torchspec.inference.base import StoredSample, compute_dtype
 
 
 class TargetLoadError(ConfigError):
@@ -76,7 +76,7 @@ class HFEngine:
     def from_config(cls, cfg, store, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
         device = torch.device(device)
         if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            dtype = compute_dtype(device)
         model = load_target(cfg.model.target_model_path, dtype, device,
                             trust_remote_code=bool(cfg.model.trust_remote_code))
         return cls(model, store, aux_layers=cfg.inference.aux_hidden_states_layers,

@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from torchspec.config.errors import ConfigError
-from torchspec.inference.base import StoredSample
+from torchspec.inference.base import StoredSample, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +86,6 @@ def extraction_plan(aux_layers: Sequence[int], num_layers: int) -> tuple[list[in
     wanted = to_vllm_layer_ids(aux_layers)
     ids = sorted(set(wanted) | {num_layers})
     return ids, [ids.index(j) for j in wanted], ids.index(num_layers)
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def build_llm_kwargs(cfg, device: torch.device | str, extract_ids: Sequence[int], storage_dir: str,
