@@ -3,6 +3,7 @@ tests/test_store_mooncake.py, so each store runs the same checks."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -11,6 +12,31 @@ import torch
 
 from torchspec.transfer.base import Store, StoreFull, record_nbytes
 from torchspec.transfer.record import layout
+
+
+def mooncake_missing() -> str | None:
+    """Why the mooncake tests cannot run (the skip reason with the install hint), or None; with
+    TORCHSPEC_REQUIRE_MOONCAKE=1 a missing mooncake is an error instead."""
+    try:
+        import mooncake.store  # noqa: F401
+    except ImportError as e:
+        if os.environ.get("TORCHSPEC_REQUIRE_MOONCAKE") == "1":
+            raise
+        return f"mooncake is not installed ({e}); install it with: pip install 'torchspec[mooncake]'"
+    return None
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def make_record(seed: int, T: int = 7, H: int = 8, dtype=torch.float32) -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-from store_helpers import (check_capacity_wait, check_odd_dtypes_and_shapes, check_roundtrip,
-                           check_shared_across_processes, record_bytes)
+from store_helpers import (alive, check_capacity_wait, check_odd_dtypes_and_shapes, check_roundtrip,
+                           check_shared_across_processes, mooncake_missing, record_bytes)
 from store_helpers import assert_same as _assert_same
 from store_helpers import make_record as _record
 
@@ -23,19 +23,9 @@ SEGMENT = 16 << 20      # the run's Mooncake segment in these tests (the default
 STAGING = 4 << 20       # each client's local staging buffer
 
 
-def _mooncake_missing() -> str | None:
-    try:
-        import mooncake.store  # noqa: F401
-    except ImportError as e:
-        if os.environ.get("TORCHSPEC_REQUIRE_MOONCAKE") == "1":
-            raise
-        return f"mooncake is not installed ({e}); install it with: pip install 'torchspec[mooncake]'"
-    return None
-
-
 @pytest.fixture
 def needs_mooncake():
-    reason = _mooncake_missing()
+    reason = mooncake_missing()
     if reason:
         pytest.skip(reason)
 
@@ -48,8 +38,8 @@ def _settings(**kw):
 
 @pytest.fixture(scope="module")
 def _shared_store():
-    if _mooncake_missing():
-        pytest.skip(_mooncake_missing())
+    if mooncake_missing():
+        pytest.skip(mooncake_missing())
     from torchspec.transfer.mooncake import MooncakeStore
 
     s = MooncakeStore(_settings(), put_timeout_s=5.0)
@@ -63,19 +53,6 @@ def store(_shared_store):
     _shared_store.clear()
     assert _shared_store.bytes_used() == 0
     return _shared_store
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for a reaper counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -131,10 +108,10 @@ def test_close_stops_the_master_it_started(needs_mooncake):
 
     store = MooncakeStore(_settings())
     pid = store.master_pid
-    assert pid is not None and _alive(pid)
+    assert pid is not None and alive(pid)
     store.put("k", _record(3))
     store.close()
-    assert not _alive(pid)
+    assert not alive(pid)
     assert store.bytes_used() == 0 and store.keys() == []     # like the local store after close
     with pytest.raises(RuntimeError, match="after close"):
         store.put("k2", _record(3))
@@ -292,7 +269,7 @@ def test_pipeline_two_engines_through_mooncake(tmp_path, tiny_target_dir, cpu_on
     assert result.store_bytes_end == 0 and result.store_root is None
     assert result.store_put_bytes > 0 and result.store_put_s > 0      # engines' puts, summed over processes
     assert max(result.pool_sizes) <= cfg.inference.max_sample_pool_size
-    assert not _alive(store._master.pid)                               # the master is gone
+    assert not alive(store._master.pid)                               # the master is gone
 
 
 def test_pipeline_ray_engine_actor_through_mooncake(tmp_path, tiny_target_dir, cpu_only, needs_mooncake):
@@ -329,13 +306,13 @@ def test_master_dies_with_a_killed_owner(needs_mooncake):
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), text=True)
     try:
         pid = int(owner.stdout.readline())
-        assert _alive(pid)
+        assert alive(pid)
         owner.send_signal(signal.SIGKILL)
         owner.wait(10)
         deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(pid)
+        assert not alive(pid)
     finally:
         owner.kill()
         owner.wait()
