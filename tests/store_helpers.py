@@ -81,6 +81,11 @@ def check_roundtrip(store, dtype) -> None:
         store.put("a/b c", rec)
     store.delete("a/b c")
     assert store.bytes_used() == 0 and store.keys() == []
+    for key in ("x.tmp1", "%counters", "%tmp1-x"):   # names like the stores' own files are keys like any
+        store.put(key, rec)
+    assert store.keys() == sorted(["x.tmp1", "%counters", "%tmp1-x"])
+    store.clear()
+    assert store.bytes_used() == 0 and store.keys() == []
     with pytest.raises(KeyError):
         store.get("a/b c")
     with pytest.raises(KeyError):

@@ -30,8 +30,10 @@ from torchspec.transfer import record
 from torchspec.transfer.base import PUT_TIMEOUT_S, over_capacity
 from torchspec.transfer.counters import FileCounters
 
-# Record files are named by quote(key), which never yields "%c": this name cannot be a key's.
+# Record files are named by quote(key), which never yields "%" followed by a lowercase letter: files of
+# the store's own (the counters, records being written) start with such a "%" and cannot be a key's.
 _COUNTERS_FILE = "%counters"
+_TMP_PREFIX = "%tmp"
 _USED, _PUT_BYTES, _PUT_NS = range(3)
 
 _MIN_SHM_FREE = 1 << 30
@@ -105,7 +107,7 @@ class LocalStore:
             raise KeyError(f"local store: key {key!r} is already present")
         self._reserve(total)
         t0 = time.perf_counter_ns()
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
         try:
             with open(tmp, "wb", buffering=0) as f:
                 _write_all(f, memoryview(prefix))
@@ -153,7 +155,7 @@ class LocalStore:
 
     def keys(self) -> list[str]:
         return sorted(urllib.parse.unquote(p.name) for p in self.root.iterdir()
-                      if ".tmp" not in p.name and p.name != _COUNTERS_FILE)
+                      if not p.name.startswith((_COUNTERS_FILE, _TMP_PREFIX)))
 
     def bytes_used(self) -> int:
         return int(self._counters[_USED])
