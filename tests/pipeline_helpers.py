@@ -59,7 +59,8 @@ def ids_by_epoch(trained) -> dict[int, list[str]]:
 
 
 def child_pids(pid: int | None = None) -> set[int]:
-    """Live (not zombie) direct children of process `pid` (default: this one), from /proc."""
+    """Live (not zombie) direct children of process `pid` (default: this one), from /proc, but for
+    multiprocessing's resource tracker."""
     import os
 
     pid = os.getpid() if pid is None else pid
@@ -72,6 +73,15 @@ def child_pids(pid: int | None = None) -> set[int]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[1]) == pid and fields[0] != "Z" and not _resource_tracker(entry):
             out.add(int(entry))
     return out
+
+
+def _resource_tracker(pid: str) -> bool:
+    """multiprocessing's resource tracker: one per interpreter, started at its first use, kept till exit."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"resource_tracker" in f.read()
+    except OSError:
+        return False

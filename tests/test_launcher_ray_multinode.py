@@ -26,26 +26,12 @@ HEAD_CPUS, NODE_CPUS = 3, 1   # head: two engines + trainer rank 0's slot; secon
 @pytest.fixture(scope="module")
 def two_nodes():
     """A head node (the driver's) and one more node, each its own raylet, all on 127.0.0.1."""
-    from ray.cluster_utils import Cluster
-
-    from ray_helpers import loopback_only
+    from ray_helpers import two_node_cluster
 
     if ray.is_initialized():
         pytest.skip("a Ray connection is already open in this process")
-    with loopback_only():
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": HEAD_CPUS, "num_gpus": 0, "include_dashboard": False, "object_store_memory": 80 << 20})
-        try:
-            second = cluster.add_node(num_cpus=NODE_CPUS, num_gpus=0, object_store_memory=80 << 20)
-            cluster.wait_for_nodes()
-            ray.init(address=cluster.address, log_to_driver=False)
-            head = ray.get_runtime_context().get_node_id()
-            assert {n["NodeID"] for n in ray.nodes()} == {head, second.node_id}
-            assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-            yield head, second.node_id
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+    with two_node_cluster(HEAD_CPUS, NODE_CPUS) as nodes:
+        yield nodes
 
 
 def _resources_free(timeout: float = 10.0) -> bool:

@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 
 from torchspec.config.errors import ConfigError
 from torchspec.inference.base import StoredSample
+from torchspec.pipeline.failures import WorkerFailure, exit_text
 from torchspec.pipeline.ranks import RankWorker, TrainerRanks, leave_dist  # noqa: F401  (TrainerRanks re-exported)
 
 
@@ -195,11 +196,11 @@ class ProcessEngines:
             block = False
 
     def _check_alive(self) -> None:
-        dead = [w for w, p in enumerate(self.procs) if not p.is_alive()]
+        dead = [(w, p) for w, p in enumerate(self.procs) if not p.is_alive()]
         if dead:
-            codes = [self.procs[w].exitcode for w in dead]
+            what = "; ".join(f"inference engine {w} (process {p.pid}) {exit_text(p.exitcode)}" for w, p in dead)
             self.close()
-            raise RuntimeError(f"inference engine process(es) {dead} exited unexpectedly (exit codes {codes})")
+            raise WorkerFailure(what)
 
     def submit(self, worker: int, samples: list) -> None:
         self.inboxes[worker].put(_to_wire(samples))
@@ -264,6 +265,7 @@ class ProcessPeers:
         ctx = mp.get_context("spawn")
         world = len(devices) + 1
         self.outbox = ctx.Queue()
+        self.held = deque()   # answers `watch` took off the outbox before `acks` asked for them
         self.procs, self.inboxes = [], []
         for rank, device in enumerate(devices, start=1):
             inbox = ctx.Queue()
@@ -277,18 +279,36 @@ class ProcessPeers:
         for q, msg in zip(self.inboxes, messages):
             q.put(msg)
 
+    def _take(self) -> tuple | None:
+        """The next answer (waiting up to a second), or None."""
+        if self.held:
+            return self.held.popleft()
+        try:
+            return self.outbox.get(timeout=1.0)
+        except queue_mod.Empty:
+            return None
+
+    def watch(self) -> None:
+        """Raise at once if a rank reported an error or its process has ended."""
+        while True:
+            try:
+                self.held.append(self.outbox.get_nowait())
+            except queue_mod.Empty:
+                break
+        for kind, rank, payload in self.held:
+            if kind == "error":
+                raise WorkerFailure(f"trainer rank {rank} failed:\n{payload}")
+        for rank, p in enumerate(self.procs, start=1):
+            if not p.is_alive():
+                raise WorkerFailure(f"trainer rank {rank} (process {p.pid}) {exit_text(p.exitcode)}")
+
     def acks(self) -> None:
         for _ in self.procs:
-            while True:
-                try:
-                    kind, rank, payload = self.outbox.get(timeout=1.0)
-                    break
-                except queue_mod.Empty:
-                    dead = [r for r, p in enumerate(self.procs, start=1) if not p.is_alive()]
-                    if dead:
-                        raise RuntimeError(f"trainer rank(s) {dead} exited unexpectedly") from None
+            while (msg := self._take()) is None:
+                self.watch()
+            kind, rank, payload = msg
             if kind == "error":
-                raise RuntimeError(f"trainer rank {rank} failed:\n{payload}")
+                raise WorkerFailure(f"trainer rank {rank} failed:\n{payload}")
 
     def close(self) -> None:
         for q, p in zip(self.inboxes, self.procs):

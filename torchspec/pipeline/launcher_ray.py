@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from torchspec.inference.base import StoredSample
+from torchspec.pipeline.failures import WorkerFailure, ray_death_text
 from torchspec.pipeline.launcher_local import PlacementError, _from_wire, _to_wire, check_gpus_per_engine
 
 log = logging.getLogger("torchspec.pipeline")
@@ -289,9 +290,13 @@ class RayEngines:
             worker = self.pending.pop(ref)
             try:
                 stored, seconds = ray.get(ref)
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+            except ray.exceptions.RayActorError as e:
                 self.close()
-                raise RuntimeError(f"inference engine {worker} (Ray actor) failed:\n{e}") from None
+                raise WorkerFailure(f"inference engine {worker} (Ray actor, pid {self.pids[worker]}) died: "
+                                    f"{ray_death_text(e)}") from None
+            except ray.exceptions.RayTaskError as e:
+                self.close()
+                raise WorkerFailure(f"inference engine {worker} (Ray actor) failed:\n{e}") from None
             self.busy_s += seconds
             out.append((worker, stored))
         return out
@@ -447,6 +452,8 @@ class RayPeers:
         self._ray = ray
         self.actors: dict[int, object] = {}
         self.pending: list = []
+        self.nodes: list[str] = []
+        self.pids: dict[int, int] = {}
         self.pg = None
         self.hold = None
         world, per_node = len(placement.trainer_devices), placement.ranks_per_node
@@ -477,6 +484,7 @@ class RayPeers:
             except ray.exceptions.GetTimeoutError:
                 raise RuntimeError(f"the trainer rank actors did not start within {start_timeout:.0f}s") from None
             self.nodes = [here] + [infos[r]["node"] for r in range(1, world)]
+            self.pids = {r: infos[r]["pid"] for r in range(1, world)}
             check_local_store(store, "trainer ranks", self.nodes)
             log.info("trainer ranks on Ray nodes %s (rank 0: the driver's)",
                      ", ".join(f"{r}: {n[:8]}" for r, n in enumerate(self.nodes)))
@@ -493,6 +501,28 @@ class RayPeers:
     def send(self, messages: list[tuple]) -> None:
         self.pending = [(r, self.actors[r].handle.remote(*m)) for r, m in enumerate(messages, start=1)]
 
+    def _failure(self, rank: int, e) -> WorkerFailure:
+        ray = self._ray
+        if isinstance(e, ray.exceptions.RayActorError):
+            node = self.nodes[rank][:8] if rank < len(self.nodes) else "?"
+            return WorkerFailure(f"trainer rank {rank} (Ray actor, pid {self.pids.get(rank, '?')}, node {node}) "
+                                 f"died: {ray_death_text(e)}")
+        return WorkerFailure(f"trainer rank {rank} (Ray actor) failed:\n{e}")
+
+    def watch(self) -> None:
+        """Raise at once if the task of a rank's last message failed or its actor died."""
+        ray = self._ray
+        refs = [ref for _, ref in self.pending]
+        if not refs:
+            return
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for r, ref in self.pending:
+            if ref in done:
+                try:
+                    ray.get(ref)
+                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+                    raise self._failure(r, e) from None
+
     def acks(self) -> None:
         ray = self._ray
         pending, self.pending = self.pending, []
@@ -500,7 +530,7 @@ class RayPeers:
             try:
                 ray.get(ref)
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
-                raise RuntimeError(f"trainer rank {r} (Ray actor) failed:\n{e}") from None
+                raise self._failure(r, e) from None
 
     def close(self) -> None:
         ray = self._ray

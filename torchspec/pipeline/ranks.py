@@ -45,14 +45,56 @@ def use_device(device: str, num_threads: int = 1) -> None:
         torch.set_num_threads(num_threads)
 
 
-def init_dist(rank: int, world: int, device: str, init_method: str, timeout_minutes: int) -> None:
+JOIN_POLL_S = 0.05     # how often rank 0 checks, while it waits for the others to join, that they live
+DEATH_GRACE_S = 10.0   # after a failed collective: how long rank 0 waits for a launcher to report a dead rank
+
+
+def _joined_key(rank: int) -> str:
+    return f"torchspec/joining/{rank}"
+
+
+def rendezvous_store(init_method: str, rank: int, world: int, timeout: datetime.timedelta):
+    """The ranks' key-value store: `file://<path>` (one machine) or `tcp://<rank 0's host>:<port>` (rank 0
+    hosts it). Rank 0's TCP store does not wait for the others: `init_dist` waits, watching them."""
+    import urllib.parse
+
+    import torch.distributed as tdist
+
+    url = urllib.parse.urlparse(init_method)
+    if url.scheme == "file":
+        return tdist.FileStore(url.path, world)
+    if url.scheme == "tcp":
+        return tdist.TCPStore(url.hostname, url.port, world, is_master=rank == 0, timeout=timeout,
+                              wait_for_workers=False)
+    raise ValueError(f"init_method {init_method!r}: expected file:// or tcp://")
+
+
+def init_dist(rank: int, world: int, device: str, init_method: str, timeout_minutes: int, watch=None) -> None:
     """Join the trainer's process group: nccl on GPUs, gloo on CPU. `init_method` is `file://...`
-    (one machine) or `tcp://<rank 0's host>:<port>` (any machines: rank 0 hosts the store)."""
+    (one machine) or `tcp://<rank 0's host>:<port>` (any machines: rank 0 hosts the store).
+    Ranks 1.. announce themselves in the store right before they join; rank 0 joins only once all have,
+    calling `watch()` meanwhile (it raises when one of them died), so a rank that dies before the
+    rendezvous stops the run at once rather than after `timeout_minutes`."""
+    import time
+
     import torch.distributed as tdist
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    tdist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                             timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = rendezvous_store(init_method, rank, world, timeout)
+    if rank:
+        store.set(_joined_key(rank), "1")
+    else:
+        keys = [_joined_key(r) for r in range(1, world)]
+        deadline = time.monotonic() + timeout.total_seconds()
+        while not store.check(keys):
+            if watch is not None:
+                watch()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"trainer ranks did not join the process group within {timeout_minutes} "
+                                   "minute(s) (training.distributed_timeout_minutes)")
+            time.sleep(JOIN_POLL_S)
+    tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def leave_dist() -> None:
@@ -98,11 +140,14 @@ class RankWorker:
 
 class Peers(Protocol):
     """How rank 0 reaches ranks 1..: `send` one message per rank (rank 1 first), returning at once;
-    `acks` waits for one answer from every rank and raises if one failed or died."""
+    `acks` waits for one answer from every rank and raises if one failed or died; `watch` returns at
+    once and raises `failures.WorkerFailure` (naming the rank and how it ended) if one has died."""
 
     def send(self, messages: list[tuple]) -> None: ...
 
     def acks(self) -> None: ...
+
+    def watch(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -126,12 +171,28 @@ class TrainerRanks:
             if world > 1:
                 if device.startswith("cuda"):
                     torch.cuda.set_device(torch.device(device))
-                init_dist(0, world, device, init_method, cfg.training.distributed_timeout_minutes)
+                init_dist(0, world, device, init_method, cfg.training.distributed_timeout_minutes,
+                          watch=peers.watch)
                 dist = DistInfo(0, world, 0)
-            self.trainer, self.checkpoint = build_trainer(cfg, spec, device, dist)
+            self.trainer, self.checkpoint = self._collective(build_trainer, cfg, spec, device, dist)
             self._acks()   # every rank has built its Trainer
         except BaseException:
             self.close()
+            raise
+
+    def _collective(self, fn, *args):
+        """fn(*args) on rank 0 while the other ranks do their part: when it fails (gloo reports a peer that
+        closed its connections), the launcher's report of a dead rank, if one comes, is the error."""
+        try:
+            return fn(*args)
+        except RuntimeError:   # gloo's errors; user errors (ConfigError: a ValueError) pass at once
+            if self.others and self.peers is not None:
+                import time
+
+                deadline = time.monotonic() + DEATH_GRACE_S
+                while time.monotonic() < deadline:
+                    self.peers.watch()
+                    time.sleep(JOIN_POLL_S)
             raise
 
     def _send(self, *msg) -> None:
@@ -149,7 +210,7 @@ class TrainerRanks:
             self.peers.acks()    # every rank has read its records
         batch = rank_batch(self.store, [s.key for s in batches[0]], ref)
         self._send("train")
-        m = self.trainer.train_step(batch)
+        m = self._collective(self.trainer.train_step, batch)
         self._acks()
         return m
 
@@ -157,13 +218,13 @@ class TrainerRanks:
         if not self.trainer.micro_step:
             return None
         self._send("finish")
-        m = self.trainer.finish_accumulation()
+        m = self._collective(self.trainer.finish_accumulation)
         self._acks()
         return m
 
     def state_dict(self) -> dict:
         self._send("state")
-        state = self.trainer.state_dict()
+        state = self._collective(self.trainer.state_dict)
         self._acks()
         return state
 

@@ -1,0 +1,34 @@
+"""How a dead trainer rank or inference engine is reported: one error naming which one died and how
+(exit code or signal of a process, Ray's reason for an actor), raised by the launchers as soon as
+they see it, so a run stops within seconds instead of at training.distributed_timeout_minutes."""
+
+from __future__ import annotations
+
+import signal
+
+
+class WorkerFailure(RuntimeError):
+    """A trainer rank or inference engine died (crash, kill, out of memory) or raised."""
+
+
+def exit_text(code: int | None) -> str:
+    """How a process ended, from its exit code (negative = killed by that signal)."""
+    if code is None:
+        return "is gone"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (exit code {code})"
+    return f"exited with code {code}"
+
+
+def ray_death_text(error) -> str:
+    """Ray's actor-death error cut to what says why: its first sentence and the worker's exit type and
+    detail (Ray's message goes on with ids and generic advice)."""
+    text = " ".join(ln.strip() for ln in str(error).splitlines() if ln.strip())
+    text = text.split(" Some common causes")[0]
+    first = text.split(". ")[0].rstrip(".") + "."
+    exit_at = text.find("Worker exit type:")
+    return first + (" " + text[exit_at:] if exit_at >= 0 else "")
