@@ -221,3 +221,21 @@ def test_how_a_worker_ended_is_one_line():
                                         "SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a "
                                         "connection error code 2. End of file.")
     assert ray_death_text("The actor was killed by ray.kill. Nothing else.") == "The actor was killed by ray.kill."
+
+
+def test_train_entry_reports_a_dead_worker_in_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    from torchspec.train_entry import main
+
+    def run_training(cfg):
+        raise WorkerFailure("trainer rank 1 (process 4242) was killed by SIGKILL (exit code -9)")
+
+    fake = types.ModuleType("torchspec.pipeline.runner")
+    fake.run_training = run_training
+    monkeypatch.setitem(sys.modules, "torchspec.pipeline.runner", fake)
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert main(["--config", str(configs / "hf_qwen3_8b.yaml"), f"output_dir={tmp_path / 'run'}"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: trainer rank 1 (process 4242) was killed by SIGKILL (exit code -9)"]
