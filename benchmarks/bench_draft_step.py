@@ -13,7 +13,8 @@ steps of 1024), with ratios against the reference measured by a peer on one H100
         [--fits 54272] [--profile 8192 [--trace-dir DIR]] [--no-reference]
 
 By default each length is also timed with the frozen pre-optimisation implementation
-(benchmarks/eagle3_reference.py, reference first, then current, on the same weights) and the
+(benchmarks/eagle3_reference.py, reference first, then current, on the same model: the reference's
+optimizer steps move its weights first, which changes no shape and so no step time) and the
 summary prints reference / current. Both share one process and so one torch.compile cache: the
 flex kernel is compiled static for the first length and shape-dynamic after (as in training, where
 lengths vary); the profile of the second implementation can already get the dynamic flex kernel
@@ -48,6 +49,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))   # eagle3_reference
 
 import torch  # noqa: E402
 
@@ -97,7 +99,6 @@ def make_batch(T, device):
 def loss_impl(reference: bool):
     """eagle3_loss of the library, or of the frozen pre-optimisation copy (benchmarks/eagle3_reference.py)."""
     if reference:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from eagle3_reference import eagle3_loss
     else:
         from torchspec.models.eagle3 import eagle3_loss
@@ -149,21 +150,23 @@ def check_compiled(args, objs, T, device):
         params = [p for p in draft.parameters() if p.requires_grad]
         batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
     res = {}
-    for backend, flag in (("sdpa", False), ("flex_attention", False), ("flex_attention", True)):
-        attention.COMPILE_ON_CUDA = flag
-        out = eagle3_loss(draft, head, batch, args.ttt_length, backend)
-        out.loss.backward()
-        res[backend, flag] = (float(out.loss.detach()), [float(a) for a in out.accs],
-                              torch.cat([p.grad.float().flatten() for p in params]))
-        for p in params:
-            p.grad = None
+    try:
+        for backend, flag in (("sdpa", False), ("flex_attention", False), ("flex_attention", True)):
+            attention.COMPILE_ON_CUDA = flag
+            out = eagle3_loss(draft, head, batch, args.ttt_length, backend)
+            out.loss.backward()
+            res[backend, flag] = (float(out.loss.detach()), [float(a) for a in out.accs],
+                                  torch.cat([p.grad.float().flatten() for p in params]))
+            for p in params:
+                p.grad = None
+    finally:
+        attention.COMPILE_ON_CUDA = True
     l0, a0, g0 = res["sdpa", False]
     for key in (("flex_attention", False), ("flex_attention", True)):
         l1, a1, g1 = res[key]
         rel = float((g0 - g1).norm() / g0.norm())
         print(f"check T={T}: loss sdpa/eager {l0:.5f} vs {key[0]}/{'compiled' if key[1] else 'eager'} {l1:.5f}; "
               f"acc_0 {a0[0]:.4f}/{a1[0]:.4f}; grad rel. diff {rel:.2e}", flush=True)
-    attention.COMPILE_ON_CUDA = True
 
 
 def profile(args, objs, T, device, reference=False):
