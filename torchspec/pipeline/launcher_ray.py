@@ -430,6 +430,17 @@ class _TrainerRankActor:
             self.worker = None
 
 
+def _died(ray, actor) -> bool:
+    """Whether a trainer-rank actor is dead (it cannot answer `info`)."""
+    try:
+        ray.get(actor.info.remote(), timeout=5)
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return False
+
+
 def _free_port(ip: str) -> int:
     import socket
 
@@ -483,6 +494,10 @@ class RayPeers:
                                                       timeout=start_timeout)))
             except ray.exceptions.GetTimeoutError:
                 raise RuntimeError(f"the trainer rank actors did not start within {start_timeout:.0f}s") from None
+            except ray.exceptions.RayActorError as e:   # which one: the first whose actor is dead
+                dead = [r for r, a in self.actors.items() if _died(ray, a)]
+                raise WorkerFailure(f"trainer rank {dead[0] if dead else '?'} (Ray actor) died at start: "
+                                    f"{ray_death_text(e)}") from None
             self.nodes = [here] + [infos[r]["node"] for r in range(1, world)]
             self.pids = {r: infos[r]["pid"] for r in range(1, world)}
             check_local_store(store, "trainer ranks", self.nodes)
