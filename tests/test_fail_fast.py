@@ -21,6 +21,13 @@ from torchspec.pipeline.failures import WorkerFailure
 BOUND_S = 20.0   # from the kill to the error, everything cleaned up
 SIGKILL = r"was killed by SIGKILL \(exit code -9\)"
 
+
+def _resume(completed: int) -> str:
+    """The end of the error: where to resume from."""
+    if not completed:
+        return "; no checkpoint had been written$"
+    return rf"; the latest checkpoint is \S+/checkpoints/step_{completed:08d} \(resume: training.load_path=\S+/out\)$"
+
 try:
     import ray
 except ImportError:
@@ -105,7 +112,8 @@ def test_local_rank_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only, whe
     monkeypatch.setattr(launcher_local, "ProcessPeers", killer.cls)
     cfg = _config(tmp_path, tiny_target_dir)
     children = child_pids()
-    err, store, _ = _run_expecting_failure(cfg, rf"^trainer rank 1 \(process \d+\) {SIGKILL}$", monkeypatch)
+    err, store, _ = _run_expecting_failure(cfg, rf"^trainer rank 1 \(process \d+\) {SIGKILL}" + _resume(completed),
+                                           monkeypatch)
     took = time.monotonic() - killer.killed_at
     assert took < BOUND_S, f"the run noticed rank 1's death after {took:.1f}s"
     _assert_cleaned_up(store, cfg, children, completed)
@@ -127,11 +135,12 @@ def test_local_engine_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only):
 
     cfg = _config(tmp_path, tiny_target_dir, training_num_gpus_per_node=1)
     children = child_pids()
-    err, store, _ = _run_expecting_failure(cfg, rf"^inference engine 0 \(process \d+\) {SIGKILL}$", monkeypatch,
-                                           on_step=on_step)
+    err, store, _ = _run_expecting_failure(cfg, rf"^inference engine 0 \(process \d+\) {SIGKILL}; the latest ",
+                                           monkeypatch, on_step=on_step)
     took = time.monotonic() - killed_at[0]
     assert took < BOUND_S
     assert steps[-1] >= 2                           # the pool may hold a step's worth made before the kill
+    assert str(err).endswith(f"checkpoints/step_{steps[-1]:08d} (resume: training.load_path={cfg.output_dir})")
     _assert_cleaned_up(store, cfg, children, steps[-1])
     print(f"local engine: error {took:.1f}s after the kill: {err}")
 
@@ -166,8 +175,8 @@ def test_ray_rank_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only, two_n
     cfg.inference.store = "local"   # one machine: shared memory works (tests/test_ray_mooncake_multinode.py: mooncake)
     children = child_pids()
     err, store, _ = _run_expecting_failure(
-        cfg, rf"^trainer rank 1 \(Ray actor, pid \d+, node {second[:8]}\) died: The actor died .*Worker exit type",
-        monkeypatch)
+        cfg, rf"^trainer rank 1 \(Ray actor, pid \d+, node {second[:8]}\) died: The actor died .*Worker exit type.*"
+        + _resume(completed), monkeypatch)
     took = time.monotonic() - killer.killed_at
     assert took < BOUND_S, f"the run noticed rank 1's death after {took:.1f}s"
     assert "\n" not in str(err)
@@ -201,6 +210,7 @@ def test_ray_engine_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only, two
     took = time.monotonic() - killed_at[0]
     assert took < BOUND_S and "\n" not in str(err)
     assert steps[-1] >= 2
+    assert str(err).endswith(f"checkpoints/step_{steps[-1]:08d} (resume: training.load_path={cfg.output_dir})")
     _assert_cleaned_up(store, cfg, children, steps[-1])
     assert live_actors(ray) == [] and cpus_free(ray, 3)
     print(f"ray engine: error {took:.1f}s after the kill: {err}")

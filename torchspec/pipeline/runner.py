@@ -8,6 +8,8 @@
 Resume: `training.load_path` restores the draft, optimizer, scheduler, RNG, step and the data
 position (no sample skipped or repeated); with `training.continual_training` only the weights.
 Ctrl-C (or SIGTERM): the engines stop, a checkpoint is written, the store is emptied.
+A trainer rank or engine that dies: `WorkerFailure` naming it and the latest checkpoint, after the same
+clean-up (no checkpoint is written: the last completed step's is on disk if save_interval wrote it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Callable
 
 from torchspec.pipeline.build import ModelSpec, draft_config_for
 from torchspec.pipeline.controller import Controller
+from torchspec.pipeline.failures import WorkerFailure
 from torchspec.pipeline.launcher import plan_placement, start_engines, start_trainer_ranks
 
 log = logging.getLogger("torchspec.pipeline")
@@ -283,6 +286,11 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
                             m["stepped"] = True
                         if m["stepped"]:
                             after_step(m, epoch_ended)
+            except WorkerFailure as e:   # a rank or engine died: name the checkpoint to resume from
+                latest = ckpts.latest()
+                resume = (f"; the latest checkpoint is {latest} (resume: training.load_path={out_dir})"
+                          if latest is not None else "; no checkpoint had been written")
+                raise WorkerFailure(f"{str(e).rstrip('.')}{resume}") from None
             except KeyboardInterrupt:
                 result.interrupted = True
                 log.warning("interrupted: stopping engines, writing a checkpoint, emptying the store")
