@@ -175,3 +175,49 @@ def test_two_nodes_auto_store_is_mooncake_weights_equal_local(tmp_path, tiny_tar
     first, last = _weights(ray_run.checkpoints[0]), _weights(ray_run.checkpoints[1])
     assert any(not torch.equal(first[k], last[k]) for k in first)
     print(f"ray+mooncake run {ray_s:.1f}s")
+
+
+def test_rank_killed_mid_run_leaves_the_master_empty(tmp_path, tiny_target_dir, two_nodes, master, monkeypatch,
+                                                    cpu_only):
+    """Trainer rank 1 (second node) SIGKILLed after step 2: the run stops within seconds with one error naming
+    it and the step-2 checkpoint; the master (ours) is still up and holds nothing of the run; no actor,
+    placement group or process of the run is left."""
+    import signal
+
+    import ray
+
+    from ray_helpers import cpus_free, live_actors
+    from torchspec.pipeline import runner
+    from torchspec.pipeline.failures import WorkerFailure
+    from torchspec.pipeline.runner import run_training
+    from torchspec.transfer.mooncake_master import http_get
+
+    head, second = two_nodes
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, num_epochs=1, seed=11, save_interval=1,
+                          training_num_nodes=2, training_num_gpus_per_node=1)
+    cfg.training.distributed_timeout_minutes = 1
+    cfg.inference.launcher = "ray"
+    cfg.mooncake.master_server_address = master.rpc_address
+    cfg.mooncake.master_metrics_port = int(master.admin_url.rpartition(":")[2])
+    cfg.mooncake.global_segment_size = SEGMENT
+    cfg.mooncake.local_buffer_size = STAGING
+    ranks, start_ranks = [], runner.start_trainer_ranks
+    monkeypatch.setattr(runner, "start_trainer_ranks", lambda *a: ranks.append(start_ranks(*a)) or ranks[-1])
+    killed_at = []
+
+    def on_step(step, _metrics):
+        if step == 2:
+            os.kill(ranks[0].peers.pids[1], signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+    children = child_pids()
+    with pytest.raises(WorkerFailure, match=rf"^trainer rank 1 \(Ray actor, pid \d+, node {second[:8]}\) died: .*; "
+                                            r"the latest checkpoint is \S+/step_00000002 \(resume: "):
+        run_training(cfg, on_step=on_step, progress=False)
+    took = time.monotonic() - killed_at[0]
+    assert took < 20, f"the run noticed rank 1's death after {took:.1f}s"
+    assert master.alive()
+    assert [k for k in http_get(master.admin_url + "/get_all_keys").decode().split("\n") if k.strip()] == []
+    assert live_actors(ray) == [] and cpus_free(ray, HEAD_CPUS + NODE_CPUS)
+    assert child_pids() <= children
+    print(f"rank killed: error {took:.1f}s after the kill")
