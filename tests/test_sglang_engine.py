@@ -419,3 +419,15 @@ def test_real_sglang_records_match_hf_engine(tiny_tokenizer, tmp_path):
         for key in ("aux_hidden_states", "final_hidden_states"):
             rel = ((g[key].float() - w[key].float()).norm() / w[key].float().norm()).item()
             assert rel < 2e-2, (s.sample_id, key, rel)
+
+
+def test_output_without_hidden_states_is_one_clear_error():
+    from torchspec.inference.sglang import SGLangEngine
+
+    engine = SGLangEngine.__new__(SGLangEngine)  # only _rows is exercised
+    engine.aux_layers, engine.hidden_size = [0, 1, 2], 8
+    with pytest.raises(RuntimeError, match=r"sample s0: SGLang returned no hidden states \(meta_info keys: "
+                                           r"\['id'\]\); the engine must run with enable_return_hidden_states"):
+        engine._rows({"meta_info": {"id": "x"}}, 3, "s0")
+    rows = torch.arange(3 * 32, dtype=torch.float32).reshape(3, 32)
+    assert torch.equal(engine._rows({"meta_info": {"hidden_states": [rows.tolist()]}}, 3, "s0"), rows)

@@ -69,13 +69,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import socket
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from torchspec.config.errors import ConfigError
-from torchspec.inference.base import StoredSample
+from torchspec.inference.base import StoredSample, compute_dtype
+from torchspec.utils.net import free_ports
 
 logger = logging.getLogger(__name__)
 
@@ -158,16 +158,6 @@ def forward_hook_specs(aux_layers: Sequence[int]) -> list[dict]:
 
 # -- in the engine's process --------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def build_engine_kwargs(cfg, device: torch.device | str, aux_layers: Sequence[int],
                         warn: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """`sgl.Engine(**kwargs)` for one single-node engine on `device` (pure; no sglang import)."""
@@ -185,8 +175,7 @@ def build_engine_kwargs(cfg, device: torch.device | str, aux_layers: Sequence[in
         **{key: value for key, (value, _) in ours.items()},
         "base_gpu_id": device.index or 0,
         "node_rank": 0,
-        "port": _free_port(),
-        "nccl_port": _free_port(),
+        **dict(zip(("port", "nccl_port"), free_ports(2))),
         "forward_hooks": list(extra.get("forward_hooks") or []) + forward_hook_specs(aux_layers),
     }
     return build_sglang_engine_kwargs(cfg, managed=managed, warn=warn)
@@ -252,7 +241,12 @@ class SGLangEngine:
 
     def _rows(self, out: dict, n: int, sample_id: str) -> torch.Tensor:
         """The prompt's [n, (len(aux) + 1) * H] rows of one `generate` output."""
-        rows = out["meta_info"]["hidden_states"][0]
+        states = out.get("meta_info", {}).get("hidden_states")
+        if not states:
+            raise RuntimeError(f"sgl engine: sample {sample_id}: SGLang returned no hidden states (meta_info keys: "
+                               f"{sorted(out.get('meta_info', {}))}); the engine must run with "
+                               "enable_return_hidden_states=True and generate(return_hidden_states=True)")
+        rows = states[0]
         hs = torch.tensor(rows, dtype=torch.float32)
         width = (len(self.aux_layers) + 1) * self.hidden_size
         if hs.shape != (n, width):

@@ -21,23 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-LOOPBACK = "127.0.0.1"
-
-
-def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
-    """n distinct free ports (all bound at once, so two calls in a row cannot hand out the same one)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    return free_ports(1, host)[0]
+from torchspec.utils.net import LOOPBACK, free_port, free_ports  # noqa: F401  (free_port: re-exported)
 
 
 def master_binary() -> str:

@@ -1,0 +1,23 @@
+"""Free TCP ports for the services we start (engines, Mooncake master, rendezvous)."""
+
+from __future__ import annotations
+
+import socket
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
+    """n distinct free ports (all bound at once, so two calls in a row cannot hand out the same one)."""
+    socks = [socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    return free_ports(1, host)[0]
