@@ -183,7 +183,7 @@ def test_gpu_placement_bundles(tmp_path, tiny_target_dir):
     # the hf engine has no tensor parallelism: one message, the same under both launchers
     cfg.inference.inference_engine_type, cfg.inference.inference_num_gpus_per_engine = "hf", 2
     with pytest.raises(PlacementError, match=r"^inference.inference_num_gpus_per_engine=2: the hf engine runs on "
-                                             r"one GPU per engine; .* or the vllm engine for tensor parallelism"):
+                                             r"one GPU per engine; .* or the vllm or sgl engine for tensor parallelism"):
         plan_ray(cfg, cluster_gpus=40)
     with pytest.raises(PlacementError, match=r"^inference.inference_num_gpus_per_engine=\d+: the hf engine"):
         plan_local(cfg, num_gpus=8)

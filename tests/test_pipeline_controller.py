@@ -213,3 +213,52 @@ def test_engine_process_dying_at_start_is_reported_at_once(tmp_path):
                                            r"(; inference engine 1 \(process \d+\) exited with code 3)?$"):
         ProcessEngines(dying_factory, store, ["cpu", "cpu"], start_timeout=300)
     assert time.monotonic() - t0 < 60
+
+
+DRIVER = """
+import sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+from pathlib import Path
+from test_pipeline_controller import fake_factory
+from torchspec.pipeline.launcher_local import ProcessEngines
+from torchspec.transfer.local import LocalStore
+
+if __name__ == "__main__":
+    engines = ProcessEngines(fake_factory, LocalStore(root=Path({store!r})), ["cpu"], daemon=False)
+    print(engines.procs[0].pid, flush=True)
+    time.sleep(600)   # killed by the test, with no chance to stop its engine
+"""
+
+
+def test_non_daemonic_engine_stops_when_the_driver_is_gone(tmp_path):
+    """Engines that start processes of their own (sgl, vllm tp > 1) run non-daemonic: if the driver dies
+    without stopping them, they notice within PARENT_CHECK_S and exit instead of waiting forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torchspec.pipeline.launcher_local import PARENT_CHECK_S
+
+    tests = Path(__file__).resolve().parent
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=str(tests), root=str(tests.parent), store=str(tmp_path / "s")))
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    engine_pid = int(driver.stdout.readline())
+    assert not _gone(engine_pid)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + PARENT_CHECK_S + 20
+    while not _gone(engine_pid):
+        assert time.monotonic() < deadline, f"engine process {engine_pid} outlived its driver"
+        time.sleep(0.2)
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: its parent is gone, so nobody reaps it at once)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

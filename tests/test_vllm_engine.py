@@ -8,8 +8,9 @@ Measured on CPU (fp32): aux states differ by <= 4e-8 (values ~0.1), final states
 (values ~3), where an off-by-one aux id is off by ~0.06-0.12. Skipped when the venv is absent
 (VLLM_PYTHON / VLLM_VENV override its path); a failure when TORCHSPEC_REQUIRE_VLLM=1 (CI).
 The pure pieces (layer-id conversion, LLM kwargs, extra_args filtering) are tested without vllm.
-TORCHSPEC_VLLM_TP=2 reruns the record comparison with inference.vllm.tp_size 2 (two vLLM CPU worker
-processes; ~35 s more start-up, so not the default).
+TORCHSPEC_VLLM_TP=2 reruns the record comparison and the pipeline run with inference.vllm.tp_size 2 (two
+vLLM CPU worker processes, started from the local launcher's non-daemonic engine process in the pipeline run;
+~35 s more start-up, so not the default).
 """
 
 import json
@@ -148,8 +149,21 @@ def test_tp_in_daemonic_engine_process_is_refused(monkeypatch):
     monkeypatch.setattr(vllm_engine.multiprocessing, "current_process", lambda: Daemon())
     cfg = Config()
     cfg.inference.vllm.tp_size = 2
-    with pytest.raises(VLLMEngineError, match=r"inference.vllm.tp_size=2: .*inference.launcher: ray"):
+    with pytest.raises(VLLMEngineError, match=r"inference.vllm.tp_size=2: .*a daemonic process may not"):
         vllm_engine.build_engine(cfg, store=None)
+
+
+def test_local_launcher_runs_engines_with_children_non_daemonic():
+    from torchspec.inference.factory import engine_starts_processes
+
+    cfg = Config()
+    assert not engine_starts_processes(cfg)                 # hf
+    cfg.inference.inference_engine_type = "vllm"
+    assert not engine_starts_processes(cfg)                 # vLLM in-process, tp 1
+    cfg.inference.vllm.tp_size = 2
+    assert engine_starts_processes(cfg)                     # a worker per GPU
+    cfg.inference.inference_engine_type, cfg.inference.vllm.tp_size = "sgl", 1
+    assert engine_starts_processes(cfg)                     # scheduler + detokenizer
 
 
 # -- cross-engine, in the vllm venv ---------------------------------------------------------------
@@ -247,11 +261,12 @@ def test_protected_extra_args_dropped_with_one_warning(records):
 
 @needs_vllm
 def test_pipeline_with_vllm_engine_trains_every_sample_once(tmp_path, vllm_target):
-    """run_training with inference_engine_type=vllm, the engine in its own (daemonic) process; the same
-    run with the hf engine trains the same samples in the same order to the same losses."""
+    """run_training with inference_engine_type=vllm, the engine in its own process (with TORCHSPEC_VLLM_TP=2 a
+    non-daemonic one that starts vLLM's tp workers); the same run with the hf engine trains the same samples in
+    the same order to the same losses."""
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec.write_text(json.dumps({"target": str(vllm_target), "work": str(tmp_path), "engines": 1, "num_epochs": 1,
-                                "engine_types": ["vllm", "hf"]}))
+                                "engine_types": ["vllm", "hf"], "tp_size": TP}))
     run_in_venv(PIPELINE_SCRIPT, spec, out)
     got = json.loads(out.read_text())
     vllm, hf = got["runs"]["vllm"], got["runs"]["hf"]

@@ -5,7 +5,7 @@ Short torchspec training runs (tests/pipeline_helpers.py tiny_run_config), one p
 
   python pipeline_run.py SPEC.json OUT.json
 SPEC: {"target": DIR, "work": DIR, "engines": 0 (colocated) or k (engine processes), "num_epochs": N,
-       "engine_types": ["vllm", "hf"]}
+       "engine_types": ["vllm", "hf"], "tp_size": 1 (> 1: vLLM's CPU workers started by the engine process)}
 OUT:  {"sample_ids": [...], "runs": {engine type: {"trained": [[step, epoch, id]...], "global_step",
        "store_bytes_end", "interrupted", "losses": [...], "seconds"}}}
 """
@@ -30,6 +30,9 @@ def main(spec_path: str, out_path: str) -> None:
         cfg = tiny_run_config(Path(spec["work"]) / kind, spec["target"], engines=spec["engines"],
                               num_epochs=spec["num_epochs"])
         cfg.inference.inference_engine_type = kind
+        if kind == "vllm" and spec.get("tp_size", 1) > 1:   # the engine process starts vLLM's CPU workers
+            cfg.inference.vllm.tp_size = spec["tp_size"]
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(spec["tp_size"])))
         t0 = time.perf_counter()
         result = run_training(cfg, progress=False)
         runs[kind] = {"trained": [list(t) for t in result.trained], "global_step": result.global_step,

@@ -22,3 +22,11 @@ def build_engine(cfg, store, device: str | torch.device = "cpu"):
                                f"({e.name} missing)") from None
         return backend.build_engine(cfg, store, device=device)
     raise ValueError(f"inference.inference_engine_type={kind!r}: unknown engine (expected hf, sgl or vllm)")
+
+
+def engine_starts_processes(cfg) -> bool:
+    """Whether the configured engine starts child processes of its own (sgl.Engine's scheduler and
+    detokenizer; vLLM's workers when tp > 1). The local launcher then runs it in a non-daemonic process,
+    since a daemonic one may not have children."""
+    kind = cfg.inference.inference_engine_type
+    return kind == "sgl" or (kind == "vllm" and int(cfg.inference.vllm.tp_size) > 1)

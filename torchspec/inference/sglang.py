@@ -49,8 +49,9 @@ because its loop captures the state ENTERING layer i). With hooks the boundary c
 the module ``model.layers.<k>`` (``aux_hook_targets``); k = L - 1 works too (SGLang's own capture
 cannot reach it).
 
-Placement. ``sgl.Engine`` starts its scheduler (one per TP rank) and detokenizer as child processes, so it
-cannot run in the local launcher's daemonic engine processes: use ``inference.launcher: ray``. Its
+Placement. ``sgl.Engine`` starts its scheduler (one per TP rank) and detokenizer as child processes, so the
+local launcher runs it in a non-daemonic engine process (``factory.engine_starts_processes``); Ray actors
+are not daemonic either. Its
 ``shutdown()`` kills every child process of the process it runs in (entrypoints/engine.py:756-763), so it
 is refused inside the trainer process (``inference.colocate``). An engine spanning nodes
 (``inference.sglang.nnodes > 1``) needs an ``sgl.Engine`` with ``node_rank`` r on every node r, which the
@@ -195,7 +196,8 @@ def check_placement(cfg) -> None:
     if multiprocessing.current_process().daemon:
         raise SGLangEngineError(
             "inference.inference_engine_type='sgl': sgl.Engine starts scheduler/detokenizer child processes, which "
-            "the local launcher's (daemonic) engine processes may not do; use inference.launcher: ray")
+            "a daemonic process may not do (the launchers start sgl engines in non-daemonic processes; a custom "
+            "engine_factory must too)")
 
 
 def _target_shape(path: str, trust_remote_code: bool) -> tuple[int, int]:

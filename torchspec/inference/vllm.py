@@ -18,8 +18,9 @@ The final hidden state is post-norm; vLLM never exposes that one, so we also ask
 last layer's pre-norm output) and apply the target's own final norm (transformers' module for the
 architecture, weights read from the checkpoint) here: the same function the hf engine's model runs.
 
-vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while it starts), so the engine
-works inside the launcher's daemonic engine processes; the connector's write of a finished request
+vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while it starts), so with tp 1 it starts
+no child process; with tp > 1 vLLM starts a worker per GPU, and the local launcher then runs the engine in a
+non-daemonic process (``factory.engine_starts_processes``). The connector's write of a finished request
 happens on the next engine step, which we drive ourselves (``LLM.llm_engine.step``).
 """
 
@@ -238,8 +239,9 @@ class VLLMEngine:
         tp = int(cfg.inference.vllm.tp_size)
         if tp > 1 and multiprocessing.current_process().daemon:
             raise VLLMEngineError(
-                f"inference.vllm.tp_size={tp}: vLLM starts a worker process per GPU, which the local launcher's "
-                "(daemonic) engine processes may not do; use inference.launcher: ray for tp > 1")
+                f"inference.vllm.tp_size={tp}: vLLM starts a worker process per GPU, which a daemonic process "
+                "may not do (the launchers start such engines in non-daemonic processes; a custom engine_factory "
+                "must too)")
         try:
             import vllm
         except ModuleNotFoundError as e:

@@ -54,8 +54,8 @@ def check_gpus_per_engine(cfg, per_engine: int) -> None:
     """The hf engine runs on one GPU; tensor parallelism needs an engine that has it."""
     if cfg.inference.inference_engine_type == "hf" and per_engine != 1:
         raise PlacementError(f"inference.inference_num_gpus_per_engine={per_engine}: the hf engine runs on one GPU "
-                             "per engine; use more engines (inference.inference_num_gpus), or the vllm engine for "
-                             "tensor parallelism (tp > 1 runs under inference.launcher: ray)")
+                             "per engine; use more engines (inference.inference_num_gpus), or the vllm or sgl engine "
+                             "for tensor parallelism")
 
 
 def plan_local(cfg, num_gpus: int | None = None) -> Placement:
@@ -125,6 +125,9 @@ def _from_wire(items):
     return [Sample(sid, torch.from_numpy(ids), torch.from_numpy(mask)) for sid, ids, mask in items]
 
 
+PARENT_CHECK_S = 2.0  # how often an idle engine process checks that the driver still exists
+
+
 def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbox, num_threads: int) -> None:
     try:
         if device.startswith("cuda"):
@@ -133,8 +136,14 @@ def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbo
             torch.set_num_threads(num_threads)
         engine = engine_factory(store, device)
         outbox.put(("ready", worker, None))
+        parent = os.getppid()
         while True:
-            items = inbox.get()
+            try:
+                items = inbox.get(timeout=PARENT_CHECK_S)
+            except queue_mod.Empty:
+                if os.getppid() != parent:  # the driver is gone without a stop (only non-daemonic engines
+                    break                   # outlive it): stop rather than wait forever
+                continue
             if items is None:
                 break
             t0 = time.monotonic()
@@ -152,7 +161,9 @@ def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbo
 class ProcessEngines:
     """One spawned process per engine; results come back on one shared queue."""
 
-    def __init__(self, engine_factory, store, devices, num_threads: int = 1, start_timeout: float = 600.0):
+    def __init__(self, engine_factory, store, devices, num_threads: int = 1, start_timeout: float = 600.0,
+                 daemon: bool = True):
+        """daemon=False for engines that start child processes of their own (a daemonic process may not)."""
         ctx = mp.get_context("spawn")
         self.num_workers = len(devices)
         self.busy_s = 0.0   # seconds spent generating, over all workers
@@ -160,7 +171,7 @@ class ProcessEngines:
         self.inboxes = [ctx.Queue() for _ in devices]
         self.procs = [
             ctx.Process(target=_engine_worker, args=(w, engine_factory, store, d, self.inboxes[w], self.outbox,
-                                                      num_threads), daemon=True, name=f"torchspec-engine-{w}")
+                                                      num_threads), daemon=daemon, name=f"torchspec-engine-{w}")
             for w, d in enumerate(devices)
         ]
         for p in self.procs:
@@ -225,12 +236,13 @@ class ProcessEngines:
 
 def start_engines(cfg, store, placement: Placement, engine_factory=None, trainer_device: str | None = None):
     """The EngineGroup for `placement`. engine_factory(store, device) -> Engine; default: the config's."""
-    from torchspec.inference.factory import build_engine
+    from torchspec.inference.factory import build_engine, engine_starts_processes
 
     factory = engine_factory or functools.partial(build_engine, cfg)
     if placement.colocate:
         return InlineEngines(factory(store, trainer_device or placement.trainer_devices[0]))
-    return ProcessEngines(factory, store, placement.engine_devices)
+    return ProcessEngines(factory, store, placement.engine_devices,
+                          daemon=engine_factory is not None or not engine_starts_processes(cfg))
 
 
 # -- trainer ranks: ranks 1.. as spawned processes -----------------------------------------------

@@ -45,6 +45,7 @@ import torch
 from torchspec.inference.base import StoredSample
 from torchspec.pipeline.failures import WorkerFailure, ray_death_text
 from torchspec.pipeline.launcher_local import PlacementError, _from_wire, _to_wire, check_gpus_per_engine
+from torchspec.utils.net import free_port
 
 log = logging.getLogger("torchspec.pipeline")
 
@@ -441,14 +442,6 @@ def _died(ray, actor) -> bool:
     return False
 
 
-def _free_port(ip: str) -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as sock:
-        sock.bind((ip, 0))
-        return sock.getsockname()[1]
-
-
 class RayPeers:
     """Trainer ranks 1.. as Ray actors in one placement group over the training nodes (the `Peers`
     of `ranks.TrainerRanks`). `nodes[r]` is the Ray node id rank r runs on (as the actor reported it;
@@ -505,7 +498,7 @@ class RayPeers:
                      ", ".join(f"{r}: {n[:8]}" for r, n in enumerate(self.nodes)))
             self.rank0_device = f"cuda:{infos[0]['gpu_ids'][0]}" if gpu else "cpu"
             ip = ray.util.get_node_ip_address()
-            self.init_method = f"tcp://{f'[{ip}]' if ':' in ip else ip}:{_free_port(ip)}"
+            self.init_method = f"tcp://{f'[{ip}]' if ':' in ip else ip}:{free_port(ip)}"
             # they join the process group now and wait there for rank 0 (TrainerRanks)
             self.pending = [(r, self.actors[r].start.remote(r, world, cfg, spec, store, self.init_method,
                                                             r % per_node)) for r in range(1, world)]
