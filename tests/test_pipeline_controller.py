@@ -262,3 +262,34 @@ def _gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_rank0_own_error_is_raised_at_once_a_peer_error_waits_for_the_launcher(monkeypatch):
+    """After a failed collective rank 0 waits (up to DEATH_GRACE_S) for the launcher to name a dead rank, but
+    only when the error can mean one; its own errors (a bug, out of memory) are raised at once."""
+    import torch.distributed  # noqa: F401  (the error classes)
+
+    from torchspec.pipeline import ranks
+
+    class Peers:
+        watched = 0
+
+        def watch(self):
+            Peers.watched += 1
+
+    monkeypatch.setattr(ranks, "DEATH_GRACE_S", 0.3)
+    group = ranks.TrainerRanks.__new__(ranks.TrainerRanks)   # only _collective is exercised
+    group.others, group.peers = 1, Peers()
+
+    def fail(exc):
+        raise exc
+
+    for own in (RuntimeError("The size of tensor a (3) must match"), torch.OutOfMemoryError("CUDA out of memory")):
+        t0 = time.monotonic()
+        with pytest.raises(type(own)):
+            group._collective(fail, own)
+        assert Peers.watched == 0 and time.monotonic() - t0 < 0.1
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        group._collective(fail, RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
+    assert Peers.watched > 0 and time.monotonic() - t0 >= 0.3

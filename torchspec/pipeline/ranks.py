@@ -49,6 +49,18 @@ JOIN_POLL_S = 0.05     # how often rank 0 checks, while it waits for the others 
 DEATH_GRACE_S = 10.0   # after a failed collective: how long rank 0 waits for a launcher to report a dead rank
 
 
+def _peer_failure(e: RuntimeError) -> bool:
+    """Whether a collective's error can mean that another rank died (then the launcher's report of it is
+    awaited). Rank 0's own failures (out of memory, a bug) are raised at once."""
+    import torch
+    import torch.distributed as tdist
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return False
+    text = str(e)
+    return isinstance(e, tdist.DistError) or any(s in text for s in ("gloo", "Connection", "NCCL", "peer"))
+
+
 def _joined_key(rank: int) -> str:
     return f"torchspec/joining/{rank}"
 
@@ -185,8 +197,8 @@ class TrainerRanks:
         closed its connections), the launcher's report of a dead rank, if one comes, is the error."""
         try:
             return fn(*args)
-        except RuntimeError:   # gloo's errors; user errors (ConfigError: a ValueError) pass at once
-            if self.others and self.peers is not None:
+        except RuntimeError as e:   # user errors (ConfigError: a ValueError) pass at once
+            if self.others and self.peers is not None and _peer_failure(e):
                 import time
 
                 deadline = time.monotonic() + DEATH_GRACE_S
