@@ -10,7 +10,11 @@ sys.modules. Its Engine follows SGLang v0.5.10.post1 as the engine's docstring c
 - it registers `forward_hooks` like model_executor/hook_manager.py (factory(config), fnmatch on
   named_modules, register_forward_hook), runs every prompt of a generate() call as ONE packed extend batch,
   and returns per request `meta_info["hidden_states"] = [rows.tolist()]` sliced by prompt length in batch
-  order (scheduler_output_processor_mixin.py:221-235).
+  order (scheduler_output_processor_mixin.py:221-235);
+- over several nodes (nnodes > 1): refuses tp_size not divisible by nnodes (server_args.py:6067) and a missing
+  dist_init_addr (the TP ranks would meet on 127.0.0.1, model_runner.py:924-930); on node_rank >= 1 it returns
+  only with SGLANG_BLOCK_NONZERO_RANK_CHILDREN=0 (else the real one blocks for good, engine.py:681-707), and
+  then has no tokenizer manager: generate() fails.
 The numbers are transformers': the residual stream after each decoder layer of the tiny target, computed
 per prompt (no padding, as SGLang runs them), re-expressed as SGLang's (hidden_states, residual) pairs.
 What this cannot show: that a real SGLang build behaves as cited (not run here: no sglang, no GPU build).
@@ -18,6 +22,7 @@ What this cannot show: that a real SGLang build behaves as cited (not run here: 
 
 import fnmatch
 import importlib
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -136,6 +141,14 @@ class FakeEngine:
         unknown = sorted(set(kwargs) - set(SERVER_ARGS_FIELDS))
         if unknown:
             raise TypeError(f"ServerArgs.__init__() got unexpected keyword arguments {unknown}")
+        nnodes, node_rank = kwargs.get("nnodes", 1), kwargs.get("node_rank", 0)
+        if nnodes > 1 and (kwargs.get("tp_size", 1) % nnodes or not kwargs.get("dist_init_addr")):
+            raise AssertionError(f"stand-in sgl.Engine: nnodes={nnodes} needs tp_size % nnodes == 0 and a "
+                                 f"dist_init_addr: {kwargs.get('tp_size')}, {kwargs.get('dist_init_addr')}")
+        if node_rank >= 1 and os.environ.get("SGLANG_BLOCK_NONZERO_RANK_CHILDREN") != "0":
+            raise AssertionError("stand-in sgl.Engine: node_rank >= 1 without SGLANG_BLOCK_NONZERO_RANK_CHILDREN=0 "
+                                 "would never return")
+        self.tokenizer_manager = object() if node_rank == 0 else None
         self.kwargs = kwargs
         self.calls = []
         self.shutdowns = 0
@@ -160,6 +173,7 @@ class FakeEngine:
 
     @torch.no_grad()
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_hidden_states=False, **other):
+        assert self.tokenizer_manager is not None, "node_rank >= 1: no tokenizer manager"
         self.calls.append(dict(sampling_params=sampling_params, return_hidden_states=return_hidden_states,
                                other=other, n=len(input_ids)))
         if return_hidden_states and not self.kwargs.get("enable_return_hidden_states"):
@@ -355,7 +369,7 @@ def test_refused_placements(fake_sglang, tiny_target_dir, tmp_path, monkeypatch)
     store = LocalStore(root=tmp_path / "store")
     cfg = _cfg(tiny_target_dir)
     cfg.inference.sglang.nnodes = 2
-    with pytest.raises(sgl_engine.SGLangEngineError, match=r"inference.sglang.nnodes=2"):
+    with pytest.raises(sgl_engine.SGLangEngineError, match=r"inference.sglang.nnodes=2: .*only the Ray launcher"):
         sgl_engine.build_engine(cfg, store, "cpu")
     cfg = _cfg(tiny_target_dir)
     cfg.inference.colocate = True

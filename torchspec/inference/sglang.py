@@ -53,13 +53,35 @@ Placement. ``sgl.Engine`` starts its scheduler (one per TP rank) and detokenizer
 local launcher runs it in a non-daemonic engine process (``factory.engine_starts_processes``); Ray actors
 are not daemonic either. Its
 ``shutdown()`` kills every child process of the process it runs in (entrypoints/engine.py:756-763), so it
-is refused inside the trainer process (``inference.colocate``). An engine spanning nodes
-(``inference.sglang.nnodes > 1``) needs an ``sgl.Engine`` with ``node_rank`` r on every node r, which the
-launchers do not start: refused. ``base_gpu_id`` is the engine's device index (Ray: 0 of the actor's
+is refused inside the trainer process (``inference.colocate``). ``base_gpu_id`` is the engine's device index (Ray: 0 of the actor's
 visible GPUs), ``port``/``nccl_port`` are free ports picked here, ``dtype`` is the hf engine's compute
 dtype (bf16 on GPU), ``disable_piecewise_cuda_graph`` keeps prefill eager so the hooks run
 (server_args.py:637, on by default on CUDA: server_args.py:1078-1130), and the all-reduce fusions stay
 off so a hooked layer output is complete on every TP rank (``ENGINE_MANAGED``).
+
+Engines spanning nodes (``inference.sglang.nnodes`` N > 1; only under the Ray launcher, which starts one
+actor per node and calls ``build_node_engine(cfg, r, dist_init_addr)`` in actor r; refused elsewhere).
+Every node gets ``sgl.Engine(nnodes=N, node_rank=r, tp_size=<the engine's total>, base_gpu_id=0,
+dist_init_addr="<node 0 ip>:<free port on node 0>")``, the same address on all. What that does in
+v0.5.10.post1 (entrypoints/engine.py):
+- every node starts the schedulers of its own TP ranks, ``tp_size // nnodes * r`` to ``* (r + 1)``, on GPUs
+  ``base_gpu_id + tp_rank % tp_size_per_node`` (engine.py:529-575, ``_calculate_rank_ranges`` 1225-1257);
+  their torch process group meets at ``tcp://dist_init_addr`` (model_executor/model_runner.py:924-930; TP
+  rank 0, on node 0, hosts it), so no node's schedulers are ready before all nodes joined;
+- node_rank >= 1 (engine.py:681-707): after its schedulers are ready it starts no detokenizer and no
+  tokenizer manager; with env ``SGLANG_BLOCK_NONZERO_RANK_CHILDREN=0`` (engine.py:686, "when using Engine as
+  a Python API") ``_launch_subprocesses`` returns ``(None, None, port_args, ...)`` and the constructor
+  returns with ``tokenizer_manager = None`` (engine.py:190-205; its rpc socket is None, engine.py:217-222).
+  WITHOUT that variable the constructor never returns: it serves a dummy health check on ``port`` and joins
+  its schedulers (``wait_for_completion``). So ``from_config`` sets it before building node r >= 1, and
+  returns an ``SGLangNodeEngine``: it only has to stay alive (its scheduler children live in its process)
+  until ``close()`` -> ``shutdown()`` kills them (engine.py:756-763; no watchdog on these nodes);
+- node_rank 0 starts detokenizer and tokenizer manager as on one node, and its constructor returns once
+  its own schedulers are ready, i.e. after every node joined (engine.py:709-754). It alone serves
+  ``generate()``; requests reach the other nodes' TP ranks through SGLang's own broadcast.
+This path was NOT run against a real SGLang (tests/test_sglang_multinode.py uses the stand-in, on a simulated
+2-node CPU Ray cluster): real multi-node TP, the NCCL meeting and a node dying mid-run (not detected by the
+launcher: node 0's engine would stall or fail its collectives) are unchecked.
 
 Cost: SGLang ships hidden states as Python float lists through ZMQ (the public API's format); fine for
 checking and small targets, slow for large ones (the original TorchSpec patches SGLang to write them to
@@ -70,6 +92,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -83,6 +106,7 @@ logger = logging.getLogger(__name__)
 HOOK_MODULE = __name__   # the scheduler processes import the hook factories below by this path
 DECODER_LAYER = "model.layers.{}"   # SGLang's decoder-layer module names (llama, qwen2/3, deepseek, ...)
 FINAL_MODULE = "logits_processor"
+NONZERO_RANK_RETURNS = "SGLANG_BLOCK_NONZERO_RANK_CHILDREN"   # "0": sgl.Engine on node_rank >= 1 returns
 
 # Set by this engine on every sgl.Engine, next to sglang_args.SPEC_TRAINING_INVARIANTS: key -> (value, why).
 ENGINE_MANAGED: dict[str, tuple[Any, str]] = {
@@ -160,8 +184,10 @@ def forward_hook_specs(aux_layers: Sequence[int]) -> list[dict]:
 # -- in the engine's process --------------------------------------------------------------------------
 
 def build_engine_kwargs(cfg, device: torch.device | str, aux_layers: Sequence[int],
-                        warn: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    """`sgl.Engine(**kwargs)` for one single-node engine on `device` (pure; no sglang import)."""
+                        warn: Optional[Callable[[str], None]] = None, node_rank: int = 0,
+                        dist_init_addr: Optional[str] = None) -> dict[str, Any]:
+    """`sgl.Engine(**kwargs)` for one engine on `device` (pure; no sglang import); for an engine spanning
+    nodes, its part on node `node_rank`, all parts meeting at `dist_init_addr` ("ip:port" on node 0)."""
     from torchspec.inference.sglang_args import PROTECTED_EXTRA_ARGS, build_sglang_engine_kwargs
 
     device = torch.device(device)
@@ -175,20 +201,21 @@ def build_engine_kwargs(cfg, device: torch.device | str, aux_layers: Sequence[in
     managed = {
         **{key: value for key, (value, _) in ours.items()},
         "base_gpu_id": device.index or 0,
-        "node_rank": 0,
+        "node_rank": int(node_rank),
+        **({"dist_init_addr": dist_init_addr} if dist_init_addr else {}),
         **dict(zip(("port", "nccl_port"), free_ports(2))),
         "forward_hooks": list(extra.get("forward_hooks") or []) + forward_hook_specs(aux_layers),
     }
     return build_sglang_engine_kwargs(cfg, managed=managed, warn=warn)
 
 
-def check_placement(cfg) -> None:
+def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
     """Refuse, in one line, the placements the sgl engine cannot run in (module docstring, Placement)."""
     inf = cfg.inference
-    if inf.sglang.nnodes > 1:
+    if inf.sglang.nnodes > 1 and not dist_init_addr:
         raise SGLangEngineError(
             f"inference.sglang.nnodes={inf.sglang.nnodes}: an sgl engine spanning nodes needs an sgl.Engine with "
-            "node_rank r on every node, which TorchSpec's launchers do not start yet; use engines within one node")
+            "node_rank r on every node, which only the Ray launcher starts (inference.launcher=ray)")
     if inf.colocate:
         raise SGLangEngineError(
             "inference.colocate=true: sgl.Engine.shutdown() kills every child process of the trainer process it "
@@ -226,16 +253,22 @@ class SGLangEngine:
         self.dtype = compute_dtype(self.device)
 
     @classmethod
-    def from_config(cls, cfg, store, device: torch.device | str = "cpu"):
+    def from_config(cls, cfg, store, device: torch.device | str = "cpu", node_rank: int = 0,
+                    dist_init_addr: Optional[str] = None):
+        """The engine (node_rank 0), or for node_rank >= 1 of an engine spanning nodes an `SGLangNodeEngine`."""
         from torchspec.inference.hf import resolve_aux_layers
         from torchspec.utils.optional import require
 
-        check_placement(cfg)
+        check_placement(cfg, dist_init_addr)
         sgl = require("sglang", "sglang")
         device = torch.device(device)
         hidden, num_layers = _target_shape(cfg.model.target_model_path, bool(cfg.model.trust_remote_code))
         aux_layers = resolve_aux_layers(cfg.inference.aux_hidden_states_layers, num_layers)
-        kwargs = build_engine_kwargs(cfg, device, aux_layers)
+        kwargs = build_engine_kwargs(cfg, device, aux_layers, node_rank=node_rank, dist_init_addr=dist_init_addr)
+        if node_rank >= 1:
+            # else sgl.Engine never returns: it serves a health check and joins its schedulers (engine.py:686-707)
+            os.environ[NONZERO_RANK_RETURNS] = "0"
+            return SGLangNodeEngine(sgl.Engine(**kwargs), node_rank)
         llm = sgl.Engine(**kwargs)
         logger.info("sgl engine: aux layers %s (hooks on %s), final = %s output", aux_layers,
                     aux_hook_targets(aux_layers), FINAL_MODULE)
@@ -284,5 +317,28 @@ class SGLangEngine:
             llm.shutdown()
 
 
+class SGLangNodeEngine:
+    """Node `node_rank` >= 1 of an sgl engine spanning nodes: its sgl.Engine only hosts this node's
+    scheduler (TP rank) processes; requests enter at node 0's engine, which puts every record."""
+
+    def __init__(self, llm, node_rank: int):
+        self.llm, self.node_rank = llm, int(node_rank)
+
+    def generate(self, samples: Sequence) -> list[StoredSample]:
+        raise RuntimeError(f"sgl engine node_rank {self.node_rank}: only node_rank 0 of an engine serves generate()")
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()   # kills this node's scheduler processes (entrypoints/engine.py:756-763)
+
+
 def build_engine(cfg, store, device: str | torch.device = "cpu") -> SGLangEngine:
     return SGLangEngine.from_config(cfg, store, device=device)
+
+
+def build_node_engine(cfg, node_rank: int, dist_init_addr: str, store,
+                      device: str | torch.device = "cpu") -> SGLangEngine | SGLangNodeEngine:
+    """Node `node_rank`'s part of an engine spanning `inference.sglang.nnodes` nodes, all meeting at
+    `dist_init_addr` ("ip:port", a free port on node 0); node 0's part is the engine that serves."""
+    return SGLangEngine.from_config(cfg, store, device=device, node_rank=node_rank, dist_init_addr=dist_init_addr)

@@ -6,8 +6,16 @@ wrapping the same engine class the local launcher uses (`build_engine`: hf today
 same way), reserved by its own placement group:
 - GPU cluster: an engine on one node is one bundle `{"GPU": gpus_per_engine}` (STRICT_PACK); an
   engine spanning nodes (sglang `nnodes > 1`) is one bundle `{"GPU": inference_num_gpus_per_node}`
-  per node (STRICT_SPREAD, one bundle a node); the actor runs in bundle 0.
-- CPU-only cluster: one bundle `{"CPU": 1}` per engine (STRICT_PACK).
+  per node (STRICT_SPREAD, one bundle a node), one actor per bundle (below); else the actor runs in bundle 0.
+- CPU-only cluster: one bundle `{"CPU": 1}` per engine (STRICT_PACK); per node of it if it spans nodes
+  (STRICT_SPREAD).
+
+An engine spanning N nodes (only sgl) is N actors, actor r in bundle r on its own node: each builds
+`sglang.build_node_engine(cfg, r, dist_init_addr)`, all with the same "ip:port" picked on bundle 0's node
+before any starts (sgl.Engine with node_rank r; see torchspec/inference/sglang.py, Placement). Only the
+node-0 actor is the engine's worker (generate, records); the others host their node's SGLang scheduler
+processes until close. Their start is awaited together (node 0's engine starts only once every node
+joined); a node that fails is one line naming the engine and the node.
 
 Trainer ranks: one placement group of `training_num_nodes` bundles, one per training node, each
 `{"GPU": training_num_gpus_per_node}` (CPU-only cluster: `{"CPU": ...}`). Over several nodes it is
@@ -98,8 +106,10 @@ def plan_ray(cfg, cluster_gpus: float) -> RayPlacement:
     trainer = dict(trainer_devices=("cuda" if cluster_gpus else "cpu",) * (nodes * per_node),
                    trainer_bundles=tuple({key: per_node} for _ in range(nodes)),
                    trainer_strategy="STRICT_SPREAD" if nodes > 1 else "STRICT_PACK")
-    if not cluster_gpus:
-        return RayPlacement(n_engines, ({"CPU": 1},), "STRICT_PACK", 0, **trainer)
+    if not cluster_gpus:   # an engine spanning nodes: one actor per node all the same
+        spans = per_engine // per_process
+        return RayPlacement(n_engines, ({"CPU": 1},) * spans, "STRICT_SPREAD" if spans > 1 else "STRICT_PACK", 0,
+                            **trainer)
     if per_engine > per_process:   # spans nodes: one bundle per node
         bundles = tuple({"GPU": per_process} for _ in range(per_engine // per_process))
         return RayPlacement(n_engines, bundles, "STRICT_SPREAD", per_process, **trainer)
@@ -213,12 +223,30 @@ class _EngineActor:
             self.engine.close()
 
 
+def _free_address() -> str:
+    """"ip:port" with a free port on the node this runs on (a Ray task in an engine's bundle 0)."""
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    return f"{f'[{ip}]' if ':' in ip else ip}:{free_port(ip)}"
+
+
+def _cause(error) -> str:
+    """The exception that ended an actor's creation task, one line: the last `SomeError: ...` line of
+    Ray's text (it holds the traceback), else Ray's reason, shortened."""
+    import re
+
+    raised = [ln.strip() for ln in str(error).splitlines()
+              if re.match(r"^[\w.]+(Error|Exception|Exit)\b", ln.strip())]
+    return raised[-1] if raised else ray_death_text(error)
+
+
 class RayEngines:
     """The controller's EngineGroup over Ray actors: one actor per engine replica, each in its own
     placement group; submissions to one actor run in order, results come back as they finish."""
 
     def __init__(self, engine_factory, store, placement: RayPlacement, num_threads: int = 1,
-                 start_timeout: float = 600.0, pg_timeout: float = 120.0):
+                 start_timeout: float = 600.0, pg_timeout: float = 120.0, node_factory=None):
         import ray
         from ray.util.placement_group import placement_group, placement_group_table
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -232,6 +260,10 @@ class RayEngines:
         self._closed = False
         self.hold = None   # a Ray this launcher started, released on close
         self.nodes: list[str] = []   # the node id of each engine actor
+        self.node_actors: list = []  # (engine, node r >= 1, actor) of engines spanning nodes
+        if len(placement.bundles) > 1 and node_factory is None:
+            raise PlacementError(f"an engine spanning {len(placement.bundles)} nodes needs one actor per node; "
+                                 "start_ray_engines builds them for the config's sgl engine, not a custom engine_factory")
         try:
             for _ in range(self.num_workers):
                 self.pgs.append(placement_group([dict(b) for b in placement.bundles], strategy=placement.strategy))
@@ -245,24 +277,60 @@ class RayEngines:
             check_local_store(store, "inference engines",
                               {n for pg in self.pgs for n in placement_group_table(pg)["bundles_to_node_id"].values()})
             actor_cls = ray.remote(_EngineActor)
+            resources = ({"num_gpus": placement.actor_gpus, "num_cpus": 0} if placement.actor_gpus
+                         else {"num_cpus": 1})
+            n_nodes = len(placement.bundles)
             for w, pg in enumerate(self.pgs):
-                strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-                resources = ({"num_gpus": placement.actor_gpus, "num_cpus": 0} if placement.actor_gpus
-                             else {"num_cpus": 1})
-                self.actors.append(actor_cls.options(scheduling_strategy=strategy, max_restarts=0,
-                                                     **resources).remote(engine_factory, store, num_threads))
-            try:
-                ready = ray.get([a.ready.remote() for a in self.actors], timeout=start_timeout)
-            except ray.exceptions.RayActorError as e:
-                raise RuntimeError(f"an inference engine actor failed to start:\n{e}") from None
-            except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(f"the inference engine actors did not start within {start_timeout:.0f}s "
-                                   "(loading the target?)") from None
+                factories = [engine_factory]
+                if n_nodes > 1:   # one actor per node, meeting at an address of bundle 0's node
+                    addr = ray.get(ray.remote(_free_address).options(
+                        num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0)).remote(),
+                        timeout=pg_timeout)
+                    factories = [node_factory(r, addr) for r in range(n_nodes)]
+                for r, factory in enumerate(factories):
+                    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
+                    actor = actor_cls.options(scheduling_strategy=strategy, max_restarts=0,
+                                              **resources).remote(factory, store, num_threads)
+                    if r:
+                        self.node_actors.append((w, r, actor))
+                    else:
+                        self.actors.append(actor)
+            self._store = store
+            ready = self._await_ready(start_timeout, n_nodes)
             self._check_ready(ready, store)
             self.pids = [r["pid"] for r in ready]
         except BaseException:
             self.close()
             raise
+
+    def _await_ready(self, timeout: float, n_nodes: int) -> list[dict]:
+        """Every actor's `ready` (node 0's engines, in order), awaited together: an engine spanning nodes
+        starts only once all its nodes joined, so the first failure is reported as soon as it comes."""
+        ray = self._ray
+        refs = {a.ready.remote(): (w, 0) for w, a in enumerate(self.actors)}
+        refs.update({a.ready.remote(): (w, r) for w, r, a in self.node_actors})
+        results, deadline = {}, time.monotonic() + timeout
+        left = list(refs)
+        while left:
+            done, left = ray.wait(left, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+            if not done:
+                raise RuntimeError(f"the inference engine actors did not start within {timeout:.0f}s "
+                                   "(loading the target?)")
+            w, r = refs[done[0]]
+            try:
+                results[(w, r)] = ray.get(done[0])
+            except ray.exceptions.RayActorError as e:
+                if not r and n_nodes == 1:
+                    raise RuntimeError(f"an inference engine actor failed to start:\n{e}") from None
+                raise RuntimeError(f"inference engine {w}: its node {r} of {n_nodes} (sgl node_rank {r}) failed to "
+                                   f"start: {_cause(e)}") from None
+        check_local_store(self._store, "an inference engine actor", [i["node"] for i in results.values()])
+        for (w, r), info in results.items():
+            if r and info["config_error"]:
+                from torchspec.config.errors import ConfigError
+
+                raise ConfigError(f"inference engine {w}, node {r}: {info['config_error']}")
+        return [results[(w, 0)] for w in range(len(self.actors))]
 
     def _check_ready(self, ready: list[dict], store) -> None:
         from torchspec.config.errors import ConfigError
@@ -308,13 +376,15 @@ class RayEngines:
         self._closed = True
         ray = self._ray
         self.pending.clear()
-        if self.actors:
+        everyone = self.actors + [a for _, _, a in self.node_actors]
+        if everyone:
             try:   # let each engine finish its current submission and release its resources
-                ray.get([a.close.remote() for a in self.actors], timeout=30)
+                ray.get([a.close.remote() for a in everyone], timeout=30)
             except Exception:
                 pass
-        for a in self.actors:
+        for a in everyone:
             ray.kill(a, no_restart=True)
+        self.node_actors = []
         from ray.util.placement_group import remove_placement_group
 
         for pg in self.pgs:
@@ -389,8 +459,14 @@ def start_ray_engines(cfg, store, placement: RayPlacement, engine_factory=None) 
 
     hold = _hold(cfg)
     factory = engine_factory or functools.partial(build_engine, cfg)
+    node_factory = None
+    if engine_factory is None and len(placement.bundles) > 1:   # an sgl engine spanning nodes
+        from torchspec.inference.sglang import build_node_engine
+
+        def node_factory(node_rank: int, dist_init_addr: str):
+            return functools.partial(build_node_engine, cfg, node_rank, dist_init_addr)
     try:
-        engines = RayEngines(factory, store, placement)
+        engines = RayEngines(factory, store, placement, node_factory=node_factory)
     except BaseException:
         if hold is not None:
             hold.release()
