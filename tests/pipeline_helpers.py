@@ -85,3 +85,37 @@ def _resource_tracker(pid: str) -> bool:
             return b"resource_tracker" in f.read()
     except OSError:
         return False
+
+
+def two_node_configs(tmp_path: Path, target_dir) -> tuple[Config, Config]:
+    """The Ray run over two nodes (2 engines, trainer ranks 0 and 1 on one CPU each) and the local run of the
+    same seed and world size (2 spawned engines, 2 spawned ranks) that must train it to the same weights."""
+    common = dict(engines=2, num_epochs=2, seed=11, save_interval=3)
+    ray_cfg = tiny_run_config(tmp_path / "ray", target_dir, training_num_nodes=2, training_num_gpus_per_node=1,
+                              **common)
+    ray_cfg.inference.launcher = "ray"
+    return ray_cfg, tiny_run_config(tmp_path / "local", target_dir, training_num_gpus_per_node=2, **common)
+
+
+def assert_same_training(ray_run, local_run) -> None:
+    """Two runs of `two_node_configs`: 6 steps each; each step trains the same 4 samples (the pool holds
+    exactly one step's worth; only which engine's pair reaches rank 0 first may differ, and the 2-rank
+    gradient sum a+b is exact either way), so both checkpoints are bitwise equal, and they differ from
+    each other (the steps between changed the weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def weights(checkpoint: Path) -> dict:
+        return load_file(checkpoint / "model.safetensors")
+
+    assert ray_run.global_step == local_run.global_step == 6     # 12 samples / (2 ranks x 2), 2 epochs
+    assert [sorted(x[2] for x in ray_run.trained if x[0] == s) for s in range(1, 7)] == \
+           [sorted(x[2] for x in local_run.trained if x[0] == s) for s in range(1, 7)]
+    assert [p.name for p in ray_run.checkpoints] == [p.name for p in local_run.checkpoints] == \
+           ["step_00000003", "step_00000006"]
+    for ray_ckpt, local_ckpt in zip(ray_run.checkpoints, local_run.checkpoints):
+        ray_w, local_w = weights(ray_ckpt), weights(local_ckpt)
+        assert ray_w.keys() == local_w.keys() and len(ray_w) > 3
+        assert all(torch.equal(ray_w[k], local_w[k]) for k in ray_w)
+    first, last = weights(ray_run.checkpoints[0]), weights(ray_run.checkpoints[1])
+    assert any(not torch.equal(first[k], last[k]) for k in first)

@@ -67,3 +67,58 @@ def live_actors(ray) -> list[dict]:
     from ray._private.state import actors
 
     return [a for a in actors().values() if a["State"] != "DEAD"]
+
+
+def two_nodes_or_skip(head_cpus: int, node_cpus: int):
+    """The body of a module fixture `two_nodes`: yields (head id, second id) of `two_node_cluster`, or skips
+    the tests when this process already holds a Ray connection."""
+    import ray
+    import pytest
+
+    if ray.is_initialized():
+        pytest.skip("a Ray connection is already open in this process")
+    with two_node_cluster(head_cpus, node_cpus) as nodes:
+        yield nodes
+
+
+class NodeRecordingFactory:
+    """The config's engine, built where Ray runs it; leaves `<pid>.node` = the Ray node id of the actor."""
+
+    def __init__(self, cfg, out_dir):
+        self.cfg, self.out_dir = cfg, out_dir
+
+    def __call__(self, store, device):
+        import ray
+
+        from torchspec.inference.factory import build_engine
+
+        (self.out_dir / f"{os.getpid()}.node").write_text(ray.get_runtime_context().get_node_id())
+        return build_engine(self.cfg, store, device)
+
+
+def run_recording_placement(cfg, engines_dir, monkeypatch):
+    """run_training(cfg) (a Ray-launched config) with its engines built by NodeRecordingFactory into
+    `engines_dir` and the trainer ranks' start recorded; returns (the run, [(rank nodes, init_method)] of
+    each start, the engines' `<pid>.node` files). start_trainer_ranks is the real one again afterwards."""
+    import sys
+
+    import ray
+
+    from torchspec.pipeline import runner
+    from torchspec.pipeline.runner import run_training
+
+    started, start_ranks = [], runner.start_trainer_ranks
+
+    def recording_ranks(*args):
+        ranks = start_ranks(*args)
+        started.append((list(ranks.peers.nodes), ranks.peers.init_method))
+        return ranks
+
+    monkeypatch.setattr(runner, "start_trainer_ranks", recording_ranks)
+    engines_dir.mkdir()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the factory class travels by value
+    try:
+        run = run_training(cfg, engine_factory=NodeRecordingFactory(cfg, engines_dir), progress=False)
+    finally:
+        monkeypatch.setattr(runner, "start_trainer_ranks", start_ranks)
+    return run, started, list(engines_dir.glob("*.node"))

@@ -86,6 +86,24 @@ def _run_expecting_failure(cfg, match: str, monkeypatch, **kw):
     return err.value, store, time.monotonic() - t0
 
 
+def _kill_engine_after_step_2(monkeypatch, pid_of):
+    """Records the engines the run starts; the returned on_step SIGKILLs engine 0 (`pid_of(engines)`) right
+    after step 2. Returns (on_step, the steps seen, [the kill's time])."""
+    from torchspec.pipeline import runner
+
+    engines, start_engines = [], runner.start_engines
+    monkeypatch.setattr(runner, "start_engines", lambda *a: engines.append(start_engines(*a)) or engines[-1])
+    killed_at, steps = [], []
+
+    def on_step(step, _metrics):
+        steps.append(step)
+        if step == 2:
+            os.kill(pid_of(engines[0]), signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+    return on_step, steps, killed_at
+
+
 def _assert_cleaned_up(store, cfg, children_before: set, completed_steps: int):
     from torchspec.training.checkpoint import CheckpointManager
 
@@ -121,18 +139,7 @@ def test_local_rank_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only, whe
 
 
 def test_local_engine_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only):
-    from torchspec.pipeline import runner
-
-    engines, start_engines = [], runner.start_engines
-    monkeypatch.setattr(runner, "start_engines", lambda *a: engines.append(start_engines(*a)) or engines[-1])
-    killed_at, steps = [], []
-
-    def on_step(step, _metrics):
-        steps.append(step)
-        if step == 2:
-            os.kill(engines[0].procs[0].pid, signal.SIGKILL)
-            killed_at.append(time.monotonic())
-
+    on_step, steps, killed_at = _kill_engine_after_step_2(monkeypatch, lambda engines: engines.procs[0].pid)
     cfg = _config(tmp_path, tiny_target_dir, training_num_gpus_per_node=1)
     children = child_pids()
     err, store, _ = _run_expecting_failure(cfg, rf"^inference engine 0 \(process \d+\) {SIGKILL}; the latest ",
@@ -149,12 +156,9 @@ def test_local_engine_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only):
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    from ray_helpers import two_node_cluster
+    from ray_helpers import two_nodes_or_skip
 
-    if ray.is_initialized():
-        pytest.skip("a Ray connection is already open in this process")
-    with two_node_cluster(head_cpus=2, node_cpus=1) as nodes:   # head: the engine + rank 0; second: rank 1
-        yield nodes
+    yield from two_nodes_or_skip(head_cpus=2, node_cpus=1)   # head: the engine + rank 0; second: rank 1
 
 
 def _ray_pid(peers):
@@ -188,18 +192,8 @@ def test_ray_rank_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only, two_n
 @needs_ray
 def test_ray_engine_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only, two_nodes):
     from ray_helpers import cpus_free, live_actors
-    from torchspec.pipeline import runner
 
-    engines, start_engines = [], runner.start_engines
-    monkeypatch.setattr(runner, "start_engines", lambda *a: engines.append(start_engines(*a)) or engines[-1])
-    killed_at, steps = [], []
-
-    def on_step(step, _metrics):
-        steps.append(step)
-        if step == 2:
-            os.kill(engines[0].pids[0], signal.SIGKILL)
-            killed_at.append(time.monotonic())
-
+    on_step, steps, killed_at = _kill_engine_after_step_2(monkeypatch, lambda engines: engines.pids[0])
     cfg = _config(tmp_path, tiny_target_dir, training_num_nodes=2, training_num_gpus_per_node=1)
     cfg.inference.launcher = "ray"
     cfg.inference.store = "local"

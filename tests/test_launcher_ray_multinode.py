@@ -2,15 +2,9 @@
 (`ray.cluster_utils.Cluster`: a head node and a second node, every server on 127.0.0.1):
 trainer ranks on distinct nodes, engines on one, the same weights as the local launcher."""
 
-import os
-import sys
-import time
-from pathlib import Path
-
 import pytest
-import torch
 
-from pipeline_helpers import ids_by_epoch, tiny_run_config
+from pipeline_helpers import assert_same_training, ids_by_epoch, tiny_run_config, two_node_configs
 from torchspec.pipeline.launcher_local import PlacementError
 
 try:
@@ -26,40 +20,9 @@ HEAD_CPUS, NODE_CPUS = 3, 1   # head: two engines + trainer rank 0's slot; secon
 @pytest.fixture(scope="module")
 def two_nodes():
     """A head node (the driver's) and one more node, each its own raylet, all on 127.0.0.1."""
-    from ray_helpers import two_node_cluster
+    from ray_helpers import two_nodes_or_skip
 
-    if ray.is_initialized():
-        pytest.skip("a Ray connection is already open in this process")
-    with two_node_cluster(HEAD_CPUS, NODE_CPUS) as nodes:
-        yield nodes
-
-
-def _resources_free(timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while ray.available_resources().get("CPU") != HEAD_CPUS + NODE_CPUS:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-class _NodeRecordingFactory:
-    """The config's engine, built where Ray runs it; leaves `<pid>.node` = the Ray node id of the actor."""
-
-    def __init__(self, cfg, out_dir: Path):
-        self.cfg, self.out_dir = cfg, out_dir
-
-    def __call__(self, store, device):
-        from torchspec.inference.factory import build_engine
-
-        (self.out_dir / f"{os.getpid()}.node").write_text(ray.get_runtime_context().get_node_id())
-        return build_engine(self.cfg, store, device)
-
-
-def _weights(checkpoint: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(checkpoint / "model.safetensors")
+    yield from two_nodes_or_skip(HEAD_CPUS, NODE_CPUS)
 
 
 @needs_ray
@@ -68,35 +31,21 @@ def test_two_nodes_trainer_ranks_spread_engines_on_one_weights_equal_local(tmp_p
     """2 engines + trainer ranks 0 (driver, head node) and 1 (Ray actor, second node), gloo over a TCP
     store: every sample trained once per epoch, the store ends empty, and the final weights are bitwise
     those of the local launcher (2 spawned engines, 2 spawned ranks) with the same seed."""
-    from torchspec.pipeline import runner
+    from ray_helpers import cpus_free, run_recording_placement
     from torchspec.pipeline.runner import run_training
 
     head, second = two_nodes
-    cfg = tiny_run_config(tmp_path / "ray", tiny_target_dir, engines=2, num_epochs=2, seed=11,
-                          save_interval=3, training_num_nodes=2, training_num_gpus_per_node=1)
-    cfg.inference.launcher = "ray"
+    cfg, local_cfg = two_node_configs(tmp_path, tiny_target_dir)
     if hasattr(cfg.inference, "store"):   # several nodes would pick mooncake; one machine may share memory
         cfg.inference.store = "local"
-    started = []
-
-    def recording_ranks(*args):
-        ranks = runner_start(*args)
-        started.append((list(ranks.peers.nodes), ranks.peers.init_method))
-        return ranks
-
-    runner_start = runner.start_trainer_ranks
-    monkeypatch.setattr(runner, "start_trainer_ranks", recording_ranks)
-    (tmp_path / "engines").mkdir()
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the factory class travels by value
-    ray_run = run_training(cfg, engine_factory=_NodeRecordingFactory(cfg, tmp_path / "engines"), progress=False)
+    ray_run, started, engine_files = run_recording_placement(cfg, tmp_path / "engines", monkeypatch)
 
     # rank 1's node as its actor reported it: the second node; rank 0 is the driver, on the head
     [(rank_nodes, init_method)] = started
     assert rank_nodes == [head, second]
     assert init_method.startswith("tcp://127.0.0.1:")
     # both engines built inside actors on one node: the head (the second node's CPU holds rank 1)
-    engine_nodes = [p.read_text() for p in (tmp_path / "engines").glob("*.node")]
-    assert engine_nodes == [head, head]
+    assert [p.read_text() for p in engine_files] == [head, head]
 
     from torchspec.data.dataset import from_config, load_tokenizer
     all_ids = sorted(s.sample_id for s in from_config(cfg, load_tokenizer(cfg), progress=False))
@@ -105,26 +54,10 @@ def test_two_nodes_trainer_ranks_spread_engines_on_one_weights_equal_local(tmp_p
     assert not ray_run.interrupted and ray_run.global_step == 6           # 12 samples / (2 ranks x 2), 2 epochs
     assert ray_run.store_put_bytes > 0 and ray_run.store_bytes_end == 0
     assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
-    assert _resources_free()
+    assert cpus_free(ray, HEAD_CPUS + NODE_CPUS)
 
     # the local launcher, same seed and world size (spawned engines and rank 1, file:// rendezvous)
-    monkeypatch.setattr(runner, "start_trainer_ranks", runner_start)
-    local_run = run_training(tiny_run_config(tmp_path / "local", tiny_target_dir, engines=2, num_epochs=2, seed=11,
-                                             save_interval=3, training_num_gpus_per_node=2), progress=False)
-    assert local_run.global_step == 6
-    # Each step trains the same 4 samples under both launchers (the pool holds exactly one step's worth);
-    # only which engine's pair reaches rank 0 first may differ, and the 2-rank gradient sum a+b is
-    # exact either way: the weights are bitwise equal.
-    assert [sorted(x[2] for x in ray_run.trained if x[0] == s) for s in range(1, 7)] == \
-           [sorted(x[2] for x in local_run.trained if x[0] == s) for s in range(1, 7)]
-    assert [p.name for p in ray_run.checkpoints] == [p.name for p in local_run.checkpoints] == \
-           ["step_00000003", "step_00000006"]
-    for ray_ckpt, local_ckpt in zip(ray_run.checkpoints, local_run.checkpoints):
-        ray_w, local_w = _weights(ray_ckpt), _weights(local_ckpt)
-        assert ray_w.keys() == local_w.keys() and len(ray_w) > 3
-        assert all(torch.equal(ray_w[k], local_w[k]) for k in ray_w)
-    first, last = _weights(ray_run.checkpoints[0]), _weights(ray_run.checkpoints[1])
-    assert any(not torch.equal(first[k], last[k]) for k in first)   # the steps between changed them
+    assert_same_training(ray_run, run_training(local_cfg, progress=False))
 
 
 @needs_ray
@@ -154,6 +87,7 @@ def test_cluster_too_small_is_one_line_naming_the_keys(tmp_path, tiny_target_dir
 def test_local_store_refused_for_ranks_on_another_machine(tmp_path, tiny_target_dir, two_nodes, monkeypatch):
     """The second node faked onto another IP: the trainer-rank actors are refused before they join the
     process group, with the mooncake hint, and their placement group is removed."""
+    from ray_helpers import cpus_free
     from torchspec.pipeline import launcher_ray
     from torchspec.pipeline.launcher import plan_placement
     from torchspec.transfer.local import LocalStore
@@ -172,7 +106,7 @@ def test_local_store_refused_for_ranks_on_another_machine(tmp_path, tiny_target_
             launcher_ray.RayPeers(cfg, None, store, plan_placement(cfg))
     finally:
         store.close()
-    assert _resources_free()
+    assert cpus_free(ray, HEAD_CPUS + NODE_CPUS)
 
 
 def test_store_setting_local_over_several_machines_is_refused(tmp_path, tiny_target_dir):

@@ -8,14 +8,12 @@ TORCHSPEC_REQUIRE_MOONCAKE=1 (then a missing mooncake fails it).
 """
 
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
-from pipeline_helpers import child_pids, ids_by_epoch, tiny_run_config
+from pipeline_helpers import assert_same_training, child_pids, ids_by_epoch, tiny_run_config, two_node_configs
+from store_helpers import alive, mooncake_missing
 
 SEGMENT = 16 << 20      # the run's Mooncake segment (the default is 8 GiB)
 STAGING = 4 << 20       # each client's staging buffer
@@ -27,13 +25,7 @@ def _missing() -> str | None:
         import ray  # noqa: F401
     except ImportError:
         return "ray is not installed (pip install 'torchspec[ray]')"
-    try:
-        import mooncake.store  # noqa: F401
-    except ImportError as e:
-        if os.environ.get("TORCHSPEC_REQUIRE_MOONCAKE") == "1":
-            raise
-        return f"mooncake is not installed ({e}); install it with: pip install 'torchspec[mooncake]'"
-    return None
+    return mooncake_missing()
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
@@ -41,14 +33,9 @@ pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    import ray
+    from ray_helpers import two_nodes_or_skip
 
-    from ray_helpers import two_node_cluster
-
-    if ray.is_initialized():
-        pytest.skip("a Ray connection is already open in this process")
-    with two_node_cluster(HEAD_CPUS, NODE_CPUS) as nodes:
-        yield nodes
+    yield from two_nodes_or_skip(HEAD_CPUS, NODE_CPUS)
 
 
 @pytest.fixture
@@ -61,35 +48,6 @@ def master():
     m.stop()
 
 
-class _NodeRecordingFactory:
-    """The config's engine, built where Ray runs it; leaves `<pid>.node` = the Ray node id of the actor."""
-
-    def __init__(self, cfg, out_dir: Path):
-        self.cfg, self.out_dir = cfg, out_dir
-
-    def __call__(self, store, device):
-        import ray
-
-        from torchspec.inference.factory import build_engine
-
-        (self.out_dir / f"{os.getpid()}.node").write_text(ray.get_runtime_context().get_node_id())
-        return build_engine(self.cfg, store, device)
-
-
-def _weights(checkpoint: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(checkpoint / "model.safetensors")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_two_nodes_auto_store_is_mooncake_weights_equal_local(tmp_path, tiny_target_dir, two_nodes, master,
                                                               monkeypatch, cpu_only):
     """2 engines (Ray actors) + trainer ranks 0 (driver, head node) and 1 (Ray actor, second node), hidden
@@ -99,17 +57,14 @@ def test_two_nodes_auto_store_is_mooncake_weights_equal_local(tmp_path, tiny_tar
     import ray
 
     import torchspec.transfer.factory as factory
-    from ray_helpers import live_actors
+    from ray_helpers import live_actors, run_recording_placement
     from torchspec.data.dataset import from_config, load_tokenizer
-    from torchspec.pipeline import runner
     from torchspec.pipeline.runner import run_training
     from torchspec.transfer.mooncake import MooncakeStore
     from torchspec.transfer.mooncake_master import http_get
 
     head, second = two_nodes
-    cfg = tiny_run_config(tmp_path / "ray", tiny_target_dir, engines=2, num_epochs=2, seed=11,
-                          save_interval=3, training_num_nodes=2, training_num_gpus_per_node=1)
-    cfg.inference.launcher = "ray"
+    cfg, local_cfg = two_node_configs(tmp_path, tiny_target_dir)
     assert cfg.inference.store == "auto"          # left at its default: the run spans nodes -> mooncake
     cfg.mooncake.master_server_address = master.rpc_address
     cfg.mooncake.master_metrics_port = int(master.admin_url.rpartition(":")[2])
@@ -118,26 +73,15 @@ def test_two_nodes_auto_store_is_mooncake_weights_equal_local(tmp_path, tiny_tar
 
     built, build_store = [], factory.build_store
     monkeypatch.setattr(factory, "build_store", lambda c: built.append(build_store(c)) or built[-1])
-    started, start_ranks = [], runner.start_trainer_ranks
-
-    def recording_ranks(*args):
-        ranks = start_ranks(*args)
-        started.append((list(ranks.peers.nodes), ranks.peers.init_method))
-        return ranks
-
-    monkeypatch.setattr(runner, "start_trainer_ranks", recording_ranks)
-    (tmp_path / "engines").mkdir()
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the factory class travels by value
     children = child_pids()                       # the Ray cluster's processes and our master
     t0 = time.monotonic()
-    ray_run = run_training(cfg, engine_factory=_NodeRecordingFactory(cfg, tmp_path / "engines"), progress=False)
+    ray_run, started, engine_files = run_recording_placement(cfg, tmp_path / "engines", monkeypatch)
     ray_s = time.monotonic() - t0
 
     [store] = built
     assert isinstance(store, MooncakeStore) and store.master_address == master.rpc_address
     [(rank_nodes, init_method)] = started
     assert rank_nodes == [head, second] and init_method.startswith("tcp://127.0.0.1:")
-    engine_files = list((tmp_path / "engines").glob("*.node"))
     assert [p.read_text() for p in engine_files] == [head, head]
 
     all_ids = sorted(s.sample_id for s in from_config(cfg, load_tokenizer(cfg), progress=False))
@@ -153,27 +97,13 @@ def test_two_nodes_auto_store_is_mooncake_weights_equal_local(tmp_path, tiny_tar
     # nothing the run started is left: actors, placement groups, engine processes, children of this process
     assert live_actors(ray) == []
     assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
-    assert not any(_alive(int(p.stem)) for p in engine_files)
+    assert not any(alive(int(p.stem)) for p in engine_files)
     assert child_pids() <= children
 
     # the local launcher with the local store, same seed and world size
-    monkeypatch.setattr(runner, "start_trainer_ranks", start_ranks)
-    local_cfg = tiny_run_config(tmp_path / "local", tiny_target_dir, engines=2, num_epochs=2, seed=11,
-                                save_interval=3, training_num_gpus_per_node=2)
     local_run = run_training(local_cfg, progress=False)
     assert type(built[-1]).__name__ == "LocalStore"
-    assert local_run.global_step == 6
-    # each step trains the same 4 samples under both runs; the 2-rank gradient sum is exact either way
-    assert [sorted(x[2] for x in ray_run.trained if x[0] == s) for s in range(1, 7)] == \
-           [sorted(x[2] for x in local_run.trained if x[0] == s) for s in range(1, 7)]
-    assert [p.name for p in ray_run.checkpoints] == [p.name for p in local_run.checkpoints] == \
-           ["step_00000003", "step_00000006"]
-    for ray_ckpt, local_ckpt in zip(ray_run.checkpoints, local_run.checkpoints):
-        ray_w, local_w = _weights(ray_ckpt), _weights(local_ckpt)
-        assert ray_w.keys() == local_w.keys() and len(ray_w) > 3
-        assert all(torch.equal(ray_w[k], local_w[k]) for k in ray_w)
-    first, last = _weights(ray_run.checkpoints[0]), _weights(ray_run.checkpoints[1])
-    assert any(not torch.equal(first[k], last[k]) for k in first)
+    assert_same_training(ray_run, local_run)
     print(f"ray+mooncake run {ray_s:.1f}s")
 
 
