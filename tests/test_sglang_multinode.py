@@ -71,6 +71,21 @@ def test_spanning_nodes_without_the_ray_launcher_is_refused(fake_sglang, tiny_ta
     assert FakeEngine.instances == []
 
 
+def test_a_given_dist_init_addr_is_used_by_one_spanning_engine(tiny_target_dir, caplog):
+    from torchspec.pipeline.launcher_ray import plan_ray, sgl_node_factory
+
+    cfg = _two_node_cfg(tiny_target_dir)
+    cfg.inference.sglang.dist_init_addr = "10.0.0.5:29500"
+    one = sgl_node_factory(cfg, plan_ray(cfg, cluster_gpus=0))
+    assert [one(r, "10.0.0.9:1234").args[1:3] for r in (0, 1)] == [(0, "10.0.0.5:29500"), (1, "10.0.0.5:29500")]
+    cfg.inference.inference_num_gpus = 4   # two engines: one address cannot serve both
+    two = sgl_node_factory(cfg, plan_ray(cfg, cluster_gpus=0))
+    assert two(1, "10.0.0.9:1234").args[1:3] == (1, "10.0.0.9:1234")
+    assert "inference.sglang.dist_init_addr='10.0.0.5:29500' ignored: 2 engines span nodes" in caplog.text
+    cfg.inference.sglang.nnodes, cfg.inference.sglang.tp_size, cfg.inference.inference_num_gpus = 1, 1, 2
+    assert sgl_node_factory(cfg, plan_ray(cfg, cluster_gpus=0)) is None   # engines of one node
+
+
 def test_cpu_plan_spreads_an_engine_over_its_nodes(tmp_path, tiny_target_dir):
     from torchspec.pipeline.launcher_ray import plan_ray
 

@@ -453,18 +453,31 @@ def plan_ray_connected(cfg) -> RayPlacement:
     return placement
 
 
+def sgl_node_factory(cfg, placement: RayPlacement):
+    """For engines spanning nodes (sgl, `inference.sglang.nnodes > 1`): node_factory(node_rank, address) ->
+    the engine factory of that node's actor; None for engines of one node."""
+    if len(placement.bundles) <= 1:
+        return None
+    from torchspec.inference.sglang import build_node_engine
+
+    given = cfg.inference.sglang.dist_init_addr   # null: an address picked on the engine's node 0
+    if given and placement.num_engines > 1:
+        log.warning("inference.sglang.dist_init_addr=%r ignored: %d engines span nodes and each needs its own "
+                    "address (picked on its node 0)", given, placement.num_engines)
+        given = None
+
+    def node_factory(node_rank: int, dist_init_addr: str):
+        return functools.partial(build_node_engine, cfg, node_rank, given or dist_init_addr)
+    return node_factory
+
+
 def start_ray_engines(cfg, store, placement: RayPlacement, engine_factory=None) -> RayEngines:
     """The EngineGroup for a Ray placement. engine_factory(store, device) -> Engine; default: the config's."""
     from torchspec.inference.factory import build_engine
 
     hold = _hold(cfg)
     factory = engine_factory or functools.partial(build_engine, cfg)
-    node_factory = None
-    if engine_factory is None and len(placement.bundles) > 1:   # an sgl engine spanning nodes
-        from torchspec.inference.sglang import build_node_engine
-
-        def node_factory(node_rank: int, dist_init_addr: str):
-            return functools.partial(build_node_engine, cfg, node_rank, dist_init_addr)
+    node_factory = sgl_node_factory(cfg, placement) if engine_factory is None else None
     try:
         engines = RayEngines(factory, store, placement, node_factory=node_factory)
     except BaseException:
