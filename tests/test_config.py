@@ -570,3 +570,18 @@ def test_loading_without_omegaconf_gives_the_same_config():
         outs.append(r.stdout)
     assert outs[0] == outs[1]
     assert '"learning_rate": 5e-05' in outs[1]
+
+
+@pytest.mark.parametrize("name", ["default", "hf_qwen3_8b", "quickstart", *SETUP_CONFIGS])
+def test_launcher_and_store_agree_with_the_dry_run_plan(name):
+    """The run picks Ray and (store: auto) Mooncake exactly when the dry-run plan says several nodes; e.g.
+    sglang_kimi_k25_2node: 8 inference + 8 training GPUs do not fit one 8-GPU machine."""
+    from torchspec.config.plan import make_plan
+    from torchspec.pipeline.launcher import multi_node_reason
+    from torchspec.transfer.factory import store_type
+
+    cfg = load_config([CONFIGS / f"{name}.yaml"], REQUIRED_SET)
+    several = make_plan(cfg).nodes > 1
+    assert (multi_node_reason(cfg) is not None) == several
+    assert store_type(cfg) == ("mooncake" if several else "local")
+    assert several == (name in ("sglang_kimi_k25_2node", "sglang_kimi_k25_3node"))

@@ -149,7 +149,11 @@ def test_missing_ray_is_one_clear_error(tmp_path, tiny_target_dir, monkeypatch):
     with pytest.raises(ImportError, match=r"inference.inference_num_gpus=16 > inference.inference_num_gpus_per_node"
                                           r"=8: a run over several nodes needs the Ray launcher"):
         select_launcher(cfg)
-    cfg.inference.inference_num_gpus = 8
+    cfg.inference.inference_num_gpus = 8   # 8 engine GPUs + 1 trainer GPU do not fit one 8-GPU machine
+    with pytest.raises(ImportError, match=r"inference.inference_num_gpus=8 \+ training.training_num_gpus_per_node=1 "
+                                          r"> inference.inference_num_gpus_per_node=8 \(one machine\): a run over"):
+        select_launcher(cfg)
+    cfg.inference.inference_num_gpus = 7
     assert select_launcher(cfg) == "local"
     cfg.inference.launcher = "ray"
     with pytest.raises(ImportError, match=r"inference.launcher=ray needs the Ray launcher"):

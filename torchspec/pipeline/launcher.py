@@ -27,6 +27,11 @@ def multi_node_reason(cfg) -> str | None:
     if not inf.colocate and inf.inference_num_gpus > inf.inference_num_gpus_per_node:
         return (f"inference.inference_num_gpus={inf.inference_num_gpus} > "
                 f"inference.inference_num_gpus_per_node={inf.inference_num_gpus_per_node}")
+    world = cfg.training.training_num_gpus_per_node
+    if not inf.colocate and inf.inference_num_gpus + world > inf.inference_num_gpus_per_node:
+        # (the dry-run plan's rule too: engines and trainer share a machine only when both fit on it)
+        return (f"inference.inference_num_gpus={inf.inference_num_gpus} + training.training_num_gpus_per_node="
+                f"{world} > inference.inference_num_gpus_per_node={inf.inference_num_gpus_per_node} (one machine)")
     if gpus_per_engine(cfg) > gpus_per_engine_process(cfg):
         return (f"one engine spans {gpus_per_engine(cfg) // gpus_per_engine_process(cfg)} nodes "
                 f"(inference.sglang.nnodes={cfg.inference.sglang.nnodes})")
