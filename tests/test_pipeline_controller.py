@@ -293,3 +293,34 @@ def test_rank0_own_error_is_raised_at_once_a_peer_error_waits_for_the_launcher(m
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         group._collective(fail, RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
     assert Peers.watched > 0 and time.monotonic() - t0 >= 0.3
+
+
+def test_engine_start_interrupted_stops_the_engines(tmp_path, monkeypatch):
+    """Ctrl-C (or any error) while waiting for the engines to be ready stops the started ones: a
+    non-daemonic engine left running would block the driver's exit (multiprocessing joins it)."""
+    started = []
+
+    def interrupted(self, timeout, expect):
+        started.extend(self.procs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ProcessEngines, "_drain", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ProcessEngines(fake_factory, LocalStore(root=tmp_path / "s"), ["cpu", "cpu"], daemon=False)
+        assert len(started) == 2
+        assert [p.is_alive() for p in started] == [False, False]
+    finally:
+        for p in started:   # (before the fix they were left running)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+
+def test_engine_factory_that_cannot_be_sent_is_its_own_error(tmp_path):
+    """A factory the spawned process cannot receive fails at start with pickle's error (the clean-up skips
+    the processes that never started instead of failing on them)."""
+    import pickle
+
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        ProcessEngines(lambda store, device: None, LocalStore(root=tmp_path / "s"), ["cpu"])

@@ -174,15 +174,18 @@ class ProcessEngines:
                                                       num_threads), daemon=daemon, name=f"torchspec-engine-{w}")
             for w, d in enumerate(devices)
         ]
-        for p in self.procs:
-            p.start()
-        # Poll, so a worker that dies while loading its model is reported at once, not at the timeout.
-        deadline, ready = time.monotonic() + start_timeout, 0
-        while ready < self.num_workers:
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"inference engines were not ready within {start_timeout:.0f} s")
-            ready += sum(1 for _ in self._drain(1.0, expect="ready"))
+        try:   # on any failure (Ctrl-C too) stop what started: a non-daemonic one would block the driver's exit
+            for p in self.procs:
+                p.start()
+            # Poll, so a worker that dies while loading its model is reported at once, not at the timeout.
+            deadline, ready = time.monotonic() + start_timeout, 0
+            while ready < self.num_workers:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"inference engines were not ready within {start_timeout:.0f} s")
+                ready += sum(1 for _ in self._drain(1.0, expect="ready"))
+        except BaseException:
+            self.close()
+            raise
 
     def _drain(self, timeout: float, expect: str):
         """Yield payloads of `expect` messages: wait up to timeout for one, then take what is queued."""
@@ -228,6 +231,8 @@ class ProcessEngines:
             if p.is_alive():
                 q.put(None)
         for p in self.procs:
+            if p.pid is None:   # never started (a failed start)
+                continue
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
