@@ -324,3 +324,41 @@ def test_engine_factory_that_cannot_be_sent_is_its_own_error(tmp_path):
 
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
         ProcessEngines(lambda store, device: None, LocalStore(root=tmp_path / "s"), ["cpu"])
+
+
+class MarkingEngine:
+    """An engine whose close() leaves a file (as a real one removes its files and child processes)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def generate(self, samples):
+        raise RuntimeError("generate failed")
+
+    def close(self):
+        self.marker.write_text("closed")
+
+
+def marking_factory(marker, store, device):
+    return MarkingEngine(marker)
+
+
+@pytest.mark.parametrize("how", ["generate fails", "SIGINT"])
+def test_engine_process_closes_its_engine_when_it_ends_abnormally(tmp_path, how):
+    """The engine process closes its engine on a failed generate and on Ctrl-C (SIGINT reaches the whole
+    process group), not only on a stop message."""
+    import os
+    import signal
+
+    marker = tmp_path / "closed"
+    engines = ProcessEngines(functools.partial(marking_factory, marker), LocalStore(root=tmp_path / "s"), ["cpu"])
+    try:
+        if how == "SIGINT":
+            os.kill(engines.procs[0].pid, signal.SIGINT)
+        else:
+            engines.submit(0, _dataset(1))
+        engines.procs[0].join(timeout=30)
+        assert not engines.procs[0].is_alive()
+        assert marker.exists(), f"engine not closed after: {how}"
+    finally:
+        engines.close()

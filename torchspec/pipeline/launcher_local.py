@@ -129,6 +129,7 @@ PARENT_CHECK_S = 2.0  # how often an idle engine process checks that the driver 
 
 
 def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbox, num_threads: int) -> None:
+    engine = None
     try:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
@@ -149,13 +150,15 @@ def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbo
             t0 = time.monotonic()
             stored = engine.generate(_from_wire(items))
             outbox.put(("done", worker, (stored, time.monotonic() - t0)))
-        engine.close()
     except KeyboardInterrupt:
         pass
     except ConfigError as e:   # user-caused (e.g. model.target_model_path): one line, no traceback
         outbox.put(("config_error", worker, str(e)))
     except BaseException:
         outbox.put(("error", worker, traceback.format_exc()))
+    finally:   # Ctrl-C or a failed generate too: the engine's own processes and files go with it
+        if engine is not None:
+            engine.close()
 
 
 class ProcessEngines:
