@@ -615,19 +615,20 @@ class RayPeers:
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         for r, ref in self.pending:
             if ref in done:
-                try:
-                    ray.get(ref)
-                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
-                    raise self._failure(r, e) from None
+                self._result(r, ref)
 
     def acks(self) -> None:
-        ray = self._ray
         pending, self.pending = self.pending, []
         for r, ref in pending:
-            try:
-                ray.get(ref)
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
-                raise self._failure(r, e) from None
+            self._result(r, ref)
+
+    def _result(self, rank: int, ref):
+        """ray.get of rank's task, a failed task or dead actor raised as its WorkerFailure."""
+        ray = self._ray
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+            raise self._failure(rank, e) from None
 
     def close(self) -> None:
         ray = self._ray
