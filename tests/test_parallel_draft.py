@@ -7,21 +7,16 @@ bf16 precision on 2 GPUs (NCCL, bf16 autocast; marked `gpu`, needs 2 CUDA device
 """
 
 import os
-import socket
 
 import pytest
 import torch
 from batch_helpers import random_batch
 import torch.multiprocessing as mp
 
+from torchspec.utils.net import free_port
+
 H, V, B, STEPS = 256, 512, 4, 3
 T = 256  # tokens per row on GPU (the CPU variant uses fewer)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _micro_batches(n):
@@ -93,7 +88,7 @@ def test_ddp_and_fsdp2_equal_one_process(tmp_path, monkeypatch, cuda):
     monkeypatch.setattr(__import__(__name__), "T", tokens)
     _train("cuda:0" if cuda else "cpu", 0, 1, "ddp", tmp_path / "single.pt")
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, tmp_path, cuda, tokens)) for r in range(2)]
     for p in procs:
         p.start()

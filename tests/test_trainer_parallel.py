@@ -1,23 +1,18 @@
 """Data-parallel trainer on CPU (gloo, 2 processes): DDP and FSDP2 equal one process on the whole batch."""
 
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from torchspec.utils.net import free_port
+
 import test_trainer
 from test_trainer import batches, make_cfg, make_trainer
 
 MODES = ("ddp", "fsdp")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(rank, world, mode, micro, out_path):
@@ -59,7 +54,7 @@ def _worker(rank, world, port, micro, out_dir):
 def test_two_ranks_equal_one_process(tmp_path):
     micro = batches(3, b=4)  # accumulation 2: one full window, then a partial one
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, micro, tmp_path)) for r in range(2)]
     for p in procs:
         p.start()
