@@ -33,3 +33,16 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def put_record(store, sample, aux: torch.Tensor, final: torch.Tensor) -> StoredSample:
+    """Put one sample's hidden-state record (docs/interfaces.md) under its sample id: the one place every
+    engine builds it. aux [n, 3H] and final [n, H] hold the n = len(sample) positions."""
+    n = int(sample.input_ids.numel())
+    store.put(sample.sample_id, {
+        "input_ids": sample.input_ids.to(torch.long),
+        "loss_mask": sample.loss_mask.to(torch.uint8),
+        "aux_hidden_states": aux,
+        "final_hidden_states": final,
+    })
+    return StoredSample(key=sample.sample_id, sample_id=sample.sample_id, length=n)

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from torchspec.config.errors import ConfigError
-from torchspec.inference.base import StoredSample, compute_dtype
+from torchspec.inference.base import StoredSample, compute_dtype, put_record
 
 
 class TargetLoadError(ConfigError):
@@ -111,14 +111,7 @@ class HFEngine:
             aux, final = self._forward(chunk)
             for j, s in enumerate(chunk):
                 n = int(s.input_ids.numel())
-                record = {
-                    "input_ids": s.input_ids.to(torch.long),
-                    "loss_mask": s.loss_mask.to(torch.uint8),
-                    "aux_hidden_states": aux[j, :n],
-                    "final_hidden_states": final[j, :n],
-                }
-                self.store.put(s.sample_id, record)
-                done[s.sample_id] = StoredSample(key=s.sample_id, sample_id=s.sample_id, length=n)
+                done[s.sample_id] = put_record(self.store, s, aux[j, :n], final[j, :n])
         return [done[s.sample_id] for s in samples]
 
     def close(self) -> None:

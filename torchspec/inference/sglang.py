@@ -98,7 +98,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from torchspec.config.errors import ConfigError
-from torchspec.inference.base import StoredSample, compute_dtype
+from torchspec.inference.base import StoredSample, compute_dtype, put_record
 from torchspec.utils.net import free_ports
 
 logger = logging.getLogger(__name__)
@@ -301,14 +301,7 @@ class SGLangEngine:
         for s, out in zip(samples, outs):
             n = int(s.input_ids.numel())
             hs = self._rows(out, n, s.sample_id).to(device=self.device, dtype=self.dtype)
-            record = {
-                "input_ids": s.input_ids.to(torch.long),
-                "loss_mask": s.loss_mask.to(torch.uint8),
-                "aux_hidden_states": hs[:, :split].contiguous(),
-                "final_hidden_states": hs[:, split:].contiguous(),
-            }
-            self.store.put(s.sample_id, record)
-            stored.append(StoredSample(key=s.sample_id, sample_id=s.sample_id, length=n))
+            stored.append(put_record(self.store, s, hs[:, :split].contiguous(), hs[:, split:].contiguous()))
         return stored
 
     def close(self) -> None:

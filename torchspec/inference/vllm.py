@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from torchspec.config.errors import ConfigError
-from torchspec.inference.base import StoredSample, compute_dtype
+from torchspec.inference.base import StoredSample, compute_dtype, put_record
 
 logger = logging.getLogger(__name__)
 
@@ -300,14 +300,8 @@ class VLLMEngine:
             if not torch.equal(ids.to(torch.long), s.input_ids.to(torch.long)):
                 raise RuntimeError(f"vllm engine: hidden states of sample {s.sample_id} are for other tokens")
             hs = hs.to(self.device)
-            record = {
-                "input_ids": s.input_ids.to(torch.long),
-                "loss_mask": s.loss_mask.to(torch.uint8),
-                "aux_hidden_states": hs[:, self._aux_rows].reshape(n, -1),
-                "final_hidden_states": self.final_norm(hs[:, self._final_row]),
-            }
-            self.store.put(s.sample_id, record)
-            stored.append(StoredSample(key=s.sample_id, sample_id=s.sample_id, length=n))
+            stored.append(put_record(self.store, s, hs[:, self._aux_rows].reshape(n, -1),
+                                     self.final_norm(hs[:, self._final_row])))
         return stored
 
     def close(self) -> None:
