@@ -106,7 +106,7 @@ def main(argv=None) -> Path:
     import torch
 
     from torchspec.export import export_draft, prune_draft_vocab
-    from torchspec.models import check_aux_layers, default_aux_layers
+    from torchspec.models import check_aux_layers, default_aux_layers, to_vllm_layer_ids
 
     ckpt = Path(args.input_dir)
     if not ckpt.is_dir():
@@ -147,7 +147,7 @@ def main(argv=None) -> Path:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = export_draft(draft, args.output_dir, target_config, aux, dtype=dtype, include_embeddings=with_emb)
     print(f"wrote {out} (draft_vocab_size {draft.config.draft_vocab_size}, aux layers {aux} ours / "
-          f"{[i + 1 for i in aux]} vLLM)")
+          f"{to_vllm_layer_ids(aux)} vLLM)")
     return out
 
 

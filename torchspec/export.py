@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from torchspec.models import check_aux_layers
+from torchspec.models import check_aux_layers, to_vllm_layer_ids
 from torchspec.models.draft import DraftConfig, LlamaForCausalLMEagle3
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -96,7 +96,7 @@ def export_config(cfg: DraftConfig, aux_layer_ids: Sequence[int], target_config=
         "norm_before_residual": False,
         "torch_dtype": str(dtype).replace("torch.", ""),
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": ours, "use_aux_hidden_state": True},
-        "eagle_aux_hidden_state_layer_ids": [i + 1 for i in ours],
+        "eagle_aux_hidden_state_layer_ids": to_vllm_layer_ids(ours),
         "torchspec": {"aux_hidden_state_layer_ids": ours, "layer_id_convention": LAYER_ID_CONVENTION,
                       "embeddings_trained": bool(embeddings_trained),
                       "target_num_hidden_layers": tgt.get("num_hidden_layers")},

@@ -41,6 +41,7 @@ import torch
 
 from torchspec.config.errors import ConfigError
 from torchspec.inference.base import StoredSample, compute_dtype, put_record
+from torchspec.models import to_vllm_layer_ids  # noqa: F401  (re-exported: the engine's boundary)
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,6 @@ def filter_extra_args(extra_args: Mapping[str, Any], warn: Optional[Callable[[st
             "inference.vllm.extra_args: dropped " + ", ".join(
                 f"{k}={v!r} (managed by TorchSpec: {PROTECTED_EXTRA_ARGS[k]})" for k, v in dropped.items()))
     return {k: v for k, v in extra_args.items() if k not in PROTECTED_EXTRA_ARGS}
-
-
-def to_vllm_layer_ids(aux_layers: Sequence[int]) -> list[int]:
-    """Our aux id k (output of decoder layer k) -> vLLM's id k + 1 (the state entering layer k + 1)."""
-    return [int(k) + 1 for k in aux_layers]
 
 
 def extraction_plan(aux_layers: Sequence[int], num_layers: int) -> tuple[list[int], list[int], int]:

@@ -26,6 +26,12 @@ def default_aux_layers(num_layers: int) -> list[int]:
     raise AssertionError("unreachable: [0, 1, 2] is ascending")
 
 
+def to_vllm_layer_ids(aux_layers) -> list[int]:
+    """Our aux id k (output of decoder layer k) -> vLLM's id k + 1 (the state entering layer k + 1): the one
+    conversion at the vLLM boundary (the vllm engine, the export's `eagle_aux_hidden_state_layer_ids`)."""
+    return [int(k) + 1 for k in aux_layers]
+
+
 def check_aux_layers(layers, num_layers: int | None = None,
                      key: str = "inference.aux_hidden_states_layers") -> list[int]:
     """Validate aux-layer ids: 3 distinct, ascending decoder-layer ids (of this target, when its layer
