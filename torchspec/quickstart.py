@@ -174,10 +174,13 @@ def _train_lm(model, ids, recipe: TargetRecipe) -> int:
     while step < recipe.max_steps:
         elapsed = time.time() - t0
         if elapsed >= recipe.train_seconds:
+            log(f"target: time cap of {recipe.train_seconds:.0f}s reached at step {step}/{recipe.max_steps} "
+                "(a busy machine): this target differs from a full run's")
             break
-        # linear warmup, then linear decay over the steps (or the time cap, if that comes first)
-        done = max(step / recipe.max_steps, elapsed / recipe.train_seconds)
-        lr = recipe.learning_rate * min(1.0, (step + 1) / recipe.warmup_steps) * max(0.05, 1.0 - done)
+        # linear warmup, then linear decay over the steps: a function of the step alone, so the same
+        # recipe gives the same target on any machine that finishes the steps (the time cap only stops it)
+        lr = (recipe.learning_rate * min(1.0, (step + 1) / recipe.warmup_steps)
+              * max(0.05, 1.0 - step / recipe.max_steps))
         for g in opt.param_groups:
             g["lr"] = lr
         x = _windows(ids, recipe.batch_size, recipe.seq_len, gen)
