@@ -67,7 +67,7 @@ def test_pooled_metrics_equal_one_big_batch(run):
     from torchspec.pipeline.batch import collate
 
     pooled = ev.eval_metrics(trainer)  # micro-batches of 2 (3 batches, the last one of 1)
-    big = trainer.eval_step(collate(ev.records))
+    big = trainer.eval_step(collate(ev.records, pack=False))
     assert pooled["num_samples"] == 5
     for k in ("loss", "acc_0", "acc_1", "loss_0", "loss_1"):
         assert pooled[k] == pytest.approx(big[k], rel=1e-5, abs=1e-6), k

@@ -359,7 +359,7 @@ def _accuracies(draft, head, records, ttt_length: int, attention_backend: str, b
     correct, valid = [0.0] * ttt_length, [0] * ttt_length
     with torch.no_grad():
         for i in range(0, len(records), batch_size):
-            out = eagle3_loss(draft, head, collate(records[i:i + batch_size]), ttt_length, attention_backend)
+            out = eagle3_loss(draft, head, collate(records[i:i + batch_size], pack=True), ttt_length, attention_backend)
             for k in range(ttt_length):
                 correct[k] += float(out.correct[k])
                 valid[k] += int(out.num_valid[k])

@@ -94,7 +94,8 @@ class TrainingConfig:
     max_seq_length: int = 8192
     ttt_length: int = 7  # test-time-training unroll steps
     draft_vocab_size: Optional[int] = None  # null = the draft config's value (else full vocab)
-    attention_backend: str = "sdpa"
+    attention_backend: str = "flex_attention"  # flex_attention | sdpa (torchspec/models/attention.py)
+    pack_samples: bool = True  # a micro-batch's samples in one row, attention kept per sample; false = right-pad
     gradient_checkpointing: bool = False
     gradient_checkpointing_steps: Optional[int] = None  # null = every TTT step; N = only the first N
     loss_mask_alignment: str = "eagle"  # one of LOSS_MASK_ALIGNMENTS

@@ -125,7 +125,7 @@ class TrainingEvaluator:
         sums: dict[str, float] = {}
         batches = []
         for i in range(0, len(self.records), self.micro_batch_size):
-            m = trainer.eval_step(collate(self.records[i:i + self.micro_batch_size]))
+            m = trainer.eval_step(collate(self.records[i:i + self.micro_batch_size], pack=True))  # = padded
             batches.append(m)
             for key, v in m.items():
                 if key.startswith(("num_valid_", "correct_", "loss_sum_")):

@@ -1,13 +1,16 @@
 """The Eagle3 training forward (test-time training over `ttt_length` steps) and its loss.
 
 Implements the contract in ARCHITECTURE.md ("The Eagle3 contract"); nothing here knows about
-ranks, Ray or stores. Batches are RIGHT-padded: `attention_mask[b, t] = 1` for t < len_b.
+ranks, Ray or stores. A batch row holds one right-padded sample (`attention_mask[b, t] = 1` for
+t < len_b, then 0) or several packed ones: `attention_mask` numbers the documents of a row 1, 2, ...
+(0 = padding). Positions (RoPE), attention and every TTT shift stay inside a document: a packed batch
+gives the loss and gradients of the same samples unpacked (a test holds them equal).
 
-Row t of step k (k = 0..K-1) reads token x_{t+1+k}, position t+k, hidden = fc(g_t) at k = 0 and
+Row t of step k (k = 0..K-1) reads token x_{t+1+k}, position t+k (t counted from its document's start), hidden = fc(g_t) at k = 0 and
 the draft's own pre-norm output of step k-1 after; it is trained toward p_{t+1+k} (the target's
-distribution for x_{t+2+k}). Supervised ("valid") rows: t+1+k < len, and
+distribution for x_{t+2+k}). Supervised ("valid") rows: t+1+k inside the same document, and
   loss_mask_alignment "eagle":   loss_mask[t+k] = 1                (EAGLE / SpecForge convention)
-                      "serving": t+2+k < len and loss_mask[t+2+k] = 1  (the predicted token is an
+                      "serving": t+2+k in the document and loss_mask[t+2+k] = 1  (the predicted token is an
                                                                      assistant token)
 and the target's argmax over the FULL vocab at position t+1+k lies in the draft vocab.
 loss_k = mean over valid rows of -sum_v p(v) log q_k(v); loss = sum_k 0.8^k loss_k;
@@ -27,7 +30,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from torchspec.config.schema import LOSS_MASK_ALIGNMENTS, TrainingConfig
-from torchspec.models.attention import maybe_compiled, ttt_attention
+from torchspec.models.attention import AttentionMasks, maybe_compiled, ttt_attention
 
 STEP_DECAY = 0.8  # loss weight of TTT step k is STEP_DECAY**k (the EAGLE-3 recipe)
 CHUNK_ELEMENTS = 1 << 27  # rows per lm_head chunk ~ CHUNK_ELEMENTS / draft_vocab_size
@@ -57,24 +60,40 @@ class Eagle3Targets:
     p_rows: list[torch.Tensor]  # per step k: the `probs` row of each of those rows (position +1+k)
 
 
+def same_doc_ahead(doc: torch.Tensor, n: int) -> torch.Tensor:
+    """bool [B, T]: position t + n exists and lies in t's document (padding, document 0, has none)."""
+    out = torch.zeros_like(doc, dtype=torch.bool)
+    if n < doc.shape[1]:
+        out[:, : doc.shape[1] - n] = (doc[:, n:] == doc[:, :-n]) & (doc[:, :-n] > 0)
+    return out
+
+
+def doc_positions(doc: torch.Tensor) -> torch.Tensor:
+    """long [B, T]: each position's offset from the start of its document (padding: from where it starts)."""
+    B, T = doc.shape
+    t = torch.arange(T, device=doc.device).expand(B, T)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    return t - torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+
+
 def step_validity(loss_mask: torch.Tensor, attention_mask: torch.Tensor, ttt_length: int,
                   alignment: str) -> torch.Tensor:
-    """bool [K, B, T]: rows supervised at each step, before the draft-vocab (argmax) check."""
+    """bool [K, B, T]: rows supervised at each step, before the draft-vocab (argmax) check.
+
+    attention_mask: 1/0 (one right-padded sample per row) or document numbers 1, 2, ... (packed rows)."""
     if alignment not in LOSS_MASK_ALIGNMENTS:
         raise ValueError(f"training.loss_mask_alignment: unknown value '{alignment}' "
                          f"(choose from {LOSS_MASK_ALIGNMENTS})")
-    B, T = loss_mask.shape
-    lengths = attention_mask.long().sum(-1, keepdim=True)  # right padding
-    t = torch.arange(T, device=loss_mask.device)
-    lm = loss_mask.bool() & attention_mask.bool()
-    valid = torch.zeros(ttt_length, B, T, dtype=torch.bool, device=loss_mask.device)
+    doc = attention_mask.long()
+    lm = loss_mask.bool() & (doc > 0)
+    valid = torch.zeros(ttt_length, *doc.shape, dtype=torch.bool, device=loss_mask.device)
     for k in range(ttt_length):
-        has_target = (t + 1 + k) < lengths
-        shift = k if alignment == "eagle" else k + 2
-        shifted = torch.zeros_like(lm)
-        if shift < T:
-            shifted[:, : T - shift] = lm[:, shift:]
-        valid[k] = has_target & shifted
+        has_target = same_doc_ahead(doc, 1 + k)
+        if alignment == "eagle":   # loss_mask[t+k]: inside the document whenever t+1+k is
+            valid[k] = has_target & _shift_left(lm, k)
+        else:
+            valid[k] = has_target & same_doc_ahead(doc, k + 2) & _shift_left(lm, k + 2)
     return valid
 
 
@@ -184,8 +203,9 @@ def _norm_rows(norm, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tensor, targets: Eagle3Targets,
                 ttt_length: int, attention_backend: str, gradient_checkpointing: bool,
-                checkpoint_steps: Optional[int] = None) -> Eagle3Output:
-    """The TTT unroll of `draft` over a right-padded batch; returns the weighted loss and metrics.
+                checkpoint_steps: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None) -> Eagle3Output:
+    """The TTT unroll of `draft` over a batch (attention_mask: 1/0 right padding or packed document
+    numbers; None = every row one full-length sample); returns the weighted loss and metrics.
 
     Step k's token embeddings are those of step 0 shifted k rows, so the embedding half of the
     q/k/v projection is computed once over T + K - 1 positions and sliced per step.
@@ -201,6 +221,9 @@ def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tens
     norm_fn = maybe_compiled(_norm_rows, input_ids)
     hidden = draft.fc(aux_hidden_states.to(draft.fc.weight.dtype))
     dtype = hidden.dtype
+    doc = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    masks = AttentionMasks(attention_backend, doc)
+    positions = doc_positions(doc)
     cos_all, sin_all = draft.rope(torch.arange(T + ttt_length - 1, device=input_ids.device), dtype)
     w_embed, w_hidden = layer.split_qkv_weights()
     # position j holds token x_{j+1} (0 past the end): step k reads positions k .. k+T-1
@@ -211,12 +234,12 @@ def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tens
     values: list[torch.Tensor] = []
     hs = []
     for k in range(ttt_length):
-        cos, sin = cos_all[k:k + T], sin_all[k:k + T]
+        cos, sin = cos_all[positions + k].unsqueeze(1), sin_all[positions + k].unsqueeze(1)   # [B, 1, T, d]
         n_prev = len(keys)
 
         def step(e_proj, hidden, cos, sin, *kv, n_prev=n_prev):  # bind n_prev now: recomputation runs later
             q, kk, vv = qkv_fn(layer, e_proj, hidden, w_hidden, cos, sin)
-            attn = ttt_attention(attention_backend, q, list(kv[:n_prev]) + [kk], list(kv[n_prev:]) + [vv])
+            attn = ttt_attention(masks, q, list(kv[:n_prev]) + [kk], list(kv[n_prev:]) + [vv])
             return finish_fn(layer, attn, hidden), kk, vv
 
         args = (embed_proj[:, k:k + T], hidden, cos, sin, *keys, *values)
@@ -247,15 +270,16 @@ def eagle3_loss(draft, target_head, batch: dict, ttt_length: int, attention_back
                 checkpoint_steps: Optional[int] = None) -> Eagle3Output:
     """Target probs from the frozen target head, then `draft(...)` (the TTT forward) on the batch.
 
-    batch: input_ids [B,T], loss_mask [B,T], attention_mask [B,T] (right padding),
-    aux_hidden_states [B,T,3H_t], final_hidden_states [B,T,H_t].
+    batch: input_ids [B,T], loss_mask [B,T], attention_mask [B,T] (1/0 right padding, or packed document
+    numbers), aux_hidden_states [B,T,3H_t], final_hidden_states [B,T,H_t].
     """
     targets = prepare_targets(target_head, batch["final_hidden_states"], batch["loss_mask"],
                               batch["attention_mask"], draft.d2t, draft.t2d, ttt_length, loss_mask_alignment)
     return draft(input_ids=batch["input_ids"], aux_hidden_states=batch["aux_hidden_states"], targets=targets,
-                 ttt_length=ttt_length, attention_backend=attention_backend,
+                 attention_mask=batch["attention_mask"], ttt_length=ttt_length, attention_backend=attention_backend,
                  gradient_checkpointing=gradient_checkpointing, checkpoint_steps=checkpoint_steps)
 
 
-__all__ = ["Eagle3Output", "Eagle3Targets", "eagle3_loss", "prepare_targets", "step_validity", "ttt_forward",
+__all__ = ["Eagle3Output", "Eagle3Targets", "doc_positions", "eagle3_loss", "prepare_targets", "step_validity",
+           "ttt_forward",
            "STEP_DECAY"]

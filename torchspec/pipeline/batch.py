@@ -1,4 +1,11 @@
-"""Hidden-state records (one per sample, from the Store) -> the right-padded trainer batch."""
+"""Hidden-state records (one per sample, from the Store) -> one trainer batch.
+
+Two layouts (`training.pack_samples`):
+- packed: every record of the micro-batch one after another in a single row [1, sum(lengths)], with
+  `attention_mask` numbering the documents 1..n. No padding is computed at all, and the Eagle3 forward
+  keeps attention, positions and TTT shifts inside each document (torchspec.models.eagle3).
+- padded: one record per row, right-padded to the longest; `attention_mask` is 1 on real tokens, 0 after.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,17 @@ import torch
 RECORD_KEYS = ("input_ids", "loss_mask", "aux_hidden_states", "final_hidden_states")
 
 
-def collate(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Right-pad records to the longest: input_ids/loss_mask/attention_mask [B,T], hidden states [B,T,*]."""
+def collate(records: list[dict[str, torch.Tensor]], *, pack: bool) -> dict[str, torch.Tensor]:
+    """The trainer batch of `records`: input_ids/loss_mask/attention_mask [B, T], hidden states [B, T, *]."""
     if not records:
         raise ValueError("collate: empty micro-batch")
     lengths = [int(r["input_ids"].shape[0]) for r in records]
+    if pack:
+        out = {k: torch.cat([r[k] for r in records]).unsqueeze(0) for k in RECORD_KEYS}
+        out["input_ids"] = out["input_ids"].long()
+        out["attention_mask"] = torch.repeat_interleave(torch.arange(1, len(records) + 1),
+                                                        torch.tensor(lengths)).unsqueeze(0)
+        return out
     B, T = len(records), max(lengths)
     first = records[0]
     out = {

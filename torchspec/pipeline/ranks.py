@@ -25,14 +25,15 @@ import torch
 from torchspec.inference.base import StoredSample
 
 
-def rank_batch(store, keys: list[str], ref_key: str):
-    """The rank's micro-batch; a rank left without samples (an epoch's short tail) trains on a copy of
-    another rank's sample with its loss mask zeroed: it joins the collectives with zero gradient."""
+def rank_batch(store, keys: list[str], ref_key: str, pack: bool):
+    """The rank's micro-batch (packed or padded: torchspec.pipeline.batch); a rank left without samples (an
+    epoch's short tail) trains on a copy of another rank's sample with its loss mask zeroed: it joins the
+    collectives with zero gradient."""
     from torchspec.pipeline.batch import collate
 
     if keys:
-        return collate([store.get(k) for k in keys])
-    batch = collate([store.get(ref_key)])
+        return collate([store.get(k) for k in keys], pack=pack)
+    batch = collate([store.get(ref_key)], pack=pack)
     batch["loss_mask"].zero_()
     return batch
 
@@ -128,6 +129,7 @@ class RankWorker:
         use_device(device)
         init_dist(rank, world, device, init_method, cfg.training.distributed_timeout_minutes)
         self.store = store
+        self.pack = bool(cfg.training.pack_samples)
         self.rank = rank
         self.batch = None
         dist = DistInfo(rank, world, rank if local_rank is None else local_rank)
@@ -135,7 +137,7 @@ class RankWorker:
 
     def handle(self, op: str, *args) -> None:
         if op == "read":
-            self.batch = rank_batch(self.store, *args)
+            self.batch = rank_batch(self.store, *args, self.pack)
         elif op == "train":
             batch, self.batch = self.batch, None
             self.trainer.train_step(batch)
@@ -174,6 +176,7 @@ class TrainerRanks:
         from torchspec.training.parallel import DistInfo
 
         self.store = store
+        self.pack = bool(cfg.training.pack_samples)
         self.world = world
         self.device = device
         self.peers = peers
@@ -220,7 +223,8 @@ class TrainerRanks:
         if self.others:
             self.peers.send([("read", [s.key for s in b], ref) for b in batches[1:]])
             self.peers.acks()    # every rank has read its records
-        batch = rank_batch(self.store, [s.key for s in batches[0]], ref)
+        with self.trainer.clock.phase("read"):
+            batch = rank_batch(self.store, [s.key for s in batches[0]], ref, self.pack)
         self._send("train")
         m = self._collective(self.trainer.train_step, batch)
         self._acks()

@@ -217,6 +217,13 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
 
     def after_step(m: dict, epoch_ended: bool, call_hook: bool = True):
         step = trainer.global_step
+        clock = trainer.clock
+        if evaluator is not None and evaluator.due(step):
+            with clock.phase("eval"):
+                evaluate(step)
+        if step % tr.save_interval == 0 or (epoch_ended and tr.save_per_epoch):
+            with clock.phase("checkpoint"):
+                save(step)
         elapsed = time.monotonic() - t_start
         record = {k: v for k, v in m.items() if k in ("lr", "grad_norm")}
         for key in sorted({k for w in window for k in w if k == "loss" or k.startswith(("acc_", "loss_"))}):
@@ -234,13 +241,11 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
         record["samples_per_s"] = (n1 - n0) / max(t1 - t0, 1e-9)
         record["training_samples_per_s"] = (n1 - n0) / max(busy1 - busy0, 1e-9)
         window.clear()
-        logger.log(step, record)
+        record.update(clock.take())   # time/<phase>_s of this step (eval and checkpoint included)
+        with clock.phase("log"):      # counted in the next step's record
+            logger.log(step, record)
         result.losses.append((step, record["loss"]))
         result.global_step = step
-        if evaluator is not None and evaluator.due(step):
-            evaluate(step)
-        if step % tr.save_interval == 0 or (epoch_ended and tr.save_per_epoch):
-            save(step)
         if on_step is not None and call_hook:
             on_step(step, record)
 
@@ -266,8 +271,16 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
                     inference_batch_size=inf.inference_batch_size,
                     inference_buffer_threshold=inf.inference_buffer_threshold, seed=int(tr.seed),
                     data_state=data_state)
+                trainer.clock.take()   # phases are counted from here (start-up is not a step)
                 while trainer.global_step < plan.num_train_steps:
+                    t0, busy0 = time.perf_counter(), getattr(engines, "busy_s", 0.0)
                     batches = controller.next_micro_batches()
+                    waited = time.perf_counter() - t0
+                    if placement.colocate:   # the inline engine ran the target inside that wait
+                        target_s = getattr(engines, "busy_s", 0.0) - busy0
+                        trainer.clock.add("target_forward", target_s)
+                        waited -= target_s
+                    trainer.clock.add("data_wait", waited)
                     if batches is None:
                         break
                     with interrupts.critical():

@@ -16,6 +16,7 @@ import torch
 
 from torchspec.training import parallel
 from torchspec.training.optim import build_lr_scheduler, build_optimizer
+from torchspec.training.phases import PhaseClock
 
 BATCH_KEYS = ("input_ids", "loss_mask", "attention_mask", "aux_hidden_states", "final_hidden_states")
 
@@ -99,6 +100,7 @@ class Trainer:
         self.global_step = 0      # optimizer steps taken
         self.micro_step = 0       # micro-batches accumulated towards the next optimizer step
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.clock = PhaseClock(self.device)   # per-phase step times (torchspec.training.phases)
 
     # -- forward ---------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
@@ -114,16 +116,20 @@ class Trainer:
 
     @staticmethod
     def _metrics(out, counts: bool = False) -> dict:
-        """loss, loss_k, acc_k; with counts, also num_valid_k / correct_k / loss_sum_k for exact pooling."""
-        m = {"loss": float(out.loss.detach())}
-        for k, acc in enumerate(out.accs):
-            m[f"acc_{k}"] = float(acc)
-        for k, loss in enumerate(getattr(out, "losses", []) or []):
-            m[f"loss_{k}"] = float(loss)
+        """loss, loss_k, acc_k; with counts, also num_valid_k / correct_k / loss_sum_k for exact pooling.
+
+        One host sync: every number comes over in a single tensor."""
+        names, values = ["loss"], [out.loss.detach().float().reshape(())]
+        groups = [("acc", out.accs), ("loss", getattr(out, "losses", None) or [])]
         if counts:
-            for name, key in (("num_valid", "num_valid"), ("correct", "correct"), ("loss_sums", "loss_sum")):
-                for k, v in enumerate(getattr(out, name, None) or []):
-                    m[f"{key}_{k}"] = float(v)
+            groups += [("correct", getattr(out, "correct", None) or []), ("loss_sum", getattr(out, "loss_sums", None) or [])]
+        for key, vals in groups:
+            for k, v in enumerate(vals):
+                names.append(f"{key}_{k}")
+                values.append(torch.as_tensor(v).detach().float().reshape(()).to(values[0].device))
+        m = dict(zip(names, torch.stack(values).tolist()))
+        if counts:
+            m.update({f"num_valid_{k}": float(n) for k, n in enumerate(getattr(out, "num_valid", None) or [])})
         return m
 
     # -- training ----------------------------------------------------------------------------------
@@ -136,13 +142,18 @@ class Trainer:
         accumulated micro-batches give the mean of their losses' gradients.
         """
         self.model.train()
-        batch = self._to_device(batch)
+        clock = self.clock
+        with clock.phase("h2d"):
+            batch = self._to_device(batch)
         last = self.micro_step + 1 == self.accumulation_steps
         with parallel.grad_sync(self.model, last):
-            out = self._forward(batch)
-            (out.loss / self.accumulation_steps).backward()
+            with clock.phase("forward"):
+                out = self._forward(batch)
+            with clock.phase("backward"):
+                (out.loss / self.accumulation_steps).backward()
         self.micro_step += 1
-        metrics = self._metrics(out)
+        with clock.phase("metrics"):
+            metrics = self._metrics(out)
         metrics["stepped"] = last
         if last:
             metrics.update(self._optimizer_step())
@@ -163,16 +174,18 @@ class Trainer:
 
     def _optimizer_step(self) -> dict:
         max_norm = float(self.max_grad_norm) if self.max_grad_norm and self.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.clock.phase("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = float(grad_norm)
         self.global_step += 1
         self.micro_step = 0
-        return {"step": self.global_step, "lr": lr, "grad_norm": float(grad_norm)}
+        return {"step": self.global_step, "lr": lr, "grad_norm": grad_norm}
 
     @torch.no_grad()
     def eval_step(self, batch: dict) -> dict:
