@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""End-to-end training throughput of the REAL pipeline against SpecForge's online loop and our own isolated step.
+
+One call, one device, the same data and steps for all three:
+ 1. torchspec: `run_training` (what `python -m torchspec.train_entry` runs: dataset -> HF engine -> local
+    store -> controller -> trainer), colocated on one GPU (`--layout colocated`) or engine and trainer on
+    two GPUs (`--layout split`). Per-step times and phases come from its metrics.jsonl.
+ 2. ceiling: our Trainer.train_step alone on the SAME micro-batches the run trained (hidden states made by
+    the target beforehand, batches already on the device): what the pipeline could reach with zero overhead.
+ 3. SpecForge 0.2.0's online loop (benchmarks/specforge_ref.py: target forward + OnlineEagle3Model + AdamW)
+    on the same micro-batches, right-padded as it pads them. Skipped with a note when SpecForge is missing.
+
+Targets (benchmarks/e2e_setup.py): `small` (8 layers, hidden 384, ~16M parameters) and `8b` (Qwen3-8B's
+shape, random bf16 weights). Data: chat conversations with a ShareGPT-like length spread (median ~300
+tokens, tail past 4k), cut to --max-len.
+
+    python benchmarks/bench_e2e.py --target small --steps 300
+    python benchmarks/bench_e2e.py --target 8b --steps 120 --mbs 2 --max-len 4096 --draft-vocab 32000
+
+Prints tokens/s, supervised tokens/s, steps/s, step-time p50/p90/max and the phase breakdown of each, and
+the ratios torchspec / SpecForge and torchspec / ceiling over the same steps (after --warmup steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from e2e_setup import TARGETS, build_conversations, build_target  # noqa: E402
+
+
+def percentiles(xs: list[float]) -> dict:
+    s = sorted(xs)
+    return {"p50": round(statistics.median(s), 4), "p90": round(s[int(0.9 * (len(s) - 1))], 4),
+            "max": round(s[-1], 4), "mean": round(sum(s) / len(s), 4)}
+
+
+def config_for(args, target: Path, data: Path, out: Path):
+    from torchspec.config.schema import Config
+
+    cfg = Config()
+    cfg.model.target_model_path = str(target)
+    cfg.dataset.train_data_path, cfg.dataset.prompt_key, cfg.dataset.chat_template = str(data), "messages", "qwen"
+    t = cfg.training
+    t.micro_batch_size, t.ttt_length, t.max_seq_length = args.mbs, args.ttt, args.max_len
+    t.num_train_steps, t.save_interval, t.draft_vocab_size = args.steps, 10**9, args.draft_vocab
+    t.learning_rate, t.attention_backend, t.pack_samples = args.lr, args.attention, not args.no_pack
+    i = cfg.inference
+    i.colocate = args.layout == "colocated"
+    i.inference_batch_size, i.max_sample_pool_size, i.inference_buffer_threshold = args.mbs, 8 * args.mbs, 4 * args.mbs
+    cfg.output_dir, cfg.cache_dir = str(out / f"run-{args.target}-{args.layout}"), str(out / "cache")
+    return cfg
+
+
+def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float]]:
+    """(summary, sample ids of each optimizer step, per-step wall times) of the real pipeline."""
+    from torchspec.pipeline.runner import run_training
+
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    t0 = time.time()
+    r = run_training(cfg, progress=False)
+    wall = time.time() - t0
+    lines = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    by_step: dict[int, list[str]] = defaultdict(list)
+    for step, _, sid in r.trained:
+        by_step[step].append(sid)
+    ids = [by_step[x["step"]] for x in steps]
+    times = [x["time/step_s"] for x in steps]
+    steady = [x for x in steps[args.warmup:] if "time/eval_s" not in x and "time/checkpoint_s" not in x]
+    phases = sorted({k for x in steady for k in x if k.startswith("time/") and k != "time/step_s"})
+    step_total = sum(x["time/step_s"] for x in steady)
+    summary = {"steps": len(steps), "wall_s": round(wall, 1), "run_s": round(r.elapsed_s, 1),
+               "step_time": percentiles([x["time/step_s"] for x in steady]),
+               "slow_steps_over_2x_median": sum(x["time/step_s"] > 2 * statistics.median(
+                   y["time/step_s"] for y in steady) for x in steady),
+               "phases_pct": {k[5:-2]: round(100 * sum(x.get(k, 0.0) for x in steady) / step_total, 1)
+                              for k in phases},
+               "final_loss": steps[-1]["loss"], "acc_0": steps[-1].get("acc_0")}
+    return summary, ids, times
+
+
+def sample_table(cfg):
+    from torchspec.data.dataset import from_config, load_tokenizer
+
+    return {s.sample_id: s for s in from_config(cfg, load_tokenizer(cfg), progress=False)}
+
+
+class MemoryStore:
+    """A dict standing in for the store when precomputing the ceiling's hidden states (not timed)."""
+
+    def __init__(self):
+        self.d = {}
+
+    def put(self, key, tensors):
+        self.d[key] = {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def run_ceiling(cfg, step_ids: list[list[str]], samples, device) -> tuple[list[float], list[float]]:
+    """(draft step times, target forward times): our Trainer.train_step alone on the same micro-batches,
+    inputs already on the device, and the HF engine's forward of each micro-batch alone."""
+    from transformers import AutoConfig
+
+    from torchspec.data.dataset import vocab_map_for
+    from torchspec.inference.hf import HFEngine
+    from torchspec.pipeline.batch import collate
+    from torchspec.pipeline.build import ModelSpec, build_trainer, draft_config_for
+
+    target_config = AutoConfig.from_pretrained(cfg.model.target_model_path)
+    draft_config = draft_config_for(cfg, target_config)
+    d2t, t2d = vocab_map_for(list(samples.values()), draft_config.vocab_size, draft_config.draft_vocab_size)
+    store = MemoryStore()
+    engine = HFEngine.from_config(cfg, store, device)
+    batches, target_s = [], []
+    for ids in step_ids:
+        t0 = time.perf_counter()
+        engine.generate([samples[i] for i in ids])
+        target_s.append(time.perf_counter() - t0)
+        batch = collate([store.d.pop(i) for i in ids], pack=bool(cfg.training.pack_samples))
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    engine.close()
+    del engine
+    spec = ModelSpec(draft_config, d2t, t2d, len(batches), None, False)
+    trainer, _ = build_trainer(cfg, spec, device)
+    times = []
+    for b in batches:
+        t0 = time.perf_counter()
+        trainer.train_step(b)
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        times.append(time.perf_counter() - t0)
+    return times, target_s
+
+
+def run_peer(cfg, step_ids, samples, args, device) -> dict | str:
+    import specforge_ref
+
+    why = specforge_ref.available()
+    if why:
+        return f"skipped: {why}"
+    from torchspec.data.dataset import vocab_map_for
+    from torchspec.pipeline.batch import collate
+    from transformers import AutoConfig
+
+    tc = AutoConfig.from_pretrained(cfg.model.target_model_path)
+    d2t, t2d = vocab_map_for(list(samples.values()), tc.vocab_size, args.draft_vocab)
+    kept = sorted(int(i) for i in torch.nonzero(t2d).flatten())
+    sf_d2t, sf_t2d = specforge_ref.specforge_vocab_maps(kept, tc.vocab_size)
+    batches = []
+    for ids in step_ids:
+        recs = [{"input_ids": samples[i].input_ids, "loss_mask": samples[i].loss_mask,
+                 "aux_hidden_states": torch.zeros(len(samples[i].input_ids), 1),
+                 "final_hidden_states": torch.zeros(len(samples[i].input_ids), 1)} for i in ids]
+        b = collate(recs, pack=False)
+        batches.append({k: b[k] for k in ("input_ids", "attention_mask", "loss_mask")})
+    return specforge_ref.run_specforge(
+        cfg.model.target_model_path, batches, ttt_length=args.ttt, draft_vocab_size=args.draft_vocab,
+        d2t=sf_d2t, t2d=sf_t2d, lr=args.lr, total_steps=len(batches), warmup_ratio=cfg.training.warmup_ratio,
+        max_grad_norm=cfg.training.max_grad_norm, attention_backend=args.peer_attention, device=device)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--target", choices=sorted(TARGETS), default="small")
+    p.add_argument("--layout", choices=["colocated", "split"], default="colocated")
+    p.add_argument("--work", default="/tmp/torchspec-e2e")
+    p.add_argument("--conversations", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=50, help="steps left out of the steady-state figures")
+    p.add_argument("--compare-steps", type=int, default=150, help="steady steps the three runs are compared on")
+    p.add_argument("--mbs", type=int, default=8)
+    p.add_argument("--ttt", type=int, default=7)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--draft-vocab", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--attention", default="flex_attention")
+    p.add_argument("--peer-attention", default="sdpa", help="SpecForge's attention backend")
+    p.add_argument("--no-pack", action="store_true")
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--no-ceiling", action="store_true")
+    args = p.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    target = build_target(out / f"target-{args.target}", TARGETS[args.target])
+    from transformers import AutoTokenizer
+
+    data = out / f"conversations-{args.conversations}.jsonl"
+    print("[bench] data:", build_conversations(data, args.conversations, AutoTokenizer.from_pretrained(str(target))),
+          flush=True)
+    cfg = config_for(args, target, data, out)
+    report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "target": args.target,
+              "layout": args.layout, "micro_batch_size": args.mbs, "ttt_length": args.ttt,
+              "max_seq_length": args.max_len, "packed": not args.no_pack, "attention": args.attention}
+    ours, step_ids, step_times = run_pipeline(cfg, args)
+    report["torchspec"] = ours
+    samples = sample_table(cfg)
+    lo, hi = args.warmup, min(len(step_ids), args.warmup + args.compare_steps)
+    window = step_ids[lo:hi]
+    warm = step_ids[max(0, lo - 5):lo]   # run first and not timed by the ceiling and the peer (compilation)
+    tokens = sum(len(samples[i].input_ids) for ids in window for i in ids)
+    supervised = sum(int(samples[i].loss_mask.sum()) for ids in window for i in ids)
+    ours_s = sum(step_times[lo:hi])
+
+    def rates(seconds: float) -> dict:
+        return {"tokens_per_s": round(tokens / seconds), "supervised_tokens_per_s": round(supervised / seconds),
+                "steps_per_s": round(len(window) / seconds, 2)}
+
+    report["compared_steps"] = [lo + 1, hi]
+    report["compared_tokens"], report["compared_supervised_tokens"] = tokens, supervised
+    report["torchspec"].update(rates(ours_s))
+    print("[bench] torchspec:", json.dumps(report["torchspec"]), flush=True)
+    if not args.no_ceiling:
+        t, tf = (x[len(warm):] for x in run_ceiling(cfg, warm + window, samples, device))
+        report["ceiling"] = {**rates(sum(t)), "step_time": percentiles(t)}
+        report["torchspec_vs_ceiling"] = round(report["torchspec"]["tokens_per_s"] / report["ceiling"]["tokens_per_s"], 3)
+        if args.layout == "colocated":   # colocated, the target's forward is part of every step: add it alone
+            both = [a + b for a, b in zip(t, tf)]
+            report["ceiling_with_target_forward"] = {**rates(sum(both)), "target_forward": percentiles(tf)}
+            report["torchspec_vs_ceiling_with_target_forward"] = round(
+                report["torchspec"]["tokens_per_s"] / report["ceiling_with_target_forward"]["tokens_per_s"], 3)
+        print("[bench] ceiling:", json.dumps(report["ceiling"]), flush=True)
+    if not args.no_peer:
+        peer = run_peer(cfg, warm + window, samples, args, device)
+        if isinstance(peer, str):
+            report["specforge"] = peer
+        else:
+            t = peer["step_s"][len(warm):]
+            report["specforge"] = {**rates(sum(t)), "step_time": percentiles(t),
+                                   "attention": args.peer_attention, "final_loss": peer["losses"][-1]}
+            report["torchspec_vs_specforge"] = round(
+                report["torchspec"]["tokens_per_s"] / report["specforge"]["tokens_per_s"], 3)
+        print("[bench] specforge:", json.dumps(report["specforge"]), flush=True)
+    print(json.dumps(report, indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
