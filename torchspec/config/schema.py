@@ -42,7 +42,7 @@ PARALLEL_MODES = ("ddp", "fsdp")
 REPORT_TO = ("none", "wandb", "tensorboard")
 MOONCAKE_PROTOCOLS = ("tcp", "rdma")
 # Where hidden states go: "auto" = local unless the run spans several nodes (then mooncake).
-STORE_TYPES = ("auto", "local", "mooncake")
+STORE_TYPES = ("auto", "local", "mooncake", "memory")
 # model.target_model_backend is the original TorchSpec's name for the engine type.
 TARGET_MODEL_BACKENDS = ("hf", "sglang", "sgl", "vllm")
 

@@ -9,7 +9,8 @@ cached across batches, so varying lengths cannot pile masks up.
 Backends compute the same thing (a test holds them equal):
 - `sdpa`: keys of all steps concatenated along the sequence; on CUDA PyTorch's fused SDPA with an
   explicit boolean mask [B, 1, T, (k+1)T] (memory grows with T^2). Elsewhere the step-0 scores and the
-  k diagonal scores share one softmax over T + k columns (`_dense_ttt`), no (k+1)T-wide mask.
+  k diagonal scores share one softmax over T + k columns (`_dense_ttt`), no (k+1)T-wide mask; a packed
+  row is attended document by document (work: the sum of the squared document lengths).
 - `flex_attention`: on CUDA, compiled flex attention over step-0 keys with a block mask built from the
   document boundaries (blocks of other documents are skipped, not masked), returning its log-sum-exp;
   the k diagonal scores are merged exactly through that log-sum-exp. Off CUDA it is `_dense_ttt` too
@@ -91,6 +92,18 @@ class AttentionMasks:
     def block_mask(self):
         return doc_block_mask(self.doc)
 
+    @functools.cached_property
+    def segments(self) -> list[tuple[int, int]] | None:
+        """(start, end) of each document of a single packed row (padding counts as one), else None."""
+        if self.doc.shape[0] != 1:
+            return None
+        _, counts = torch.unique_consecutive(self.doc[0], return_counts=True)
+        ends = torch.cumsum(counts, 0).tolist()
+        return list(zip([0] + ends[:-1], ends))
+
+    def causal(self, n: int) -> torch.Tensor:
+        return torch.ones(1, 1, n, n, dtype=torch.bool, device=self.doc.device).tril()
+
     def sdpa_mask(self, k: int) -> torch.Tensor:
         """bool [B, 1, T, (k+1)T]: document-causal over step-0 keys, then one identity block per step 1..k."""
         T = self.doc.shape[1]
@@ -160,7 +173,10 @@ def ttt_attention(masks: AttentionMasks, q: torch.Tensor, keys: list[torch.Tenso
     """
     B, nh, T, d = q.shape
     k_steps = len(keys) - 1
-    if not masks.cuda:
+    if not masks.cuda and masks.segments is not None:   # one packed row: each document alone (sum of len^2)
+        out = torch.cat([_dense_ttt(q[:, :, a:b], [k[:, :, a:b] for k in keys], [v[:, :, a:b] for v in values],
+                                    masks.causal(b - a)) for a, b in masks.segments], dim=2)
+    elif not masks.cuda:
         out = _dense_ttt(q, keys, values, masks.allowed)
     elif masks.backend == "sdpa":
         kc = keys[0] if k_steps == 0 else torch.cat(keys, dim=2)

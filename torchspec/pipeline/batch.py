@@ -27,14 +27,16 @@ def collate(records: list[dict[str, torch.Tensor]], *, pack: bool) -> dict[str, 
         return out
     B, T = len(records), max(lengths)
     first = records[0]
+
+    def zeros(key, *shape):   # where the records are (the memory store keeps them on the GPU)
+        return torch.zeros(B, T, *shape, dtype=first[key].dtype, device=first[key].device)
+
     out = {
-        "input_ids": torch.zeros(B, T, dtype=torch.long),
-        "loss_mask": torch.zeros(B, T, dtype=first["loss_mask"].dtype),
+        "input_ids": zeros("input_ids").long(),
+        "loss_mask": zeros("loss_mask"),
         "attention_mask": torch.zeros(B, T, dtype=torch.long),
-        "aux_hidden_states": torch.zeros(B, T, first["aux_hidden_states"].shape[-1],
-                                         dtype=first["aux_hidden_states"].dtype),
-        "final_hidden_states": torch.zeros(B, T, first["final_hidden_states"].shape[-1],
-                                           dtype=first["final_hidden_states"].dtype),
+        "aux_hidden_states": zeros("aux_hidden_states", first["aux_hidden_states"].shape[-1]),
+        "final_hidden_states": zeros("final_hidden_states", first["final_hidden_states"].shape[-1]),
     }
     for i, (r, n) in enumerate(zip(records, lengths)):
         for k in RECORD_KEYS:

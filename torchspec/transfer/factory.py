@@ -1,6 +1,8 @@
 """`build_store(cfg)`: the hidden-state store that `inference.store` selects.
 
-auto -> `local` (shared memory on this node) unless the run spans several nodes, then `mooncake`.
+auto -> `memory` (records stay on the device, in the process) when the engine runs inside the trainer
+process (inference.colocate), else `local` (shared memory on this node) unless the run spans several
+nodes, then `mooncake`.
 `inference.store_capacity` bounds either store's bytes (null = no bound beyond the pool size / the
 Mooncake segment).
 """
@@ -16,14 +18,19 @@ log = logging.getLogger("torchspec.transfer")
 
 
 def store_type(cfg) -> str:
-    """'local' or 'mooncake' for this config."""
+    """'memory', 'local' or 'mooncake' for this config."""
     from torchspec.config.schema import STORE_TYPES
 
     kind = cfg.inference.store
     if kind not in STORE_TYPES:
         raise ConfigError(f"inference.store={kind!r}: expected one of {', '.join(STORE_TYPES)}")
+    if kind == "memory" and not cfg.inference.colocate:
+        raise ConfigError("inference.store=memory keeps records inside the trainer process: it needs "
+                          "inference.colocate=true (or use inference.store=auto)")
     if kind != "auto":
         return kind
+    if cfg.inference.colocate:
+        return "memory"
     from torchspec.pipeline.launcher import multi_node_reason
 
     reason = multi_node_reason(cfg)
@@ -35,7 +42,12 @@ def store_type(cfg) -> str:
 
 def build_store(cfg) -> Store:
     capacity = cfg.inference.store_capacity
-    if store_type(cfg) == "local":
+    kind = store_type(cfg)
+    if kind == "memory":
+        from torchspec.transfer.memory import MemoryStore
+
+        return MemoryStore(capacity_bytes=capacity)
+    if kind == "local":
         from torchspec.transfer.local import LocalStore
 
         return LocalStore(capacity_bytes=capacity)
