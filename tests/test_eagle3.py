@@ -1,5 +1,5 @@
 """The Eagle3 TTT forward + loss against a deliberately naive reference written from the contract
-(ARCHITECTURE.md, "The Eagle3 contract"): explicit loops over samples, steps and rows, full
+(docs/architecture.md, "The Eagle3 contract"): explicit loops over samples, steps and rows, full
 attention over the concatenated keys with an explicit per-row key list."""
 
 import math

@@ -79,3 +79,23 @@ def test_default_aux_layers_formula_and_small_targets():
     for L in range(3, 129):
         a, b, c = default_aux_layers(L)
         assert 0 <= a < b < c < L, L
+
+
+def test_forward_batches_bound_padding():
+    """Samples go to the target sorted by length, in batches whose padding stays under PAD_WASTE."""
+    from types import SimpleNamespace
+
+    from torchspec.inference.hf import PAD_WASTE
+
+    engine = HFEngine.__new__(HFEngine)
+    engine.batch_size = 4
+    lengths = [300, 20, 22, 1500, 310, 25, 21, 320, 900, 24]
+    samples = [SimpleNamespace(input_ids=torch.zeros(n), sample_id=str(i)) for i, n in enumerate(lengths)]
+    chunks = engine.chunks(samples)
+    assert sorted(s.sample_id for c in chunks for s in c) == sorted(s.sample_id for s in samples)
+    for c in chunks:
+        ns = [int(s.input_ids.numel()) for s in c]
+        assert ns == sorted(ns) and len(ns) <= 4
+        assert len(ns) == 1 or len(ns) * max(ns) <= PAD_WASTE * sum(ns)
+    assert [[int(s.input_ids.numel()) for s in c] for c in chunks] == [[20, 21, 22, 24], [25], [300, 310, 320],
+                                                                       [900, 1500]]   # 3000 <= 1.25 x 2400

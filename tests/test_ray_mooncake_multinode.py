@@ -1,4 +1,4 @@
-"""The Ray + Mooncake path on loopback (ARCHITECTURE.md's testing ladder, step 2): the full pipeline on a
+"""The Ray + Mooncake path on loopback (the CPU-minutes rung of the testing ladder): the full pipeline on a
 Ray cluster of two simulated nodes (`ray.cluster_utils.Cluster`, every server on 127.0.0.1) with
 inference.store left at auto, so the Mooncake store is chosen because the run spans nodes, and a
 mooncake_master the test starts, given as mooncake.master_server_address as a user with a cluster would.

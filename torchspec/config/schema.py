@@ -35,7 +35,7 @@ INFERENCE_ENGINE_TYPES = ("hf", "sgl", "vllm")
 LAUNCHERS = ("local", "ray")
 TRAINING_ATTENTION_BACKENDS = ("sdpa", "flex_attention")
 # Which TTT rows are supervised: "eagle" = loss_mask[t+k] (EAGLE/SpecForge); "serving" = the predicted token
-# x_{t+2+k} is an assistant token (see ARCHITECTURE.md, the Eagle3 contract).
+# x_{t+2+k} is an assistant token (see docs/architecture.md, the Eagle3 contract).
 LOSS_MASK_ALIGNMENTS = ("eagle", "serving")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 PARALLEL_MODES = ("ddp", "fsdp")

@@ -58,6 +58,9 @@ def resolve_aux_layers(layers, num_layers: int) -> list[int]:
     return check_aux_layers(layers, num_layers)
 
 
+PAD_WASTE = 1.25   # a forward batch computes at most this many (padded) tokens per real one
+
+
 class HFEngine:
     def __init__(self, model, store, aux_layers: Sequence[int] | None = None, batch_size: int = 1):
         self.model = model
@@ -102,12 +105,25 @@ class HFEngine:
         self._captured.clear()
         return aux, out.last_hidden_state
 
+    def chunks(self, samples: Sequence) -> list[list]:
+        """Forward batches: samples sorted by length, at most `batch_size` each, and a new batch begun when
+        padding to the next (longer) sample would exceed PAD_WASTE x the batch's real tokens."""
+        out: list[list] = []
+        real = 0
+        for s in sorted(samples, key=lambda s: s.input_ids.numel()):
+            n = int(s.input_ids.numel())
+            chunk = out[-1] if out else None
+            if chunk is None or len(chunk) == self.batch_size or (len(chunk) + 1) * n > PAD_WASTE * (real + n):
+                out.append([s])
+                real = n
+            else:
+                chunk.append(s)
+                real += n
+        return out
+
     def generate(self, samples: Sequence) -> list[StoredSample]:
         done: dict[str, StoredSample] = {}
-        # Group samples of similar length so a batch wastes little padding.
-        order = sorted(samples, key=lambda s: s.input_ids.numel())
-        for i in range(0, len(order), self.batch_size):
-            chunk = order[i:i + self.batch_size]
+        for chunk in self.chunks(samples):
             aux, final = self._forward(chunk)
             for j, s in enumerate(chunk):
                 n = int(s.input_ids.numel())

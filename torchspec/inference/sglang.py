@@ -43,7 +43,7 @@ on every module whose name matches ``target_modules`` (fnmatch)):
   hooks on the root never fire.
 So every returned row is ``[aux concat (3H) | final (H)]``.
 
-Layer ids. OUR id k is the OUTPUT of decoder layer k (ARCHITECTURE.md; transformers ``hidden_states[k + 1]``)
+Layer ids. OUR id k is the OUTPUT of decoder layer k (docs/architecture.md; transformers ``hidden_states[k + 1]``)
 = SGLang's ``eagle_aux_hidden_state_layer_ids`` convention (SGLang itself adds 1, models/llama.py:783-795,
 because its loop captures the state ENTERING layer i). With hooks the boundary conversion is: our k ->
 the module ``model.layers.<k>`` (``aux_hook_targets``); k = L - 1 works too (SGLang's own capture

@@ -1,6 +1,6 @@
 """The Eagle3 training forward (test-time training over `ttt_length` steps) and its loss.
 
-Implements the contract in ARCHITECTURE.md ("The Eagle3 contract"); nothing here knows about
+Implements the contract in docs/architecture.md ("The Eagle3 contract"); nothing here knows about
 ranks, Ray or stores. A batch row holds one right-padded sample (`attention_mask[b, t] = 1` for
 t < len_b, then 0) or several packed ones: `attention_mask` numbers the documents of a row 1, 2, ...
 (0 = padding). Positions (RoPE), attention and every TTT shift stay inside a document: a packed batch
