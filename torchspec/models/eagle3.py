@@ -58,6 +58,7 @@ class Eagle3Targets:
     prob_row: torch.Tensor  # long [B*T]: row of `probs` holding flat position b*T+t (-1: none)
     rows: list[torch.Tensor]  # per step k: long flat positions b*T+t of its valid rows, ascending
     p_rows: list[torch.Tensor]  # per step k: the `probs` row of each of those rows (position +1+k)
+    live: list[torch.Tensor] | None = None  # per step k: flat positions valid at some step >= k, ascending
 
 
 def same_doc_ahead(doc: torch.Tensor, n: int) -> torch.Tensor:
@@ -128,10 +129,13 @@ def prepare_targets(target_head, final_hidden_states: torch.Tensor, loss_mask: t
         valid[k] &= _shift_left(ok, 1 + k)
     # Every step's valid rows at once, so the TTT forward and backward never wait on the host.
     flat = valid.view(K, B * T)
-    counts = flat.sum(1).tolist()
-    rows = list(flat.nonzero()[:, 1].split(counts))
+    # a row's step-k output is needed only if the row is valid at step k or later (it feeds its own row only)
+    live = valid.flip(0).cummax(0).values.flip(0).view(K, B * T)
+    counts = torch.cat([flat.sum(1), live.sum(1)]).tolist()
+    rows = list(flat.nonzero()[:, 1].split(counts[:K]))
     p_rows = [prob_row[r + 1 + k] for k, r in enumerate(rows)]
-    return Eagle3Targets(valid=valid, probs=probs, prob_row=prob_row, rows=rows, p_rows=p_rows)
+    return Eagle3Targets(valid=valid, probs=probs, prob_row=prob_row, rows=rows, p_rows=p_rows,
+                         live=list(live.nonzero()[:, 1].split(counts[K:])))
 
 
 def _head_chunk(hc, weight, probs, p_idx, scale, want_grad: bool):
@@ -196,6 +200,15 @@ class _DraftHeadLoss(torch.autograd.Function):
         return (None, gw, *ghs)
 
 
+def _finish_rows(layer, attn: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """layer.finish (o_proj, MLP, residuals) on the flat rows `rows` only; the other rows keep `hidden`
+    (their output reaches no loss: a row feeds only its own row of later steps)."""
+    B, T, H = hidden.shape
+    flat = hidden.reshape(B * T, H)
+    out = layer.finish(attn.reshape(B * T, -1)[rows], flat[rows])
+    return flat.index_copy(0, rows, out).view(B, T, H)
+
+
 def _norm_rows(norm, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """norm(hidden) of the flat rows `rows` of hidden [B, T, H]: [len(rows), H]."""
     return norm(hidden.reshape(-1, hidden.shape[-1])[rows])
@@ -217,7 +230,7 @@ def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tens
     B, T = input_ids.shape
     layer = draft.midlayer
     qkv_fn = maybe_compiled(type(layer).qkv_from_parts, input_ids)
-    finish_fn = maybe_compiled(type(layer).finish, input_ids)
+    finish_fn = maybe_compiled(_finish_rows, input_ids)
     norm_fn = maybe_compiled(_norm_rows, input_ids)
     hidden = draft.fc(aux_hidden_states.to(draft.fc.weight.dtype))
     dtype = hidden.dtype
@@ -233,14 +246,16 @@ def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tens
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     hs = []
+    everything = torch.arange(B * T, device=input_ids.device)
+    live = targets.live if targets.live is not None else [everything] * ttt_length
     for k in range(ttt_length):
         cos, sin = cos_all[positions + k].unsqueeze(1), sin_all[positions + k].unsqueeze(1)   # [B, 1, T, d]
         n_prev = len(keys)
 
-        def step(e_proj, hidden, cos, sin, *kv, n_prev=n_prev):  # bind n_prev now: recomputation runs later
+        def step(e_proj, hidden, cos, sin, *kv, n_prev=n_prev, live=live[k]):  # bound now: recomputation runs later
             q, kk, vv = qkv_fn(layer, e_proj, hidden, w_hidden, cos, sin)
             attn = ttt_attention(masks, q, list(kv[:n_prev]) + [kk], list(kv[n_prev:]) + [vv])
-            return finish_fn(layer, attn, hidden), kk, vv
+            return finish_fn(layer, attn, hidden, live), kk, vv
 
         args = (embed_proj[:, k:k + T], hidden, cos, sin, *keys, *values)
         if k < n_ckpt and torch.is_grad_enabled():
