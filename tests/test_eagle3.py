@@ -461,3 +461,14 @@ def test_tiny_draft_learns_a_fixed_random_target():
     assert float(before.accs[0]) < 0.1
     assert accs[0] > 2 * best_constant and accs[0] > 10 / vocab
     assert float(after.loss) < float(before.loss)
+
+
+def test_total_loss_is_the_training_loss():
+    """eagle3.total_loss (used to pool eval metrics) is the same sum the differentiable forward computes."""
+    from torchspec.models.eagle3 import total_loss
+
+    draft, head, batch = make_setup(seed=9)
+    out = eagle3_loss(draft, head, batch, 4, "sdpa")
+    assert all(n > 0 for n in out.num_valid)
+    torch.testing.assert_close(torch.tensor(float(total_loss([float(x) for x in out.losses]))), out.loss.detach(),
+                               atol=1e-6, rtol=1e-6)

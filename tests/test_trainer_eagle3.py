@@ -103,9 +103,10 @@ def test_eval_step_pools_exactly():
     parts = [tr.eval_step(b) for b in data]
     whole = tr.eval_step({k: torch.cat([b[k] for b in data]) for k in data[0]})
     for k in range(3):
-        n = sum(p[f"num_valid_{k}"] for p in parts)
-        assert n == whole[f"num_valid_{k}"] == 4 * (T - 1 - k)
-        assert sum(p[f"correct_{k}"] for p in parts) / n == pytest.approx(whole[f"acc_{k}"], abs=1e-6)
+        n = sum(p["counts"]["num_valid"][k] for p in parts)
+        assert n == whole["counts"]["num_valid"][k] == 4 * (T - 1 - k)
+        assert sum(p["counts"]["correct"][k] for p in parts) / n == pytest.approx(whole[f"acc_{k}"], abs=1e-6)
+        assert sum(p["counts"]["loss_sum"][k] for p in parts) / n == pytest.approx(whole[f"loss_{k}"], rel=1e-5)
 
 
 def test_gradient_checkpointing_steps_reach_the_loss(monkeypatch):

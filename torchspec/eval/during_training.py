@@ -117,30 +117,25 @@ class TrainingEvaluator:
     @torch.no_grad()
     def eval_metrics(self, trainer) -> dict:
         """loss, loss_k, acc_k pooled exactly over all held-out rows (per-row means, not means of batches)."""
-        from torchspec.models.eagle3 import STEP_DECAY
+        from torchspec.models.eagle3 import total_loss
         from torchspec.pipeline.batch import collate
 
         if self.records is None:
             raise RuntimeError("TrainingEvaluator.prepare() (or set_records) must run before evaluate()")
-        sums: dict[str, float] = {}
+        sums: dict[str, list[float]] = {}
         batches = []
         for i in range(0, len(self.records), self.micro_batch_size):
             m = trainer.eval_step(collate(self.records[i:i + self.micro_batch_size], pack=True))  # = padded
             batches.append(m)
-            for key, v in m.items():
-                if key.startswith(("num_valid_", "correct_", "loss_sum_")):
-                    sums[key] = sums.get(key, 0.0) + float(v)
-        steps = sorted(int(k[len("num_valid_"):]) for k in sums if k.startswith("num_valid_"))
+            for key, vals in m.get("counts", {}).items():
+                sums[key] = [a + b for a, b in zip(sums[key], vals)] if key in sums else list(vals)
         out: dict[str, float] = {}
-        if steps:
-            total = 0.0
-            for k in steps:
-                n = sums[f"num_valid_{k}"]
-                out[f"acc_{k}"] = sums.get(f"correct_{k}", 0.0) / n if n else float("nan")
-                out[f"loss_{k}"] = sums.get(f"loss_sum_{k}", 0.0) / n if n else float("nan")
-                if n:
-                    total += STEP_DECAY ** k * out[f"loss_{k}"]
-            out["loss"] = total
+        if sums.get("num_valid"):
+            n = sums["num_valid"]
+            for k, nk in enumerate(n):
+                out[f"acc_{k}"] = sums["correct"][k] / nk if nk else float("nan")
+                out[f"loss_{k}"] = sums["loss_sum"][k] / nk if nk else float("nan")
+            out["loss"] = total_loss([out[f"loss_{k}"] if nk else 0.0 for k, nk in enumerate(n)])
         else:  # no counts from the trainer: plain mean over batches
             keys = {k for m in batches for k in m if k == "loss" or k.startswith(("acc_", "loss_"))}
             out = {k: sum(m[k] for m in batches if k in m) / sum(k in m for m in batches) for k in keys}

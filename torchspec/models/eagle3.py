@@ -61,6 +61,17 @@ class Eagle3Targets:
     live: list[torch.Tensor] | None = None  # per step k: flat positions valid at some step >= k, ascending
 
 
+def step_weights(ttt_length: int) -> list[float]:
+    """The weight of each TTT step's loss in the total: STEP_DECAY ** k."""
+    return [STEP_DECAY ** k for k in range(ttt_length)]
+
+
+def total_loss(step_losses) -> float:
+    """sum_k STEP_DECAY^k loss_k: the one definition of the total loss (the training forward computes the same
+    sum differentiably, with these weights, inside _DraftHeadLoss)."""
+    return sum(w * loss for w, loss in zip(step_weights(len(step_losses)), step_losses))
+
+
 def same_doc_ahead(doc: torch.Tensor, n: int) -> torch.Tensor:
     """bool [B, T]: position t + n exists and lies in t's document (padding, document 0, has none)."""
     out = torch.zeros_like(doc, dtype=torch.bool)
@@ -265,7 +276,7 @@ def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tens
         keys.append(kk)
         values.append(vv)
         hs.append(norm_fn(draft.norm, hidden, targets.rows[k]))
-    weights = [STEP_DECAY ** k for k in range(ttt_length)]
+    weights = step_weights(ttt_length)
     loss, stats = _DraftHeadLoss.apply((targets.probs, targets.p_rows, weights), draft.lm_head.weight, *hs)
     num_valid = [h.shape[0] for h in hs]
     denom = [max(n, 1) for n in num_valid]
@@ -296,5 +307,4 @@ def eagle3_loss(draft, target_head, batch: dict, ttt_length: int, attention_back
 
 
 __all__ = ["Eagle3Output", "Eagle3Targets", "doc_positions", "eagle3_loss", "prepare_targets", "step_validity",
-           "ttt_forward",
-           "STEP_DECAY"]
+           "step_weights", "total_loss", "ttt_forward", "STEP_DECAY"]

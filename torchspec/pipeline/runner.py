@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,9 +135,218 @@ def _put_bandwidth(store) -> float:
     return nbytes / seconds / 1e9 if seconds else 0.0
 
 
-def _mean(values: list[dict], key: str) -> float | None:
-    vals = [m[key] for m in values if key in m]
-    return sum(vals) / len(vals) if vals else None
+class _Run:
+    """One training run: what `run_training` sets up, the steps, the end (or the interruption) and the
+    clean-up, with the run's state in one place."""
+
+    def __init__(self, cfg, engine_factory: Callable | None, on_step: Callable | None, progress: bool):
+        from transformers import AutoConfig
+
+        from torchspec.config.render import redacted_dict
+        from torchspec.data.dataset import from_config as dataset_from_config, load_tokenizer, vocab_map_for
+        from torchspec.training.checkpoint import CheckpointManager
+        from torchspec.training.metrics import MetricsLogger, Throughput
+        from torchspec.training.optim import plan_steps
+        from torchspec.transfer.factory import build_store
+
+        self.cfg, self.engine_factory, self.on_step, self.progress = cfg, engine_factory, on_step, progress
+        tr = cfg.training
+        self.out_dir = Path(cfg.output_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.result = RunResult(output_dir=self.out_dir)
+        self.ranks = self.trainer = self.engines = self.controller = self.evaluator = None
+        self.store = None
+        self.last_eval = self.last_saved = None
+        self.window: list[dict] = []      # micro-batch metrics of the current accumulation window
+        self.trained_samples, self.train_s = 0, 0.0
+
+        # data, vocabulary, target facts, placement, store
+        self.tokenizer = load_tokenizer(cfg)
+        self.samples = dataset_from_config(cfg, self.tokenizer, "train", progress=progress)
+        self.target_config = AutoConfig.from_pretrained(cfg.model.target_model_path,
+                                                        trust_remote_code=cfg.model.trust_remote_code)
+        text_config = (self.target_config.get_text_config() if hasattr(self.target_config, "get_text_config")
+                       else self.target_config)
+        self.draft_config = draft_config_for(cfg, self.target_config)
+        self.aux_layers = _aux_layers(cfg, text_config)
+        d2t, t2d = vocab_map_for(self.samples, self.draft_config.vocab_size, self.draft_config.draft_vocab_size)
+        self.placement = plan_placement(cfg)   # local or Ray (inference.launcher)
+        log.info("placement: %s", self.placement.describe())
+        self.world = len(self.placement.trainer_devices)
+        self.plan = plan_steps(tr, len(self.samples), self.world)
+        self.spec = ModelSpec(self.draft_config, d2t, t2d, self.plan.lr_total_steps, tr.load_path,
+                              bool(tr.continual_training))
+        self.store = build_store(cfg)   # inference.store: memory (colocated), local (shared memory) or mooncake
+        self.result.store_root = getattr(self.store, "root", None)   # the local store's directory only
+        self.ckpts = CheckpointManager(self.out_dir, tr.max_checkpoints, tr.save_interval, tr.save_per_epoch)
+        self.export_meta = {"aux_layer_ids": self.aux_layers,
+                            "target_num_hidden_layers": text_config.num_hidden_layers}
+        self.t_start = time.monotonic()
+        self.throughput = Throughput(self.t_start, RATE_WINDOW)
+        self.logger = MetricsLogger(self.out_dir, cfg.logging, total_steps=self.plan.num_train_steps,
+                                    progress=progress, run_config=redacted_dict(cfg))  # secrets out
+
+    # -- start ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Trainer ranks (restored from training.load_path), engines, the evaluator, the controller."""
+        cfg, tr, inf = self.cfg, self.cfg.training, self.cfg.inference
+        self.ranks = start_trainer_ranks(cfg, self.spec, self.store, self.placement, self.out_dir)
+        self.trainer = self.ranks.trainer
+        data_state = None
+        if self.ranks.checkpoint is not None:
+            ckpt = self.ranks.checkpoint
+            data_state = None if tr.continual_training else ckpt.data_state
+            log.info("%s %s (step %d)", "weights from" if tr.continual_training else "resumed from", ckpt.path,
+                     ckpt.step)
+        self.result.start_step = self.result.global_step = self.trainer.global_step
+        self.engines = start_engines(cfg, self.store, self.placement, self.engine_factory)
+        self.evaluator = _evaluator(cfg, self.aux_layers, self.tokenizer, self.engines, self.store, self.world,
+                                    self.progress)
+        if self.evaluator is not None and self.trainer.global_step == 0:
+            self.evaluate(0)   # the untrained draft: the baseline of the eval curves
+        self.controller = Controller(
+            self.samples, self.engines, self.store, micro_batch_size=tr.micro_batch_size, num_ranks=self.world,
+            num_epochs=self.plan.num_epochs, max_sample_pool_size=inf.max_sample_pool_size,
+            inference_batch_size=inf.inference_batch_size, inference_buffer_threshold=inf.inference_buffer_threshold,
+            seed=int(tr.seed), data_state=data_state)
+        self.trainer.clock.take()   # phases are counted from here (start-up is not a step)
+
+    @property
+    def done(self) -> bool:
+        return self.trainer.global_step >= self.plan.num_train_steps
+
+    # -- one step -------------------------------------------------------------------------------------
+    def fetch(self):
+        """The next micro-batch of every rank (None when the data is done); the wait is timed."""
+        clock = self.trainer.clock
+        t0, busy0 = time.perf_counter(), getattr(self.engines, "busy_s", 0.0)
+        batches = self.controller.next_micro_batches()
+        waited = time.perf_counter() - t0
+        if self.placement.colocate:   # the inline engine ran the target inside that wait
+            target_s = getattr(self.engines, "busy_s", 0.0) - busy0
+            clock.add("target_forward", target_s)
+            waited -= target_s
+        clock.add("data_wait", waited)
+        return batches
+
+    def train(self, batches) -> None:
+        """Train on one micro-batch per rank; after an optimizer step, log, evaluate and save as due."""
+        t0 = time.monotonic()
+        m = self.ranks.train_step(batches)
+        self.train_s += time.monotonic() - t0
+        self.trained_samples += sum(len(b) for b in batches)
+        self.result.trained_tokens += sum(s.length for b in batches for s in b)
+        self.window.append(m)
+        epoch = self.controller.epoch
+        epoch_ended = self.controller.mark_trained(batches)
+        step_of = self.trainer.global_step + (0 if m["stepped"] else 1)
+        self.result.trained.extend((step_of, epoch, s.sample_id) for b in batches for s in b)
+        if not m["stepped"] and epoch_ended:   # an epoch's last, partial accumulation window
+            m = {**self.ranks.finish_accumulation(), "stepped": True}
+        if m["stepped"]:
+            self.after_step(m, epoch_ended)
+
+    def after_step(self, m: dict, epoch_ended: bool, call_hook: bool = True) -> None:
+        step, clock = self.trainer.global_step, self.trainer.clock
+        if self.evaluator is not None and self.evaluator.due(step):
+            with clock.phase("eval"):
+                self.evaluate(step)
+        if self.ckpts.due(step, epoch_ended):
+            with clock.phase("checkpoint"):
+                self.save(step)
+        record = self.step_record(m, epoch_ended)
+        record.update(clock.take())   # time/<phase>_s of this step (eval and checkpoint included)
+        with clock.phase("log"):      # counted in the next step's record
+            self.logger.log(step, record)
+        self.result.losses.append((step, record["loss"]))
+        self.result.global_step = step
+        if self.on_step is not None and call_hook:
+            self.on_step(step, record)
+
+    def step_record(self, m: dict, epoch_ended: bool) -> dict:
+        from torchspec.training.metrics import window_means
+
+        c, now = self.controller, time.monotonic()
+        elapsed = now - self.t_start
+        record = {k: v for k, v in m.items() if k in ("lr", "grad_norm")}
+        record.update(window_means(self.window))
+        self.window.clear()
+        record.update(epoch=c.epoch - (1 if epoch_ended else 0), pool_size=c.pool_size(),
+                      inference_samples_per_s=_inference_capacity(c, self.engines),
+                      data_wait_frac=c.data_wait_s / elapsed, data_wait_s=c.data_wait_s, elapsed_s=elapsed,
+                      store_bytes=self.store.bytes_used(), store_put_gb_per_s=_put_bandwidth(self.store))
+        record.update(self.throughput.rates(now, self.trained_samples, self.train_s))
+        return record
+
+    def evaluate(self, step: int) -> None:
+        if self.evaluator is not None and self.last_eval != step:
+            self.logger.log_eval(step, self.evaluator.evaluate(self.trainer, step))
+            self.last_eval = step
+
+    def save(self, step: int) -> None:
+        if self.last_saved == step:
+            return
+        path = self.ckpts.save(step, self.ranks.state_dict(), self.controller.data_state(), self.trainer.draft,
+                               self.draft_config, export_fn=self.export, export_meta=self.export_meta)
+        self.result.checkpoints.append(path)
+        self.last_saved = step
+        if self.evaluator is not None:
+            self.evaluator.note_checkpoint(step, path)
+
+    def export(self, draft, path) -> None:
+        from torchspec.export import export_draft
+
+        export_draft(draft, path, self.target_config, self.aux_layers)
+
+    # -- the end --------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Data done or num_train_steps reached: final eval, checkpoint, export, report."""
+        if self.controller is None:
+            return
+        self.controller.shutdown()
+        self.evaluate(self.trainer.global_step)
+        self.save(self.trainer.global_step)
+        self.result.export_dir = self.ckpts.export_final(self.trainer.draft, self.export)
+        _write_report(self.out_dir)
+
+    def interrupt(self) -> None:
+        """Ctrl-C / SIGTERM: close the open accumulation window, stop the engines, write a checkpoint."""
+        self.result.interrupted = True
+        log.warning("interrupted: stopping engines, writing a checkpoint, emptying the store")
+        if self.controller is None:
+            return
+        if self.trainer.micro_step:   # close the open accumulation window so its samples count
+            self.after_step(self.ranks.finish_accumulation(), False, call_hook=False)
+        self.controller.shutdown()
+        self.save(self.trainer.global_step)
+
+    def failure(self, e: WorkerFailure) -> WorkerFailure:
+        """A rank or engine died: the same error, naming the checkpoint to resume from."""
+        latest = self.ckpts.latest()
+        resume = (f"; the latest checkpoint is {latest} (resume: training.load_path={self.out_dir})"
+                  if latest is not None else "; no checkpoint had been written")
+        return WorkerFailure(f"{str(e).rstrip('.')}{resume}")
+
+    def close(self) -> None:
+        """Stop engines and ranks, empty and close the store, close the logger (always runs)."""
+        r = self.result
+        if self.controller is not None:
+            self.controller.shutdown()
+            r.pool_sizes = list(self.controller.pool_stats.sizes)
+            r.generated_tokens = self.controller.tokens_generated
+            r.data_wait_frac = self.controller.data_wait_s / max(time.monotonic() - self.t_start, 1e-9)
+        elif self.engines is not None:
+            self.engines.close()
+        if self.ranks is not None:
+            self.ranks.close()
+        if self.store is not None:
+            r.store_put_bytes, r.store_put_s = self.store.put_stats()
+            self.store.clear()
+            r.store_bytes_end = self.store.bytes_used()
+            self.store.close()
+        self.logger.close()
+        r.elapsed_s = time.monotonic() - self.t_start
+        r.samples_per_s = self.trained_samples / max(r.elapsed_s, 1e-9)
 
 
 def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callable | None = None,
@@ -146,195 +354,25 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
     """Train a draft as `cfg` says. engine_factory(store, device) -> Engine overrides the engine (tests);
     on_step(step, metrics) is called after every optimizer step (raising KeyboardInterrupt there acts
     as Ctrl-C)."""
-    from transformers import AutoConfig
-
-    from torchspec.data.dataset import from_config as dataset_from_config, load_tokenizer, vocab_map_for
-    from torchspec.training.checkpoint import CheckpointManager
-    from torchspec.training.metrics import MetricsLogger
-    from torchspec.training.optim import plan_steps
-    from torchspec.transfer.factory import build_store
-
-    tr, inf = cfg.training, cfg.inference
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = RunResult(output_dir=out_dir)
-
-    # -- data, vocabulary, placement, trainer ranks --------------------------------------------------
-    tokenizer = load_tokenizer(cfg)
-    samples = dataset_from_config(cfg, tokenizer, "train", progress=progress)
-    target_config = AutoConfig.from_pretrained(cfg.model.target_model_path,
-                                               trust_remote_code=cfg.model.trust_remote_code)
-    text_config = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
-    draft_config = draft_config_for(cfg, target_config)
-    aux_layers = _aux_layers(cfg, text_config)
-    d2t, t2d = vocab_map_for(samples, draft_config.vocab_size, draft_config.draft_vocab_size)
-
-    placement = plan_placement(cfg)   # local or Ray (inference.launcher)
-    log.info("placement: %s", placement.describe())
-    world = len(placement.trainer_devices)
-    plan = plan_steps(tr, len(samples), world)
-    spec = ModelSpec(draft_config, d2t, t2d, plan.lr_total_steps, tr.load_path, bool(tr.continual_training))
-    store = build_store(cfg)   # inference.store: local (shared memory) or mooncake
-    result.store_root = getattr(store, "root", None)   # the local store's directory; mooncake has none
-
-    ckpts = CheckpointManager(out_dir, tr.max_checkpoints)
-    export_meta = {"aux_layer_ids": aux_layers, "target_num_hidden_layers": text_config.num_hidden_layers}
-
-    def export_fn(d, path):
-        from torchspec.export import export_draft
-
-        export_draft(d, path, target_config, aux_layers)
-
-    ranks = trainer = engines = controller = evaluator = None
-    last_eval = None
-    from torchspec.config.render import redacted_dict
-
-    logger = MetricsLogger(out_dir, cfg.logging, total_steps=plan.num_train_steps, progress=progress,
-                           run_config=redacted_dict(cfg))  # W&B / TensorBoard get the config, secrets out
-    window: list[dict] = []   # micro-batch metrics of the current accumulation window
-    t_start = time.monotonic()
-    train_time = 0.0
-    trained_samples = 0
-    recent = deque(maxlen=RATE_WINDOW + 1)   # (time, trained samples, train seconds) at recent steps
-    last_saved = None
-
-    def save(step: int):
-        nonlocal last_saved
-        if last_saved == step:
-            return
-        path = ckpts.save(step, ranks.state_dict(), controller.data_state(), trainer.draft, draft_config,
-                          export_fn=export_fn, export_meta=export_meta)
-        result.checkpoints.append(path)
-        last_saved = step
-        if evaluator is not None:
-            evaluator.note_checkpoint(step, path)
-
-    def evaluate(step: int):
-        nonlocal last_eval
-        if evaluator is not None and last_eval != step:
-            logger.log_eval(step, evaluator.evaluate(trainer, step))
-            last_eval = step
-
-    def after_step(m: dict, epoch_ended: bool, call_hook: bool = True):
-        step = trainer.global_step
-        clock = trainer.clock
-        if evaluator is not None and evaluator.due(step):
-            with clock.phase("eval"):
-                evaluate(step)
-        if step % tr.save_interval == 0 or (epoch_ended and tr.save_per_epoch):
-            with clock.phase("checkpoint"):
-                save(step)
-        elapsed = time.monotonic() - t_start
-        record = {k: v for k, v in m.items() if k in ("lr", "grad_norm")}
-        for key in sorted({k for w in window for k in w if k == "loss" or k.startswith(("acc_", "loss_"))}):
-            record[key] = _mean(window, key)
-        record.update(epoch=controller.epoch - (1 if epoch_ended else 0), pool_size=controller.pool_size(),
-                      inference_samples_per_s=_inference_capacity(controller, engines),
-                      data_wait_frac=controller.data_wait_s / elapsed, data_wait_s=controller.data_wait_s,
-                      elapsed_s=elapsed, store_bytes=store.bytes_used(),
-                      store_put_gb_per_s=_put_bandwidth(store))
-        # rates over the last RATE_WINDOW steps (start-up and compilation drop out of them)
-        recent.append((time.monotonic(), trained_samples, train_time))
-        (t0, n0, busy0), (t1, n1, busy1) = recent[0], recent[-1]
-        if len(recent) == 1:
-            t0, n0, busy0 = t_start, 0, 0.0
-        record["samples_per_s"] = (n1 - n0) / max(t1 - t0, 1e-9)
-        record["training_samples_per_s"] = (n1 - n0) / max(busy1 - busy0, 1e-9)
-        window.clear()
-        record.update(clock.take())   # time/<phase>_s of this step (eval and checkpoint included)
-        with clock.phase("log"):      # counted in the next step's record
-            logger.log(step, record)
-        result.losses.append((step, record["loss"]))
-        result.global_step = step
-        if on_step is not None and call_hook:
-            on_step(step, record)
-
+    run = _Run(cfg, engine_factory, on_step, progress)
     interrupts = _Interrupts()
     try:
         with interrupts.installed():
             try:
-                ranks = start_trainer_ranks(cfg, spec, store, placement, out_dir)
-                trainer = ranks.trainer
-                data_state = None
-                if ranks.checkpoint is not None:
-                    data_state = None if tr.continual_training else ranks.checkpoint.data_state
-                    log.info("%s %s (step %d)", "weights from" if tr.continual_training else "resumed from",
-                             ranks.checkpoint.path, ranks.checkpoint.step)
-                result.start_step = result.global_step = trainer.global_step
-                engines = start_engines(cfg, store, placement, engine_factory)
-                evaluator = _evaluator(cfg, aux_layers, tokenizer, engines, store, world, progress)
-                if evaluator is not None and trainer.global_step == 0:
-                    evaluate(0)   # the untrained draft: the baseline of the eval curves
-                controller = Controller(
-                    samples, engines, store, micro_batch_size=tr.micro_batch_size, num_ranks=world,
-                    num_epochs=plan.num_epochs, max_sample_pool_size=inf.max_sample_pool_size,
-                    inference_batch_size=inf.inference_batch_size,
-                    inference_buffer_threshold=inf.inference_buffer_threshold, seed=int(tr.seed),
-                    data_state=data_state)
-                trainer.clock.take()   # phases are counted from here (start-up is not a step)
-                while trainer.global_step < plan.num_train_steps:
-                    t0, busy0 = time.perf_counter(), getattr(engines, "busy_s", 0.0)
-                    batches = controller.next_micro_batches()
-                    waited = time.perf_counter() - t0
-                    if placement.colocate:   # the inline engine ran the target inside that wait
-                        target_s = getattr(engines, "busy_s", 0.0) - busy0
-                        trainer.clock.add("target_forward", target_s)
-                        waited -= target_s
-                    trainer.clock.add("data_wait", waited)
+                run.start()
+                while not run.done:
+                    batches = run.fetch()
                     if batches is None:
                         break
-                    with interrupts.critical():
-                        t0 = time.monotonic()
-                        m = ranks.train_step(batches)
-                        train_time += time.monotonic() - t0
-                        trained_samples += sum(len(b) for b in batches)
-                        result.trained_tokens += sum(s.length for b in batches for s in b)
-                        window.append(m)
-                        epoch = controller.epoch
-                        epoch_ended = controller.mark_trained(batches)
-                        result.trained.extend((trainer.global_step + (0 if m["stepped"] else 1), epoch,
-                                               s.sample_id) for b in batches for s in b)
-                        if not m["stepped"] and epoch_ended:   # an epoch's last, partial accumulation window
-                            m = ranks.finish_accumulation()
-                            m["stepped"] = True
-                        if m["stepped"]:
-                            after_step(m, epoch_ended)
-            except WorkerFailure as e:   # a rank or engine died: name the checkpoint to resume from
-                latest = ckpts.latest()
-                resume = (f"; the latest checkpoint is {latest} (resume: training.load_path={out_dir})"
-                          if latest is not None else "; no checkpoint had been written")
-                raise WorkerFailure(f"{str(e).rstrip('.')}{resume}") from None
+                    with interrupts.critical():   # every rank takes the step, or none does
+                        run.train(batches)
+            except WorkerFailure as e:
+                raise run.failure(e) from None
             except KeyboardInterrupt:
-                result.interrupted = True
-                log.warning("interrupted: stopping engines, writing a checkpoint, emptying the store")
-                if controller is not None:
-                    with interrupts.critical():
-                        if trainer.micro_step:   # close the open accumulation window so its samples count
-                            after_step(ranks.finish_accumulation(), False, call_hook=False)
-                        controller.shutdown()
-                        save(trainer.global_step)
+                with interrupts.critical():
+                    run.interrupt()
             else:
-                if controller is not None:
-                    controller.shutdown()
-                    evaluate(trainer.global_step)
-                    save(trainer.global_step)
-                    result.export_dir = ckpts.export_final(trainer.draft, export_fn)
-                    _write_report(out_dir)
+                run.finish()
     finally:
-        if controller is not None:
-            controller.shutdown()
-            result.pool_sizes = list(controller.pool_stats.sizes)
-            result.generated_tokens = controller.tokens_generated
-            result.data_wait_frac = controller.data_wait_s / max(time.monotonic() - t_start, 1e-9)
-        elif engines is not None:
-            engines.close()
-        if ranks is not None:
-            ranks.close()
-        result.store_put_bytes, result.store_put_s = store.put_stats()
-        store.clear()
-        result.store_bytes_end = store.bytes_used()
-        store.close()
-        logger.close()
-        result.elapsed_s = time.monotonic() - t_start
-        result.samples_per_s = trained_samples / max(result.elapsed_s, 1e-9)
-    return result
+        run.close()
+    return run.result

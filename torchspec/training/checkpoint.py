@@ -62,12 +62,20 @@ class CheckpointManager:
     Call `save` from one process (rank 0); gather the trainer state on every rank first.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, max_checkpoints: int | None = None):
+    def __init__(self, output_dir: str | os.PathLike, max_checkpoints: int | None = None,
+                 save_interval: int | None = None, save_per_epoch: bool = False):
         self.output_dir = Path(output_dir)
         self.root = self.output_dir / CHECKPOINTS
         self.max_checkpoints = max_checkpoints or 0
         if self.max_checkpoints < 0:
             raise ValueError(f"training.max_checkpoints must be >= 0 or null, got {max_checkpoints}")
+        self.save_interval = save_interval
+        self.save_per_epoch = save_per_epoch
+
+    def due(self, step: int, epoch_ended: bool = False) -> bool:
+        """Whether optimizer step `step` is saved: every `training.save_interval` steps, and at the end of
+        an epoch with `training.save_per_epoch`."""
+        return bool(self.save_interval and step % self.save_interval == 0) or (epoch_ended and self.save_per_epoch)
 
     def save(self, step: int, trainer_state: dict, data_state: dict | None, draft: torch.nn.Module,
              draft_config: Any, export_fn: Callable[[torch.nn.Module, Path], None] | None = None,

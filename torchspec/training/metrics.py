@@ -20,6 +20,7 @@ import os
 import secrets
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,33 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def window_means(window: list[dict]) -> dict:
+    """Means over the micro-batches of one optimizer step of loss, loss_k and acc_k."""
+    keys = sorted({k for m in window for k in m if k == "loss" or k.startswith(("acc_", "loss_"))})
+    out = {}
+    for key in keys:
+        vals = [m[key] for m in window if key in m]
+        out[key] = sum(vals) / len(vals)
+    return out
+
+
+class Throughput:
+    """samples/s over the last `window` optimizer steps (start-up and compilation drop out of it): wall-clock
+    (`samples_per_s`) and counting only the time inside training steps (`training_samples_per_s`)."""
+
+    def __init__(self, start: float, window: int = 20):
+        self.start = start
+        self.recent: deque = deque(maxlen=window + 1)   # (time, trained samples, train seconds)
+
+    def rates(self, now: float, samples: int, train_s: float) -> dict:
+        self.recent.append((now, samples, train_s))
+        (t0, n0, busy0), (t1, n1, busy1) = self.recent[0], self.recent[-1]
+        if len(self.recent) == 1:
+            t0, n0, busy0 = self.start, 0, 0.0
+        return {"samples_per_s": (n1 - n0) / max(t1 - t0, 1e-9),
+                "training_samples_per_s": (n1 - n0) / max(busy1 - busy0, 1e-9)}
 
 
 def progress_text(record: dict) -> str:

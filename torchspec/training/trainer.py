@@ -116,20 +116,22 @@ class Trainer:
 
     @staticmethod
     def _metrics(out, counts: bool = False) -> dict:
-        """loss, loss_k, acc_k; with counts, also num_valid_k / correct_k / loss_sum_k for exact pooling.
-
-        One host sync: every number comes over in a single tensor."""
-        names, values = ["loss"], [out.loss.detach().float().reshape(())]
-        groups = [("acc", out.accs), ("loss", getattr(out, "losses", None) or [])]
+        """loss, loss_k, acc_k; with counts, also "counts": {"num_valid": [...], "correct": [...], "loss_sum":
+        [...]} (per TTT step, numbers) for exact pooling over batches. One host sync for all of them."""
+        scalars = {"loss": [out.loss], "acc": list(out.accs), "loss_k": list(getattr(out, "losses", None) or [])}
         if counts:
-            groups += [("correct", getattr(out, "correct", None) or []), ("loss_sum", getattr(out, "loss_sums", None) or [])]
-        for key, vals in groups:
-            for k, v in enumerate(vals):
-                names.append(f"{key}_{k}")
-                values.append(torch.as_tensor(v).detach().float().reshape(()).to(values[0].device))
-        m = dict(zip(names, torch.stack(values).tolist()))
+            scalars.update(correct=list(getattr(out, "correct", None) or []),
+                           loss_sum=list(getattr(out, "loss_sums", None) or []))
+        device = out.loss.device
+        flat = [torch.as_tensor(v).detach().float().reshape(()).to(device) for vals in scalars.values() for v in vals]
+        it = iter(torch.stack(flat).tolist())
+        got = {name: [next(it) for _ in vals] for name, vals in scalars.items()}
+        m = {"loss": got["loss"][0]}
+        m.update({f"acc_{k}": v for k, v in enumerate(got["acc"])})
+        m.update({f"loss_{k}": v for k, v in enumerate(got["loss_k"])})
         if counts:
-            m.update({f"num_valid_{k}": float(n) for k, n in enumerate(getattr(out, "num_valid", None) or [])})
+            m["counts"] = {"num_valid": [float(n) for n in getattr(out, "num_valid", None) or []],
+                           "correct": got["correct"], "loss_sum": got["loss_sum"]}
         return m
 
     # -- training ----------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ class Trainer:
 
     @torch.no_grad()
     def eval_step(self, batch: dict) -> dict:
-        """Metrics of one batch, plus num_valid_k / correct_k / loss_sum_k to pool over batches."""
+        """Metrics of one batch, plus their "counts" (num_valid, correct, loss_sum per TTT step) to pool batches."""
         self.model.eval()
         return self._metrics(self._forward(self._to_device(batch)), counts=True)
 
