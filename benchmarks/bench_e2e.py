@@ -114,7 +114,7 @@ def run_ceiling(cfg, step_ids: list[list[str]], samples, device) -> tuple[list[f
 
     from torchspec.data.dataset import vocab_map_for
     from torchspec.inference.hf import HFEngine
-    from torchspec.pipeline.batch import collate
+    from torchspec.transfer.batch import collate
     from torchspec.pipeline.build import ModelSpec, build_trainer, draft_config_for
 
     target_config = AutoConfig.from_pretrained(cfg.model.target_model_path)
@@ -149,7 +149,7 @@ def run_peer(cfg, step_ids, samples, args, device) -> dict | str:
     if why:
         return f"skipped: {why}"
     from torchspec.data.dataset import vocab_map_for
-    from torchspec.pipeline.batch import collate
+    from torchspec.transfer.batch import collate
     from transformers import AutoConfig
 
     tc = AutoConfig.from_pretrained(cfg.model.target_model_path)

@@ -577,7 +577,7 @@ def test_launcher_and_store_agree_with_the_dry_run_plan(name):
     """The run picks Ray and (store: auto) Mooncake exactly when the dry-run plan says several nodes; e.g.
     sglang_kimi_k25_2node: 8 inference + 8 training GPUs do not fit one 8-GPU machine."""
     from torchspec.config.plan import make_plan
-    from torchspec.pipeline.launcher import multi_node_reason
+    from torchspec.config.topology import multi_node_reason
     from torchspec.transfer.factory import store_type
 
     cfg = load_config([CONFIGS / f"{name}.yaml"], REQUIRED_SET)

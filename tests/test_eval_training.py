@@ -64,7 +64,7 @@ def test_records_are_the_engine_hidden_states(run):
 
 def test_pooled_metrics_equal_one_big_batch(run):
     cfg, ev, trainer, _, _ = run
-    from torchspec.pipeline.batch import collate
+    from torchspec.transfer.batch import collate
 
     pooled = ev.eval_metrics(trainer)  # micro-batches of 2 (3 batches, the last one of 1)
     big = trainer.eval_step(collate(ev.records, pack=False))

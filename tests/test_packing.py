@@ -8,7 +8,7 @@ import torch
 from test_eagle3 import grads_of, make_setup, naive_reference
 from torchspec.models.attention import AttentionMasks, doc_block_mask, doc_causal
 from torchspec.models.eagle3 import doc_positions, eagle3_loss, step_validity
-from torchspec.pipeline.batch import RECORD_KEYS, collate
+from torchspec.transfer.batch import RECORD_KEYS, collate
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 

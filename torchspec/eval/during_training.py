@@ -118,7 +118,7 @@ class TrainingEvaluator:
     def eval_metrics(self, trainer) -> dict:
         """loss, loss_k, acc_k pooled exactly over all held-out rows (per-row means, not means of batches)."""
         from torchspec.models.eagle3 import total_loss
-        from torchspec.pipeline.batch import collate
+        from torchspec.transfer.batch import collate
 
         if self.records is None:
             raise RuntimeError("TrainingEvaluator.prepare() (or set_records) must run before evaluate()")

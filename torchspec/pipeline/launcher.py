@@ -11,31 +11,11 @@ from __future__ import annotations
 
 import logging
 
+from torchspec.config.topology import multi_node_reason  # noqa: F401  (re-exported)
 from torchspec.pipeline import launcher_local
 from torchspec.pipeline.launcher_local import PlacementError, TrainerRanks  # noqa: F401  (re-exported)
 
 log = logging.getLogger("torchspec.pipeline")
-
-
-def multi_node_reason(cfg) -> str | None:
-    """Why this config spans several nodes (so needs Ray), or None when it fits on one machine."""
-    from torchspec.config.validate import gpus_per_engine, gpus_per_engine_process
-
-    if cfg.training.training_num_nodes > 1:
-        return f"training.training_num_nodes={cfg.training.training_num_nodes}"
-    inf = cfg.inference
-    if not inf.colocate and inf.inference_num_gpus > inf.inference_num_gpus_per_node:
-        return (f"inference.inference_num_gpus={inf.inference_num_gpus} > "
-                f"inference.inference_num_gpus_per_node={inf.inference_num_gpus_per_node}")
-    world = cfg.training.training_num_gpus_per_node
-    if not inf.colocate and inf.inference_num_gpus + world > inf.inference_num_gpus_per_node:
-        # (the dry-run plan's rule too: engines and trainer share a machine only when both fit on it)
-        return (f"inference.inference_num_gpus={inf.inference_num_gpus} + training.training_num_gpus_per_node="
-                f"{world} > inference.inference_num_gpus_per_node={inf.inference_num_gpus_per_node} (one machine)")
-    if gpus_per_engine(cfg) > gpus_per_engine_process(cfg):
-        return (f"one engine spans {gpus_per_engine(cfg) // gpus_per_engine_process(cfg)} nodes "
-                f"(inference.sglang.nnodes={cfg.inference.sglang.nnodes})")
-    return None
 
 
 def select_launcher(cfg) -> str:

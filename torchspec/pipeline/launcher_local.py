@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from torchspec.config.errors import ConfigError
 from torchspec.inference.base import StoredSample
 from torchspec.pipeline.failures import WorkerFailure, exit_text
+from torchspec.pipeline.wire import from_wire, to_wire
 from torchspec.pipeline.ranks import RankWorker, TrainerRanks, leave_dist  # noqa: F401  (TrainerRanks re-exported)
 
 
@@ -115,16 +116,6 @@ class InlineEngines:
         self.engine.close()
 
 
-def _to_wire(samples) -> list[tuple]:
-    return [(s.sample_id, s.input_ids.numpy(), s.loss_mask.numpy()) for s in samples]
-
-
-def _from_wire(items):
-    from torchspec.data.sample import Sample
-
-    return [Sample(sid, torch.from_numpy(ids), torch.from_numpy(mask)) for sid, ids, mask in items]
-
-
 PARENT_CHECK_S = 2.0  # how often an idle engine process checks that the driver still exists
 
 
@@ -148,7 +139,7 @@ def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbo
             if items is None:
                 break
             t0 = time.monotonic()
-            stored = engine.generate(_from_wire(items))
+            stored = engine.generate(from_wire(items))
             outbox.put(("done", worker, (stored, time.monotonic() - t0)))
     except KeyboardInterrupt:
         pass
@@ -220,7 +211,7 @@ class ProcessEngines:
             raise WorkerFailure(what)
 
     def submit(self, worker: int, samples: list) -> None:
-        self.inboxes[worker].put(_to_wire(samples))
+        self.inboxes[worker].put(to_wire(samples))
 
     def wait(self, timeout: float) -> list[tuple[int, list[StoredSample]]]:
         out = []

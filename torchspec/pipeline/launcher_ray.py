@@ -52,7 +52,8 @@ import torch
 
 from torchspec.inference.base import StoredSample
 from torchspec.pipeline.failures import WorkerFailure, ray_death_text
-from torchspec.pipeline.launcher_local import PlacementError, _from_wire, _to_wire, check_gpus_per_engine
+from torchspec.pipeline.launcher_local import PlacementError, check_gpus_per_engine
+from torchspec.pipeline.wire import from_wire, to_wire
 from torchspec.utils.net import free_port
 
 log = logging.getLogger("torchspec.pipeline")
@@ -172,7 +173,7 @@ def check_local_store(store, what: str, node_ids) -> None:
 def check_store_config(cfg, nodes: list[dict]) -> None:
     """Before anything starts: inference.store=local (when that setting exists) over several nodes of a
     cluster that spans several machines cannot work."""
-    from torchspec.pipeline.launcher import multi_node_reason
+    from torchspec.config.topology import multi_node_reason
 
     store = getattr(cfg.inference, "store", None)
     reason = multi_node_reason(cfg)
@@ -215,7 +216,7 @@ class _EngineActor:
 
     def generate(self, items) -> tuple[list[StoredSample], float]:
         t0 = time.monotonic()
-        stored = self.engine.generate(_from_wire(items))
+        stored = self.engine.generate(from_wire(items))
         return stored, time.monotonic() - t0
 
     def close(self) -> None:
@@ -343,7 +344,7 @@ class RayEngines:
         log.info("engine actors on Ray nodes %s", ", ".join(f"{w}: {n[:8]}" for w, n in enumerate(self.nodes)))
 
     def submit(self, worker: int, samples: list) -> None:
-        self.pending[self.actors[worker].generate.remote(_to_wire(samples))] = worker
+        self.pending[self.actors[worker].generate.remote(to_wire(samples))] = worker
 
     def wait(self, timeout: float) -> list[tuple[int, list[StoredSample]]]:
         ray = self._ray

@@ -26,10 +26,10 @@ from torchspec.inference.base import StoredSample
 
 
 def rank_batch(store, keys: list[str], ref_key: str, pack: bool):
-    """The rank's micro-batch (packed or padded: torchspec.pipeline.batch); a rank left without samples (an
+    """The rank's micro-batch (packed or padded: torchspec.transfer.batch); a rank left without samples (an
     epoch's short tail) trains on a copy of another rank's sample with its loss mask zeroed: it joins the
     collectives with zero gradient."""
-    from torchspec.pipeline.batch import collate
+    from torchspec.transfer.batch import collate
 
     if keys:
         return collate([store.get(k) for k in keys], pack=pack)

@@ -31,7 +31,7 @@ def store_type(cfg) -> str:
         return kind
     if cfg.inference.colocate:
         return "memory"
-    from torchspec.pipeline.launcher import multi_node_reason
+    from torchspec.config.topology import multi_node_reason
 
     reason = multi_node_reason(cfg)
     if reason is None:
@@ -51,7 +51,7 @@ def build_store(cfg) -> Store:
         from torchspec.transfer.local import LocalStore
 
         return LocalStore(capacity_bytes=capacity)
-    from torchspec.pipeline.launcher import multi_node_reason
+    from torchspec.config.topology import multi_node_reason
     from torchspec.transfer.mooncake import MooncakeSettings, MooncakeStore
 
     reason = multi_node_reason(cfg)
