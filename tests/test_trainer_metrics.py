@@ -82,8 +82,8 @@ def test_wandb_gets_key_via_env_only(tmp_path, monkeypatch):
         m.log(1, {"loss": 2.0, "note": "text is not sent"})
     assert seen["mode"] == "offline"  # online failed (no network) -> offline, training goes on
     assert seen["env_key"] == KEY
-    assert seen["config"]["logging"]["wandb_key"] == "<redacted>"
-    assert seen["argv"] == ["train_entry", "logging.wandb_key=<redacted>", "training.seed=1"]
+    assert seen["config"]["logging"]["wandb_key"] == "***"
+    assert seen["argv"] == ["train_entry", "logging.wandb_key=***", "training.seed=1"]
     assert sys.argv[1] == f"logging.wandb_key={KEY}"  # restored afterwards
     assert seen["run"].logged == [(1, {"loss": 2.0})] and seen["finished"]
     assert seen["project"] == "p" and seen["name"].startswith(tmp_path.name + "-")
@@ -102,9 +102,9 @@ def test_missing_wandb_gives_an_install_hint(tmp_path, monkeypatch):
 
 def test_redaction_helpers():
     assert redact({"a": {"wandb_key": "x", "b": [1, {"wandb_key": None}]}}) == \
-        {"a": {"wandb_key": "<redacted>", "b": [1, {"wandb_key": None}]}}
+        {"a": {"wandb_key": "***", "b": [1, {"wandb_key": None}]}}
     assert redact_argv(["--wandb_key=abc", "x=1", "logging.wandb_key=k"]) == \
-        ["--wandb_key=<redacted>", "x=1", "logging.wandb_key=<redacted>"]
+        ["--wandb_key=***", "x=1", "logging.wandb_key=***"]
 
 
 def test_missing_tensorboard_gives_an_install_hint(tmp_path, monkeypatch):

@@ -33,6 +33,25 @@ def _redact_free(value: Any) -> Any:
     return value
 
 
+def redact(obj: Any) -> Any:
+    """A copy of nested dicts / lists with every secret key's value replaced by REDACTED (the one redactor:
+    printed and saved configs, W&B / TensorBoard run configs, command lines)."""
+    if isinstance(obj, dict):
+        return {k: (REDACTED if k in SECRET_KEYS and v is not None else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """Command-line overrides of secret keys (`logging.wandb_key=...`) with their values replaced."""
+    out = []
+    for arg in argv:
+        key, eq, _ = arg.partition("=")
+        out.append(f"{key}={REDACTED}" if eq and key.rsplit(".", 1)[-1].lstrip("-") in SECRET_KEYS else arg)
+    return out
+
+
 def human_size(n: int) -> Any:
     """16 GiB -> "16GB" (binary units, as parse_size reads them); other values unchanged."""
     for unit, power in (("TB", 4), ("GB", 3), ("MB", 2), ("KB", 1)):

@@ -24,19 +24,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from torchspec.config.schema import SECRET_KEYS
+from torchspec.config.render import redact, redact_argv  # noqa: F401  (redact_argv re-exported)
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_PREFIX = "eval/"
-
-
-def redact(obj: Any) -> Any:
-    """A copy of a nested dict/list with every secret key's value replaced."""
-    if isinstance(obj, dict):
-        return {k: ("<redacted>" if k in SECRET_KEYS and v is not None else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v) for v in obj]
-    return obj
 
 
 class MetricsLogger:
@@ -202,15 +193,6 @@ def _init_wandb(logging_cfg, output_dir: Path, run_config: dict):
         return wandb.init(**{**kwargs, "mode": "offline"})
     finally:
         sys.argv = argv
-
-
-def redact_argv(argv: list[str]) -> list[str]:
-    """Command-line overrides of secret keys (`logging.wandb_key=...`) with their values replaced."""
-    out = []
-    for arg in argv:
-        key, eq, _ = arg.partition("=")
-        out.append(f"{key}=<redacted>" if eq and key.rsplit(".", 1)[-1].lstrip("-") in SECRET_KEYS else arg)
-    return out
 
 
 def _init_tensorboard(output_dir: Path, run_config: dict):
