@@ -169,11 +169,11 @@ def _ray_pid(peers):
 @pytest.mark.parametrize("when, completed", [("start", 0), (("train", 3), 2)], ids=["before_rendezvous", "mid_run"])
 def test_ray_rank_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only, two_nodes, when, completed):
     from ray_helpers import cpus_free, live_actors
-    from torchspec.pipeline import launcher_ray
+    from torchspec.pipeline import ray_ranks
 
     head, second = two_nodes
-    killer = _Killer(launcher_ray.RayPeers, _ray_pid, when)
-    monkeypatch.setattr(launcher_ray, "RayPeers", killer.cls)
+    killer = _Killer(ray_ranks.RayPeers, _ray_pid, when)
+    monkeypatch.setattr(ray_ranks, "RayPeers", killer.cls)   # start_ray_trainer_ranks looks it up in ray_ranks
     cfg = _config(tmp_path, tiny_target_dir, training_num_nodes=2, training_num_gpus_per_node=1)
     cfg.inference.launcher = "ray"
     cfg.inference.store = "local"   # one machine: shared memory works (tests/test_ray_mooncake_multinode.py: mooncake)

@@ -88,13 +88,13 @@ def test_local_store_refused_for_ranks_on_another_machine(tmp_path, tiny_target_
     """The second node faked onto another IP: the trainer-rank actors are refused before they join the
     process group, with the mooncake hint, and their placement group is removed."""
     from ray_helpers import cpus_free
-    from torchspec.pipeline import launcher_ray
+    from torchspec.pipeline import launcher_ray, ray_placement
     from torchspec.pipeline.launcher import plan_placement
     from torchspec.transfer.local import LocalStore
 
     head, second = two_nodes
-    real = launcher_ray.node_ips
-    monkeypatch.setattr(launcher_ray, "node_ips",
+    real = ray_placement.node_ips   # check_local_store looks node_ips up in ray_placement
+    monkeypatch.setattr(ray_placement, "node_ips",
                         lambda ids: {n: ("10.0.0.2" if n == second else ip) for n, ip in real(ids).items()})
     cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, training_num_nodes=2)
     cfg.inference.launcher = "ray"

@@ -8,7 +8,7 @@
 CKPT (what torchspec.training.checkpoint writes): model.safetensors (the draft's state_dict),
 draft_config.json, optionally export_meta.json {"aux_layer_ids": [...] (our convention: id k =
 output of target layer k), "embeddings_trained": bool}. Aux ids: --aux-layer-ids, else
-export_meta.json, else the default [1, L//2-1, L-4] of --target-model-path's config.
+export_meta.json, else the default ids for --target-model-path's layer count (torchspec.config.target).
 
 --prune-vocab N keeps the N most frequent tokens (loss-masked tokens of --dataset, tokenized
 with the target's tokenizer, or a LongTensor[V] saved with torch.save as --token-counts) of
@@ -105,20 +105,19 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     import torch
 
+    from torchspec.config.target import TargetInfo, check_aux_layers, to_vllm_layer_ids
     from torchspec.export import export_draft, prune_draft_vocab
-    from torchspec.models import check_aux_layers, default_aux_layers, to_vllm_layer_ids
 
     ckpt = Path(args.input_dir)
     if not ckpt.is_dir():
         raise fail(f"--input-dir {ckpt}: not a directory")
     draft, meta = load_checkpoint(ckpt)
-    target_config = None
+    target_json = None
     if args.target_model_path:
         cfg_file = Path(args.target_model_path) / "config.json"
         if not cfg_file.is_file():
             raise fail(f"--target-model-path: {cfg_file} not found")
-        target_config = json.loads(cfg_file.read_text())
-        target_config = target_config.get("text_config") or target_config
+        target_json = json.loads(cfg_file.read_text())
     if args.aux_layer_ids:
         try:
             aux = [int(x) for x in args.aux_layer_ids.split(",")]
@@ -126,14 +125,18 @@ def main(argv=None) -> Path:
             raise fail(f"--aux-layer-ids '{args.aux_layer_ids}': expected comma-separated integers") from None
     elif meta.get("aux_layer_ids"):
         aux = list(meta["aux_layer_ids"])
-    elif target_config is not None:
-        aux = default_aux_layers(int(target_config["num_hidden_layers"]))
-    else:
+    elif target_json is None:
         raise fail("aux layer ids unknown: pass --aux-layer-ids or --target-model-path "
                    f"(no aux_layer_ids in {ckpt / 'export_meta.json'})")
+    else:
+        aux = None  # the target's default
     try:
-        aux = check_aux_layers(aux, key="aux layer ids")
-    except ValueError as e:
+        if target_json is None:
+            aux, target_config = check_aux_layers(aux, key="aux layer ids"), None
+        else:  # checked against the target's layer count (None: its default ids)
+            target = TargetInfo.from_dict(target_json, aux, key="aux layer ids")
+            aux, target_config = list(target.aux_layers), target.text_config
+    except ValueError as e:  # ConfigError included
         raise fail(str(e)) from None
     if args.prune_vocab is not None:
         counts = token_counts(args, draft.config.vocab_size)

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from torchspec.models import check_aux_layers, to_vllm_layer_ids
+from torchspec.config.target import check_aux_layers, text_config_of, to_vllm_layer_ids
 from torchspec.models.draft import DraftConfig, LlamaForCausalLMEagle3
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -61,10 +61,11 @@ def expected_tensors(cfg: DraftConfig, with_embeddings: bool) -> dict[str, tuple
 
 
 def _target_dict(target_config) -> dict:
+    """The target's language-model fields as a dict (any subset of a config.json is accepted)."""
     if target_config is None:
         return {}
-    d = target_config.to_dict() if hasattr(target_config, "to_dict") else dict(target_config)
-    return d.get("text_config") or d
+    text = text_config_of(target_config)
+    return text.to_dict() if hasattr(text, "to_dict") else dict(text)
 
 
 def export_config(cfg: DraftConfig, aux_layer_ids: Sequence[int], target_config=None,

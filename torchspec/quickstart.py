@@ -354,7 +354,7 @@ def _accuracies(draft, head, records, ttt_length: int, attention_backend: str, b
     import torch
 
     from torchspec.models.eagle3 import eagle3_loss
-    from torchspec.pipeline.batch import collate
+    from torchspec.transfer.batch import collate
 
     correct, valid = [0.0] * ttt_length, [0] * ttt_length
     with torch.no_grad():
@@ -380,9 +380,9 @@ def _tau_prompts(tok, path: Path, n: int) -> list[list[int]]:
 
 def _tau(model, aux_layers, draft, prompts, k: int, max_new_tokens: int, eos_token_id) -> float:
     from torchspec.eval.speculative import Eagle3Proposer, HFTarget, SpecStats, speculative_generate
-    from torchspec.inference.hf import resolve_aux_layers
+    from torchspec.config.target import TargetInfo
 
-    target = HFTarget(model, resolve_aux_layers(aux_layers, model.config.num_hidden_layers))
+    target = HFTarget(model, list(TargetInfo.from_target_config(model.config, aux_layers).aux_layers))
     proposer = Eagle3Proposer(draft)
     stats = SpecStats(k)
     for p in prompts:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 from torchspec.config.errors import ConfigError
+from torchspec.config.origins import origin_of, set_origins  # noqa: F401  (origin_of re-exported)
 from torchspec.config.schema import REQUIRED, Config
 
 CLI = "command line"
@@ -62,15 +63,6 @@ def load_config(
 
         validate_config(cfg)
     return cfg
-
-
-def origin_of(cfg: Config, key: str) -> Optional[str]:
-    """The file (or "command line") that last set dotted `key`, or None for a schema default."""
-    return getattr(cfg, "_origins", {}).get(key)
-
-
-def set_origins(cfg: Config, origins: dict[str, str]) -> None:
-    object.__setattr__(cfg, "_origins", dict(origins))
 
 
 def parse_size(value: Any, key: str = "size", source: str = CLI) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from torchspec.config.schema import Config
+from torchspec.config.target import default_aux_layers, resolve_draft_vocab_size, text_config_of
 from torchspec.config.validate import gpus_per_engine
 
 BF16_BYTES = 2
@@ -43,15 +44,18 @@ def read_json(path: Optional[str]) -> Optional[dict]:
         return json.load(f)
 
 
-def _text_config(conf: dict) -> dict:
-    # Vision-language checkpoints (Kimi-K2.5) keep the language model's fields in text_config.
-    return conf.get("text_config") or conf
+def _local_target_text(cfg: Config) -> Optional[dict]:
+    """The language model's part of a local target's config.json (vision-language checkpoints such as
+    Kimi-K2.5 nest it); None for a hub id. Read as a plain dict: a dry run needs no transformers, and
+    a partial config.json still gives what it has."""
+    target = read_json(str(Path(cfg.model.target_model_path) / "config.json"))
+    return text_config_of(target) if target else None
 
 
 def target_hidden_size(cfg: Config, draft: Optional[dict]) -> tuple[Optional[int], str]:
-    target = read_json(str(Path(cfg.model.target_model_path) / "config.json"))
-    if target and _text_config(target).get("hidden_size"):
-        return _text_config(target)["hidden_size"], "target config.json"
+    text = _local_target_text(cfg)
+    if text and text.get("hidden_size"):
+        return text["hidden_size"], "target config.json"
     if draft and draft.get("hidden_size"):
         return draft["hidden_size"], "model.draft_model_config"
     if cfg.mooncake.hidden_dim:
@@ -62,21 +66,18 @@ def target_hidden_size(cfg: Config, draft: Optional[dict]) -> tuple[Optional[int
 def target_aux_layers(cfg: Config) -> Optional[list[int]]:
     """inference.aux_hidden_states_layers, else the default for a local target's layer count; None when
     neither is known without loading anything (a hub id)."""
-    from torchspec.models import default_aux_layers
-
     if cfg.inference.aux_hidden_states_layers:
         return [int(k) for k in cfg.inference.aux_hidden_states_layers]
-    target = read_json(str(Path(cfg.model.target_model_path) / "config.json"))
-    layers = target and _text_config(target).get("num_hidden_layers")
+    text = _local_target_text(cfg)
+    layers = text and text.get("num_hidden_layers")
     return default_aux_layers(int(layers)) if layers else None
 
 
 def draft_like_target(cfg: Config) -> Optional[dict]:
     """Without a draft config the draft copies the target's layer shape (when it is local)."""
-    target = read_json(str(Path(cfg.model.target_model_path) / "config.json"))
-    if not target:
+    text = _local_target_text(cfg)
+    if not text:
         return None
-    text = _text_config(target)
     keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
             "head_dim", "vocab_size")
     return {k: text[k] for k in keys if text.get(k) is not None}
@@ -90,7 +91,7 @@ def draft_memory_estimate(draft: dict, cfg: Config) -> dict:
     kv_heads = draft.get("num_key_value_heads", heads)
     head_dim = draft.get("head_dim") or h // heads
     vocab = draft["vocab_size"]
-    draft_vocab = cfg.training.draft_vocab_size or draft.get("draft_vocab_size") or vocab
+    draft_vocab = resolve_draft_vocab_size(cfg.training.draft_vocab_size, draft.get("draft_vocab_size"), vocab)
     tr = cfg.training
     world = tr.training_num_nodes * tr.training_num_gpus_per_node
 

@@ -38,6 +38,9 @@ TRAINING_ATTENTION_BACKENDS = ("sdpa", "flex_attention")
 # x_{t+2+k} is an assistant token (see docs/architecture.md, the Eagle3 contract).
 LOSS_MASK_ALIGNMENTS = ("eagle", "serving")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+# dataset.chat_template: "tokenizer" (the tokenizer's own template) or a template of torchspec/data/templates.py
+# (which checks at import that it implements exactly these)
+CHAT_TEMPLATES = ("tokenizer", "qwen", "qwen3", "llama3", "kimi-k25", "kimi-k25-vlm", "plain")
 PARALLEL_MODES = ("ddp", "fsdp")
 REPORT_TO = ("none", "wandb", "tensorboard")
 MOONCAKE_PROTOCOLS = ("tcp", "rdma")
@@ -71,7 +74,7 @@ class DatasetConfig:
     eval_tau_prompts: int = 0  # held-out prompts to measure tau on at each eval (loads the HF target); 0 = off
     eval_num_draft_steps: int = 3  # k of the chain speculative decoding that measures tau
     eval_max_new_tokens: int = 64  # tokens generated per prompt when measuring tau
-    chat_template: str = "qwen"  # a name of torchspec.data.templates.TEMPLATE_NAMES
+    chat_template: str = "qwen"  # one of CHAT_TEMPLATES
     prompt_key: str = "conversations"  # record field holding the list of messages
     defer_tokenization: bool = False  # tokenize in the inference workers instead of up front
     last_turn_loss_only: bool = False  # supervise only the last assistant turn of each conversation

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 from torchspec.config import schema as S
 from torchspec.config.errors import ConfigError
 from torchspec.config.schema import Config
+from torchspec.config.target import AUX_LAYERS_KEY, aux_layers_problem
 
 
 def validate_config(cfg: Config) -> None:
@@ -34,7 +35,7 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def _fail(cfg: Config, key: str, message: str) -> None:
-    from torchspec.config.loader import origin_of
+    from torchspec.config.origins import origin_of
 
     src = origin_of(cfg, key)
     where = f" ({src})" if src else " (schema default)"
@@ -53,12 +54,6 @@ def _one_of(cfg: Config, key: str, choices: Iterable[str], optional: bool = Fals
         _fail(cfg, key, f"unknown value, expected one of {', '.join(choices)}{hint}")
 
 
-def _chat_template_names() -> tuple[str, ...]:
-    from torchspec.data.templates import TEMPLATE_NAMES  # the data module owns the list
-
-    return tuple(TEMPLATE_NAMES)
-
-
 # ---------------------------------------------------------------- checks
 
 
@@ -67,7 +62,7 @@ def _check_choices(cfg: Config) -> None:
     _one_of(cfg, "inference.launcher", S.LAUNCHERS)
     _one_of(cfg, "training.attention_backend", S.TRAINING_ATTENTION_BACKENDS)
     _one_of(cfg, "training.loss_mask_alignment", S.LOSS_MASK_ALIGNMENTS)
-    _one_of(cfg, "dataset.chat_template", _chat_template_names())
+    _one_of(cfg, "dataset.chat_template", S.CHAT_TEMPLATES)
     _one_of(cfg, "training.parallel_mode", S.PARALLEL_MODES)
     _one_of(cfg, "training.loss_mask_alignment", S.LOSS_MASK_ALIGNMENTS)
     _one_of(cfg, "training.lr_decay_style", S.LR_DECAY_STYLES)
@@ -220,11 +215,14 @@ def _check_inference_topology(cfg: Config) -> None:
 
 
 def _check_aux_layers(cfg: Config) -> None:
+    """The one aux-layer check (torchspec.config.target), without the target's layer count: the engines
+    check the ids against the target when they read its config."""
     layers = cfg.inference.aux_hidden_states_layers
     if layers is None:
         return
-    if len(layers) != 3 or any(layer < 0 for layer in layers):
-        _fail(cfg, "inference.aux_hidden_states_layers", "must be 3 non-negative layer ids (or null)")
+    problem = aux_layers_problem(layers)
+    if problem:
+        _fail(cfg, AUX_LAYERS_KEY, f"{problem} (or null for the default)")
 
 
 def _check_files(cfg: Config) -> None:

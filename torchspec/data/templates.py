@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 
+from torchspec.config.schema import CHAT_TEMPLATES
 from torchspec.data.errors import DataError
 
 
@@ -284,6 +285,7 @@ NAMED = {
     "plain": lambda tok: PlainTemplate(_eos_token(tok)),
 }
 TEMPLATE_NAMES = ("tokenizer",) + tuple(NAMED)
+assert TEMPLATE_NAMES == CHAT_TEMPLATES, "config/schema.py CHAT_TEMPLATES must list the templates defined here"
 
 
 def _eos_token(tokenizer) -> str:

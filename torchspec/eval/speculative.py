@@ -88,20 +88,15 @@ class HFTarget:
         self.model = model
         self.aux_layers = [int(k) for k in aux_layers]
         self.device = next(model.parameters()).device
-        layers = model.get_decoder().layers
-        self._captured: dict[int, torch.Tensor] = {}
-        self._hooks = [layers[k].register_forward_hook(self._hook(k)) for k in sorted(set(self.aux_layers))]
+        from torchspec.inference.hf import AuxCapture
+
+        self.capture = AuxCapture(model.get_decoder(), self.aux_layers)
         self.cache = None
         self.num_forwards = 0
         # transformers renamed the forward's cache argument from past_key_values to cache (after 5.17);
         # an unknown name is swallowed by **kwargs and the model silently runs without the cache.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-
-    def _hook(self, k: int):
-        def capture(module, args, output):
-            self._captured[k] = output[0] if isinstance(output, (tuple, list)) else output
-        return capture
 
     def reset(self) -> None:
         from transformers import DynamicCache
@@ -117,11 +112,10 @@ class HFTarget:
         """Process `token_ids` after the cached ones: (argmax next token of the last `num_logits` positions,
         all of them when 0; aux [n, 3H] of every position)."""
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
-        self._captured.clear()
+        self.capture.clear()
         out = self.model(input_ids=ids, **{self._cache_arg: self.cache}, use_cache=True, logits_to_keep=num_logits)
         self.num_forwards += 1
-        aux = torch.cat([self._captured[k][0] for k in self.aux_layers], dim=-1)
-        self._captured.clear()
+        aux = self.capture.take()[0]
         return out.logits[0].argmax(dim=-1).tolist(), aux
 
     def crop(self, length: int) -> None:
@@ -131,9 +125,7 @@ class HFTarget:
             self.cache.crop(-extra)
 
     def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self.capture.close()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,12 +14,9 @@ from typing import Sequence
 
 import torch
 
-from torchspec.config.errors import ConfigError
+# TargetLoadError and resolve_aux_layers (TargetInfo's aux-layer rule) stay importable from here for existing callers.
+from torchspec.config.target import TargetInfo, TargetLoadError, resolve_aux_layers  # noqa: F401
 from torchspec.inference.base import StoredSample, compute_dtype, put_record
-
-
-class TargetLoadError(ConfigError):
-    """model.target_model_path cannot be loaded (user-caused: one line naming the key)."""
 
 
 def load_target(path: str, dtype: torch.dtype, device: torch.device | str, trust_remote_code: bool = False):
@@ -45,17 +42,37 @@ def _base_model(model):
     return base if base is not None else getattr(model, model.base_model_prefix)
 
 
-def _num_layers(model) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return cfg.num_hidden_layers
+class AuxCapture:
+    """Forward hooks on the decoder layers `aux_layers` of `base` (a model with `.layers`): after a forward,
+    `take()` returns the concat of their outputs [..., 3H] (our id k = OUTPUT of decoder layer k, transformers
+    `hidden_states[k + 1]`) and forgets them. The one capture of aux hidden states (engine and tau eval)."""
 
+    def __init__(self, base, aux_layers: Sequence[int]):
+        layers = getattr(base, "layers", None)
+        if layers is None:
+            raise TargetLoadError(f"{type(base).__name__} has no .layers; its aux layers cannot be hooked")
+        self.aux_layers = [int(k) for k in aux_layers]
+        self._captured: dict[int, torch.Tensor] = {}
+        self._hooks = [layers[k].register_forward_hook(self._hook(k)) for k in sorted(set(self.aux_layers))]
 
-def resolve_aux_layers(layers, num_layers: int) -> list[int]:
-    from torchspec.models import check_aux_layers, default_aux_layers
+    def _hook(self, k: int):
+        def capture(module, args, output):
+            self._captured[k] = output[0] if isinstance(output, (tuple, list)) else output
+        return capture
 
-    if layers is None:
-        return list(default_aux_layers(num_layers))
-    return check_aux_layers(layers, num_layers)
+    def clear(self) -> None:
+        self._captured.clear()
+
+    def take(self) -> torch.Tensor:
+        aux = torch.cat([self._captured[k] for k in self.aux_layers], dim=-1)
+        self._captured.clear()
+        return aux
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._captured.clear()
 
 
 PAD_WASTE = 1.25   # a forward batch computes at most this many (padded) tokens per real one
@@ -67,13 +84,9 @@ class HFEngine:
         self.store = store
         self.batch_size = batch_size
         self.base = _base_model(model)
-        self.aux_layers = resolve_aux_layers(aux_layers, _num_layers(model))
+        self.aux_layers = list(TargetInfo.from_target_config(model.config, aux_layers).aux_layers)
         self.device = next(model.parameters()).device
-        self._captured: dict[int, torch.Tensor] = {}
-        layers = getattr(self.base, "layers", None)
-        if layers is None:
-            raise TargetLoadError(f"{type(self.base).__name__} has no .layers; the hf engine cannot hook its aux layers")
-        self._hooks = [layers[k].register_forward_hook(self._hook(k)) for k in self.aux_layers]
+        self.capture = AuxCapture(self.base, self.aux_layers)
 
     @classmethod
     def from_config(cls, cfg, store, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
@@ -85,11 +98,6 @@ class HFEngine:
         return cls(model, store, aux_layers=cfg.inference.aux_hidden_states_layers,
                    batch_size=cfg.inference.inference_batch_size)
 
-    def _hook(self, k: int):
-        def capture(module, args, output):
-            self._captured[k] = output[0] if isinstance(output, (tuple, list)) else output
-        return capture
-
     @torch.inference_mode()
     def _forward(self, samples) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = [int(s.input_ids.numel()) for s in samples]
@@ -99,11 +107,9 @@ class HFEngine:
         for i, s in enumerate(samples):
             ids[i, :lengths[i]] = s.input_ids
             mask[i, :lengths[i]] = 1
-        self._captured.clear()
+        self.capture.clear()
         out = self.base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
-        aux = torch.cat([self._captured[k] for k in self.aux_layers], dim=-1)
-        self._captured.clear()
-        return aux, out.last_hidden_state
+        return self.capture.take(), out.last_hidden_state
 
     def chunks(self, samples: Sequence) -> list[list]:
         """Forward batches: samples sorted by length, at most `batch_size` each, and a new batch begun when
@@ -131,6 +137,4 @@ class HFEngine:
         return [done[s.sample_id] for s in samples]
 
     def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self.capture.close()

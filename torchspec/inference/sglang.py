@@ -227,22 +227,6 @@ def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
             "engine_factory must too)")
 
 
-def _target_shape(path: str, trust_remote_code: bool) -> tuple[int, int]:
-    """(hidden size, decoder layers) of the target, from its config alone."""
-    from transformers import AutoConfig
-
-    from torchspec.inference.hf import TargetLoadError
-
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as e:  # user-caused: wrong path / id
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise TargetLoadError(f"model.target_model_path={path!r} has no readable model config: "
-                              f"{type(e).__name__}: {first}") from None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.hidden_size), int(text.num_hidden_layers)
-
-
 class SGLangEngine:
     def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu"):
         self.llm = llm
@@ -256,14 +240,14 @@ class SGLangEngine:
     def from_config(cls, cfg, store, device: torch.device | str = "cpu", node_rank: int = 0,
                     dist_init_addr: Optional[str] = None):
         """The engine (node_rank 0), or for node_rank >= 1 of an engine spanning nodes an `SGLangNodeEngine`."""
-        from torchspec.inference.hf import resolve_aux_layers
+        from torchspec.config.target import TargetInfo
         from torchspec.utils.optional import require
 
         check_placement(cfg, dist_init_addr)
         sgl = require("sglang", "sglang")
         device = torch.device(device)
-        hidden, num_layers = _target_shape(cfg.model.target_model_path, bool(cfg.model.trust_remote_code))
-        aux_layers = resolve_aux_layers(cfg.inference.aux_hidden_states_layers, num_layers)
+        target = TargetInfo.from_config(cfg)   # the target's config alone (TargetLoadError naming the key)
+        hidden, aux_layers = target.hidden_size, list(target.aux_layers)
         kwargs = build_engine_kwargs(cfg, device, aux_layers, node_rank=node_rank, dist_init_addr=dist_init_addr)
         if node_rank >= 1:
             # else sgl.Engine never returns: it serves a health check and joins its schedulers (engine.py:686-707)

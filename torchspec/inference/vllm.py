@@ -40,8 +40,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from torchspec.config.errors import ConfigError
+from torchspec.config.target import TargetInfo, text_config_of
+from torchspec.config.target import to_vllm_layer_ids  # noqa: F401  (re-exported: the engine's boundary)
 from torchspec.inference.base import StoredSample, compute_dtype, put_record
-from torchspec.models import to_vllm_layer_ids  # noqa: F401  (re-exported: the engine's boundary)
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def load_final_norm(path: str, dtype: torch.dtype, trust_remote_code: bool = Fal
     number of decoder layers). The model is built on the meta device: no other weight is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from torchspec.inference.hf import TargetLoadError, _base_model, _num_layers
+    from torchspec.inference.hf import TargetLoadError, _base_model
 
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -174,7 +175,7 @@ def load_final_norm(path: str, dtype: torch.dtype, trust_remote_code: bool = Fal
     tensors = _checkpoint_tensors(str(path), list(names))
     norm = norm.to_empty(device="cpu")
     norm.load_state_dict({names[n]: t.to(dtype) for n, t in tensors.items()})
-    return norm.eval().requires_grad_(False), _num_layers(model)
+    return norm.eval().requires_grad_(False), int(text_config_of(model.config).num_hidden_layers)
 
 
 @contextlib.contextmanager
@@ -244,12 +245,10 @@ class VLLMEngine:
             if e.name != "vllm":
                 raise
             raise VLLMEngineError(f"inference.inference_engine_type='vllm' needs vllm: {INSTALL_HINT}") from None
-        from torchspec.inference.hf import resolve_aux_layers
-
         device = torch.device(device)
         path = str(cfg.model.target_model_path)
         final_norm, num_layers = load_final_norm(path, compute_dtype(device), bool(cfg.model.trust_remote_code))
-        aux_layers = resolve_aux_layers(cfg.inference.aux_hidden_states_layers, num_layers)
+        aux_layers = list(TargetInfo.from_config(cfg).aux_layers)
         extract_ids = extraction_plan(aux_layers, num_layers)[0]
         storage_dir = tempfile.mkdtemp(prefix="torchspec-vllm-hs-")
         try:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchspec.config.errors import ConfigError
+from torchspec.config.target import resolve_draft_vocab_size, text_config_of
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -82,7 +83,7 @@ class DraftConfig:
             rope_scaling=scaling,
             max_position_embeddings=int(need("max_position_embeddings")),
             vocab_size=vocab,
-            draft_vocab_size=int(d.get("draft_vocab_size") or vocab),
+            draft_vocab_size=resolve_draft_vocab_size(None, d.get("draft_vocab_size"), vocab),
             target_hidden_size=int(d.get("target_hidden_size") or hidden),
         )
         cfg.check(source)
@@ -90,8 +91,10 @@ class DraftConfig:
 
     @classmethod
     def from_target(cls, target_config, draft_vocab_size: Optional[int] = None) -> "DraftConfig":
-        """Derive a draft shaped like the target's layers (the default when no draft JSON is given)."""
-        tc = getattr(target_config, "text_config", None) or target_config
+        """Derive a draft shaped like the target's layers (the default when no draft JSON is given).
+        draft_vocab_size: training.draft_vocab_size; None = the full vocabulary (`from_dict` applies
+        resolve_draft_vocab_size; the target's own config holds no draft value to fall back on)."""
+        tc = text_config_of(target_config)
         d = tc.to_dict() if hasattr(tc, "to_dict") else dict(tc)
         d = {k: v for k, v in d.items() if k not in ("num_hidden_layers", "hidden_act", "draft_vocab_size")}
         d["target_hidden_size"] = d["hidden_size"]

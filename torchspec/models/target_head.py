@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from torchspec.config.errors import ConfigError
+from torchspec.config.target import text_config_of
 from torchspec.models.attention import maybe_compiled
 
 # Rows per chunk are chosen so one chunk's logits hold about this many elements.
@@ -114,5 +115,7 @@ def _tied(target_path: Path) -> bool:
     if not cfg.exists():
         return False
     d = json.loads(cfg.read_text())
-    d = d.get("text_config", d) if "tie_word_embeddings" not in d else d
-    return bool(d.get("tie_word_embeddings", False))
+    # Not just text_config_of(d): the top-level flag, when present, wins over the language model's. The
+    # checkpoint's lm_head belongs to the outer (e.g. vision-language) model, which transformers ties by its
+    # own config's tie_word_embeddings; only a config without the flag falls back to its text_config's.
+    return bool((d if "tie_word_embeddings" in d else text_config_of(d)).get("tie_word_embeddings", False))

@@ -20,14 +20,16 @@ class ModelSpec:
 
 
 def draft_config_for(cfg, target_config):
-    """The draft's architecture: model.draft_model_config, else derived from the target;
-    training.draft_vocab_size (when set) overrides the vocabulary size."""
+    """The draft's architecture: model.draft_model_config, else derived from the target; its vocabulary
+    size by `torchspec.config.target.resolve_draft_vocab_size` (training.draft_vocab_size, else the draft
+    config's, else the full vocabulary)."""
+    from torchspec.config.target import resolve_draft_vocab_size
     from torchspec.models.draft import DraftConfig
 
     dvs = cfg.training.draft_vocab_size
     if cfg.model.draft_model_config:
         dc = DraftConfig.from_json(cfg.model.draft_model_config)
-        return dc.replace(draft_vocab_size=dvs) if dvs is not None else dc
+        return dc.replace(draft_vocab_size=resolve_draft_vocab_size(dvs, dc.draft_vocab_size, dc.vocab_size))
     return DraftConfig.from_target(target_config, draft_vocab_size=dvs)
 
 

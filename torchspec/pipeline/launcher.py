@@ -1,7 +1,7 @@
 """Launcher selection: the local launcher (processes on this machine) or the Ray launcher (engine actors
 on a Ray cluster), from `inference.launcher`; a run over several nodes always needs Ray.
 
-`plan_placement(cfg)` -> a placement (`launcher_local.Placement` or `launcher_ray.RayPlacement`);
+`plan_placement(cfg)` -> a placement (`launcher_local.Placement` or `ray_placement.RayPlacement`);
 `start_engines(cfg, store, placement, engine_factory)` -> the controller's EngineGroup for it;
 `start_trainer_ranks(cfg, spec, store, placement, workdir)` -> `TrainerRanks`: rank 0 in this
 process either way, ranks 1.. spawned on this machine (local) or Ray actors on the training nodes (ray).
@@ -43,13 +43,14 @@ def select_launcher(cfg) -> str:
 def plan_placement(cfg):
     if select_launcher(cfg) == "local":
         return launcher_local.plan_local(cfg)
-    from torchspec.pipeline.launcher_ray import plan_ray_connected
+    from torchspec.pipeline.ray_placement import plan_ray_connected
 
     return plan_ray_connected(cfg)
 
 
 def start_engines(cfg, store, placement, engine_factory=None):
-    from torchspec.pipeline.launcher_ray import RayPlacement, start_ray_engines
+    from torchspec.pipeline.ray_engines import start_ray_engines
+    from torchspec.pipeline.ray_placement import RayPlacement
 
     if isinstance(placement, RayPlacement):
         return start_ray_engines(cfg, store, placement, engine_factory)
@@ -57,7 +58,8 @@ def start_engines(cfg, store, placement, engine_factory=None):
 
 
 def start_trainer_ranks(cfg, spec, store, placement, workdir) -> TrainerRanks:
-    from torchspec.pipeline.launcher_ray import RayPlacement, start_ray_trainer_ranks
+    from torchspec.pipeline.ray_placement import RayPlacement
+    from torchspec.pipeline.ray_ranks import start_ray_trainer_ranks
 
     if isinstance(placement, RayPlacement):
         return start_ray_trainer_ranks(cfg, spec, store, placement)

@@ -183,9 +183,10 @@ class TrainerRanks:
         self.others = world - 1
         try:
             dist = None
+            self._threads = torch.get_num_threads()   # restored by close()
             if world > 1:
-                if device.startswith("cuda"):
-                    torch.cuda.set_device(torch.device(device))
+                # as every other rank (CPU: one intra-op thread each), so ranks compute the same bits
+                use_device(device)
                 init_dist(0, world, device, init_method, cfg.training.distributed_timeout_minutes,
                           watch=peers.watch)
                 dist = DistInfo(0, world, 0)
@@ -250,3 +251,4 @@ class TrainerRanks:
             self.peers = None
         if self.world > 1:
             leave_dist()
+            torch.set_num_threads(self._threads)

@@ -53,12 +53,6 @@ class RunResult:
     elapsed_s: float = 0.0
 
 
-def _aux_layers(cfg, text_config) -> list[int]:
-    from torchspec.inference.hf import resolve_aux_layers
-
-    return resolve_aux_layers(cfg.inference.aux_hidden_states_layers, text_config.num_hidden_layers)
-
-
 class _Interrupts:
     """Ctrl-C (SIGINT) and SIGTERM become KeyboardInterrupt: at once, or, inside `critical()` (one
     training step across all ranks), when the section ends, so ranks never part mid-collective."""
@@ -140,9 +134,8 @@ class _Run:
     clean-up, with the run's state in one place."""
 
     def __init__(self, cfg, engine_factory: Callable | None, on_step: Callable | None, progress: bool):
-        from transformers import AutoConfig
-
         from torchspec.config.render import redacted_dict
+        from torchspec.config.target import TargetInfo
         from torchspec.data.dataset import from_config as dataset_from_config, load_tokenizer, vocab_map_for
         from torchspec.training.checkpoint import CheckpointManager
         from torchspec.training.metrics import MetricsLogger, Throughput
@@ -163,12 +156,10 @@ class _Run:
         # data, vocabulary, target facts, placement, store
         self.tokenizer = load_tokenizer(cfg)
         self.samples = dataset_from_config(cfg, self.tokenizer, "train", progress=progress)
-        self.target_config = AutoConfig.from_pretrained(cfg.model.target_model_path,
-                                                        trust_remote_code=cfg.model.trust_remote_code)
-        text_config = (self.target_config.get_text_config() if hasattr(self.target_config, "get_text_config")
-                       else self.target_config)
+        self.target = TargetInfo.from_config(cfg)   # the target's facts, derived once
+        self.target_config = self.target.config
         self.draft_config = draft_config_for(cfg, self.target_config)
-        self.aux_layers = _aux_layers(cfg, text_config)
+        self.aux_layers = list(self.target.aux_layers)
         d2t, t2d = vocab_map_for(self.samples, self.draft_config.vocab_size, self.draft_config.draft_vocab_size)
         self.placement = plan_placement(cfg)   # local or Ray (inference.launcher)
         log.info("placement: %s", self.placement.describe())
@@ -180,7 +171,7 @@ class _Run:
         self.result.store_root = getattr(self.store, "root", None)   # the local store's directory only
         self.ckpts = CheckpointManager(self.out_dir, tr.max_checkpoints, tr.save_interval, tr.save_per_epoch)
         self.export_meta = {"aux_layer_ids": self.aux_layers,
-                            "target_num_hidden_layers": text_config.num_hidden_layers}
+                            "target_num_hidden_layers": self.target.num_hidden_layers}
         self.t_start = time.monotonic()
         self.throughput = Throughput(self.t_start, RATE_WINDOW)
         self.logger = MetricsLogger(self.out_dir, cfg.logging, total_steps=self.plan.num_train_steps,
