@@ -2,8 +2,8 @@
 """The CPU quickstart's training phase, this checkout against an earlier commit, in one run on one machine.
 
 Both train the quickstart's draft (`python -m torchspec.train_entry --config configs/quickstart.yaml`) on
-the same cached target and conversations (`python -m torchspec.quickstart` builds them first when
-missing). The baseline runs from a `git worktree` of --baseline. Runs alternate (baseline, current,
+the same cached target and conversations (`python scripts/quickstart.py --target-only` builds them first
+when missing). The baseline runs from a `git worktree` of --baseline. Runs alternate (baseline, current,
 baseline, ...) so a machine that gets busier hurts both alike. Reported per run: the training phase
 (first to last optimizer step, eval steps included, as metrics.jsonl's elapsed_s shows it), the whole
 train_entry process, and the final held-out eval; then the median ratio baseline / current.
@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cache = Path(args.cache_dir)
     if not (cache / "target" / "quickstart_done.json").exists() or not (cache / "data" / "quickstart_done.json").exists():
-        subprocess.run([sys.executable, "-m", "torchspec.quickstart", "--cache-dir", str(cache)], cwd=REPO, check=True)
+        subprocess.run([sys.executable, str(REPO / "scripts" / "quickstart.py"), "--cache-dir", str(cache),
+                        "--target-only"], cwd=REPO, check=True)
     work = Path(tempfile.mkdtemp(prefix="torchspec-qs-bench-"))
     base = work / "baseline"
     subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,

@@ -2,7 +2,7 @@
 
 import json
 
-from torchspec.quickstart import DataRecipe, TargetRecipe, _cached, build_data, build_target, split_corpus
+from torchspec.data.quickstart_assets import DataRecipe, TargetRecipe, _cached, build_data, build_target, split_corpus
 
 TINY = TargetRecipe(corpus_chars=80_000, vocab_size=320, hidden_size=32, num_hidden_layers=4,
                     num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, seq_len=32,

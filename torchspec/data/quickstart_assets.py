@@ -1,38 +1,23 @@
-"""The quickstart: train an EAGLE-3 draft for a small local target, end to end, on CPU, in minutes.
+"""The quickstart's target and data, built locally and cached (`scripts/quickstart.py` runs the whole quickstart).
 
-    bash scripts/quickstart.sh                       # set-up + this module
-    python -m torchspec.quickstart [--cache-dir .cache/quickstart] [--rebuild] [k=v ...]
-
-Nothing is downloaded. Stages, cached under --cache-dir (a second run skips 1 and 2):
- 1. target: a byte-level BPE tokenizer and a small Qwen3-config model, trained for about a minute
-    (300 steps, at most 150 s) on the Python standard library's own sources, cut into chat-formatted
-    conversations (user: the start of a code snippet, assistant: its continuation); every 10th file
-    is held out. Its held-out next-token loss is printed next to a uniform guess's;
+Nothing is downloaded:
+ 1. target: a byte-level BPE tokenizer and a small Qwen3-config model, trained for about a minute (300 steps,
+    at most 150 s) on the Python standard library's own sources, cut into chat-formatted conversations
+    (user: the start of a code snippet, assistant: its continuation); every 10th file is held out;
  2. data: the same kind of conversations in ShareGPT format: train.jsonl from the training files,
-    eval.jsonl from the held-out ones;
- 3. draft: `python -m torchspec.train_entry --config configs/quickstart.yaml` (the full pipeline:
-    HF engine -> local store -> controller -> trainer -> checkpoints + export); extra k=v
-    arguments are passed on as config overrides;
- 4. report: per-step acceptance accuracy acc_0..acc_k on the held-out conversations for the draft
-    before training (random init) and after, and tau (mean acceptance length of greedy
-    speculative decoding against the target) for both.
+    eval.jsonl from the held-out ones.
+Each stage is cached in its folder with the recipe that made it; a changed recipe rebuilds it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "quickstart.yaml"
 DONE = "quickstart_done.json"  # marker written last in each cached stage dir
 
 
@@ -264,179 +249,3 @@ def build_data(out_dir: Path, target_recipe: TargetRecipe = TargetRecipe(), reci
 
 # ---------------------------------------------------------------------------------------------------
 # stage 3: the draft, through the full pipeline
-
-def train_draft(cache: Path, overrides: list[str]) -> Path:
-    run_dir = cache / "run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # the quickstart trains from scratch every time
-    cmd = [sys.executable, "-m", "torchspec.train_entry", "--config", str(CONFIG),
-           f"model.target_model_path={cache / 'target'}",
-           f"dataset.train_data_path={cache / 'data' / 'train.jsonl'}",
-           f"dataset.eval_data_path={cache / 'data' / 'eval.jsonl'}",
-           f"output_dir={run_dir}", f"cache_dir={cache / 'dataset_cache'}", *overrides]
-    log("draft: " + " ".join(cmd[1:]))
-    t0 = time.time()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    rc = subprocess.call(cmd, cwd=str(REPO), env=env)
-    if rc != 0:
-        raise SystemExit(f"[quickstart] training failed (exit code {rc}); see the output above")
-    log(f"draft: trained in {time.time() - t0:.0f}s -> {run_dir}")
-    return run_dir
-
-
-# ---------------------------------------------------------------------------------------------------
-# stage 4: held-out acceptance before vs after training
-
-class _DictStore:
-    """The smallest Store: records kept in a dict (the quickstart's evaluation runs in one process)."""
-
-    def __init__(self):
-        self.records = {}
-
-    def put(self, key, record):
-        self.records[key] = record
-
-    def get(self, key):
-        return self.records[key]
-
-    def delete(self, key):
-        self.records.pop(key, None)
-
-
-def evaluate(cache: Path, run_dir: Path, num_tau_prompts: int = 8, max_new_tokens: int = 32) -> dict:
-    """acc_k over the held-out conversations and tau, for the untrained and the trained draft."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from torchspec.config import load_config
-    from torchspec.data import build_dataset
-    from torchspec.inference.hf import HFEngine, load_target
-    from torchspec.models.draft import DraftConfig, build_draft
-    from torchspec.models.target_head import TargetHead
-    from torchspec.training.checkpoint import load_checkpoint
-    from torchspec.training.trainer import seed_everything
-
-    cfg = load_config([str(CONFIG)], [f"model.target_model_path={cache / 'target'}",
-                                      f"dataset.train_data_path={cache / 'data' / 'train.jsonl'}"])
-    target_dir = cache / "target"
-    tok = AutoTokenizer.from_pretrained(str(target_dir))
-    samples = build_dataset(cache / "data" / "eval.jsonl", tok, chat_template=cfg.dataset.chat_template,
-                            max_seq_length=cfg.training.max_seq_length, prompt_key=cfg.dataset.prompt_key,
-                            progress=False, config_key="dataset.eval_data_path")
-    model = load_target(str(target_dir), torch.float32, "cpu")
-    store = _DictStore()
-    engine = HFEngine(model, store, aux_layers=cfg.inference.aux_hidden_states_layers, batch_size=8)
-    stored = engine.generate(list(samples))
-    engine.close()
-    head = TargetHead.from_pretrained(target_dir, cfg.model.lm_head_key, cfg.model.embedding_key)
-
-    ck = load_checkpoint(run_dir, weights_only=True, key="output_dir")
-    draft_cfg = DraftConfig.from_dict(ck.draft_config)
-    vocab = {"d2t": ck.trainer_state["model"]["d2t"], "t2d": ck.trainer_state["model"]["t2d"]}
-    seed_everything(cfg.training.seed)
-    untrained = build_draft(draft_cfg, target_head=head, vocab_map=vocab)
-    trained = build_draft(draft_cfg, target_head=head, vocab_map=vocab)
-    trained.load_checkpoint_state_dict(ck.trainer_state["model"], source=str(ck.path))
-
-    ttt = cfg.training.ttt_length
-    records = [store.get(s.key) for s in stored]
-    prompts = _tau_prompts(tok, cache / "data" / "eval.jsonl", num_tau_prompts)
-    out = {"checkpoint": str(ck.path), "step": ck.step, "heldout_samples": len(records)}
-    for name, draft in (("untrained", untrained), ("trained", trained)):
-        draft.eval()
-        out[name] = _accuracies(draft, head, records, ttt, cfg.training.attention_backend)
-        out[name]["tau"] = _tau(model, cfg.inference.aux_hidden_states_layers, draft, prompts, ttt, max_new_tokens,
-                                tok.eos_token_id)
-    return out
-
-
-def _accuracies(draft, head, records, ttt_length: int, attention_backend: str, batch_size: int = 8) -> dict:
-    import torch
-
-    from torchspec.models.eagle3 import eagle3_loss
-    from torchspec.transfer.batch import collate
-
-    correct, valid = [0.0] * ttt_length, [0] * ttt_length
-    with torch.no_grad():
-        for i in range(0, len(records), batch_size):
-            out = eagle3_loss(draft, head, collate(records[i:i + batch_size], pack=True), ttt_length, attention_backend)
-            for k in range(ttt_length):
-                correct[k] += float(out.correct[k])
-                valid[k] += int(out.num_valid[k])
-    return {f"acc_{k}": correct[k] / max(1, valid[k]) for k in range(ttt_length)}
-
-
-def _tau_prompts(tok, path: Path, n: int) -> list[list[int]]:
-    prompts = []
-    with open(path) as f:
-        for line in f:
-            user = json.loads(line)["conversations"][0]["value"]
-            prompts.append(tok.apply_chat_template([{"role": "user", "content": user}], tokenize=True,
-                                                   add_generation_prompt=True))
-            if len(prompts) == n:
-                break
-    return [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
-
-
-def _tau(model, aux_layers, draft, prompts, k: int, max_new_tokens: int, eos_token_id) -> float:
-    from torchspec.eval.speculative import Eagle3Proposer, HFTarget, SpecStats, speculative_generate
-    from torchspec.config.target import TargetInfo
-
-    target = HFTarget(model, list(TargetInfo.from_target_config(model.config, aux_layers).aux_layers))
-    proposer = Eagle3Proposer(draft)
-    stats = SpecStats(k)
-    for p in prompts:
-        stats = stats.merge(speculative_generate(target, proposer, p, k, max_new_tokens, eos_token_id).stats)
-    target.close()
-    return stats.tau
-
-
-def report(info_target: dict, result: dict, seconds: float) -> str:
-    u, t = result["untrained"], result["trained"]
-    ks = sorted(int(k.split("_")[1]) for k in u if k.startswith("acc_"))
-    lines = [
-        "",
-        "=" * 72,
-        f"quickstart done in {seconds / 60:.1f} min",
-        f"target: held-out next-token loss {info_target['heldout_loss']:.2f} nats "
-        f"(untrained {info_target['initial_heldout_loss']:.2f}, uniform {info_target['uniform_loss']:.2f})",
-        f"draft on {result['heldout_samples']} held-out conversations ({result['checkpoint']}):",
-        "             " + " ".join(f"{'acc_' + str(k):>7}" for k in ks) + f" {'tau':>7}",
-        "  untrained  " + " ".join(f"{u[f'acc_{k}']:7.3f}" for k in ks) + f" {u['tau']:7.2f}",
-        "  trained    " + " ".join(f"{t[f'acc_{k}']:7.3f}" for k in ks) + f" {t['tau']:7.2f}",
-        "=" * 72,
-    ]
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m torchspec.quickstart", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "quickstart"),
-                   help="where the target, the data and the run go (default: %(default)s)")
-    p.add_argument("--rebuild", action="store_true", help="rebuild the target and the data even if cached")
-    p.add_argument("--target-only", action="store_true", help="stop after building the target and the data")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for the draft run")
-    args = p.parse_args(argv)
-    t0 = time.time()
-    cache = Path(args.cache_dir).resolve()
-    if args.rebuild:
-        for d in ("target", "data"):
-            shutil.rmtree(cache / d, ignore_errors=True)
-    import torch
-
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
-    info = build_target(cache / "target")
-    build_data(cache / "data")
-    if args.target_only:
-        log(f"target and data ready in {time.time() - t0:.0f}s")
-        return 0
-    run_dir = train_draft(cache, args.overrides)
-    result = evaluate(cache, run_dir)
-    # (kept apart from metrics.jsonl: its eval/ lines are the run's own, on dataset.eval_tau_prompts)
-    (run_dir / "quickstart_result.json").write_text(json.dumps({"target": info, **result}, indent=1))
-    print(report(info, result, time.time() - t0), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
