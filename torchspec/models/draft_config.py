@@ -1,0 +1,160 @@
+"""The draft's architecture config (`DraftConfig`: from a draft JSON, from the target's config, checked) and its
+RoPE frequencies. The model itself is torchspec.models.draft."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from torchspec.config.errors import ConfigError
+from torchspec.config.target import resolve_draft_vocab_size, text_config_of
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class DraftConfig:
+    """Architecture of the draft (the draft_models/*.json fields). `None` never survives construction."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict]
+    max_position_embeddings: int
+    vocab_size: int
+    draft_vocab_size: int
+    target_hidden_size: int
+    num_hidden_layers: int = 1
+    hidden_act: str = "silu"
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_json(cls, path) -> "DraftConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"model.draft_model_config: file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model.draft_model_config: {path} is not valid JSON ({e})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "draft config") -> "DraftConfig":
+        """Read an HF-style (LlamaConfig-like) dict; derive what may be derived, reject the rest."""
+        def need(key):
+            if d.get(key) is None:
+                raise ConfigError(f"{source}: missing required key '{key}'")
+            return d[key]
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        vocab = int(need("vocab_size"))
+        layers = int(d.get("num_hidden_layers") or 1)
+        if layers != 1:
+            raise ConfigError(f"{source}: num_hidden_layers={layers}; only 1-layer EAGLE-3 drafts are supported")
+        act = d.get("hidden_act") or "silu"
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act='{act}'; only 'silu' is supported")
+        theta, scaling = _read_rope(d, source)
+        cfg = cls(
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(need("rms_norm_eps")),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(need("max_position_embeddings")),
+            vocab_size=vocab,
+            draft_vocab_size=resolve_draft_vocab_size(None, d.get("draft_vocab_size"), vocab),
+            target_hidden_size=int(d.get("target_hidden_size") or hidden),
+        )
+        cfg.check(source)
+        return cfg
+
+    @classmethod
+    def from_target(cls, target_config, draft_vocab_size: Optional[int] = None) -> "DraftConfig":
+        """Derive a draft shaped like the target's layers (the default when no draft JSON is given).
+        draft_vocab_size: training.draft_vocab_size; None = the full vocabulary (`from_dict` applies
+        resolve_draft_vocab_size; the target's own config holds no draft value to fall back on)."""
+        tc = text_config_of(target_config)
+        d = tc.to_dict() if hasattr(tc, "to_dict") else dict(tc)
+        d = {k: v for k, v in d.items() if k not in ("num_hidden_layers", "hidden_act", "draft_vocab_size")}
+        d["target_hidden_size"] = d["hidden_size"]
+        d["draft_vocab_size"] = draft_vocab_size
+        return cls.from_dict(d, source="target config")
+
+    def check(self, source: str = "draft config") -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_key_value_heads}")
+        if not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ConfigError(f"{source}: draft_vocab_size={self.draft_vocab_size} must be in [1, vocab_size="
+                              f"{self.vocab_size}]")
+        if self.head_dim % 2:
+            raise ConfigError(f"{source}: head_dim={self.head_dim} must be even for RoPE")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **kw) -> "DraftConfig":
+        d = self.to_dict()
+        d.update(kw)
+        return DraftConfig(**d)
+
+
+def _read_rope(d: dict, source: str) -> tuple[float, Optional[dict]]:
+    """rope_theta + rope_scaling from either the transformers-4 keys or transformers-5 `rope_parameters`."""
+    params = d.get("rope_parameters")
+    scaling = d.get("rope_scaling")
+    theta = d.get("rope_theta")
+    if isinstance(params, dict):
+        if "rope_type" not in params and "type" not in params and params:  # per-layer-type dict
+            params = next(iter(params.values()))
+        theta = params.get("rope_theta", theta)
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"} if scaling is None else scaling
+    if theta is None:
+        raise ConfigError(f"{source}: missing required key 'rope_theta'")
+    if scaling:
+        scaling = dict(scaling)
+        rtype = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+        scaling.pop("type", None)
+        if rtype not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"{source}: rope_scaling type '{rtype}' is not supported "
+                              f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        scaling = None if rtype == "default" else {"rope_type": rtype, **scaling}
+    return float(theta), (scaling or None)
+
+
+def rope_inv_freq(cfg: DraftConfig) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim/2], attention scaling) for the configured RoPE, as transformers computes it."""
+    dim = cfg.head_dim
+    if cfg.rope_scaling is None:
+        return 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)), 1.0
+    import warnings
+
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                         head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+                         rope_scaling=dict(cfg.rope_scaling),
+                         max_position_embeddings=cfg.max_position_embeddings)
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[cfg.rope_scaling["rope_type"]](hf, torch.device("cpu"))
+    return inv_freq.float(), float(scale)
+
+
+# ------------------------------------------------------------------------------------------------
