@@ -23,32 +23,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))   # e2e_setup
 
 import torch  # noqa: E402
 
 
 def build_target(out: Path, args) -> None:
-    from transformers import AutoModelForCausalLM
+    from e2e_setup import TargetShape, build_target as build
 
-    from torchspec.utils.tiny import default_corpus, tiny_target_config, train_tokenizer
-
-    if (out / "config.json").exists():
-        return
-    t0 = time.time()
-    train_tokenizer(out, texts=default_corpus(400_000), vocab_size=args.tokenizer_vocab)
-    config = tiny_target_config("qwen3", vocab_size=args.vocab, hidden_size=args.hidden,
-                                num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
-                                intermediate_size=args.intermediate, max_position_embeddings=40960)
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(str(out))
-    n = sum(p.numel() for p in model.parameters())
-    print(f"[bench] target: {n / 1e9:.2f}B params, {args.layers} layers, H={args.hidden}, built in "
-          f"{time.time() - t0:.0f}s", flush=True)
-    del model
-    torch.cuda.empty_cache()
+    build(out, TargetShape(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
+                           kv_heads=args.kv_heads, head_dim=args.head_dim, vocab=args.vocab))
 
 
 def build_data(path: Path, n: int, chars: int) -> None:
@@ -73,7 +57,6 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--tokenizer-vocab", type=int, default=4096)
     p.add_argument("--draft-vocab", type=int, default=32000)
     p.add_argument("--samples", type=int, default=400)
     p.add_argument("--seq-len", type=int, default=2048)
