@@ -110,3 +110,25 @@ def test_other_structure_errors(tmp_path, tiny_tokenizer):
 def test_nothing_supervised(tmp_path, tiny_tokenizer):
     p = lines(tmp_path, {"conversations": [{"from": "human", "value": "only a question"}]})
     raises("none of the 1 conversations has a supervised", build, p, tiny_tokenizer)
+
+
+def test_bytes_that_are_not_utf8_name_line_and_column(tmp_path, tiny_tokenizer):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes((json.dumps(GOOD) + "\n").encode() + b'{"conversations": [{"from": "human", "value": "caf\xe9"}]}\n')
+    msg = raises("not valid UTF-8", build, p, tiny_tokenizer)
+    assert msg.startswith(f"{p} line 2:") and "0xe9" in msg and "column 51" in msg
+    q = tmp_path / "d.json"
+    q.write_bytes(b'[\n' + json.dumps(GOOD).encode() + b',\n{"x": "\xff"}\n]')
+    assert raises("not valid UTF-8", build, q, tiny_tokenizer).startswith(f"{q} line 3:")
+
+
+def test_lone_surrogate_names_the_line(tmp_path, tiny_tokenizer):
+    bad = '{"conversations": [{"from": "human", "value": "hi \\ud83d"}, {"from": "gpt", "value": "ok"}]}'
+    p = lines(tmp_path, GOOD, bad)
+    msg = raises("unpaired surrogate", build, p, tiny_tokenizer)
+    assert msg.startswith(f"{p} line 2:") and "message 1" in msg
+
+
+def test_deeply_nested_json_is_one_line(tmp_path, tiny_tokenizer):
+    p = lines(tmp_path, GOOD, "[" * 200_000 + "]" * 200_000)
+    assert raises("nested too deeply", build, p, tiny_tokenizer).startswith(f"{p} line 2:")

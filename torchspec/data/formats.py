@@ -91,7 +91,7 @@ def iter_records(path: Path) -> Iterator[tuple[str, dict]]:
     if path.suffix == ".parquet":
         yield from _iter_parquet(path)
         return
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="replace") as fh:   # a sniff; decoding is checked per line below
         head = fh.read(4096).lstrip()
     if path.suffix == ".json" and head.startswith("["):
         yield from _iter_json_list(path)
@@ -99,25 +99,43 @@ def iter_records(path: Path) -> Iterator[tuple[str, dict]]:
         yield from _iter_jsonl(path)
 
 
+def _decode(raw: bytes, path: Path, first_line: int = 1) -> str:
+    """UTF-8 text of `raw`, or a DataError naming the line and column of the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{where(path, line)}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
+                        "re-encode the file as UTF-8") from None
+
+
+def _loads(text: str, loc: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{loc}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{loc}: JSON nested too deeply to read") from None
+
+
 def _iter_jsonl(path: Path):
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
             loc = where(path, lineno)
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{loc}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield loc, rec
+            yield loc, _loads(_decode(raw, path, lineno), loc)
 
 
 def _iter_json_list(path: Path):
+    text = _decode(path.read_bytes(), path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{where(path, e.lineno)}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
     for i, rec in enumerate(data, start=1):
         yield where(path, i, "record"), rec
 
@@ -172,6 +190,16 @@ def _normalize_message(m, i: int, loc: str) -> dict:
 
 
 def _text(content, i: int, loc: str) -> str:
+    text = _raw_text(content, i, loc)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:   # JSON escapes can spell a lone UTF-16 surrogate ("\ud83d")
+        raise DataError(f"{loc}: message {i} has an unpaired surrogate {text[e.start]!r} at character {e.start} "
+                        "(a cut emoji?); no tokenizer can encode it") from None
+    return text
+
+
+def _raw_text(content, i: int, loc: str) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
