@@ -347,6 +347,16 @@ def test_draft_config_from_json_target_and_errors(tmp_path, tiny_target_dir):
         DraftConfig.from_dict(dict(base, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
     with pytest.raises(ConfigError, match="num_hidden_layers=2"):
         DraftConfig.from_dict(dict(base, num_hidden_layers=2))
+    # a typo of a key we read is refused with the suggestion (it would silently change the architecture);
+    # other keys of HF configs pass; a wrong type names the key
+    with pytest.raises(ConfigError, match="unknown key 'num_key_value_head'; did you mean 'num_key_value_heads'"):
+        DraftConfig.from_dict(dict(base, num_key_value_head=2))
+    assert DraftConfig.from_dict(dict(base, architectures=["LlamaForCausalLM"], torch_dtype="bfloat16",
+                                      tie_word_embeddings=False, bos_token_id=1)).num_key_value_heads == 4
+    for key, bad in (("hidden_size", "big"), ("num_key_value_heads", 2.5), ("rms_norm_eps", "tiny"),
+                     ("rope_theta", [1]), ("intermediate_size", True)):
+        with pytest.raises(ConfigError, match=f"'{key}' must be"):
+            DraftConfig.from_dict(dict(base, **{key: bad}))
     # RoPE variants: linear divides the frequencies; llama3 and yarn differ from default; the
     # transformers-5 spelling (rope_parameters) reads the same as the transformers-4 one
     default = rope_inv_freq(DraftConfig.from_dict(base))[0]

@@ -49,17 +49,24 @@ class DraftConfig:
         return cls.from_dict(data, source=str(path))
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "draft config") -> "DraftConfig":
-        """Read an HF-style (LlamaConfig-like) dict; derive what may be derived, reject the rest."""
-        def need(key):
+    def from_dict(cls, d: dict, source: str = "draft config", strict_keys: bool = True) -> "DraftConfig":
+        """Read an HF-style (LlamaConfig-like) dict; derive what may be derived, reject the rest.
+        strict_keys: refuse near-misses of the keys read (a draft JSON a user wrote; not a target's config)."""
+        if strict_keys:
+            _check_key_typos(d, source)
+
+        def need(key, kind=int):
             if d.get(key) is None:
                 raise ConfigError(f"{source}: missing required key '{key}'")
-            return d[key]
+            return _as(kind, key, d[key], source)
 
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
-        vocab = int(need("vocab_size"))
-        layers = int(d.get("num_hidden_layers") or 1)
+        def opt(key, default, kind=int):
+            return _as(kind, key, d[key], source) if d.get(key) is not None else default
+
+        hidden = need("hidden_size")
+        heads = need("num_attention_heads")
+        vocab = need("vocab_size")
+        layers = opt("num_hidden_layers", 1)
         if layers != 1:
             raise ConfigError(f"{source}: num_hidden_layers={layers}; only 1-layer EAGLE-3 drafts are supported")
         act = d.get("hidden_act") or "silu"
@@ -68,17 +75,17 @@ class DraftConfig:
         theta, scaling = _read_rope(d, source)
         cfg = cls(
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
+            intermediate_size=need("intermediate_size"),
             num_attention_heads=heads,
-            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(need("rms_norm_eps")),
+            num_key_value_heads=opt("num_key_value_heads", heads),
+            head_dim=opt("head_dim", hidden // heads),
+            rms_norm_eps=need("rms_norm_eps", float),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(need("max_position_embeddings")),
+            max_position_embeddings=need("max_position_embeddings"),
             vocab_size=vocab,
-            draft_vocab_size=resolve_draft_vocab_size(None, d.get("draft_vocab_size"), vocab),
-            target_hidden_size=int(d.get("target_hidden_size") or hidden),
+            draft_vocab_size=resolve_draft_vocab_size(None, opt("draft_vocab_size", None), vocab),
+            target_hidden_size=opt("target_hidden_size", hidden),
         )
         cfg.check(source)
         return cfg
@@ -93,7 +100,7 @@ class DraftConfig:
         d = {k: v for k, v in d.items() if k not in ("num_hidden_layers", "hidden_act", "draft_vocab_size")}
         d["target_hidden_size"] = d["hidden_size"]
         d["draft_vocab_size"] = draft_vocab_size
-        return cls.from_dict(d, source="target config")
+        return cls.from_dict(d, source="target config", strict_keys=False)
 
     def check(self, source: str = "draft config") -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -112,6 +119,36 @@ class DraftConfig:
         d = self.to_dict()
         d.update(kw)
         return DraftConfig(**d)
+
+
+# every key from_dict / _read_rope reads: a key close to one of these but not one of them is a typo
+READ_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+             "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "vocab_size",
+             "draft_vocab_size", "target_hidden_size", "num_hidden_layers", "hidden_act")
+_OTHER_HF_KEYS = ("moe_intermediate_size", "v_head_dim", "qk_rope_head_dim", "qk_nope_head_dim")   # real, and near
+
+
+def _check_key_typos(d: dict, source: str) -> None:
+    """An unknown key that is nearly a key we read ("num_key_value_head") would silently change the
+    architecture: refuse it with the suggestion. Other keys of HF configs (architectures, torch_dtype...) pass."""
+    import difflib
+
+    for key in d:
+        if key in READ_KEYS or key in _OTHER_HF_KEYS:
+            continue
+        close = difflib.get_close_matches(str(key), READ_KEYS, n=1, cutoff=0.85)
+        if close:
+            raise ConfigError(f"{source}: unknown key '{key}'; did you mean '{close[0]}'?")
+
+
+def _as(kind, key: str, value, source: str):
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        value = str(value)   # true/false or 2.5 for a count: refused below
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{source}: '{key}' must be {what}, got {value!r}") from None
 
 
 def _read_rope(d: dict, source: str) -> tuple[float, Optional[dict]]:
@@ -134,7 +171,7 @@ def _read_rope(d: dict, source: str) -> tuple[float, Optional[dict]]:
             raise ConfigError(f"{source}: rope_scaling type '{rtype}' is not supported "
                               f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         scaling = None if rtype == "default" else {"rope_type": rtype, **scaling}
-    return float(theta), (scaling or None)
+    return _as(float, "rope_theta", theta, source), (scaling or None)
 
 
 def rope_inv_freq(cfg: DraftConfig) -> tuple[torch.Tensor, float]:
