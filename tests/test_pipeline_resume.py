@@ -61,6 +61,9 @@ def test_kill_and_resume_trains_the_clean_runs_samples(tmp_path, tiny_target_dir
     assert second.store_bytes_end == 0
     metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics][-len(second.losses):] == list(range(resumed_step + 1, 13))
+    # every step once: the first run's lines after the resumed checkpoint (7-8 when resuming at 6) are gone
+    train_steps = [m["step"] for m in metrics if "loss" in m]
+    assert train_steps == list(range(1, 13))
 
 
 def test_continual_training_loads_weights_only(tmp_path, tiny_target_dir, clean_run):

@@ -67,6 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.dry_run:
             print(dry_run_report(cfg))
             return 0
+        from torchspec.training.checkpoint import check_output_dir
+
+        check_output_dir(cfg.output_dir, cfg.training.load_path)   # before resolved_config.yaml is written
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -137,7 +137,7 @@ class _Run:
         from torchspec.config.render import redacted_dict
         from torchspec.config.target import TargetInfo
         from torchspec.data.dataset import from_config as dataset_from_config, load_tokenizer, vocab_map_for
-        from torchspec.training.checkpoint import CheckpointManager
+        from torchspec.training.checkpoint import CheckpointManager, check_output_dir
         from torchspec.training.metrics import MetricsLogger, Throughput
         from torchspec.training.optim import plan_steps
         from torchspec.transfer.factory import build_store
@@ -145,6 +145,7 @@ class _Run:
         self.cfg, self.engine_factory, self.on_step, self.progress = cfg, engine_factory, on_step, progress
         tr = cfg.training
         self.out_dir = Path(cfg.output_dir)
+        check_output_dir(self.out_dir, tr.load_path)   # never mix two runs in one directory
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.result = RunResult(output_dir=self.out_dir)
         self.ranks = self.trainer = self.engines = self.controller = self.evaluator = None
@@ -189,6 +190,11 @@ class _Run:
             data_state = None if tr.continual_training else ckpt.data_state
             log.info("%s %s (step %d)", "weights from" if tr.continual_training else "resumed from", ckpt.path,
                      ckpt.step)
+            if not tr.continual_training:   # the resumed run's lines after its checkpoint are replaced by ours
+                dropped = self.logger.truncate_after(ckpt.step)
+                if dropped:
+                    log.info("metrics.jsonl: %d line(s) after step %d dropped (they are trained again)", dropped,
+                             ckpt.step)
         self.result.start_step = self.result.global_step = self.trainer.global_step
         self.engines = start_engines(cfg, self.store, self.placement, self.engine_factory)
         self.evaluator = _evaluator(cfg, self.aux_layers, self.tokenizer, self.engines, self.store, self.world,

@@ -179,6 +179,30 @@ def complete_checkpoints(root: Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
+def check_output_dir(output_dir: str | os.PathLike, load_path: str | os.PathLike | None) -> None:
+    """Refuse to start a run whose output_dir holds another run (its metrics, checkpoints or export would be
+    mixed with, or rotated away by, the new one). Resuming that run (training.load_path inside output_dir)
+    is fine. Raises ConfigError before anything is written."""
+    from torchspec.config.errors import ConfigError
+    from torchspec.training.metrics import METRICS_FILE
+
+    out = Path(output_dir).expanduser()
+    if load_path is not None:
+        inside = Path(load_path).expanduser().resolve()
+        if inside == out.resolve() or out.resolve() in inside.parents:
+            return
+    ckpts = out / CHECKPOINTS
+    held = [name for name, there in (
+        (METRICS_FILE, (out / METRICS_FILE).is_file() and (out / METRICS_FILE).stat().st_size > 0),
+        (f"{CHECKPOINTS}/{STEP_PREFIX}*", ckpts.is_dir() and any(p.name.startswith(STEP_PREFIX) for p in ckpts.iterdir())),
+        (EXPORT_DIR, (out / EXPORT_DIR).is_dir())) if there]
+    if held:
+        how = ("training.load_path points elsewhere, so this would be a second run in it"
+               if load_path is not None else f"resume it with training.load_path={out}")
+        raise ConfigError(f"output_dir={out} already holds a training run ({', '.join(held)}); {how}, or choose "
+                          "an empty output_dir (nothing there was changed)")
+
+
 def resolve_checkpoint(load_path: str | os.PathLike, key: str = "training.load_path") -> Path:
     """A complete checkpoint dir from a step dir, a `checkpoints/` dir or a run's output_dir (latest)."""
     path = Path(load_path).expanduser()

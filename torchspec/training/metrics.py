@@ -77,6 +77,30 @@ class MetricsLogger:
             self._bar.set_postfix_str(progress_text(record), refresh=False)
         return record
 
+    def truncate_after(self, step: int) -> int:
+        """Resuming at `step`: drop the lines of later steps (written after that checkpoint by the run that
+        is being resumed), so every step appears once. Returns how many lines were dropped."""
+        if not self.enabled:
+            return 0
+        self._file.close()
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                late = int(json.loads(line).get("step", -1)) > step
+            except (ValueError, AttributeError):   # a line cut by a kill: drop it too
+                late = True
+            if late:
+                dropped += 1
+            else:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
+        self._file = open(self.path, "a", buffering=1)
+        if self._bar is not None:
+            self._bar.update(max(0, step - self._bar.n))
+        return dropped
+
     def log_eval(self, step: int, metrics: dict[str, Any]) -> dict:
         return self.log(step, {(k if k.startswith(EVAL_PREFIX) else EVAL_PREFIX + k): v for k, v in metrics.items()})
 
