@@ -24,6 +24,16 @@ def build_engine(cfg, store, device: str | torch.device = "cpu"):
     raise ValueError(f"inference.inference_engine_type={kind!r}: unknown engine (expected hf, sgl or vllm)")
 
 
+ENGINE_START_TIMEOUT_S = 600.0   # how long a launcher waits for hf / vllm engines to load their target
+
+
+def engine_start_timeout(cfg) -> tuple[float, str]:
+    """(seconds a launcher waits for the engines to be ready, the config key that sets it, or "")."""
+    if cfg.inference.inference_engine_type == "sgl":
+        return float(cfg.inference.sglang.init_timeout), "inference.sglang.init_timeout"
+    return ENGINE_START_TIMEOUT_S, ""
+
+
 def engine_starts_processes(cfg) -> bool:
     """Whether the configured engine starts child processes of its own (sgl.Engine's scheduler and
     detokenizer; vLLM's workers when tp > 1). The local launcher then runs it in a non-daemonic process,

@@ -156,6 +156,7 @@ class ProcessEngines:
     """One spawned process per engine; results come back on one shared queue."""
 
     def __init__(self, engine_factory, store, devices, num_threads: int = 1, start_timeout: float = 600.0,
+                 timeout_key: str = "",
                  daemon: bool = True):
         """daemon=False for engines that start child processes of their own (a daemonic process may not)."""
         ctx = mp.get_context("spawn")
@@ -175,7 +176,8 @@ class ProcessEngines:
             deadline, ready = time.monotonic() + start_timeout, 0
             while ready < self.num_workers:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"inference engines were not ready within {start_timeout:.0f} s")
+                    raise RuntimeError(f"inference engines were not ready within {start_timeout:.0f} s"
+                                       + (f" ({timeout_key})" if timeout_key else ""))
                 ready += sum(1 for _ in self._drain(1.0, expect="ready"))
         except BaseException:
             self.close()
@@ -235,12 +237,13 @@ class ProcessEngines:
 
 def start_engines(cfg, store, placement: Placement, engine_factory=None, trainer_device: str | None = None):
     """The EngineGroup for `placement`. engine_factory(store, device) -> Engine; default: the config's."""
-    from torchspec.inference.factory import build_engine, engine_starts_processes
+    from torchspec.inference.factory import build_engine, engine_start_timeout, engine_starts_processes
 
     factory = engine_factory or functools.partial(build_engine, cfg)
     if placement.colocate:
         return InlineEngines(factory(store, trainer_device or placement.trainer_devices[0]))
-    return ProcessEngines(factory, store, placement.engine_devices,
+    timeout, key = engine_start_timeout(cfg)
+    return ProcessEngines(factory, store, placement.engine_devices, start_timeout=timeout, timeout_key=key,
                           daemon=engine_factory is not None or not engine_starts_processes(cfg))
 
 

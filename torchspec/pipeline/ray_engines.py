@@ -92,7 +92,7 @@ class RayEngines:
     placement group; submissions to one actor run in order, results come back as they finish."""
 
     def __init__(self, engine_factory, store, placement: RayPlacement, num_threads: int = 1,
-                 start_timeout: float = 600.0, pg_timeout: float = 120.0, node_factory=None):
+                 start_timeout: float = 600.0, pg_timeout: float = 120.0, node_factory=None, timeout_key: str = ""):
         import ray
         from ray.util.placement_group import placement_group, placement_group_table
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -142,14 +142,14 @@ class RayEngines:
                     else:
                         self.actors.append(actor)
             self._store = store
-            ready = self._await_ready(start_timeout, n_nodes)
+            ready = self._await_ready(start_timeout, n_nodes, timeout_key)
             self._check_ready(ready, store)
             self.pids = [r["pid"] for r in ready]
         except BaseException:
             self.close()
             raise
 
-    def _await_ready(self, timeout: float, n_nodes: int) -> list[dict]:
+    def _await_ready(self, timeout: float, n_nodes: int, timeout_key: str = "") -> list[dict]:
         """Every actor's `ready` (node 0's engines, in order), awaited together: an engine spanning nodes
         starts only once all its nodes joined, so the first failure is reported as soon as it comes."""
         ray = self._ray
@@ -161,7 +161,7 @@ class RayEngines:
             done, left = ray.wait(left, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
             if not done:
                 raise RuntimeError(f"the inference engine actors did not start within {timeout:.0f}s "
-                                   "(loading the target?)")
+                                   f"({timeout_key + '; ' if timeout_key else ''}loading the target?)")
             w, r = refs[done[0]]
             try:
                 results[(w, r)] = ray.get(done[0])
@@ -264,13 +264,15 @@ def sgl_node_factory(cfg, placement: RayPlacement):
 
 def start_ray_engines(cfg, store, placement: RayPlacement, engine_factory=None) -> RayEngines:
     """The EngineGroup for a Ray placement. engine_factory(store, device) -> Engine; default: the config's."""
-    from torchspec.inference.factory import build_engine
+    from torchspec.inference.factory import build_engine, engine_start_timeout
 
     hold = _hold(cfg)
     factory = engine_factory or functools.partial(build_engine, cfg)
     node_factory = sgl_node_factory(cfg, placement) if engine_factory is None else None
+    timeout, key = engine_start_timeout(cfg)
     try:
-        engines = RayEngines(factory, store, placement, node_factory=node_factory)
+        engines = RayEngines(factory, store, placement, node_factory=node_factory, start_timeout=timeout,
+                             timeout_key=key)
     except BaseException:
         if hold is not None:
             hold.release()
