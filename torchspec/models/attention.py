@@ -101,9 +101,6 @@ class AttentionMasks:
         ends = torch.cumsum(counts, 0).tolist()
         return list(zip([0] + ends[:-1], ends))
 
-    def causal(self, n: int) -> torch.Tensor:
-        return torch.ones(1, 1, n, n, dtype=torch.bool, device=self.doc.device).tril()
-
     def sdpa_mask(self, k: int) -> torch.Tensor:
         """bool [B, 1, T, (k+1)T]: document-causal over step-0 keys, then one identity block per step 1..k."""
         T = self.doc.shape[1]
@@ -175,7 +172,7 @@ def ttt_attention(masks: AttentionMasks, q: torch.Tensor, keys: list[torch.Tenso
     k_steps = len(keys) - 1
     if not masks.cuda and masks.segments is not None:   # one packed row: each document alone (sum of len^2)
         out = torch.cat([_dense_ttt(q[:, :, a:b], [k[:, :, a:b] for k in keys], [v[:, :, a:b] for v in values],
-                                    masks.causal(b - a)) for a, b in masks.segments], dim=2)
+                                    doc_causal(masks.doc[:, a:b])) for a, b in masks.segments], dim=2)
     elif not masks.cuda:
         out = _dense_ttt(q, keys, values, masks.allowed)
     elif masks.backend == "sdpa":

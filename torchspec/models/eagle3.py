@@ -58,7 +58,7 @@ class Eagle3Targets:
     prob_row: torch.Tensor  # long [B*T]: row of `probs` holding flat position b*T+t (-1: none)
     rows: list[torch.Tensor]  # per step k: long flat positions b*T+t of its valid rows, ascending
     p_rows: list[torch.Tensor]  # per step k: the `probs` row of each of those rows (position +1+k)
-    live: list[torch.Tensor] | None = None  # per step k: flat positions valid at some step >= k, ascending
+    live: list[torch.Tensor]  # per step k: flat positions valid at some step >= k, ascending
 
 
 def step_weights(ttt_length: int) -> list[float]:
@@ -257,13 +257,11 @@ def ttt_forward(draft, *, input_ids: torch.Tensor, aux_hidden_states: torch.Tens
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     hs = []
-    everything = torch.arange(B * T, device=input_ids.device)
-    live = targets.live if targets.live is not None else [everything] * ttt_length
     for k in range(ttt_length):
         cos, sin = cos_all[positions + k].unsqueeze(1), sin_all[positions + k].unsqueeze(1)   # [B, 1, T, d]
         n_prev = len(keys)
 
-        def step(e_proj, hidden, cos, sin, *kv, n_prev=n_prev, live=live[k]):  # bound now: recomputation runs later
+        def step(e_proj, hidden, cos, sin, *kv, n_prev=n_prev, live=targets.live[k]):  # bound now: recomputation runs later
             q, kk, vv = qkv_fn(layer, e_proj, hidden, w_hidden, cos, sin)
             attn = ttt_attention(masks, q, list(kv[:n_prev]) + [kk], list(kv[n_prev:]) + [vv])
             return finish_fn(layer, attn, hidden, live), kk, vv
