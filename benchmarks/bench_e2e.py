@@ -24,6 +24,7 @@ the ratios torchspec / SpecForge and torchspec / ceiling over the same steps (af
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -148,9 +149,9 @@ def run_peer(cfg, step_ids, samples, args, device) -> dict | str:
     why = specforge_ref.available()
     if why:
         return f"skipped: {why}"
-    from torchspec.data.dataset import vocab_map_for
-    from torchspec.transfer.batch import collate
     from transformers import AutoConfig
+
+    from torchspec.data.dataset import vocab_map_for
 
     tc = AutoConfig.from_pretrained(cfg.model.target_model_path)
     d2t, t2d = vocab_map_for(list(samples.values()), tc.vocab_size, args.draft_vocab)
@@ -158,11 +159,10 @@ def run_peer(cfg, step_ids, samples, args, device) -> dict | str:
     sf_d2t, sf_t2d = specforge_ref.specforge_vocab_maps(kept, tc.vocab_size)
     batches = []
     for ids in step_ids:
-        recs = [{"input_ids": samples[i].input_ids, "loss_mask": samples[i].loss_mask,
-                 "aux_hidden_states": torch.zeros(len(samples[i].input_ids), 1),
-                 "final_hidden_states": torch.zeros(len(samples[i].input_ids), 1)} for i in ids]
-        b = collate(recs, pack=False)
-        batches.append({k: b[k] for k in ("input_ids", "attention_mask", "loss_mask")})
+        pad = functools.partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)   # right padding, as SpecForge
+        batches.append({"input_ids": pad([samples[i].input_ids.long() for i in ids]),
+                        "loss_mask": pad([samples[i].loss_mask for i in ids]),
+                        "attention_mask": pad([torch.ones(len(samples[i].input_ids), dtype=torch.long) for i in ids])})
     return specforge_ref.run_specforge(
         cfg.model.target_model_path, batches, ttt_length=args.ttt, draft_vocab_size=args.draft_vocab,
         d2t=sf_d2t, t2d=sf_t2d, lr=args.lr, total_steps=len(batches), warmup_ratio=cfg.training.warmup_ratio,
