@@ -108,3 +108,27 @@ def test_masks_are_built_per_batch():
     assert m.sdpa_mask(2).shape == (1, 1, 4, 12)
     with pytest.raises(ValueError, match="training.attention_backend"):
         AttentionMasks("xformers", torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_training_pack_samples_reaches_the_trainer(tmp_path, tiny_target_dir, monkeypatch, pack):
+    """training.pack_samples decides the batches the pipeline trains on: one packed row, or one row per sample."""
+    import torchspec.transfer.batch as batch_mod
+    from pipeline_helpers import tiny_run_config
+    from torchspec.pipeline.runner import run_training
+
+    shapes, real = [], batch_mod.collate
+
+    def spy(records, *, pack):
+        out = real(records, pack=pack)
+        shapes.append((len(records), tuple(out["input_ids"].shape), int(out["attention_mask"].max())))
+        return out
+
+    monkeypatch.setattr(batch_mod, "collate", spy)
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, num_epochs=1)
+    cfg.training.pack_samples = pack
+    run_training(cfg, progress=False)
+    train = [s for s in shapes if s[0] == cfg.training.micro_batch_size]
+    assert train
+    for n, shape, max_doc in train:
+        assert (shape[0], max_doc) == ((1, n) if pack else (n, 1))
