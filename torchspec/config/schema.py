@@ -106,7 +106,10 @@ class TrainingConfig:
     training_num_nodes: int = 1
     training_num_gpus_per_node: int = 1
     distributed_timeout_minutes: int = 10
-    max_concurrent_batches: int = 1  # batches in flight between the store and the trainer
+    # read-ahead of each trainer rank (torchspec/training/prefetch.py): how many store reads run at once (reader
+    # threads), and how many micro-batches are taken and read from the store (and copied to the device) while
+    # the current one trains (0 = each is read when it is trained)
+    max_concurrent_batches: int = 1
     prefetch_depth: int = 4
     save_interval: int = 5000  # optimizer steps between checkpoints
     save_per_epoch: bool = False
@@ -159,7 +162,7 @@ class InferenceConfig:
     inference_num_gpus_per_engine: int = 1
     inference_num_gpus_per_node: int = 8
     inference_batch_size: int = 1  # samples per engine generate() call
-    inference_fetch_batch: int = 1  # prompts taken from the prompt buffer at a time
+    inference_fetch_batch: int = 1  # prompts taken from the prompt buffer (and lazily tokenized) at a time
     inference_buffer_threshold: int = 32  # refill the prompt buffer below this many
     max_sample_pool_size: int = 64  # finished samples held before inference pauses
     aux_hidden_states_layers: Optional[list[int]] = None  # null = [1, L//2 - 1, L - 4]

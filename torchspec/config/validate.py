@@ -95,7 +95,6 @@ _POSITIVE = (
     "training.training_num_gpus_per_node",
     "training.distributed_timeout_minutes",
     "training.max_concurrent_batches",
-    "training.prefetch_depth",
     "training.save_interval",
     "dataset.eval_interval",
     "dataset.eval_num_draft_steps",
@@ -126,7 +125,7 @@ _POSITIVE_IF_SET = (
     "mooncake.gpu_buffer_size",
     "mooncake.hidden_dim",
 )
-_NON_NEGATIVE = ("training.min_lr", "training.weight_decay", "training.seed")
+_NON_NEGATIVE = ("training.min_lr", "training.weight_decay", "training.seed", "training.prefetch_depth")
 
 
 def _check_positive(cfg: Config) -> None:

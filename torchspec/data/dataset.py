@@ -13,7 +13,7 @@ from torchspec.data.errors import DataError
 from torchspec.data.formats import Conversation, file_digest, load_conversations, resolve_files
 from torchspec.data.sample import Sample, SampleTable
 from torchspec.data.templates import get_template
-from torchspec.data.tokenize import Encoder, TokenizeOptions, tokenize_conversations, tokenize_one
+from torchspec.data.tokenize import Encoder, TokenizeOptions, tokenize_conversations, tokenize_many
 from torchspec.data.vocab import VOCAB_MAP_FILE, build_vocab_map
 
 log = logging.getLogger("torchspec.data")
@@ -46,10 +46,14 @@ class LazySamples(Sequence):
 
     def __getitem__(self, i) -> Sample:
         if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+            return self.take(range(*i.indices(len(self))))
+        return self.take([i])[0]
+
+    def take(self, indices) -> list[Sample]:
+        """The samples at `indices`, tokenized together (the controller fetches inference_fetch_batch at a time)."""
         if self._encoder is None:
             self._encoder = Encoder(self.tokenizer)
-        return tokenize_one(self.conversations[i], self._encoder, self.template, self.opts)
+        return tokenize_many([self.conversations[i] for i in indices], self._encoder, self.template, self.opts)
 
     def __iter__(self):
         for i in range(len(self)):

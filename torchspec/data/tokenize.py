@@ -103,11 +103,17 @@ def render(template: ChatTemplate, conv: Conversation, last_turn_loss_only: bool
     return text, (spans[-1:] if last_turn_loss_only else spans)
 
 
-def tokenize_one(conv: Conversation, encoder: Encoder, template: ChatTemplate, opts: TokenizeOptions) -> Sample:
-    """One conversation -> Sample (the loss mask may be all zero; callers decide to drop it)."""
-    ids, mask = encoder.encode([render(template, conv, opts.last_turn_loss_only)])[0]
+def tokenize_many(convs: list[Conversation], encoder: Encoder, template: ChatTemplate,
+                  opts: TokenizeOptions) -> list[Sample]:
+    """Conversations -> Samples in one encoder call (a loss mask may be all zero; callers decide to drop it)."""
+    encoded = encoder.encode([render(template, c, opts.last_turn_loss_only) for c in convs])
     n = opts.max_seq_length
-    return Sample(conv.sample_id, torch.from_numpy(ids[:n].astype(np.int64)), torch.from_numpy(mask[:n].copy()))
+    return [Sample(c.sample_id, torch.from_numpy(ids[:n].astype(np.int64)), torch.from_numpy(mask[:n].copy()))
+            for c, (ids, mask) in zip(convs, encoded)]
+
+
+def tokenize_one(conv: Conversation, encoder: Encoder, template: ChatTemplate, opts: TokenizeOptions) -> Sample:
+    return tokenize_many([conv], encoder, template, opts)[0]
 
 
 # ---- worker side -------------------------------------------------------------------------------

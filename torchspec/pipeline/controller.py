@@ -6,12 +6,16 @@ It is plain Python with no knowledge of how engines run: it talks to them throug
 a `Store`. Flow, per epoch:
 
   prompt buffer (epoch order: deterministic shuffle of sample ids from (seed, epoch))
+    -> prompts are taken from it `inference_fetch_batch` at a time (a lazily tokenized dataset
+       tokenizes them together) into a staging queue
     -> an engine is given `inference_batch_size` prompts whenever its queue holds fewer than
        `inference_buffer_threshold` samples and the pool has room
     -> finished samples enter the pool (FIFO); samples being generated count against the pool's
        bound, so the pool never exceeds `max_sample_pool_size` (engines pause: backpressure)
-    -> `next_micro_batches()` takes `micro_batch_size` samples per trainer rank
-    -> `mark_trained()` deletes their keys from the store and records their ids.
+    -> `next_micro_batches()` takes `micro_batch_size` samples per trainer rank (a "set"); sets may be
+       taken ahead of training (the trainer's read-ahead, training.prefetch_depth)
+    -> `mark_trained()` deletes a set's keys from the store and records their ids (sets in the order
+       they were taken).
 
 An epoch ends once all its samples are trained; the last micro-batches of an epoch may be short.
 `data_state()` = {"epoch", "trained_ids"} resumes with no sample skipped or repeated.
@@ -62,8 +66,8 @@ class PoolStats:
 class Controller:
     def __init__(self, samples: Sequence, engines: EngineGroup, store, *, micro_batch_size: int,
                  num_ranks: int = 1, num_epochs: int = 1, max_sample_pool_size: int,
-                 inference_batch_size: int, inference_buffer_threshold: int, seed: int = 0,
-                 data_state: dict | None = None):
+                 inference_batch_size: int, inference_buffer_threshold: int, inference_fetch_batch: int = 1,
+                 seed: int = 0, data_state: dict | None = None):
         if max_sample_pool_size < micro_batch_size * num_ranks:
             raise ConfigError(
                 f"inference.max_sample_pool_size={max_sample_pool_size} must hold at least one micro-batch per "
@@ -86,12 +90,14 @@ class Controller:
         self.max_pool = max_sample_pool_size
         self.batch_size = inference_batch_size
         self.threshold = inference_buffer_threshold
+        self.fetch_batch = max(1, int(inference_fetch_batch))
         self.seed = seed
 
         self.pool: deque[StoredSample] = deque()
         self.in_flight = [0] * engines.num_workers     # samples queued on each worker
         self.in_flight_ids: set[str] = set()
         self.dispatched: dict[str, StoredSample] = {}   # handed to trainers, not yet marked trained
+        self.outstanding: deque[list[list[StoredSample]]] = deque()   # those sets, oldest first
         self.pool_stats = PoolStats()
         self.data_wait_s = 0.0
         self._closed = False
@@ -111,6 +117,7 @@ class Controller:
                              f"(e.g. {sorted(unknown)[0]!r}); resume with the same dataset")
         order = epoch_order(list(self.index), self.seed, self.epoch) if self.epoch < self.num_epochs else []
         self.prompts: deque[str] = deque(i for i in order if i not in skip)
+        self.staged: deque = deque()   # samples taken from `prompts`, not yet given to an engine
         self.remaining = len(self.prompts)   # samples of this epoch not yet trained
 
     def data_state(self) -> dict:
@@ -128,15 +135,27 @@ class Controller:
         self.pool_stats.sizes.append(len(self.pool))
 
     # -- inference side ---------------------------------------------------------------------------
+    def _undelivered(self) -> int:
+        return len(self.prompts) + len(self.staged) + sum(self.in_flight)
+
+    def _take_prompts(self, n: int) -> list:
+        """The next n samples of the epoch order, staged `inference_fetch_batch` at a time."""
+        while len(self.staged) < n and self.prompts:
+            ids = [self.prompts.popleft() for _ in range(min(self.fetch_batch, len(self.prompts)))]
+            many = getattr(self.samples, "take", None)   # LazySamples tokenizes a fetch together
+            idx = [self.index[i] for i in ids]
+            self.staged.extend(many(idx) if many is not None else (self.samples[i] for i in idx))
+        return [self.staged.popleft() for _ in range(min(n, len(self.staged)))]
+
     def _feed(self) -> None:
         """Give work to every engine whose queue is below the threshold, while the pool has room."""
         for w in range(self.engines.num_workers):
-            while self.prompts and self.in_flight[w] < self.threshold:
+            while (self.prompts or self.staged) and self.in_flight[w] < self.threshold:
                 room = self.max_pool - len(self.pool) - sum(self.in_flight)
-                n = min(self.batch_size, len(self.prompts), room)
+                n = min(self.batch_size, len(self.prompts) + len(self.staged), room)
                 if n <= 0:
                     return
-                batch = [self.samples[self.index[self.prompts.popleft()]] for _ in range(n)]
+                batch = self._take_prompts(n)
                 self.engines.submit(w, batch)
                 self.in_flight[w] += n
                 self.in_flight_ids.update(s.sample_id for s in batch)
@@ -151,14 +170,14 @@ class Controller:
             self._record_pool()
 
     # -- trainer side -----------------------------------------------------------------------------
-    def next_micro_batches(self) -> list[list[StoredSample]] | None:
-        """One micro-batch per trainer rank (waiting for the engines as needed), or None when done.
+    def next_micro_batches(self, wait: bool = True) -> list[list[StoredSample]] | None:
+        """One micro-batch per trainer rank (a set), or None: when done, when every sample of the epoch is
+        already taken (the next epoch starts once the sets taken are trained), or, with wait=False, when
+        the pool does not hold a set now. With wait=True the engines are waited for as needed.
 
         Returns short micro-batches at the end of an epoch (some may be empty when fewer samples
-        than ranks are left). Call `mark_trained` with them before the next call.
+        than ranks are left). Sets may be taken ahead; `mark_trained` takes them back in that order.
         """
-        if self.dispatched:
-            raise RuntimeError("next_micro_batches() called before mark_trained() of the previous batches")
         if self.finished:
             return None
         want = self.micro_batch_size * self.num_ranks
@@ -166,13 +185,18 @@ class Controller:
         while True:
             self._collect(timeout=0.0)   # take in whatever has finished, without waiting
             self._feed()
-            undelivered = len(self.prompts) + sum(self.in_flight)
+            undelivered = self._undelivered()
             if len(self.pool) >= want or (undelivered == 0 and self.pool):
                 break
-            if undelivered == 0 and not self.pool:   # nothing left in this epoch (all trained)
+            if undelivered == 0:   # every sample of this epoch is taken
+                if self.outstanding:
+                    return None
                 raise RuntimeError("controller: epoch has no samples left but was not advanced")
+            if not wait:
+                return None
             self._collect(timeout=1.0)
-        self.data_wait_s += time.monotonic() - t0
+        if wait:
+            self.data_wait_s += time.monotonic() - t0
         take = [self.pool.popleft() for _ in range(min(want, len(self.pool)))]
         self._record_pool()
         self._feed()   # refill now, so the engines work while the trainer trains
@@ -183,19 +207,21 @@ class Controller:
         for n in per:
             out.append(take[i:i + n])
             i += n
-        self.dispatched = {s.key: s for s in take}
+        self.dispatched.update((s.key, s) for s in take)
+        self.outstanding.append(out)
         return out
 
     def mark_trained(self, batches: list[list[StoredSample]]) -> bool:
-        """Delete the trained samples' records; True when this completed an epoch."""
+        """Delete the trained set's records (the oldest set taken); True when this completed an epoch."""
+        if not self.outstanding or self.outstanding[0] is not batches:
+            raise RuntimeError("mark_trained: not the oldest set taken by next_micro_batches()")
+        self.outstanding.popleft()
         for mb in batches:
             for s in mb:
                 self.store.delete(s.key)
                 self.dispatched.pop(s.key)
                 self.trained_ids.append(s.sample_id)
                 self.remaining -= 1
-        if self.dispatched:
-            raise RuntimeError(f"mark_trained: {len(self.dispatched)} dispatched samples were not marked")
         if self.remaining == 0:
             self.epoch += 1
             self.trained_ids = []
@@ -210,6 +236,7 @@ class Controller:
             return
         self._closed = True
         self.prompts.clear()
+        self.staged.clear()
         self.engines.close()   # after this no engine writes to the store any more
         keys = [s.key for s in self.pool] + list(self.dispatched) + sorted(self.in_flight_ids)
         for key in keys:
@@ -220,5 +247,6 @@ class Controller:
         self.in_flight_ids.clear()
         self.pool.clear()
         self.dispatched.clear()
+        self.outstanding.clear()
         self.in_flight = [0] * self.engines.num_workers
         self._record_pool()

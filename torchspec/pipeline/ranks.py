@@ -5,9 +5,10 @@ elsewhere: spawned processes (`launcher_local`) or Ray actors (`launcher_ray`). 
 on per-rank micro-batches of store keys. Rank 0 talks to the others through a `Peers` transport,
 one message per rank at a time, each answered once:
 
-  ("read", keys, ref_key)   read the rank's micro-batch from the store; once every rank has
-                            answered, the controller may delete the records
-  ("train",)                Trainer.train_step on it (a collective)
+  ("read", keys, ref_key)   start reading a micro-batch from the store in the background (answered at once;
+                            training.prefetch_depth of them may be queued ahead of the step)
+  ("train",)                Trainer.train_step on the oldest one read (a collective); once every rank has
+                            answered, the controller may delete its records
   ("finish",)               Trainer.finish_accumulation (a collective)
   ("state",)                Trainer.state_dict (a collective under FSDP)
 
@@ -18,6 +19,7 @@ the messages.
 from __future__ import annotations
 
 import datetime
+from collections import deque
 from typing import Protocol
 
 import torch
@@ -36,6 +38,16 @@ def rank_batch(store, keys: list[str], ref_key: str, pack: bool):
     batch = collate([store.get(ref_key)], pack=pack)
     batch["loss_mask"].zero_()
     return batch
+
+
+def reader(cfg, store, device: str):
+    """The rank's background reads of its micro-batches (torchspec.training.prefetch)."""
+    import functools
+
+    from torchspec.training.prefetch import Prefetcher
+
+    read = functools.partial(rank_batch, store, pack=bool(cfg.training.pack_samples))
+    return Prefetcher(read, device, workers=int(cfg.training.max_concurrent_batches))
 
 
 def use_device(device: str, num_threads: int = 1) -> None:
@@ -128,19 +140,16 @@ class RankWorker:
 
         use_device(device)
         init_dist(rank, world, device, init_method, cfg.training.distributed_timeout_minutes)
-        self.store = store
-        self.pack = bool(cfg.training.pack_samples)
         self.rank = rank
-        self.batch = None
+        self.reads = reader(cfg, store, device)
         dist = DistInfo(rank, world, rank if local_rank is None else local_rank)
         self.trainer, _ = build_trainer(cfg, spec, device, dist)
 
     def handle(self, op: str, *args) -> None:
         if op == "read":
-            self.batch = rank_batch(self.store, *args, self.pack)
+            self.reads.submit(*args)
         elif op == "train":
-            batch, self.batch = self.batch, None
-            self.trainer.train_step(batch)
+            self.trainer.train_step(self.reads.take())
         elif op == "finish":
             self.trainer.finish_accumulation()
         elif op == "state":
@@ -149,6 +158,7 @@ class RankWorker:
             raise ValueError(f"trainer rank {self.rank}: unknown message {op!r}")
 
     def close(self) -> None:
+        self.reads.close()
         leave_dist()
 
 
@@ -175,12 +185,12 @@ class TrainerRanks:
         from torchspec.pipeline.build import build_trainer
         from torchspec.training.parallel import DistInfo
 
-        self.store = store
-        self.pack = bool(cfg.training.pack_samples)
         self.world = world
         self.device = device
         self.peers = peers
         self.others = world - 1
+        self.reads = reader(cfg, store, device)
+        self.queued: deque[list] = deque()   # micro-batch sets whose reads were started, oldest first
         try:
             dist = None
             self._threads = torch.get_num_threads()   # restored by close()
@@ -219,13 +229,24 @@ class TrainerRanks:
         if self.others:
             self.peers.acks()
 
-    def train_step(self, batches: list[list[StoredSample]]) -> dict:
+    def prefetch(self, batches: list[list[StoredSample]]) -> None:
+        """Start every rank's read of its micro-batch of `batches` (a set the controller handed out)."""
         ref = batches[0][0].key
         if self.others:
             self.peers.send([("read", [s.key for s in b], ref) for b in batches[1:]])
-            self.peers.acks()    # every rank has read its records
-        with self.trainer.clock.phase("read"):
-            batch = rank_batch(self.store, [s.key for s in batches[0]], ref, self.pack)
+            self.peers.acks()
+        self.reads.submit([s.key for s in batches[0]], ref)
+        self.queued.append(batches)
+
+    def train_step(self, batches: list[list[StoredSample]]) -> dict:
+        """Train on `batches` (prefetched, or read now); sets are trained in the order they were prefetched."""
+        if not self.queued:
+            self.prefetch(batches)
+        if self.queued[0] is not batches:
+            raise RuntimeError("train_step: micro-batch sets must be trained in the order they were prefetched")
+        self.queued.popleft()
+        with self.trainer.clock.phase("read"):   # the wait for the read-ahead (all of the read when it lags)
+            batch = self.reads.take()
         self._send("train")
         m = self._collective(self.trainer.train_step, batch)
         self._acks()
@@ -246,6 +267,8 @@ class TrainerRanks:
         return state
 
     def close(self) -> None:
+        self.reads.close()
+        self.queued.clear()
         if self.peers is not None:
             self.peers.close()
             self.peers = None

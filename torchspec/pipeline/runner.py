@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,7 @@ class _Run:
         self.store = None
         self.last_eval = self.last_saved = None
         self.window: list[dict] = []      # micro-batch metrics of the current accumulation window
+        self.ahead: deque = deque()       # micro-batch sets taken and being read ahead (training.prefetch_depth)
         self.trained_samples, self.train_s = 0, 0.0
 
         # data, vocabulary, target facts, placement, store
@@ -205,7 +207,7 @@ class _Run:
             self.samples, self.engines, self.store, micro_batch_size=tr.micro_batch_size, num_ranks=self.world,
             num_epochs=self.plan.num_epochs, max_sample_pool_size=inf.max_sample_pool_size,
             inference_batch_size=inf.inference_batch_size, inference_buffer_threshold=inf.inference_buffer_threshold,
-            seed=int(tr.seed), data_state=data_state)
+            inference_fetch_batch=inf.inference_fetch_batch, seed=int(tr.seed), data_state=data_state)
         self.trainer.clock.take()   # phases are counted from here (start-up is not a step)
 
     @property
@@ -213,11 +215,31 @@ class _Run:
         return self.trainer.global_step >= self.plan.num_train_steps
 
     # -- one step -------------------------------------------------------------------------------------
+    def _micro_batches_left(self) -> int:
+        tr = self.cfg.training
+        return (self.plan.num_train_steps - self.trainer.global_step) * int(tr.draft_accumulation_steps) \
+            - self.trainer.micro_step
+
     def fetch(self):
-        """The next micro-batch of every rank (None when the data is done); the wait is timed."""
+        """The next micro-batch of every rank (None when the data is done), and the read-ahead topped up to
+        training.prefetch_depth sets that are ready now (the ranks read them while this one trains); the
+        wait is timed."""
         clock = self.trainer.clock
         t0, busy0 = time.perf_counter(), getattr(self.engines, "busy_s", 0.0)
-        batches = self.controller.next_micro_batches()
+        if self.ahead:
+            batches = self.ahead.popleft()
+        else:
+            batches = self.controller.next_micro_batches()
+            if batches is not None:
+                self.ranks.prefetch(batches)
+        if batches is not None:
+            room = min(int(self.cfg.training.prefetch_depth), self._micro_batches_left() - 1)
+            while len(self.ahead) < room:
+                more = self.controller.next_micro_batches(wait=False)
+                if more is None:
+                    break
+                self.ranks.prefetch(more)
+                self.ahead.append(more)
         waited = time.perf_counter() - t0
         if self.placement.colocate:   # the inline engine ran the target inside that wait
             target_s = getattr(self.engines, "busy_s", 0.0) - busy0
