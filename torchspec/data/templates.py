@@ -307,8 +307,8 @@ class TokenizerTemplate(ChatTemplate):
             spans = [self._diff_span(messages, i, text, sentinels[0]) for i in turns]
         out, prev_end = [], 0
         for i, span in zip(turns, spans):
-            if span is None or span[0] < prev_end:
-                continue  # the template does not render this turn's reply
+            if span[0] < prev_end:
+                continue  # the template does not render this turn's reply apart from the one before
             start, end = span
             reasoning, _ = split_reasoning(messages[i])
             if reasoning is not None and reasoning.strip():
@@ -334,7 +334,7 @@ class TokenizerTemplate(ChatTemplate):
             pos = at + len(s)
         return pieces + [rendered[pos:]]
 
-    def _diff_span(self, messages, i, text, sentinel) -> tuple[int, int] | None:
+    def _diff_span(self, messages, i, text, sentinel) -> tuple[int, int]:
         """Where `text` differs from the rendering with only reply i replaced (clamped to the sentinel)."""
         pieces = self._pieces(messages, {i: sentinel})
         if pieces is None:
@@ -344,7 +344,7 @@ class TokenizerTemplate(ChatTemplate):
         other = before + sentinel + after
         start = min(_common_prefix(text, other), len(before))
         end = len(text) - min(_common_suffix(text, other), len(after), len(text) - start)
-        return (start, end) if end >= start else None
+        return start, end
 
 
 def _as_sentinel(message: dict, sentinel: str) -> dict:
