@@ -41,6 +41,10 @@ LR_DECAY_STYLES = ("cosine", "linear", "constant")
 # dataset.chat_template: "tokenizer" (the tokenizer's own template) or a template of torchspec/data/templates.py
 # (which checks at import that it implements exactly these)
 CHAT_TEMPLATES = ("tokenizer", "qwen", "qwen3", "llama3", "kimi-k25", "kimi-k25-vlm", "plain")
+# dataset.on_bad_record: "error" stops at the first bad record (one line naming file and line), "skip" leaves
+# bad records out, counts them and names the first BAD_RECORDS_NAMED of them in the log and the data summary.
+ON_BAD_RECORD = ("error", "skip")
+BAD_RECORDS_NAMED = 10
 PARALLEL_MODES = ("ddp", "fsdp")
 REPORT_TO = ("none", "wandb", "tensorboard")
 MOONCAKE_PROTOCOLS = ("tcp", "rdma")
@@ -79,6 +83,7 @@ class DatasetConfig:
     defer_tokenization: bool = False  # tokenize in the inference workers instead of up front
     last_turn_loss_only: bool = False  # supervise only the last assistant turn of each conversation
     num_proc: Optional[int] = None  # tokenization worker processes; null = all CPU cores
+    on_bad_record: str = "error"  # one of ON_BAD_RECORD: stop at a bad record, or skip and count bad records
 
 
 @dataclass

@@ -63,6 +63,7 @@ def _check_choices(cfg: Config) -> None:
     _one_of(cfg, "training.attention_backend", S.TRAINING_ATTENTION_BACKENDS)
     _one_of(cfg, "training.loss_mask_alignment", S.LOSS_MASK_ALIGNMENTS)
     _one_of(cfg, "dataset.chat_template", S.CHAT_TEMPLATES)
+    _one_of(cfg, "dataset.on_bad_record", S.ON_BAD_RECORD)
     _one_of(cfg, "training.parallel_mode", S.PARALLEL_MODES)
     _one_of(cfg, "training.loss_mask_alignment", S.LOSS_MASK_ALIGNMENTS)
     _one_of(cfg, "training.lr_decay_style", S.LR_DECAY_STYLES)

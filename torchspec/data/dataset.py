@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Sequence
 
 from torchspec.data import cache
-from torchspec.data.errors import DataError
+from torchspec.data.errors import BadRecords, DataError
 from torchspec.data.formats import Conversation, file_digest, load_conversations, resolve_files
 from torchspec.data.sample import Sample, SampleTable
 from torchspec.data.templates import get_template
-from torchspec.data.tokenize import Encoder, TokenizeOptions, tokenize_conversations, tokenize_many
+from torchspec.data.tokenize import Encoder, Stats, TokenizeOptions, render_all, tokenize_conversations, tokenize_many
 from torchspec.data.vocab import VOCAB_MAP_FILE, build_vocab_map
 
 log = logging.getLogger("torchspec.data")
@@ -65,24 +65,29 @@ class LazySamples(Sequence):
 def build_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, *, chat_template: str | None,
                   max_seq_length: int, prompt_key: str, cache_dir: str | os.PathLike | None = None,
                   defer_tokenization: bool = False, last_turn_loss_only: bool = False,
-                  num_proc: int | None = 1, progress: bool = True,
+                  num_proc: int | None = 1, progress: bool = True, on_bad_record: str = "error",
                   config_key: str = "dataset.train_data_path") -> SampleTable | LazySamples:
     """Samples of every conversation in `paths` (files, folders, globs), in file and record order.
 
     Returns a SampleTable (a sequence of Sample) or, with defer_tokenization, a LazySamples. Both
     carry `.cache_dir`: the cache folder of this exact input (None without cache_dir), where the
-    draft vocabulary is saved too. Raises DataError naming the file and line for bad input.
+    draft vocabulary is saved too. Raises DataError naming the file and line for bad input; with
+    on_bad_record="skip" a bad record is left out instead, counted in `.stats` (skipped_bad, bad_records)
+    and named in the log.
     """
     if max_seq_length <= 0:
         raise DataError(f"training.max_seq_length must be positive, got {max_seq_length}")
     files = resolve_files(paths, config_key)
     template = get_template(chat_template, tokenizer)
     digests = [file_digest(f) for f in files]
-    opts = TokenizeOptions(max_seq_length=max_seq_length, last_turn_loss_only=last_turn_loss_only)
+    bad = BadRecords(on_bad_record)
+    opts = TokenizeOptions(max_seq_length=max_seq_length, last_turn_loss_only=last_turn_loss_only,
+                           on_bad_record=on_bad_record)
     folder = None
     if cache_dir is not None:
         key = cache.cache_key(digests, cache.tokenizer_identity(tokenizer), template.identity(), max_seq_length,
-                              {"prompt_key": prompt_key, "last_turn_loss_only": last_turn_loss_only})
+                              {"prompt_key": prompt_key, "last_turn_loss_only": last_turn_loss_only,
+                               "on_bad_record": on_bad_record})
         folder = cache.cache_folder(cache_dir, key)
         if not defer_tokenization:
             t0 = time.perf_counter()
@@ -91,27 +96,53 @@ def build_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeni
                 table, stats = hit
                 table.cache_dir, table.stats = folder, stats
                 log.info("cache hit: %d samples from %s in %.2fs", len(table), folder, time.perf_counter() - t0)
+                _log_bad(config_key, stats)
                 return table
             log.info("cache miss: tokenizing %d file(s) into %s", len(files), folder)
 
-    convs = load_conversations(files, prompt_key, digests)
+    convs = load_conversations(files, prompt_key, digests, bad)
     if defer_tokenization:
+        if bad.skipping:  # rendered now, so that a conversation the template rejects is left out up front
+            convs, _ = render_all(template, convs, opts, bad)
+        _no_records_left(config_key, convs, bad)
         lazy = LazySamples(convs, tokenizer, template, opts, folder)
+        lazy.stats = Stats(conversations=len(convs) + bad.count)
+        lazy.stats.add_bad(bad)
         log.info("defer_tokenization: %d conversations from %d file(s), tokenized on access", len(convs), len(files))
+        _log_bad(config_key, lazy.stats)
         return lazy
 
+    _no_records_left(config_key, convs, bad)
     table, stats = tokenize_conversations(convs, tokenizer, template, opts, num_proc=num_proc or os.cpu_count() or 1,
                                           progress=progress)
+    load_stats = Stats()
+    load_stats.add_bad(bad)  # loading came first: its records are named first
+    load_stats.add(stats)
+    load_stats.seconds = stats.seconds
+    stats = load_stats
     log.info("%s: %s", config_key, stats.summary(max_seq_length))
+    _log_bad(config_key, stats)
     if len(table) == 0:
         raise DataError(f"{config_key}: none of the {stats.conversations} conversations has a supervised "
                         f"(assistant) token under chat_template={chat_template!r}")
     if folder is not None:
         cache.save(folder, table, stats, {"files": [str(f) for f in files], "digests": digests,
                                           "chat_template": chat_template, "max_seq_length": max_seq_length,
-                                          "prompt_key": prompt_key, "last_turn_loss_only": last_turn_loss_only})
+                                          "prompt_key": prompt_key, "last_turn_loss_only": last_turn_loss_only,
+                                          "on_bad_record": on_bad_record})
     table.cache_dir, table.stats = folder, stats
     return table
+
+
+def _no_records_left(config_key: str, convs: list, bad: BadRecords):
+    if not convs and bad.count:
+        raise DataError(f"{config_key}: every record is bad ({bad.count} skipped under dataset.on_bad_record: skip); "
+                        f"the first: {bad.named[0]}")
+
+
+def _log_bad(config_key: str, stats: Stats):
+    if stats.skipped_bad:
+        log.warning("%s: %s", config_key, stats.bad_summary())
 
 
 def load_tokenizer(cfg):
@@ -135,7 +166,7 @@ def from_config(cfg, tokenizer=None, split: str = "train", progress: bool = True
                          chat_template=ds.chat_template, max_seq_length=cfg.training.max_seq_length,
                          prompt_key=ds.prompt_key, cache_dir=cache_dir, defer_tokenization=ds.defer_tokenization,
                          last_turn_loss_only=ds.last_turn_loss_only, num_proc=ds.num_proc, progress=progress,
-                         config_key=f"dataset.{split}_data_path")
+                         on_bad_record=ds.on_bad_record, config_key=f"dataset.{split}_data_path")
 
 
 def vocab_map_for(samples, target_vocab_size: int, draft_vocab_size: int | None):

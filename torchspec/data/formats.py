@@ -7,7 +7,9 @@ Messages are normalised to OpenAI style: {"role": system|user|assistant|tool, "c
 "reasoning_content", "tool_calls", "tool_call_id" and "name" when the record has them.
 
 Every structural problem raises one DataError naming the file and line (JSONL), record (JSON list)
-or row (parquet).
+or row (parquet). With dataset.on_bad_record: skip (a BadRecords passed to load_conversations), a bad
+record is left out and counted instead; a file that cannot be read as a whole (a .json list that is not
+valid JSON, an unreadable parquet file) still stops the run.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from torchspec.data.errors import DataError, where
+from torchspec.data.errors import BadRecords, DataError, where
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -86,8 +88,16 @@ def file_digest(path: Path, chunk: int = 1 << 23) -> str:
     return h.hexdigest()
 
 
-def iter_records(path: Path) -> Iterator[tuple[str, dict]]:
-    """Yield (location, record) for every record of one file, in file order."""
+# What iter_records yields in place of a JSONL line that is not a JSON value, when bad records are skipped.
+SKIPPED = object()
+
+
+def iter_records(path: Path, bad: BadRecords | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield (location, record) for every record of one file, in file order.
+
+    A JSONL line that cannot be decoded goes to `bad` (which raises, or counts it and then SKIPPED is
+    yielded in its place, so record numbering does not depend on the policy).
+    """
     if path.suffix == ".parquet":
         yield from _iter_parquet(path)
         return
@@ -96,7 +106,7 @@ def iter_records(path: Path) -> Iterator[tuple[str, dict]]:
     if path.suffix == ".json" and head.startswith("["):
         yield from _iter_json_list(path)
     else:
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(path, bad or BadRecords())
 
 
 def _decode(raw: bytes, path: Path, first_line: int = 1) -> str:
@@ -119,13 +129,18 @@ def _loads(text: str, loc: str):
         raise DataError(f"{loc}: JSON nested too deeply to read") from None
 
 
-def _iter_jsonl(path: Path):
+def _iter_jsonl(path: Path, bad: BadRecords):
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
             loc = where(path, lineno)
-            yield loc, _loads(_decode(raw, path, lineno), loc)
+            try:
+                rec = _loads(_decode(raw, path, lineno), loc)
+            except DataError as e:
+                bad.handle(e)
+                rec = SKIPPED
+            yield loc, rec
 
 
 def _iter_json_list(path: Path):
@@ -218,10 +233,15 @@ def _raw_text(content, i: int, loc: str) -> str:
     raise DataError(f"{loc}: message {i} content must be a string or a list of text parts")
 
 
-def load_conversations(files: Sequence[Path], prompt_key: str,
-                       digests: Sequence[str] | None = None) -> list[Conversation]:
-    """All conversations of `files`, in order, with stable ids `<file digest[:12]>-<record index>`."""
+def load_conversations(files: Sequence[Path], prompt_key: str, digests: Sequence[str] | None = None,
+                       bad: BadRecords | None = None) -> list[Conversation]:
+    """All conversations of `files`, in order, with stable ids `<file digest[:12]>-<record index>`.
+
+    A bad record raises its DataError, or with a skipping `bad` is counted there and left out (its index
+    is still used up, so the other records keep their ids).
+    """
     digests = digests or [file_digest(f) for f in files]
+    bad = bad or BadRecords()
     counts: dict[str, int] = {}
     out: list[Conversation] = []
     for f, digest in zip(files, digests):
@@ -229,9 +249,14 @@ def load_conversations(files: Sequence[Path], prompt_key: str,
         counts[digest] = counts.get(digest, 0) + 1
         prefix = digest[:12] if counts[digest] == 1 else f"{digest[:12]}.{counts[digest]}"
         n = 0
-        for loc, rec in iter_records(f):
-            out.append(Conversation(f"{prefix}-{n}", normalize_messages(rec, prompt_key, loc), loc))
+        for loc, rec in iter_records(f, bad):
             n += 1
+            if rec is SKIPPED:
+                continue
+            try:
+                out.append(Conversation(f"{prefix}-{n - 1}", normalize_messages(rec, prompt_key, loc), loc))
+            except DataError as e:
+                bad.handle(e)
         if n == 0:
             raise DataError(f"{f}: the file is empty (no records)")
     return out

@@ -7,8 +7,13 @@ user turns, role headers, separators, and the empty think block that a non-think
 prompt already contains — is scaffolding (loss mask 0).
 
 Names (dataset.chat_template):
-  tokenizer  the target tokenizer's own `apply_chat_template` (spans found by locating each
-             assistant message's content in the rendered text, plus the special token after it)
+  tokenizer  the target tokenizer's own `apply_chat_template`; replies found by transformers' assistant
+             mask when the template has `{% generation %}` markers, else by rendering with sentinel
+             replies (TokenizerTemplate), never by searching for the reply's text
+
+An assistant message without content (missing, null or "") is an empty reply in every template: its
+end-of-turn token is supervised, nothing else of the turn (tool calls, when the template renders them, are
+part of the reply).
   qwen       ChatML as Qwen2.5 / Qwen3 data is usually stored: each turn's think block kept as the
              data has it; an EMPTY think block (`<think>\n\n</think>\n\n`) is scaffolding.
              Tool results are grouped into a user turn in <tool_response> tags, tool calls are
@@ -26,6 +31,7 @@ Names (dataset.chat_template):
 from __future__ import annotations
 
 import json
+import re
 
 from torchspec.config.schema import CHAT_TEMPLATES
 from torchspec.data.errors import DataError
@@ -216,64 +222,166 @@ class PlainTemplate(ChatTemplate):
         return b.result()
 
 
+_GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
 class TokenizerTemplate(ChatTemplate):
-    """The target tokenizer's own chat template (rendered by `apply_chat_template`)."""
+    """The target tokenizer's own chat template (rendered by `apply_chat_template`).
+
+    Replies are never located by searching for their text (a reply may equal any piece of the
+    template's own text). Two ways, by what the template offers:
+      markers   the template marks replies with `{% generation %}` (and the tokenizer has offsets):
+                the supervised tokens are transformers' own assistant mask
+                (`return_assistant_tokens_mask`), turned into character spans of the rendered text;
+      sentinels otherwise: the conversation is rendered again with a reply replaced by a unique
+                sentinel; where that rendering differs from the real one is the reply, plus the
+                special token that ends the turn when one follows it.
+    An assistant message with no content is an empty reply: its end-of-turn token is supervised
+    (as transformers' mask and every named template do).
+    """
 
     name = "tokenizer"
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.template = tokenizer.chat_template
-        # Special/added tokens, longest first: the one right after a turn's content ends the turn.
+        try:
+            resolved = tokenizer.get_chat_template()
+        except Exception:  # several named templates and no default: apply_chat_template reports it later
+            resolved = self.template if isinstance(self.template, str) else ""
+        self.uses_markers = bool(_GENERATION_MARKER.search(resolved or "")) and \
+            getattr(tokenizer, "is_fast", False)
+        # Special/added tokens, longest first: the one right after a reply ends the turn.
         added = set(getattr(tokenizer, "all_special_tokens", []) or [])
         added |= set((getattr(tokenizer, "get_added_vocab", dict)() or {}).keys())
         self.end_tokens = sorted(added, key=len, reverse=True)
 
     def identity(self):
-        return f"tokenizer/v1/{self.template if isinstance(self.template, str) else json.dumps(self.template)}"
+        return f"tokenizer/v2/{self.template if isinstance(self.template, str) else json.dumps(self.template)}"
 
-    def render(self, messages):
+    def _apply(self, messages, **kw):
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            return self.tokenizer.apply_chat_template(messages, **kw)
         except Exception as e:  # a jinja error raised by the template itself
             raise DataError(f"the tokenizer's chat template failed on this conversation: {e}") from None
-        spans, cursor = [], 0
-        for m in messages:
-            if m["role"] != "assistant":
-                start, needle = self._find(text, m["content"], cursor)
-                if start >= 0:
-                    cursor = start + len(needle)
-                continue
-            reasoning, answer = split_reasoning(m)
-            span_start = None
-            if reasoning is not None and reasoning.strip():
-                # A non-empty think block: supervised from its opening tag (when rendered) on.
-                r_start, r_needle = self._find(text, reasoning.strip(), cursor)
-                if r_start >= 0:
-                    tag = text.rfind("<think>", cursor, r_start)
-                    span_start = tag if tag >= 0 else r_start
-                    cursor = r_start + len(r_needle)
-            if span_start is None and not answer.strip():
-                continue  # e.g. a tool-call-only turn: the template renders the call its own way
-            start, needle = self._find(text, answer, cursor)
-            if start < 0:
-                raise DataError("the tokenizer's chat template changed an assistant message so that its "
-                                "text cannot be located; set dataset.chat_template to a named template")
-            end = start + len(needle)
-            end += len(next((t for t in self.end_tokens if text.startswith(t, end)), ""))
-            span_start = start if span_start is None else span_start
-            if end > span_start:
-                spans.append((span_start, end))
-            cursor = end
-        return text, spans
 
-    @staticmethod
-    def _find(text: str, content: str, cursor: int) -> tuple[int, str]:
-        for needle in (content, content.strip()):
-            pos = text.find(needle, cursor)
-            if pos >= 0:
-                return pos, needle
-        return -1, content
+    def render(self, messages):
+        text = self._apply(messages, tokenize=False)
+        if self.uses_markers:
+            return text, self._marked_spans(messages, text)
+        return text, self._sentinel_spans(messages, text)
+
+    def _marked_spans(self, messages, text):
+        """Runs of transformers' assistant mask -> character spans of `text`."""
+        out = self._apply(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                          tokenizer_kwargs={"return_offsets_mapping": True})
+        spans: list[tuple[int, int]] = []
+        prev = 0
+        for m, (a, b) in zip(out["assistant_masks"], out["offset_mapping"]):
+            if m and prev and spans:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], b))
+            elif m:
+                spans.append((a, b))
+            prev = m
+        return spans
+
+    def _sentinel_spans(self, messages, text):
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not turns:
+            return []
+        sentinels = _sentinels(text, len(turns))
+        # Fast path: one rendering with every reply replaced; when the real text is that rendering with
+        # each sentinel put back as the reply's content, the replies sit exactly there.
+        pieces = self._pieces(messages, dict(zip(turns, sentinels)))
+        spans = None
+        if pieces is not None:
+            spans, pos, rebuilt = [], 0, []
+            for k, i in enumerate(turns):
+                pos += len(pieces[k])
+                spans.append((pos, pos + len(messages[i]["content"])))
+                pos = spans[-1][1]
+                rebuilt += [pieces[k], messages[i]["content"]]
+            if "".join(rebuilt + [pieces[-1]]) != text:
+                spans = None
+        if spans is None:  # the template changes replies or its own text with them: one turn at a time
+            spans = [self._diff_span(messages, i, text, sentinels[0]) for i in turns]
+        out, prev_end = [], 0
+        for i, span in zip(turns, spans):
+            if span[0] < prev_end:
+                continue  # the template does not render this turn's reply apart from the one before
+            start, end = span
+            reasoning, _ = split_reasoning(messages[i])
+            if reasoning is not None and reasoning.strip():
+                tag = text.rfind("<think>", prev_end, start)  # a think block is supervised from its tag
+                start = tag if tag >= 0 else start
+            end += len(next((t for t in self.end_tokens if text.startswith(t, end)), ""))
+            if end > start:
+                out.append((start, end))
+            prev_end = max(prev_end, end)
+        return out
+
+    def _pieces(self, messages, replace: dict[int, str]) -> list[str] | None:
+        """The rendering with messages[i]'s reply replaced by replace[i], cut at the sentinels (None when a
+        sentinel is not rendered exactly once, in order)."""
+        rendered = self._apply([_as_sentinel(m, replace[i]) if i in replace else m for i, m in enumerate(messages)],
+                               tokenize=False)
+        pieces, pos = [], 0
+        for s in replace.values():
+            at = rendered.find(s, pos)
+            if at < 0 or rendered.count(s) != 1:
+                return None
+            pieces.append(rendered[pos:at])
+            pos = at + len(s)
+        return pieces + [rendered[pos:]]
+
+    def _diff_span(self, messages, i, text, sentinel) -> tuple[int, int]:
+        """Where `text` differs from the rendering with only reply i replaced (clamped to the sentinel)."""
+        pieces = self._pieces(messages, {i: sentinel})
+        if pieces is None:
+            raise DataError("the tokenizer's chat template does not render assistant replies as given, so their "
+                            "tokens cannot be found; set dataset.chat_template to a named template")
+        before, after = pieces
+        other = before + sentinel + after
+        start = min(_common_prefix(text, other), len(before))
+        end = len(text) - min(_common_suffix(text, other), len(after), len(text) - start)
+        return start, end
+
+
+def _as_sentinel(message: dict, sentinel: str) -> dict:
+    """The message with its reply (content, reasoning, tool calls) replaced by the sentinel."""
+    out = {k: v for k, v in message.items() if k not in ("reasoning_content", "tool_calls")}
+    out["content"] = sentinel
+    return out
+
+
+def _sentinels(text: str, n: int) -> list[str]:
+    """n distinct strings that occur nowhere in `text` (letters and digits only: no template trims them)."""
+    tag = "TSPEC"
+    while tag in text:
+        tag += "X"
+    return [f"{tag}{k}R{tag}" for k in range(n)]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # the largest n with a[:n] == b[:n], by slice comparisons (C speed)
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix(a: str, b: str) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid:] == b[len(b) - mid:]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 NAMED = {

@@ -3,7 +3,8 @@
 A token is supervised when the character it starts at lies inside a supervised span of the
 rendered text (see templates.py), so the ids are exactly what tokenizing the whole text gives.
 Samples are truncated to max_seq_length tokens; a sample left with no supervised token is
-dropped and counted.
+dropped and counted. A conversation the template cannot render raises its DataError, or with
+dataset.on_bad_record: skip is left out and counted in Stats (skipped_bad, bad_records).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from torchspec.data.errors import DataError
+from torchspec.config.schema import BAD_RECORDS_NAMED
+from torchspec.data.errors import BadRecords, DataError
 from torchspec.data.formats import Conversation
 from torchspec.data.sample import Sample, SampleTable
 from torchspec.data.templates import ChatTemplate
@@ -72,6 +74,7 @@ class Encoder:
 class TokenizeOptions:
     max_seq_length: int
     last_turn_loss_only: bool = False
+    on_bad_record: str = "error"  # dataset.on_bad_record
 
 
 @dataclass
@@ -83,16 +86,33 @@ class Stats:
     tokens: int = 0
     supervised_tokens: int = 0
     seconds: float = 0.0
+    skipped_bad: int = 0  # bad records left out (dataset.on_bad_record: skip), at loading or rendering
+    bad_records: list[str] = field(default_factory=list)  # the first BAD_RECORDS_NAMED of them: "file line N: why"
 
     def add(self, other: "Stats"):
-        for k in ("conversations", "kept", "dropped_no_supervised", "truncated", "tokens", "supervised_tokens"):
+        for k in ("conversations", "kept", "dropped_no_supervised", "truncated", "tokens", "supervised_tokens",
+                  "skipped_bad"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.bad_records = (self.bad_records + other.bad_records)[:BAD_RECORDS_NAMED]
+
+    def add_bad(self, bad: BadRecords):
+        self.add(Stats(skipped_bad=bad.count, bad_records=bad.named))
+
+    def bad_summary(self) -> str:
+        """The skipped records, named (empty when none was skipped)."""
+        if not self.skipped_bad:
+            return ""
+        shown = len(self.bad_records)
+        more = f" (the first {shown} named)" if shown < self.skipped_bad else ""
+        return (f"skipped {self.skipped_bad} bad record(s) (dataset.on_bad_record: skip){more}: "
+                + " | ".join(self.bad_records))
 
     def summary(self, max_seq_length: int) -> str:
         rate = f", {self.tokens / self.seconds:,.0f} tokens/s" if self.seconds > 0 else ""
         return (f"{self.conversations} conversations -> {self.kept} samples, {self.tokens} tokens "
                 f"({self.supervised_tokens} supervised); dropped {self.dropped_no_supervised} with no "
-                f"supervised token; truncated {self.truncated} to max_seq_length={max_seq_length}{rate}")
+                f"supervised token; truncated {self.truncated} to max_seq_length={max_seq_length}; "
+                f"skipped {self.skipped_bad} bad record(s){rate}")
 
 
 def render(template: ChatTemplate, conv: Conversation, last_turn_loss_only: bool):
@@ -125,10 +145,27 @@ def _init_worker(tokenizer, template, opts):
     _WORKER = (Encoder(tokenizer), template, opts)
 
 
+def render_all(template: ChatTemplate, convs: list[Conversation], opts: TokenizeOptions, bad: BadRecords):
+    """(conversations rendered, their renderings); one the template cannot render goes to `bad`."""
+    kept, rendered = [], []
+    for c in convs:
+        try:
+            rendered.append(render(template, c, opts.last_turn_loss_only))
+        except DataError as e:
+            bad.handle(e)
+            continue
+        kept.append(c)
+    return kept, rendered
+
+
 def _process_chunk(chunk: list[Conversation]):
     encoder, template, opts = _WORKER
-    encoded = encoder.encode([render(template, c, opts.last_turn_loss_only) for c in chunk])
-    stats, ids_out, mask_out, lengths, kept_ids = Stats(conversations=len(chunk)), [], [], [], []
+    bad = BadRecords(opts.on_bad_record)
+    stats = Stats(conversations=len(chunk))
+    chunk, rendered = render_all(template, chunk, opts, bad)
+    stats.add_bad(bad)
+    encoded = encoder.encode(rendered)
+    ids_out, mask_out, lengths, kept_ids = [], [], [], []
     for conv, (ids, mask) in zip(chunk, encoded):
         if len(ids) > opts.max_seq_length:
             stats.truncated += 1
