@@ -14,6 +14,7 @@ vLLM CPU worker processes, started from the local launcher's non-daemonic engine
 """
 
 import json
+import shutil
 import os
 import subprocess
 from pathlib import Path
@@ -278,3 +279,23 @@ def test_pipeline_with_vllm_engine_trains_every_sample_once(tmp_path, vllm_targe
     assert vllm["store_bytes_end"] == 0                                                 # every record deleted
     assert vllm["trained"] == hf["trained"]
     assert vllm["losses"] == pytest.approx(hf["losses"], rel=1e-5, abs=1e-5)
+
+
+def test_final_norm_is_read_by_model_norm_key(tiny_target_dir, tmp_path):
+    """model.norm_key names the norm's weight in the checkpoint, also where transformers' module path differs."""
+    from safetensors.torch import load_file, save_file
+
+    from torchspec.inference.vllm import VLLMEngineError, load_final_norm
+
+    target = tmp_path / "t"
+    shutil.copytree(tiny_target_dir, target)
+    tensors = load_file(target / "model.safetensors")
+    w = tensors.pop("model.norm.weight")
+    tensors["custom.final_norm.weight"] = w * 2
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    norm, _ = load_final_norm(str(target), torch.float32, norm_key="custom.final_norm.weight")
+    assert torch.equal(norm.weight, w * 2)
+    with pytest.raises(VLLMEngineError, match=r"checkpoint has no \['model.norm.weight'\].*model.norm_key"):
+        load_final_norm(str(target), torch.float32, norm_key="model.norm.weight")
+    with pytest.raises(VLLMEngineError, match=r"model.norm_key='custom.final_norm': expected the name of"):
+        load_final_norm(str(target), torch.float32, norm_key="custom.final_norm")

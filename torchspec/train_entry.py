@@ -3,8 +3,9 @@
     python -m torchspec.train_entry --config A.yaml [--config B.yaml ...] [a.b=value ...] [--dry-run]
 
 Configs merge as: schema defaults < configs/default.yaml < each --config in order < a.b=value.
---dry-run prints the resolved config (secrets redacted) and the placement plan, then exits
-without touching a GPU or the network.
+--dry-run prints the resolved config (secrets redacted) and the placement plan, runs the checks a
+real start makes (pipeline/preflight.py) and exits 0 only when they pass; it needs no GPU and
+downloads nothing.
 """
 
 from __future__ import annotations
@@ -65,8 +66,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
+            from torchspec.pipeline.preflight import preflight
+
             print(dry_run_report(cfg))
-            return 0
+            checks = preflight(cfg)   # the start's checks; exit 2 when a real start would refuse
+            print(checks.format())
+            return 0 if checks.ok else 2
         from torchspec.training.checkpoint import check_output_dir
 
         check_output_dir(cfg.output_dir, cfg.training.load_path)   # before resolved_config.yaml is written

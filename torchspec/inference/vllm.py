@@ -143,7 +143,7 @@ def _checkpoint_tensors(path: str, names: Sequence[str]) -> dict[str, torch.Tens
         files = {n: single for n in names if n in present}
     if missing:
         raise VLLMEngineError(f"model.target_model_path={path!r}: checkpoint has no {missing} "
-                              "(the final norm the vllm engine applies)")
+                              "(the final norm the vllm engine applies; its name is model.norm_key)")
     out = {}
     for name, file in files.items():
         with safe_open(file, "pt") as f:
@@ -151,9 +151,12 @@ def _checkpoint_tensors(path: str, names: Sequence[str]) -> dict[str, torch.Tens
     return out
 
 
-def load_final_norm(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[torch.nn.Module, int]:
+def load_final_norm(path: str, dtype: torch.dtype, trust_remote_code: bool = False,
+                    norm_key: str | None = None) -> tuple[torch.nn.Module, int]:
     """(the target's final norm as transformers defines it, on CPU with the checkpoint's weights; the
-    number of decoder layers). The model is built on the meta device: no other weight is read."""
+    number of decoder layers). The model is built on the meta device: no other weight is read.
+    norm_key (model.norm_key): the checkpoint's name of the norm's weight (its other parameters, a bias
+    say, are read beside it); None: the name transformers gives the module."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from torchspec.inference.hf import TargetLoadError, _base_model
@@ -170,7 +173,13 @@ def load_final_norm(path: str, dtype: torch.dtype, trust_remote_code: bool = Fal
     if norm is None:
         raise VLLMEngineError(f"model.target_model_path={path!r}: {type(model).__name__} has no final .norm "
                               "for the vllm engine to apply")
-    prefix = next(n for n, m in model.named_modules() if m is norm)
+    if norm_key is None:
+        prefix = next(n for n, m in model.named_modules() if m is norm)
+    elif norm_key.endswith(".weight") and "weight" in norm.state_dict():
+        prefix = norm_key[: -len(".weight")]
+    else:
+        raise VLLMEngineError(f"model.norm_key={norm_key!r}: expected the name of the final norm's weight "
+                              "tensor in the target checkpoint (ending in '.weight')")
     names = {f"{prefix}.{k}": k for k in norm.state_dict()}
     tensors = _checkpoint_tensors(str(path), list(names))
     norm = norm.to_empty(device="cpu")
@@ -247,7 +256,8 @@ class VLLMEngine:
             raise VLLMEngineError(f"inference.inference_engine_type='vllm' needs vllm: {INSTALL_HINT}") from None
         device = torch.device(device)
         path = str(cfg.model.target_model_path)
-        final_norm, num_layers = load_final_norm(path, compute_dtype(device), bool(cfg.model.trust_remote_code))
+        final_norm, num_layers = load_final_norm(path, compute_dtype(device), bool(cfg.model.trust_remote_code),
+                                                cfg.model.norm_key)
         aux_layers = list(TargetInfo.from_config(cfg).aux_layers)
         extract_ids = extraction_plan(aux_layers, num_layers)[0]
         storage_dir = tempfile.mkdtemp(prefix="torchspec-vllm-hs-")

@@ -59,6 +59,27 @@ def read_tensors(target_path, keys: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_head_keys(cfg) -> None:
+    """The start's check that the target checkpoint holds the tensors read by name: model.lm_head_key (or,
+    tied, model.embedding_key) and model.embedding_key; model.norm_key too when the vllm engine, which
+    applies the final norm itself, reads it. One ConfigError naming the key otherwise."""
+    target_path = Path(cfg.model.target_model_path)
+    available = _safetensors_files(target_path)
+    m = cfg.model
+    wanted = {"model.embedding_key": m.embedding_key}
+    if not (m.lm_head_key not in available and m.embedding_key in available and _tied(target_path)):
+        wanted["model.lm_head_key"] = m.lm_head_key
+    if cfg.inference.inference_engine_type == "vllm":
+        wanted["model.norm_key"] = m.norm_key
+    for key, name in wanted.items():
+        if name and name not in available:
+            import difflib
+
+            near = difflib.get_close_matches(name, list(available), n=3, cutoff=0.8)
+            hint = f"; tensors with a similar name: {near}" if near else ""
+            raise ConfigError(f"{key}={name!r}: no such tensor in the target checkpoint {target_path}{hint}")
+
+
 class TargetHead(nn.Module):
     """Frozen target lm_head [V, H_t] (and optionally embeddings [V, H_t]) as buffers."""
 

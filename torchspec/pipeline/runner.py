@@ -142,11 +142,13 @@ class _Run:
         from torchspec.training.metrics import MetricsLogger, Throughput
         from torchspec.training.optim import plan_steps
         from torchspec.transfer.factory import build_store
+        from torchspec.utils.hub import resolve_hub_ids
 
         self.cfg, self.engine_factory, self.on_step, self.progress = cfg, engine_factory, on_step, progress
         tr = cfg.training
         self.out_dir = Path(cfg.output_dir)
         check_output_dir(self.out_dir, tr.load_path)   # never mix two runs in one directory
+        resolve_hub_ids(cfg)   # hub ids -> local snapshot folders (model_download_dir), before any reader
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.result = RunResult(output_dir=self.out_dir)
         self.ranks = self.trainer = self.engines = self.controller = self.evaluator = None

@@ -40,9 +40,25 @@ def store_type(cfg) -> str:
     return "mooncake"
 
 
+def check_store(cfg) -> str:
+    """The store type, after the checks a start makes before building it (no side effect, no network):
+    a run over several nodes needs a Mooncake master every node can reach."""
+    kind = store_type(cfg)
+    if kind != "mooncake":
+        return kind
+    from torchspec.config.topology import multi_node_reason
+
+    reason = multi_node_reason(cfg)
+    if reason is not None and cfg.mooncake.master_server_address is None:
+        raise ConfigError(f"mooncake.master_server_address is null, but {reason} spans several nodes: a master "
+                          "torchspec starts listens on 127.0.0.1 only; start mooncake_master where every node can "
+                          "reach it and set mooncake.master_server_address=host:port")
+    return kind
+
+
 def build_store(cfg) -> Store:
     capacity = cfg.inference.store_capacity
-    kind = store_type(cfg)
+    kind = check_store(cfg)
     if kind == "memory":
         from torchspec.transfer.memory import MemoryStore
 
@@ -51,12 +67,6 @@ def build_store(cfg) -> Store:
         from torchspec.transfer.local import LocalStore
 
         return LocalStore(capacity_bytes=capacity)
-    from torchspec.config.topology import multi_node_reason
     from torchspec.transfer.mooncake import MooncakeSettings, MooncakeStore
 
-    reason = multi_node_reason(cfg)
-    if reason is not None and cfg.mooncake.master_server_address is None:
-        raise ConfigError(f"mooncake.master_server_address is null, but {reason} spans several nodes: a master "
-                          "torchspec starts listens on 127.0.0.1 only; start mooncake_master where every node can "
-                          "reach it and set mooncake.master_server_address=host:port")
     return MooncakeStore(MooncakeSettings.from_config(cfg.mooncake), capacity_bytes=capacity)

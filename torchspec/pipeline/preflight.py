@@ -1,0 +1,122 @@
+"""`preflight(cfg)`: the checks a run's start makes, without starting anything, for `--dry-run`.
+
+Each check calls the same function the start calls (so the two cannot disagree) and collects its
+one-line error instead of stopping at the first. Not checked here: the GPUs and the Ray cluster (the
+dry run is meant for a machine without them; the start checks them before placing anything).
+What cannot be checked yet (a hub id not in the cache: downloaded at start) is listed as pending.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Preflight:
+    problems: list[str] = field(default_factory=list)   # what a real start would reject, one line each
+    pending: list[str] = field(default_factory=list)    # what is only known at start (downloads)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        lines = []
+        if self.pending:
+            lines.append("still to provide / checked only at start:")
+            lines += [f"  - {p}" for p in self.pending]
+        if self.problems:
+            lines.append(f"dry run: {len(self.problems)} problem(s) a real start would reject:")
+            lines += [f"  - {p}" for p in self.problems]
+        else:
+            lines.append("dry run: OK (a real start accepts this config, given the GPUs and nodes it asks for)")
+        return "\n".join(lines)
+
+
+def _local_path(cfg, key: str, value, kind: str, out: Preflight):
+    """The local path to check `value` at: itself, its cached snapshot (hub id), or None (pending/problem)."""
+    from torchspec.utils.hub import cached_snapshot, is_hub_id, offline
+
+    if not is_hub_id(value):
+        return value
+    cache = cfg.model_download_dir
+    snap = cached_snapshot(value, cache, kind)
+    if snap is not None:
+        return str(snap)
+    where = cache or "the default hub cache"
+    if offline():
+        out.problems.append(f"{key}={value!r}: not in the hub cache ({where}) and HF_HUB_OFFLINE=1: "
+                            "nothing can be downloaded")
+    else:
+        out.pending.append(f"{key}={value!r}: a hub id, downloaded into {where} at start "
+                           "(the checks that read it are skipped)")
+    return None
+
+
+def _check(out: Preflight, fn, *args):
+    from torchspec.config.errors import ConfigError
+    from torchspec.data.errors import DataError
+
+    try:
+        return fn(*args)
+    except (ConfigError, DataError) as e:
+        out.problems.append(str(e))
+    except ImportError as e:   # an install hint (mooncake, ray, ...)
+        out.problems.append(f"missing dependency: {e}")
+    return None
+
+
+def _check_target(cfg, target_path: str, out: Preflight) -> None:
+    """Target config, draft config, the head tensors the trainer reads, tokenizer and chat template, and
+    that tokenizer and target agree on the vocabulary."""
+    import copy
+    import os
+
+    from torchspec.config.target import TargetInfo
+    from torchspec.data.dataset import load_tokenizer
+    from torchspec.data.templates import get_template
+    from torchspec.models.target_head import check_head_keys
+    from torchspec.pipeline.build import draft_config_for
+
+    if not os.path.isdir(target_path):
+        out.problems.append(f"model.target_model_path={target_path!r}: no such directory (and not a hub id "
+                            "of the form org/name)")
+        return
+    local = copy.deepcopy(cfg)
+    local.model.target_model_path = target_path
+    target = _check(out, TargetInfo.from_config, local)
+    if target is not None:
+        _check(out, draft_config_for, local, target.config)
+    _check(out, check_head_keys, local)
+    tok = _check(out, load_tokenizer, local)
+    if tok is None:
+        return
+    _check(out, get_template, cfg.dataset.chat_template, tok)
+    if target is not None and len(tok) > target.vocab_size:
+        out.problems.append(f"model.target_model_path={cfg.model.target_model_path!r}: its tokenizer has "
+                            f"{len(tok)} tokens but the target's vocabulary is {target.vocab_size}: they do not "
+                            "belong together")
+
+
+def preflight(cfg) -> Preflight:
+    from torchspec.data.formats import resolve_files
+    from torchspec.training.checkpoint import check_output_dir
+    from torchspec.transfer.factory import check_store
+
+    out = Preflight()
+    if cfg.output_dir:
+        _check(out, check_output_dir, cfg.output_dir, cfg.training.load_path)
+    kind = _check(out, check_store, cfg)
+    if kind == "mooncake" and cfg.mooncake.master_server_address:
+        from torchspec.transfer.mooncake_master import check_reachable
+
+        _check(out, check_reachable, cfg.mooncake.master_server_address)
+    target_path = _local_path(cfg, "model.target_model_path", cfg.model.target_model_path, "model", out)
+    if target_path is not None:
+        _check_target(cfg, target_path, out)
+    for split in ("train", "eval"):
+        key = f"dataset.{split}_data_path"
+        path = _local_path(cfg, key, getattr(cfg.dataset, f"{split}_data_path"), "dataset", out)
+        if path is not None:
+            _check(out, resolve_files, path, key)
+    return out
