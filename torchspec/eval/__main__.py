@@ -1,7 +1,10 @@
 """python -m torchspec.eval --target PATH --draft EXPORTED_DIR --data FILE [options]
 
 Greedy chain speculative decoding of the target with the exported EAGLE-3 draft, as a server runs it,
-over the prompts of a conversation file (each conversation cut before its first assistant token).
+over the prompts of a conversation file: a conversation that ends with a user turn is one prompt (the
+chat template's generation prompt appended); one that ends with an assistant reply is evaluated at its
+last assistant turn (every assistant turn with --all-turns). How many prompts were used, and why any
+were skipped, is printed first.
 Prints tau (mean acceptance length = tokens per target verification forward), per-position acceptance
 rates, the token-level match with plain greedy decoding (always 100% for a correct implementation), and
 with --speedup an expected-speedup estimate from measured forward costs.
@@ -28,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft tokens proposed per verification")
     p.add_argument("--max-new-tokens", type=int, default=DatasetConfig.eval_max_new_tokens)
     p.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts (None = all)")
+    p.add_argument("--all-turns", action="store_true",
+                   help="evaluate every assistant turn of a conversation, not only its last one")
     p.add_argument("--temperature", type=float, default=0.0, help="only 0 (greedy) is supported")
     p.add_argument("--chat-template", default=DatasetConfig.chat_template)
     p.add_argument("--prompt-key", default=DatasetConfig.prompt_key)
@@ -43,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The data code's messages name config keys; on this command line the same settings are flags.
+_FLAGS = {"dataset.prompt_key": "--prompt-key", "dataset.chat_template": "--chat-template"}
+
+
+def _as_flags(message: str) -> str:
+    for key, flag in _FLAGS.items():
+        message = message.replace(f"set {key}: ", f"set {flag} ").replace(key, flag)
+    return message
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if ids is None:
@@ -52,18 +67,25 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return [ids] if isinstance(ids, int) else list(ids)
 
 
-def run(args) -> dict:
+def run(args, say=print) -> dict:
+    """The evaluation `args` ask for, as a dict; `say` gets the prompt selection line before it starts."""
     import torch
 
-    from torchspec.data.dataset import build_dataset
     from torchspec.data.errors import DataError
-    from torchspec.eval.acceptance import EvalError, load_target_and_draft, measure_acceptance, prompts_from_samples
+    from torchspec.data.formats import load_conversations, resolve_files
+    from torchspec.data.templates import get_template
+    from torchspec.eval.acceptance import EvalError, load_target_and_draft, measure_acceptance
+    from torchspec.eval.prompts import select_prompts
     from torchspec.inference.hf import TargetLoadError
 
     if args.temperature != 0:
         raise EvalError(f"--temperature {args.temperature}: only greedy evaluation (0) is supported")
     if args.num_draft_steps < 1 or args.max_new_tokens < 1:
         raise EvalError("--num-draft-steps and --max-new-tokens must be >= 1")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise EvalError(f"--num-prompts {args.num_prompts}: must be >= 1 (leave it out to use every prompt)")
+    if args.max_seq_length < 1:
+        raise EvalError(f"--max-seq-length {args.max_seq_length}: must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
                                                            else torch.float32)
@@ -71,24 +93,28 @@ def run(args) -> dict:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.target, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"--target {args.target}: {str(e).splitlines()[0]}") from None
+    try:  # the prompts first: a bad file is reported before any model is loaded
+        convs = load_conversations(resolve_files(args.data, "--data"), args.prompt_key)
+        template = get_template(args.chat_template, tokenizer)
+        prompts, selection = select_prompts(convs, tokenizer, template, max_seq_length=args.max_seq_length,
+                                            all_turns=args.all_turns, limit=args.num_prompts)
+    except DataError as e:
+        raise EvalError(_as_flags(str(e))) from None
+    if not prompts:
+        raise EvalError(f"--data {args.data}: no usable prompt; {selection.summary()}")
+    say(selection.summary())
+    try:
         target, draft = load_target_and_draft(args.target, args.draft, device, dtype, args.trust_remote_code)
     except (OSError, TargetLoadError) as e:
         raise EvalError(f"--target {args.target}: {str(e).splitlines()[0]}") from None
-    try:
-        samples = build_dataset(args.data, tokenizer, chat_template=args.chat_template,
-                                max_seq_length=args.max_seq_length, prompt_key=args.prompt_key,
-                                progress=False, config_key="--data")
-    except DataError as e:
-        raise EvalError(str(e)) from None
-    prompts = prompts_from_samples(samples, args.num_prompts)
-    if not prompts:
-        raise EvalError(f"--data {args.data}: no conversation with an assistant turn to prompt with")
     eos = None if args.ignore_eos else _eos_ids(target.model, tokenizer)
     res = measure_acceptance(target, draft, prompts, args.num_draft_steps, args.max_new_tokens, eos,
                              compare_greedy=not args.no_greedy_check, progress=sys.stderr.isatty())
     out = {"target": str(args.target), "draft": str(args.draft), "data": str(args.data),
            "num_draft_steps": args.num_draft_steps, "max_new_tokens": args.max_new_tokens, "device": device,
-           "dtype": str(dtype).replace("torch.", ""), **res.as_dict()}
+           "dtype": str(dtype).replace("torch.", ""), "prompt_selection": selection.as_dict(), **res.as_dict()}
     if args.speedup:
         from torchspec.eval.speedup import estimate_speedup, measure_costs
 
@@ -120,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        result = run(args)
+        result = run(args, say=lambda line: print(line, flush=True))
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

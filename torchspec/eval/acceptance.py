@@ -2,9 +2,9 @@
 
 API: `load_target_and_draft(target_path, draft_dir)`, `prompts_from_samples(samples)`,
 `measure_acceptance(target, draft, prompts, k, max_new_tokens)`; the CLI (`python -m torchspec.eval`)
-wires them to files. A prompt is a tokenized conversation cut before its first supervised (assistant)
-token, i.e. what a server would see as the request: the chat template's scaffolding up to and including
-the assistant header.
+wires them to files, with prompts from `torchspec.eval.prompts` (the generation prompt after a
+conversation's last turn). `prompts_from_samples` (eval during training) cuts a tokenized sample before its
+first supervised (assistant) token: the chat template's scaffolding up to and including the assistant header.
 """
 
 from __future__ import annotations
