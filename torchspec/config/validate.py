@@ -154,6 +154,10 @@ def _check_ranges(cfg: Config) -> None:
         _fail(cfg, "inference.sglang.pp_size", "pipeline parallelism is not supported; it must be 1")
     if cfg.debug.debug_inference_only and cfg.debug.debug_train_only:
         _fail(cfg, "debug.debug_train_only", "cannot be combined with debug.debug_inference_only")
+    for mode in ("debug_inference_only", "debug_train_only"):
+        if getattr(cfg.debug, mode) and not cfg.debug.save_debug_train_data:
+            _fail(cfg, f"debug.{mode}", "needs debug.save_debug_train_data: the directory the hidden-state "
+                  + ("records are written to" if mode == "debug_inference_only" else "records are read from"))
 
 
 def gpus_per_engine_process(cfg: Config) -> int:

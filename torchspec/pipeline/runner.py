@@ -172,6 +172,12 @@ class _Run:
         self.plan = plan_steps(tr, len(self.samples), self.world)
         self.spec = ModelSpec(self.draft_config, d2t, t2d, self.plan.lr_total_steps, tr.load_path,
                               bool(tr.continual_training))
+        self.capture = None   # debug.save_debug_train_data: the records trained on (written) or to replay (read)
+        if cfg.debug.save_debug_train_data:
+            from torchspec.pipeline.capture import CaptureDir, capture_meta
+
+            self.capture = CaptureDir(cfg.debug.save_debug_train_data, capture_meta(cfg),
+                                      create=not cfg.debug.debug_train_only)
         self.store = build_store(cfg)   # inference.store: memory (colocated), local (shared memory) or mooncake
         self.result.store_root = getattr(self.store, "root", None)   # the local store's directory only
         self.ckpts = CheckpointManager(self.out_dir, tr.max_checkpoints, tr.save_interval, tr.save_per_epoch)
@@ -200,7 +206,7 @@ class _Run:
                     log.info("metrics.jsonl: %d line(s) after step %d dropped (they are trained again)", dropped,
                              ckpt.step)
         self.result.start_step = self.result.global_step = self.trainer.global_step
-        self.engines = start_engines(cfg, self.store, self.placement, self.engine_factory)
+        self.engines = self._engines()
         self.evaluator = _evaluator(cfg, self.aux_layers, self.tokenizer, self.engines, self.store, self.world,
                                     self.progress)
         if self.evaluator is not None and self.trainer.global_step == 0:
@@ -211,6 +217,16 @@ class _Run:
             inference_batch_size=inf.inference_batch_size, inference_buffer_threshold=inf.inference_buffer_threshold,
             inference_fetch_batch=inf.inference_fetch_batch, seed=int(tr.seed), data_state=data_state)
         self.trainer.clock.take()   # phases are counted from here (start-up is not a step)
+
+    def _engines(self):
+        """The run's engines; debug.debug_train_only: the records of a capture instead (no target forward)."""
+        cfg = self.cfg
+        if not cfg.debug.debug_train_only:
+            return start_engines(cfg, self.store, self.placement, self.engine_factory)
+        from torchspec.pipeline.capture import ReplayEngine
+        from torchspec.pipeline.launcher_local import InlineEngines
+
+        return InlineEngines(ReplayEngine(self.capture, self.store, self.placement.trainer_devices[0]))
 
     @property
     def done(self) -> bool:
@@ -258,6 +274,9 @@ class _Run:
         self.trained_samples += sum(len(b) for b in batches)
         self.result.trained_tokens += sum(s.length for b in batches for s in b)
         self.window.append(m)
+        if self.capture is not None and not self.cfg.debug.debug_train_only:   # keep what was trained on
+            for s in (s for b in batches for s in b if s.sample_id not in self.capture):
+                self.capture.write(s.sample_id, self.store.get(s.key))
         epoch = self.controller.epoch
         epoch_ended = self.controller.mark_trained(batches)
         step_of = self.trainer.global_step + (0 if m["stepped"] else 1)
@@ -375,6 +394,13 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
     """Train a draft as `cfg` says. engine_factory(store, device) -> Engine overrides the engine (tests);
     on_step(step, metrics) is called after every optimizer step (raising KeyboardInterrupt there acts
     as Ctrl-C)."""
+    if cfg.debug.debug_inference_only:   # the engines alone: records to debug.save_debug_train_data
+        from torchspec.pipeline.capture import run_capture
+
+        t0 = time.monotonic()
+        capture = run_capture(cfg, engine_factory=engine_factory, progress=progress)
+        return RunResult(output_dir=Path(cfg.output_dir), elapsed_s=time.monotonic() - t0,
+                         generated_tokens=sum(e["length"] for e in capture.index.values()))
     run = _Run(cfg, engine_factory, on_step, progress)
     interrupts = _Interrupts()
     try:
