@@ -171,6 +171,7 @@ class _Run:
         self.store = build_store(cfg)   # inference.store: memory (colocated), local (shared memory) or mooncake
         self.result.store_root = getattr(self.store, "root", None)   # the local store's directory only
         self.ckpts = CheckpointManager(self.out_dir, tr.max_checkpoints, tr.save_interval, tr.save_per_epoch)
+        self.ckpts.sweep_stale()   # temp dirs of a run killed mid-save or mid-publish
         self.export_meta = {"aux_layer_ids": self.aux_layers,
                             "target_num_hidden_layers": self.target.num_hidden_layers}
         self.t_start = time.monotonic()

@@ -13,14 +13,22 @@ Layout (one directory per checkpoint; the name sorts by step):
     output_dir/export/       the newest exported draft
 
 Every checkpoint is written into `checkpoints/.tmp-step_N-<pid>/` and renamed into place only
-when complete, so a process killed mid-write leaves a temp dir that `latest()` never returns
-(and the next `save()` removes). `latest()` also checks meta.json against the files.
+when complete, so a process killed mid-write leaves a temp dir that `latest()` never returns.
+`latest()` also checks meta.json against the files.
+
+output_dir/export is published by renaming the new dir over the old one (Linux: one atomic exchange of
+the two; elsewhere: old -> `.tmp-trash-export-<pid>`, new -> export/, two renames), and the old copy is
+deleted only after that, so export/ is never missing while a complete copy exists. Temp dirs
+(`.tmp-*-<pid>`) of processes that are gone are swept by `sweep_stale()` (at the start of a run) and by
+every `save()`; a trashed export whose replacement never arrived is put back first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
 import os
 import shutil
 import time
@@ -29,6 +37,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger("torchspec.training")
 
 CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step_"
@@ -88,7 +98,7 @@ class CheckpointManager:
         export_meta.json for tools/convert_to_hf.py.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temps()
+        self.sweep_stale()
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
         tmp.mkdir()
@@ -121,9 +131,8 @@ class CheckpointManager:
 
     def export_final(self, draft: torch.nn.Module, export_fn: Callable[[torch.nn.Module, Path], None]) -> Path:
         """Write output_dir/export (atomically) from the draft as it is now."""
+        self.sweep_stale()
         tmp = self.output_dir / f"{TMP_PREFIX}{EXPORT_DIR}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         export_fn(draft, tmp)
         return self._swap_into(tmp, self.output_dir / EXPORT_DIR)
 
@@ -142,10 +151,29 @@ class CheckpointManager:
         for old in self.checkpoints()[:-self.max_checkpoints]:
             _remove_tree(old)
 
-    def _remove_stale_temps(self) -> None:
-        for p in self.root.iterdir():
-            if p.name.startswith(TMP_PREFIX):
+    def sweep_stale(self) -> list[Path]:
+        """Remove the temp dirs (`.tmp-*-<pid>`) that this process or a process that is gone left in
+        output_dir and checkpoints/ (a kill mid-save or mid-publish); a trashed export with no export/ beside
+        it is renamed back to export/ instead. Temp dirs of running processes stay. Returns what was removed."""
+        removed = []
+        trash_export = f"{TMP_PREFIX}trash-{EXPORT_DIR}-"
+        for root in (self.output_dir, self.root):
+            if not root.is_dir():
+                continue
+            for p in sorted(root.iterdir()):
+                if not (p.name.startswith(TMP_PREFIX) and p.is_dir() and _owner_gone(p.name)):
+                    continue
+                dest = self.output_dir / EXPORT_DIR
+                if root == self.output_dir and p.name.startswith(trash_export) and not dest.exists():
+                    os.rename(p, dest)   # killed between the two renames: the old export is still whole
+                    log.warning("%s: restored from %s (a publish was interrupted)", dest, p.name)
+                    continue
                 shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        if removed:
+            log.info("removed %d temp dir(s) left by an interrupted save: %s", len(removed),
+                     ", ".join(str(p) for p in removed))
+        return removed
 
     def _publish_export(self, src: Path) -> None:
         tmp = self.output_dir / f"{TMP_PREFIX}{EXPORT_DIR}-{os.getpid()}"
@@ -156,9 +184,17 @@ class CheckpointManager:
 
     @staticmethod
     def _swap_into(tmp: Path, dest: Path) -> Path:
-        if dest.exists():
-            _remove_tree(dest)
-        os.rename(tmp, dest)
+        """Rename the complete dir `tmp` over `dest`; the old `dest` is deleted only once the new one is there."""
+        if not dest.exists():
+            os.rename(tmp, dest)
+        elif _exchange(tmp, dest):   # atomic: dest is the new dir, tmp the old one
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            trash = dest.with_name(f"{TMP_PREFIX}trash-{dest.name}-{os.getpid()}")
+            os.rename(dest, trash)
+            os.rename(tmp, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+        _fsync(dest.parent)
         return dest
 
 
@@ -269,6 +305,45 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _owner_gone(name: str) -> bool:
+    """Whether the process whose pid ends a temp dir's name (`.tmp-...-<pid>`) is this one or has exited.
+    A name without a pid is left alone."""
+    pid = name.rsplit("-", 1)[-1]
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:   # someone else's live process
+        return False
+    return False
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE). False where the system or
+    the file system cannot; then nothing was changed."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _remove_tree(path: Path) -> None:
