@@ -107,6 +107,11 @@ def _evaluator(cfg, aux_layers, tokenizer, engines, store, world: int, progress:
     return evaluator
 
 
+def _sample_ids(samples) -> list[str]:
+    ids = getattr(samples, "sample_ids", None)   # a lazily tokenized dataset names its samples without reading them
+    return list(ids) if ids is not None else [s.sample_id for s in samples]
+
+
 def _write_report(out_dir: Path) -> None:
     from torchspec.eval.report import write_report
 
@@ -161,6 +166,12 @@ class _Run:
         self.target_config = self.target.config
         self.draft_config = draft_config_for(cfg, self.target_config)
         self.aux_layers = list(self.target.aux_layers)
+        self.run_config = redacted_dict(cfg)   # secrets out: saved in every checkpoint, logged to W&B/TB
+        if tr.load_path:   # before anything starts: refuse what the checkpoint cannot continue, warn the rest
+            from torchspec.training.resume import check_resume
+
+            check_resume(tr.load_path, self.run_config, self.draft_config.to_dict(), self.aux_layers,
+                         _sample_ids(self.samples), weights_only=bool(tr.continual_training))
         d2t, t2d = vocab_map_for(self.samples, self.draft_config.vocab_size, self.draft_config.draft_vocab_size)
         self.placement = plan_placement(cfg)   # local or Ray (inference.launcher)
         log.info("placement: %s", self.placement.describe())
@@ -177,7 +188,7 @@ class _Run:
         self.t_start = time.monotonic()
         self.throughput = Throughput(self.t_start, RATE_WINDOW)
         self.logger = MetricsLogger(self.out_dir, cfg.logging, total_steps=self.plan.num_train_steps,
-                                    progress=progress, run_config=redacted_dict(cfg))  # secrets out
+                                    progress=progress, run_config=self.run_config)
 
     # -- start ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -285,7 +296,8 @@ class _Run:
         if self.last_saved == step:
             return
         path = self.ckpts.save(step, self.ranks.state_dict(), self.controller.data_state(), self.trainer.draft,
-                               self.draft_config, export_fn=self.export, export_meta=self.export_meta)
+                               self.draft_config, export_fn=self.export, export_meta=self.export_meta,
+                               run_config=self.run_config)
         self.result.checkpoints.append(path)
         self.last_saved = step
         if self.evaluator is not None:

@@ -6,6 +6,7 @@ Layout (one directory per checkpoint; the name sorts by step):
         model.safetensors    the draft's full state dict (what tools/convert_to_hf.py reads)
         draft_config.json    the draft's config
         export_meta.json     aux-layer ids etc. for tools/convert_to_hf.py (when given)
+        run_config.json      the run's config, secrets redacted (what a resume compares with; when given)
         trainer_state.pt     optimizer, lr scheduler, RNG states, global_step (no weights)
         data_state.json      the controller's data position ({"epoch", "trained_ids"})
         meta.json            {"step", "time", "files": {name: bytes}}: written last
@@ -49,6 +50,7 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 DATA_STATE_FILE = "data_state.json"
 META_FILE = "meta.json"
 EXPORT_META_FILE = "export_meta.json"
+RUN_CONFIG_FILE = "run_config.json"
 EXPORT_DIR = "export"
 
 
@@ -89,13 +91,13 @@ class CheckpointManager:
 
     def save(self, step: int, trainer_state: dict, data_state: dict | None, draft: torch.nn.Module,
              draft_config: Any, export_fn: Callable[[torch.nn.Module, Path], None] | None = None,
-             export_meta: dict | None = None) -> Path:
+             export_meta: dict | None = None, run_config: dict | None = None) -> Path:
         """Write checkpoint `step` atomically; returns its directory.
 
         Weights come from trainer_state["model"] when present (full, gathered), else from
         `draft.state_dict()`. export_fn(draft, dir) writes the exported draft into `dir`; the copy
         at output_dir/export is then replaced by it. export_meta ({"aux_layer_ids", ...}) is saved as
-        export_meta.json for tools/convert_to_hf.py.
+        export_meta.json for tools/convert_to_hf.py; run_config (the redacted config) as run_config.json.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         self.sweep_stale()
@@ -114,6 +116,8 @@ class CheckpointManager:
         _write_json(tmp / DATA_STATE_FILE, data_state)
         if export_meta is not None:
             _write_json(tmp / EXPORT_META_FILE, export_meta)
+        if run_config is not None:
+            _write_json(tmp / RUN_CONFIG_FILE, run_config)
         if export_fn is not None:
             export_fn(draft, tmp / EXPORT_DIR)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
