@@ -104,14 +104,36 @@ class CheckpointManager:
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
         tmp.mkdir()
+        try:
+            self._write(tmp, step, trainer_state, data_state, draft, draft_config, export_fn, export_meta,
+                        run_config)
+        except (OSError, RuntimeError) as e:   # disk full, quota, permissions: nothing partial is left
+            shutil.rmtree(tmp, ignore_errors=True)
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            raise _write_error(final, cause) from None
 
+        if final.exists():  # the same step saved twice (e.g. interval and epoch end coincide)
+            _remove_tree(final)
+        os.rename(tmp, final)
+        _fsync(self.root)
+        if export_fn is not None:
+            self._publish_export(final / EXPORT_DIR)
+        self._rotate()
+        return final
+
+    @staticmethod
+    def _write(tmp: Path, step, trainer_state, data_state, draft, draft_config, export_fn, export_meta,
+               run_config) -> None:
         state = dict(trainer_state)
         weights = state.pop("model", None)
         if weights is None:
             weights = draft.state_dict()
         _save_safetensors(weights, tmp / MODEL_FILE)
         _write_json(tmp / DRAFT_CONFIG_FILE, _config_dict(draft_config))
-        torch.save(state, tmp / TRAINER_STATE_FILE)
+        with open(tmp / TRAINER_STATE_FILE, "wb") as f:   # a Python file: a failed write raises its OSError
+            torch.save(state, f)
         _fsync(tmp / TRAINER_STATE_FILE)
         _write_json(tmp / DATA_STATE_FILE, data_state)
         if export_meta is not None:
@@ -124,20 +146,18 @@ class CheckpointManager:
         _write_json(tmp / META_FILE, {"step": int(step), "time": time.time(), "files": files})
         _fsync(tmp)
 
-        if final.exists():  # the same step saved twice (e.g. interval and epoch end coincide)
-            _remove_tree(final)
-        os.rename(tmp, final)
-        _fsync(self.root)
-        if export_fn is not None:
-            self._publish_export(final / EXPORT_DIR)
-        self._rotate()
-        return final
-
     def export_final(self, draft: torch.nn.Module, export_fn: Callable[[torch.nn.Module, Path], None]) -> Path:
         """Write output_dir/export (atomically) from the draft as it is now."""
         self.sweep_stale()
         tmp = self.output_dir / f"{TMP_PREFIX}{EXPORT_DIR}-{os.getpid()}"
-        export_fn(draft, tmp)
+        try:
+            export_fn(draft, tmp)
+        except (OSError, RuntimeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            raise _write_error(self.output_dir / EXPORT_DIR, cause) from None
         return self._swap_into(tmp, self.output_dir / EXPORT_DIR)
 
     def checkpoints(self) -> list[Path]:
@@ -183,7 +203,11 @@ class CheckpointManager:
         tmp = self.output_dir / f"{TMP_PREFIX}{EXPORT_DIR}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        shutil.copytree(src, tmp)
+        try:
+            shutil.copytree(src, tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(self.output_dir / EXPORT_DIR, _os_error(e) or e) from None
         self._swap_into(tmp, self.output_dir / EXPORT_DIR)
 
     @staticmethod
@@ -227,6 +251,7 @@ def check_output_dir(output_dir: str | os.PathLike, load_path: str | os.PathLike
     from torchspec.training.metrics import METRICS_FILE
 
     out = Path(output_dir).expanduser()
+    _check_writable(out)
     if load_path is not None:
         inside = Path(load_path).expanduser().resolve()
         if inside == out.resolve() or out.resolve() in inside.parents:
@@ -243,6 +268,27 @@ def check_output_dir(output_dir: str | os.PathLike, load_path: str | os.PathLike
                           "an empty output_dir (nothing there was changed)")
 
 
+def _check_writable(out: Path) -> None:
+    """output_dir, or the nearest part of it that exists, is a directory this process may write in."""
+    from torchspec.config.errors import FileError
+
+    there = out
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise FileError(f"output_dir={out}: {there} is a file, not a directory; choose another output_dir")
+    if not os.access(there, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only_fs(there) else "permission denied"
+        raise FileError(f"output_dir={out}: {there} is not writable ({why}); choose a writable output_dir")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def resolve_checkpoint(load_path: str | os.PathLike, key: str = "training.load_path") -> Path:
     """A complete checkpoint dir from a step dir, a `checkpoints/` dir or a run's output_dir (latest)."""
     path = Path(load_path).expanduser()
@@ -255,6 +301,10 @@ def resolve_checkpoint(load_path: str | os.PathLike, key: str = "training.load_p
     for root in (path / CHECKPOINTS, path):
         found = complete_checkpoints(root)
         if found:
+            for p in sorted(root.iterdir()):   # newer step dirs that a kill or a copy left incomplete
+                if p.name.startswith(STEP_PREFIX) and p.name > found[-1].name and not is_complete(p):
+                    log.warning("%s: skipped, an incomplete checkpoint (files missing or truncated); resuming "
+                                "from %s", p, found[-1].name)
             return found[-1]
     raise FileNotFoundError(f"{key}: no complete checkpoint in {path} (expected {STEP_PREFIX}N/ dirs "
                             f"with {META_FILE}, or a run's output_dir containing {CHECKPOINTS}/)")
@@ -265,14 +315,46 @@ def load_checkpoint(load_path: str | os.PathLike, weights_only: bool = False,
     """Load a checkpoint for resume (everything) or continual training (weights_only: model only)."""
     from safetensors.torch import load_file
 
+    from torchspec.config.errors import FileError
+
     path = resolve_checkpoint(load_path, key)
-    meta = json.loads((path / META_FILE).read_text())
-    state: dict = {} if weights_only else torch.load(path / TRAINER_STATE_FILE, map_location="cpu",
-                                                     weights_only=False)
-    state["model"] = load_file(str(path / MODEL_FILE))
-    data_state = None if weights_only else json.loads((path / DATA_STATE_FILE).read_text())
+
+    def read(name, reader):
+        try:
+            return reader(path / name)
+        except Exception as e:   # sizes match meta.json, yet the bytes do not parse: the file is corrupt
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise FileError(f"{path / name}: corrupt, cannot be read ({type(e).__name__}: {first}); resume from "
+                            f"another checkpoint ({key}=<a step_N dir>) or delete this one") from None
+
+    meta = read(META_FILE, lambda p: json.loads(p.read_text()))
+    state: dict = {} if weights_only else read(TRAINER_STATE_FILE, lambda p: torch.load(
+        p, map_location="cpu", weights_only=False))
+    state["model"] = read(MODEL_FILE, lambda p: load_file(str(p)))
+    data_state = None if weights_only else read(DATA_STATE_FILE, lambda p: json.loads(p.read_text()))
     return LoadedCheckpoint(path, int(meta["step"]), state, data_state,
-                            json.loads((path / DRAFT_CONFIG_FILE).read_text()))
+                            read(DRAFT_CONFIG_FILE, lambda p: json.loads(p.read_text())))
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: the exception, or what it was raised from or during (torch's zip
+    writer turns a failed file write into 'unexpected pos ...'), or one a library names only in its text."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(e)
+    if "No space left on device" in text or "os error 28" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
+
+
+def _write_error(where: Path, e: OSError) -> Exception:
+    from torchspec.config.errors import FileError
+
+    return FileError(f"{where}: not written: {e.strerror or e} (free space or permissions under {where.parent}); "
+                     "nothing partial was left")
 
 
 def _config_dict(config: Any) -> dict:
