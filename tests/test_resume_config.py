@@ -62,7 +62,17 @@ def test_a_new_schedule_is_rebuilt_and_reaches_the_new_min_lr(stopped, tmp_path,
 
 
 def test_honoured_changes_are_each_warned(stopped, tmp_path, caplog):
+    import subprocess
+    import sys
+
     cfg = _resume_cfg(stopped, tmp_path, ttt_length=3, micro_batch_size=1)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    out = tmp_path / "out"
+    stale = [out / f".tmp-export-{gone.pid}", out / f".tmp-trash-export-{gone.pid}",
+             out / "checkpoints" / f".tmp-step_00000009-{gone.pid}"]   # as a kill mid-publish / mid-save leaves
+    for p in stale:
+        p.mkdir()
     with caplog.at_level(logging.WARNING, logger="torchspec.training"):
         run = run_training(cfg, progress=False)
     assert run.start_step == STOP_AT and not run.interrupted
@@ -71,6 +81,7 @@ def test_honoured_changes_are_each_warned(stopped, tmp_path, caplog):
     assert any("training.micro_batch_size 2 -> 1: honoured: the rest of the epoch comes in the same sample order"
                in w for w in warned)
     assert not any("num_train_steps" in w for w in warned)   # unchanged keys are not mentioned
+    assert not any(p.exists() for p in stale) and not list(out.rglob(".tmp-*"))   # swept by the resumed run
 
 
 def test_a_changed_draft_vocab_is_refused_in_one_line(stopped, tmp_path):
