@@ -146,3 +146,83 @@ def test_save_load_round_trips_trainer_bit_exactly(tmp_path):
 
     weights = load_checkpoint(tmp_path, weights_only=True)
     assert set(weights.trainer_state) == {"model"} and weights.data_state is None
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _export_writer(tag):
+    def export(draft, out):
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"tag": tag}))
+    return export
+
+
+def test_export_is_renamed_over_the_old_one_never_deleted_first(tmp_path, monkeypatch):
+    """Issue 12 item 11: at every deletion during a publish, output_dir/export is there and already the new one."""
+    import shutil as shutil_mod
+    from torchspec.training import checkpoint as ck
+
+    mgr = CheckpointManager(tmp_path)
+    _tiny_save(mgr, 1, _export_writer("old"))
+    seen = []
+    real_rmtree, real_rename = shutil_mod.rmtree, os.rename
+
+    def watching_rmtree(path, *a, **kw):
+        exported = tmp_path / "export" / "config.json"
+        seen.append(json.loads(exported.read_text())["tag"] if exported.exists() else None)
+        return real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(ck.shutil, "rmtree", watching_rmtree)
+    for exchange in (True, False):   # Linux' atomic exchange, and the two-rename fallback
+        if not exchange:
+            monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+        seen.clear()
+        _tiny_save(mgr, 2 + exchange, _export_writer(f"new{exchange}"))
+        assert seen and all(tag == f"new{exchange}" for tag in seen)
+        mgr.export_final(torch.nn.Linear(2, 2), _export_writer("final"))
+        assert json.loads((tmp_path / "export" / "config.json").read_text())["tag"] == "final"
+    assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+    # killed between the fallback's two renames: the old export sits in the trash, export/ is missing;
+    # the next start puts it back and sweeps the rest
+    def dying_rename(src, dst):
+        real_rename(src, dst)
+        if Path(dst).name.startswith(".tmp-trash-export"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ck.os, "rename", dying_rename)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.export_final(torch.nn.Linear(2, 2), _export_writer("lost"))
+    monkeypatch.setattr(ck.os, "rename", real_rename)
+    assert not (tmp_path / "export").exists()
+    dead = _dead_pid()
+    for p in tmp_path.glob(".tmp-*"):   # as if left by a process that is gone
+        p.rename(p.with_name(p.name.rsplit("-", 1)[0] + f"-{dead}"))
+    CheckpointManager(tmp_path).sweep_stale()
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["tag"] == "final"
+    assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+def test_stale_temp_dirs_of_dead_runs_are_swept_and_live_ones_kept(tmp_path):
+    """Issue 12 item 11: `.tmp-export-PID` / `.tmp-trash-export-PID` / `.tmp-step_N-PID` of dead pids go."""
+    mgr = CheckpointManager(tmp_path)
+    _tiny_save(mgr, 1, _export_writer("one"))
+    dead = _dead_pid()
+    stale = [tmp_path / f".tmp-export-{dead}", tmp_path / f".tmp-trash-export-{dead}",
+             tmp_path / "checkpoints" / f".tmp-step_00000002-{dead}",
+             tmp_path / "checkpoints" / f".tmp-trash-step_00000001-{dead}"]
+    live_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".tmp-export-{live_proc.pid}"
+        for p in stale + [live]:
+            p.mkdir()
+            (p / "x").write_text("x")
+        assert sorted(CheckpointManager(tmp_path).sweep_stale()) == sorted(stale)
+        assert live.exists() and not any(p.exists() for p in stale)
+        assert json.loads((tmp_path / "export" / "config.json").read_text())["tag"] == "one"
+    finally:
+        live_proc.kill()
+        live_proc.wait()

@@ -57,6 +57,14 @@ def dry_run_report(cfg) -> str:
     return "\n".join(parts)
 
 
+def _kind(e: Exception) -> str:
+    """The first word of a user error's line: data, file (paths, permissions, disk space, corrupt files) or config."""
+    from torchspec.config.errors import FileError
+    from torchspec.data.errors import DataError
+
+    return "data" if isinstance(e, DataError) else "file" if isinstance(e, FileError) else "config"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -76,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         check_output_dir(cfg.output_dir, cfg.training.load_path)   # before resolved_config.yaml is written
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"{_kind(e)} error: {e}", file=sys.stderr)
         return 2
 
     from torchspec.config.render import save_resolved_config
@@ -96,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run_training(cfg)
     except (ConfigError, DataError) as e:  # user-fixable: one line, no traceback
-        print(f"{type(e).__name__.replace('Error', '').lower()} error: {e}", file=sys.stderr)
+        print(f"{_kind(e)} error: {e}", file=sys.stderr)
         return 2
     except WorkerFailure as e:  # a rank or engine died: which one and how is the whole story
         print(f"error: {e}", file=sys.stderr)

@@ -68,19 +68,19 @@ def load_config(
 def parse_size(value: Any, key: str = "size", source: str = CLI) -> int:
     """Bytes from an int or a string like "16GB", "512 MiB", "2g", "1024" (binary units)."""
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a size like 16GB, got {value!r} ({source})")
+        raise ConfigError(f"{key}: expected a size like 16GB, got {_shown(key, value)!r} ({source})")
     if isinstance(value, int):
         n = value
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
         if not m:
             raise ConfigError(
-                f"{key}: expected a size like 16GB, 512MB or a byte count, got {value!r} ({source})"
+                f"{key}: expected a size like 16GB, 512MB or a byte count, got {_shown(key, value)!r} ({source})"
             )
         power = "bkmgt".index(m.group(2).lower() or "b")  # "" -> bytes, "k" -> 1024, ...
         n = int(float(m.group(1)) * 1024**power)
     if n < 0:
-        raise ConfigError(f"{key}: a size must not be negative, got {value!r} ({source})")
+        raise ConfigError(f"{key}: a size must not be negative, got {_shown(key, value)!r} ({source})")
     return n
 
 
@@ -219,7 +219,8 @@ def _merge(data: dict, raw: dict, cls, prefix: str, source: str, base: Path, ori
             if value is None:
                 continue  # an empty section in YAML ("debug:") sets nothing
             if not isinstance(value, dict):
-                raise ConfigError(f"'{key}' is a section; expected a mapping, got {value!r} ({source})")
+                raise ConfigError(f"'{key}' is a section; expected a mapping, got {_shown(key, value)!r} "
+                                  f"({source})")
             _merge(data[name], value, tp, f"{key}.", source, base, origins)
             continue
         if f.metadata.get("free"):
@@ -272,25 +273,33 @@ def _coerce(value: Any, tp: Any, f: dataclasses.Field, key: str, source: str, ba
         return parse_size(value, key, source)
     if f.metadata.get("path"):
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a path (string), got {value!r} ({source})")
+            raise ConfigError(f"{key}: expected a path (string), got {_shown(key, value)!r} ({source})")
         return _resolve_path(value, base, f.metadata["path"] == "hub_or_local")
 
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r} ({source})")
+            raise ConfigError(f"{key}: expected a list, got {_shown(key, value)!r} ({source})")
         (item_tp,) = args or (Any,)
         return [_coerce_scalar(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r} ({source})")
+            raise ConfigError(f"{key}: expected a mapping, got {_shown(key, value)!r} ({source})")
         return value
     return _coerce_scalar(value, tp, key, source)
+
+
+def _shown(key: str, value: Any) -> Any:
+    """`value` as an error message shows it: a secret key's (logging.wandb_key) redacted by config.render.redact."""
+    from torchspec.config.render import redact
+
+    name = key.split("[", 1)[0].rsplit(".", 1)[-1]
+    return redact({name: value})[name]
 
 
 def _coerce_scalar(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is Any:
         return value
-    bad = ConfigError(f"{key}: expected {_TYPE_NAMES.get(tp, tp)}, got {value!r} ({source})")
+    bad = ConfigError(f"{key}: expected {_TYPE_NAMES.get(tp, tp)}, got {_shown(key, value)!r} ({source})")
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -192,6 +192,10 @@ class TargetInfo:
         """Read the target's config with transformers' AutoConfig (a local dir or a hub id)."""
         from transformers import AutoConfig
 
+        local = Path(str(path)).expanduser()
+        if local.is_dir() and not (local / "config.json").is_file():
+            raise TargetLoadError(f"model.target_model_path={path}: no config.json in {local} (a model dir holds "
+                                  "config.json, the tokenizer files and the weights)")
         try:
             config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except Exception as e:  # user-caused: wrong path / id, or a model needing trust_remote_code

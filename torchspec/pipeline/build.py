@@ -26,9 +26,19 @@ def draft_config_for(cfg, target_config):
     from torchspec.config.target import resolve_draft_vocab_size
     from torchspec.models.draft import DraftConfig
 
+    from torchspec.config.errors import ConfigError
+    from torchspec.config.target import text_config_of
+
     dvs = cfg.training.draft_vocab_size
     if cfg.model.draft_model_config:
         dc = DraftConfig.from_json(cfg.model.draft_model_config)
+        text = text_config_of(target_config)
+        for key, target_key in (("target_hidden_size", "hidden_size"), ("vocab_size", "vocab_size")):
+            want = text.get(target_key) if isinstance(text, dict) else getattr(text, target_key, None)
+            if want is not None and getattr(dc, key) != int(want):   # else: a shape error at the first step
+                raise ConfigError(f"model.draft_model_config={cfg.model.draft_model_config}: {key}="
+                                  f"{getattr(dc, key)}, but the target ({cfg.model.target_model_path}) has "
+                                  f"{target_key}={want}; set {key} to {want}")
         return dc.replace(draft_vocab_size=resolve_draft_vocab_size(dvs, dc.draft_vocab_size, dc.vocab_size))
     return DraftConfig.from_target(target_config, draft_vocab_size=dvs)
 

@@ -108,6 +108,11 @@ def _evaluator(cfg, aux_layers, tokenizer, engines, store, world: int, progress:
     return evaluator
 
 
+def _sample_ids(samples) -> list[str]:
+    ids = getattr(samples, "sample_ids", None)   # a lazily tokenized dataset names its samples without reading them
+    return list(ids) if ids is not None else [s.sample_id for s in samples]
+
+
 def _write_report(out_dir: Path) -> None:
     from torchspec.eval.report import write_report
 
@@ -165,6 +170,12 @@ class _Run:
         self.target_config = self.target.config
         self.draft_config = draft_config_for(cfg, self.target_config)
         self.aux_layers = list(self.target.aux_layers)
+        self.run_config = redacted_dict(cfg)   # secrets out: saved in every checkpoint, logged to W&B/TB
+        if tr.load_path:   # before anything starts: refuse what the checkpoint cannot continue, warn the rest
+            from torchspec.training.resume import check_resume
+
+            check_resume(tr.load_path, self.run_config, self.draft_config.to_dict(), self.aux_layers,
+                         _sample_ids(self.samples), weights_only=bool(tr.continual_training))
         d2t, t2d = vocab_map_for(self.samples, self.draft_config.vocab_size, self.draft_config.draft_vocab_size)
         self.placement = plan_placement(cfg)   # local or Ray (inference.launcher)
         log.info("placement: %s", self.placement.describe())
@@ -181,12 +192,13 @@ class _Run:
         self.store = build_store(cfg)   # inference.store: memory (colocated), local (shared memory) or mooncake
         self.result.store_root = getattr(self.store, "root", None)   # the local store's directory only
         self.ckpts = CheckpointManager(self.out_dir, tr.max_checkpoints, tr.save_interval, tr.save_per_epoch)
+        self.ckpts.sweep_stale()   # temp dirs of a run killed mid-save or mid-publish
         self.export_meta = {"aux_layer_ids": self.aux_layers,
                             "target_num_hidden_layers": self.target.num_hidden_layers}
         self.t_start = time.monotonic()
         self.throughput = Throughput(self.t_start, RATE_WINDOW)
         self.logger = MetricsLogger(self.out_dir, cfg.logging, total_steps=self.plan.num_train_steps,
-                                    progress=progress, run_config=redacted_dict(cfg))  # secrets out
+                                    progress=progress, run_config=self.run_config)
 
     # -- start ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -327,7 +339,8 @@ class _Run:
         if self.last_saved == step:
             return
         path = self.ckpts.save(step, self.ranks.state_dict(), self.controller.data_state(), self.trainer.draft,
-                               self.draft_config, export_fn=self.export, export_meta=self.export_meta)
+                               self.draft_config, export_fn=self.export, export_meta=self.export_meta,
+                               run_config=self.run_config)
         self.result.checkpoints.append(path)
         self.last_saved = step
         if self.evaluator is not None:

@@ -6,6 +6,7 @@ Layout (one directory per checkpoint; the name sorts by step):
         model.safetensors    the draft's full state dict (what tools/convert_to_hf.py reads)
         draft_config.json    the draft's config
         export_meta.json     aux-layer ids etc. for tools/convert_to_hf.py (when given)
+        run_config.json      the run's config, secrets redacted (what a resume compares with; when given)
         trainer_state.pt     optimizer, lr scheduler, RNG states, global_step (no weights)
         data_state.json      the controller's data position ({"epoch", "trained_ids"})
         meta.json            {"step", "time", "files": {name: bytes}}: written last
@@ -13,14 +14,22 @@ Layout (one directory per checkpoint; the name sorts by step):
     output_dir/export/       the newest exported draft
 
 Every checkpoint is written into `checkpoints/.tmp-step_N-<pid>/` and renamed into place only
-when complete, so a process killed mid-write leaves a temp dir that `latest()` never returns
-(and the next `save()` removes). `latest()` also checks meta.json against the files.
+when complete, so a process killed mid-write leaves a temp dir that `latest()` never returns.
+`latest()` also checks meta.json against the files.
+
+output_dir/export is published by renaming the new dir over the old one (Linux: one atomic exchange of
+the two; elsewhere: old -> `.tmp-trash-export-<pid>`, new -> export/, two renames), and the old copy is
+deleted only after that, so export/ is never missing while a complete copy exists. Temp dirs
+(`.tmp-*-<pid>`) of processes that are gone are swept by `sweep_stale()` (at the start of a run) and by
+every `save()`; a trashed export whose replacement never arrived is put back first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
 import os
 import shutil
 import time
@@ -29,6 +38,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger("torchspec.training")
 
 CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step_"
@@ -39,6 +50,7 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 DATA_STATE_FILE = "data_state.json"
 META_FILE = "meta.json"
 EXPORT_META_FILE = "export_meta.json"
+RUN_CONFIG_FILE = "run_config.json"
 EXPORT_DIR = "export"
 
 
@@ -79,36 +91,28 @@ class CheckpointManager:
 
     def save(self, step: int, trainer_state: dict, data_state: dict | None, draft: torch.nn.Module,
              draft_config: Any, export_fn: Callable[[torch.nn.Module, Path], None] | None = None,
-             export_meta: dict | None = None) -> Path:
+             export_meta: dict | None = None, run_config: dict | None = None) -> Path:
         """Write checkpoint `step` atomically; returns its directory.
 
         Weights come from trainer_state["model"] when present (full, gathered), else from
         `draft.state_dict()`. export_fn(draft, dir) writes the exported draft into `dir`; the copy
         at output_dir/export is then replaced by it. export_meta ({"aux_layer_ids", ...}) is saved as
-        export_meta.json for tools/convert_to_hf.py.
+        export_meta.json for tools/convert_to_hf.py; run_config (the redacted config) as run_config.json.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temps()
+        self.sweep_stale()
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
         tmp.mkdir()
-
-        state = dict(trainer_state)
-        weights = state.pop("model", None)
-        if weights is None:
-            weights = draft.state_dict()
-        _save_safetensors(weights, tmp / MODEL_FILE)
-        _write_json(tmp / DRAFT_CONFIG_FILE, _config_dict(draft_config))
-        torch.save(state, tmp / TRAINER_STATE_FILE)
-        _fsync(tmp / TRAINER_STATE_FILE)
-        _write_json(tmp / DATA_STATE_FILE, data_state)
-        if export_meta is not None:
-            _write_json(tmp / EXPORT_META_FILE, export_meta)
-        if export_fn is not None:
-            export_fn(draft, tmp / EXPORT_DIR)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        _write_json(tmp / META_FILE, {"step": int(step), "time": time.time(), "files": files})
-        _fsync(tmp)
+        try:
+            self._write(tmp, step, trainer_state, data_state, draft, draft_config, export_fn, export_meta,
+                        run_config)
+        except (OSError, RuntimeError) as e:   # disk full, quota, permissions: nothing partial is left
+            shutil.rmtree(tmp, ignore_errors=True)
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            raise _write_error(final, cause) from None
 
         if final.exists():  # the same step saved twice (e.g. interval and epoch end coincide)
             _remove_tree(final)
@@ -119,12 +123,41 @@ class CheckpointManager:
         self._rotate()
         return final
 
+    @staticmethod
+    def _write(tmp: Path, step, trainer_state, data_state, draft, draft_config, export_fn, export_meta,
+               run_config) -> None:
+        state = dict(trainer_state)
+        weights = state.pop("model", None)
+        if weights is None:
+            weights = draft.state_dict()
+        _save_safetensors(weights, tmp / MODEL_FILE)
+        _write_json(tmp / DRAFT_CONFIG_FILE, _config_dict(draft_config))
+        with open(tmp / TRAINER_STATE_FILE, "wb") as f:   # a Python file: a failed write raises its OSError
+            torch.save(state, f)
+        _fsync(tmp / TRAINER_STATE_FILE)
+        _write_json(tmp / DATA_STATE_FILE, data_state)
+        if export_meta is not None:
+            _write_json(tmp / EXPORT_META_FILE, export_meta)
+        if run_config is not None:
+            _write_json(tmp / RUN_CONFIG_FILE, run_config)
+        if export_fn is not None:
+            export_fn(draft, tmp / EXPORT_DIR)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        _write_json(tmp / META_FILE, {"step": int(step), "time": time.time(), "files": files})
+        _fsync(tmp)
+
     def export_final(self, draft: torch.nn.Module, export_fn: Callable[[torch.nn.Module, Path], None]) -> Path:
         """Write output_dir/export (atomically) from the draft as it is now."""
+        self.sweep_stale()
         tmp = self.output_dir / f"{TMP_PREFIX}{EXPORT_DIR}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        export_fn(draft, tmp)
+        try:
+            export_fn(draft, tmp)
+        except (OSError, RuntimeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            raise _write_error(self.output_dir / EXPORT_DIR, cause) from None
         return self._swap_into(tmp, self.output_dir / EXPORT_DIR)
 
     def checkpoints(self) -> list[Path]:
@@ -142,23 +175,54 @@ class CheckpointManager:
         for old in self.checkpoints()[:-self.max_checkpoints]:
             _remove_tree(old)
 
-    def _remove_stale_temps(self) -> None:
-        for p in self.root.iterdir():
-            if p.name.startswith(TMP_PREFIX):
+    def sweep_stale(self) -> list[Path]:
+        """Remove the temp dirs (`.tmp-*-<pid>`) that this process or a process that is gone left in
+        output_dir and checkpoints/ (a kill mid-save or mid-publish); a trashed export with no export/ beside
+        it is renamed back to export/ instead. Temp dirs of running processes stay. Returns what was removed."""
+        removed = []
+        trash_export = f"{TMP_PREFIX}trash-{EXPORT_DIR}-"
+        for root in (self.output_dir, self.root):
+            if not root.is_dir():
+                continue
+            for p in sorted(root.iterdir()):
+                if not (p.name.startswith(TMP_PREFIX) and p.is_dir() and _owner_gone(p.name)):
+                    continue
+                dest = self.output_dir / EXPORT_DIR
+                if root == self.output_dir and p.name.startswith(trash_export) and not dest.exists():
+                    os.rename(p, dest)   # killed between the two renames: the old export is still whole
+                    log.warning("%s: restored from %s (a publish was interrupted)", dest, p.name)
+                    continue
                 shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        if removed:
+            log.info("removed %d temp dir(s) left by an interrupted save: %s", len(removed),
+                     ", ".join(str(p) for p in removed))
+        return removed
 
     def _publish_export(self, src: Path) -> None:
         tmp = self.output_dir / f"{TMP_PREFIX}{EXPORT_DIR}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        shutil.copytree(src, tmp)
+        try:
+            shutil.copytree(src, tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(self.output_dir / EXPORT_DIR, _os_error(e) or e) from None
         self._swap_into(tmp, self.output_dir / EXPORT_DIR)
 
     @staticmethod
     def _swap_into(tmp: Path, dest: Path) -> Path:
-        if dest.exists():
-            _remove_tree(dest)
-        os.rename(tmp, dest)
+        """Rename the complete dir `tmp` over `dest`; the old `dest` is deleted only once the new one is there."""
+        if not dest.exists():
+            os.rename(tmp, dest)
+        elif _exchange(tmp, dest):   # atomic: dest is the new dir, tmp the old one
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            trash = dest.with_name(f"{TMP_PREFIX}trash-{dest.name}-{os.getpid()}")
+            os.rename(dest, trash)
+            os.rename(tmp, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+        _fsync(dest.parent)
         return dest
 
 
@@ -187,6 +251,7 @@ def check_output_dir(output_dir: str | os.PathLike, load_path: str | os.PathLike
     from torchspec.training.metrics import METRICS_FILE
 
     out = Path(output_dir).expanduser()
+    _check_writable(out)
     if load_path is not None:
         inside = Path(load_path).expanduser().resolve()
         if inside == out.resolve() or out.resolve() in inside.parents:
@@ -203,6 +268,27 @@ def check_output_dir(output_dir: str | os.PathLike, load_path: str | os.PathLike
                           "an empty output_dir (nothing there was changed)")
 
 
+def _check_writable(out: Path) -> None:
+    """output_dir, or the nearest part of it that exists, is a directory this process may write in."""
+    from torchspec.config.errors import FileError
+
+    there = out
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise FileError(f"output_dir={out}: {there} is a file, not a directory; choose another output_dir")
+    if not os.access(there, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only_fs(there) else "permission denied"
+        raise FileError(f"output_dir={out}: {there} is not writable ({why}); choose a writable output_dir")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def resolve_checkpoint(load_path: str | os.PathLike, key: str = "training.load_path") -> Path:
     """A complete checkpoint dir from a step dir, a `checkpoints/` dir or a run's output_dir (latest)."""
     path = Path(load_path).expanduser()
@@ -215,6 +301,10 @@ def resolve_checkpoint(load_path: str | os.PathLike, key: str = "training.load_p
     for root in (path / CHECKPOINTS, path):
         found = complete_checkpoints(root)
         if found:
+            for p in sorted(root.iterdir()):   # newer step dirs that a kill or a copy left incomplete
+                if p.name.startswith(STEP_PREFIX) and p.name > found[-1].name and not is_complete(p):
+                    log.warning("%s: skipped, an incomplete checkpoint (files missing or truncated); resuming "
+                                "from %s", p, found[-1].name)
             return found[-1]
     raise FileNotFoundError(f"{key}: no complete checkpoint in {path} (expected {STEP_PREFIX}N/ dirs "
                             f"with {META_FILE}, or a run's output_dir containing {CHECKPOINTS}/)")
@@ -225,14 +315,46 @@ def load_checkpoint(load_path: str | os.PathLike, weights_only: bool = False,
     """Load a checkpoint for resume (everything) or continual training (weights_only: model only)."""
     from safetensors.torch import load_file
 
+    from torchspec.config.errors import FileError
+
     path = resolve_checkpoint(load_path, key)
-    meta = json.loads((path / META_FILE).read_text())
-    state: dict = {} if weights_only else torch.load(path / TRAINER_STATE_FILE, map_location="cpu",
-                                                     weights_only=False)
-    state["model"] = load_file(str(path / MODEL_FILE))
-    data_state = None if weights_only else json.loads((path / DATA_STATE_FILE).read_text())
+
+    def read(name, reader):
+        try:
+            return reader(path / name)
+        except Exception as e:   # sizes match meta.json, yet the bytes do not parse: the file is corrupt
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise FileError(f"{path / name}: corrupt, cannot be read ({type(e).__name__}: {first}); resume from "
+                            f"another checkpoint ({key}=<a step_N dir>) or delete this one") from None
+
+    meta = read(META_FILE, lambda p: json.loads(p.read_text()))
+    state: dict = {} if weights_only else read(TRAINER_STATE_FILE, lambda p: torch.load(
+        p, map_location="cpu", weights_only=False))
+    state["model"] = read(MODEL_FILE, lambda p: load_file(str(p)))
+    data_state = None if weights_only else read(DATA_STATE_FILE, lambda p: json.loads(p.read_text()))
     return LoadedCheckpoint(path, int(meta["step"]), state, data_state,
-                            json.loads((path / DRAFT_CONFIG_FILE).read_text()))
+                            read(DRAFT_CONFIG_FILE, lambda p: json.loads(p.read_text())))
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: the exception, or what it was raised from or during (torch's zip
+    writer turns a failed file write into 'unexpected pos ...'), or one a library names only in its text."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(e)
+    if "No space left on device" in text or "os error 28" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
+
+
+def _write_error(where: Path, e: OSError) -> Exception:
+    from torchspec.config.errors import FileError
+
+    return FileError(f"{where}: not written: {e.strerror or e} (free space or permissions under {where.parent}); "
+                     "nothing partial was left")
 
 
 def _config_dict(config: Any) -> dict:
@@ -269,6 +391,45 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _owner_gone(name: str) -> bool:
+    """Whether the process whose pid ends a temp dir's name (`.tmp-...-<pid>`) is this one or has exited.
+    A name without a pid is left alone."""
+    pid = name.rsplit("-", 1)[-1]
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:   # someone else's live process
+        return False
+    return False
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE). False where the system or
+    the file system cannot; then nothing was changed."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _remove_tree(path: Path) -> None:

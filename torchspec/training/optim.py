@@ -69,10 +69,12 @@ class _LRFactor:
         return lr_at(epoch + 1, **self.kw) / self.kw["peak_lr"]
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, training, total_steps: int) -> LambdaLR:
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, training, total_steps: int,
+                       start_step: int = 0) -> LambdaLR:
     """Warmup (training.warmup_ratio of total_steps) + lr_decay_style decay to training.min_lr.
 
-    After k calls of `scheduler.step()` the optimizer's lr is the one step k+1 uses.
+    After k calls of `scheduler.step()` the optimizer's lr is the one step start_step+k+1 uses
+    (start_step > 0: the schedule of a resumed run, positioned after its start_step optimizer steps).
     """
     peak = float(training.learning_rate)
     if peak <= 0:
@@ -82,7 +84,9 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, training, total_steps: 
     factor = _LRFactor(peak, float(training.min_lr), warmup_steps_for(total_steps, float(training.warmup_ratio)),
                        int(total_steps), str(training.lr_decay_style))
     factor(0)  # validate the style now, not at the first step
-    return LambdaLR(optimizer, factor)
+    for group in optimizer.param_groups:   # the peak every group's lr is a fraction of
+        group["initial_lr"] = group["lr"] = peak
+    return LambdaLR(optimizer, factor, last_epoch=int(start_step) - 1)
 
 
 @dataclass(frozen=True)

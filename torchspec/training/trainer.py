@@ -96,7 +96,8 @@ class Trainer:
         if lr_steps is None:
             raise ValueError("the lr schedule length is unknown: set training.lr_total_steps or pass "
                              "total_steps (see torchspec.training.optim.plan_steps)")
-        self.scheduler = build_lr_scheduler(self.optimizer, training, int(lr_steps))
+        self.lr_steps = int(lr_steps)
+        self.scheduler = build_lr_scheduler(self.optimizer, training, self.lr_steps)
         self.global_step = 0      # optimizer steps taken
         self.micro_step = 0       # micro-batches accumulated towards the next optimizer step
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
@@ -231,8 +232,13 @@ class Trainer:
         parallel.load_full_model_state(self.model, state["model"])
         if weights_only:
             return
+        decay = [g["weight_decay"] for g in self.optimizer.param_groups]   # this config's
         parallel.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for group, wd in zip(self.optimizer.param_groups, decay):
+            group["weight_decay"] = wd
         set_rng_state(state["rng"])
         self.global_step = int(state["global_step"])
         self.micro_step = 0
+        # The lr schedule is the one this config describes, at the resumed step: the saved scheduler's when
+        # nothing changed (same numbers), the new one when num_train_steps / learning_rate / min_lr / ... did.
+        self.scheduler = build_lr_scheduler(self.optimizer, self.training, self.lr_steps, start_step=self.global_step)

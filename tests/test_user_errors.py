@@ -1,0 +1,158 @@
+"""Errors a user can fix come out as one line naming the file, exit code 2, no traceback (issue 12, item 15):
+unwritable output_dir, disk full at a save, a corrupt checkpoint, a target without config.json, a draft config
+whose target_hidden_size is not the target's, a truncated newest checkpoint (skipped, said), a secret given with
+the wrong type (never echoed)."""
+
+import errno
+import io
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from pipeline_helpers import tiny_run_config
+from torchspec.config.errors import ConfigError, FileError
+from torchspec.pipeline.runner import run_training
+from torchspec.train_entry import main
+from torchspec.training import checkpoint as ck
+
+
+def _cli(cfg, *extra):
+    """train_entry overrides that give `cfg`'s tiny run (tests/pipeline_helpers.tiny_run_config)."""
+    t, i = cfg.training, cfg.inference
+    return [f"model.target_model_path={cfg.model.target_model_path}",
+            f"dataset.train_data_path={cfg.dataset.train_data_path}", "dataset.prompt_key=messages",
+            "dataset.num_proc=1", f"output_dir={cfg.output_dir}", f"cache_dir={cfg.cache_dir}",
+            f"training.micro_batch_size={t.micro_batch_size}", f"training.ttt_length={t.ttt_length}",
+            f"training.max_seq_length={t.max_seq_length}", "training.num_train_steps=2", "training.save_interval=1",
+            "inference.colocate=true", f"inference.inference_batch_size={i.inference_batch_size}",
+            f"inference.inference_buffer_threshold={i.inference_buffer_threshold}",
+            f"inference.max_sample_pool_size={i.max_sample_pool_size}", *extra]
+
+
+def _one_error_line(capsys, rc):
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if " error: " in x and not x.startswith(("INFO", "WARNING"))]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_output_dir_that_cannot_be_written(tmp_path, tiny_target_dir, capsys, monkeypatch):
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    (tmp_path / "a_file").write_text("x")
+    line = _one_error_line(capsys, main(_cli(cfg, f"output_dir={tmp_path / 'a_file' / 'out'}")))
+    assert line == (f"file error: output_dir={tmp_path / 'a_file' / 'out'}: {tmp_path / 'a_file'} is a file, not a "
+                    "directory; choose another output_dir")
+    # a read-only directory (simulated: tests run as root, which the permission bits do not stop)
+    real_access = os.access
+    monkeypatch.setattr(ck.os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    line = _one_error_line(capsys, main(_cli(cfg, f"output_dir={tmp_path / 'new'}")))
+    assert line.startswith(f"file error: output_dir={tmp_path / 'new'}: {tmp_path} is not writable")
+    assert not (tmp_path / "new").exists()
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a disk that fills up after `room` bytes: write raises OSError(ENOSPC) as the kernel's would."""
+
+    def __init__(self, path, room=256):
+        self.f, self.room = open(path, "wb"), room
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        if self.room < len(b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.f.write(b)
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def test_disk_full_at_the_first_save(tmp_path, tiny_target_dir, capsys, monkeypatch):
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    # torch.save writes trainer_state.pt through the file it is given: its zip writer turns the failed write into
+    # "unexpected pos ..." (what a full disk printed before), the OSError behind it names the cause
+    monkeypatch.setattr(ck, "open", lambda path, mode="r": _FullDisk(path), raising=False)
+    line = _one_error_line(capsys, main(_cli(cfg)))
+    step = tmp_path / "out" / "checkpoints" / "step_00000001"
+    assert line.startswith(f"file error: {step}: not written: No space left on device")
+    assert not list((tmp_path / "out" / "checkpoints").iterdir())    # no partial .tmp-step left
+
+
+def test_disk_full_in_a_library_writer(tmp_path, monkeypatch):
+    mgr = ck.CheckpointManager(tmp_path)
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(ck, "_save_safetensors", full)
+    with pytest.raises(FileError, match="step_00000003: not written: No space left on device"):
+        mgr.save(3, {"global_step": 3}, {}, torch.nn.Linear(2, 2), {})
+    assert not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_corrupt_trainer_state_is_named(tmp_path, tiny_target_dir, capsys):
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, num_train_steps=2, save_interval=1)
+    run_training(cfg, progress=False)
+    state = tmp_path / "out" / "checkpoints" / "step_00000002" / "trainer_state.pt"
+    state.write_bytes(b"\x00" * state.stat().st_size)   # same size: meta.json cannot tell
+    line = _one_error_line(capsys, main(_cli(cfg, "training.num_train_steps=3",
+                                             f"training.load_path={tmp_path / 'out'}")))
+    assert line.startswith(f"file error: {state}: corrupt, cannot be read (")
+    assert "resume from another checkpoint (training.load_path=<a step_N dir>)" in line
+
+
+def test_target_dir_without_config_json(tmp_path, tiny_target_dir, capsys):
+    import shutil
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_target_dir, target)
+    (target / "config.json").unlink()
+    cfg = tiny_run_config(tmp_path, target)
+    line = _one_error_line(capsys, main(_cli(cfg)))
+    assert line == f"config error: model.target_model_path={target}: no config.json in {target} (a model dir " \
+                   "holds config.json, the tokenizer files and the weights)"
+
+
+def test_draft_config_for_another_target_width_fails_at_start(tmp_path, tiny_target_dir):
+    target = json.loads((tiny_target_dir / "config.json").read_text())
+    draft = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 16, "vocab_size": target["vocab_size"], "target_hidden_size": 96,
+             "max_position_embeddings": 512, "rope_theta": 10000.0, "rms_norm_eps": 1e-6}
+    path = tmp_path / "draft.json"
+    path.write_text(json.dumps(draft))
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    cfg.model.draft_model_config = str(path)
+    steps = []
+    with pytest.raises(ConfigError) as e:
+        run_training(cfg, on_step=lambda s, m: steps.append(s), progress=False)
+    assert str(e.value) == (f"model.draft_model_config={path}: target_hidden_size=96, but the target "
+                            f"({tiny_target_dir}) has hidden_size={target['hidden_size']}; set target_hidden_size "
+                            f"to {target['hidden_size']}")
+    assert steps == [] and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_truncated_newest_checkpoint_is_skipped_with_a_log_line(tmp_path, caplog):
+    mgr = ck.CheckpointManager(tmp_path)
+    good = mgr.save(1, {"global_step": 1}, {}, torch.nn.Linear(2, 2), {})
+    bad = mgr.save(2, {"global_step": 2}, {}, torch.nn.Linear(2, 2), {})
+    with open(bad / "trainer_state.pt", "r+b") as f:
+        f.truncate(10)
+    with caplog.at_level(logging.WARNING, logger="torchspec.training"):
+        assert ck.resolve_checkpoint(tmp_path) == good
+    assert f"{bad}: skipped, an incomplete checkpoint (files missing or truncated); resuming from step_00000001" \
+        in caplog.text
+
+
+def test_a_secret_of_the_wrong_type_is_not_echoed():
+    from torchspec.config.loader import load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config([], ["model.target_model_path=/x", "dataset.train_data_path=/y",
+                         "logging.wandb_key=[supersecret123]"])
+    assert "supersecret123" not in str(e.value) and str(e.value).startswith("logging.wandb_key: expected a string, "
+                                                                               "got '***'")
