@@ -18,15 +18,13 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline_helpers import child_pids, tiny_run_config
+from pipeline_helpers import config_file, spawned_children, tiny_run_config
 
 EXIT_BOUND_S = 20.0   # from the kill to the driver's exit, clean-up included (measured: ~2-4 s on 2 busy CPUs)
 ERROR_BOUND_S = 10.0  # from the kill to the error line
 
 
 def _config_file(tmp_path: Path, target_dir) -> Path:
-    from torchspec.config.render import save_resolved_config
-
     cfg = tiny_run_config(tmp_path, target_dir, n_conversations=40, engines=2, num_epochs=100)
     cfg.training.max_seq_length = 512
     cfg.training.training_num_gpus_per_node = 1
@@ -34,19 +32,7 @@ def _config_file(tmp_path: Path, target_dir) -> Path:
     inf.inference_batch_size = 4
     inf.inference_buffer_threshold = 64   # the bound of each engine's queue, in samples
     inf.max_sample_pool_size = 160
-    return save_resolved_config(cfg, tmp_path / "config")
-
-
-def _spawned_children(pid: int) -> list[int]:
-    """The driver's engine processes (spawned by multiprocessing; the resource tracker excluded)."""
-    out = []
-    for c in sorted(child_pids(pid)):
-        try:
-            if b"multiprocessing.spawn" in Path(f"/proc/{c}/cmdline").read_bytes():
-                out.append(c)
-        except OSError:
-            pass
-    return out
+    return config_file(cfg, tmp_path / "config")
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -78,7 +64,7 @@ def test_killed_engine_with_a_full_queue_ends_the_driver(tmp_path, tiny_target_d
             assert proc.poll() is None, "".join(ln for _, ln in lines)[-3000:]
             assert time.monotonic() < deadline, "no training step within 120 s"
             time.sleep(0.2)
-        engines = _spawned_children(proc.pid)
+        engines = spawned_children(proc.pid)
         assert len(engines) == 2, engines
         victim = engines[0]
         os.kill(victim, signal.SIGSTOP)   # it reads no more prompts: the driver fills its queue
