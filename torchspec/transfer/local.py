@@ -33,7 +33,7 @@ import torch
 import torch.multiprocessing as mp
 
 from torchspec.transfer import record
-from torchspec.transfer.base import PUT_TIMEOUT_S, over_capacity
+from torchspec.transfer.base import PUT_TIMEOUT_S, RoomWait, over_capacity
 from torchspec.transfer.counters import FileCounters
 
 # Record files are named by quote(key), which never yields "%" followed by a lowercase letter: files of
@@ -155,6 +155,7 @@ class LocalStore:
 
     def _reserve(self, nbytes: int) -> None:
         deadline = time.monotonic() + self.put_timeout_s
+        wait = None
         while True:
             with self._counters.lock():
                 used = self._counters[_USED]
@@ -163,6 +164,8 @@ class LocalStore:
                     return
             if nbytes > self.capacity_bytes or time.monotonic() > deadline:
                 raise over_capacity("local", nbytes, self.capacity_bytes, used)
+            wait = wait or RoomWait("local", nbytes, self.capacity_bytes, self.put_timeout_s)
+            wait.still_waiting(used)
             time.sleep(0.002)
 
     def _release(self, nbytes: int) -> None:
