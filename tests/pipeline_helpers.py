@@ -78,6 +78,26 @@ def child_pids(pid: int | None = None) -> set[int]:
     return out
 
 
+def spawned_children(pid: int) -> list[int]:
+    """The processes `pid` spawned with multiprocessing (engines, trainer ranks), by pid."""
+    out = []
+    for c in sorted(child_pids(pid)):
+        try:
+            with open(f"/proc/{c}/cmdline", "rb") as f:
+                if b"multiprocessing.spawn" in f.read():
+                    out.append(c)
+        except OSError:
+            pass
+    return out
+
+
+def config_file(cfg: Config, directory: Path) -> Path:
+    """`cfg` as a YAML file that `python -m torchspec.train_entry --config` loads."""
+    from torchspec.config.render import save_resolved_config
+
+    return save_resolved_config(cfg, directory)
+
+
 def _resource_tracker(pid: str) -> bool:
     """multiprocessing's resource tracker: one per interpreter, started at its first use, kept till exit."""
     try:

@@ -117,6 +117,7 @@ class InlineEngines:
 
 
 PARENT_CHECK_S = 2.0  # how often an idle engine process checks that the driver still exists
+ALIVE_CHECK_S = 0.1   # how often the driver, while it waits for results, checks that the engines live
 
 
 def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbox, num_threads: int) -> None:
@@ -162,6 +163,7 @@ class ProcessEngines:
         ctx = mp.get_context("spawn")
         self.num_workers = len(devices)
         self.busy_s = 0.0   # seconds spent generating, over all workers
+        self._closed = False
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in devices]
         self.procs = [
@@ -184,17 +186,22 @@ class ProcessEngines:
             raise
 
     def _drain(self, timeout: float, expect: str):
-        """Yield payloads of `expect` messages: wait up to timeout for one, then take what is queued."""
+        """Yield payloads of `expect` messages: wait up to timeout for one, then take what is queued.
+        While waiting, the engines' processes are checked every ALIVE_CHECK_S, so a dead one is reported
+        within that time even while another engine keeps delivering."""
+        deadline = time.monotonic() + timeout
         block = timeout > 0
         while True:
             try:
-                kind, worker, payload = self.outbox.get(block=block, timeout=timeout if block else None)
+                step = max(min(ALIVE_CHECK_S, deadline - time.monotonic()), 0.001)
+                kind, worker, payload = self.outbox.get(block=block, timeout=step if block else None)
             except queue_mod.Empty:
-                kind = None
-            if kind is None:
-                if block:
-                    self._check_alive()
-                return
+                if not block:
+                    return
+                self._check_alive()
+                if time.monotonic() >= deadline:
+                    return
+                continue
             if kind in ("error", "config_error"):
                 self.close()
                 if kind == "config_error":
@@ -213,9 +220,11 @@ class ProcessEngines:
             raise WorkerFailure(what)
 
     def submit(self, worker: int, samples: list) -> None:
+        self._check_alive()   # never queue work for a dead engine: its queue would never be read
         self.inboxes[worker].put(to_wire(samples))
 
     def wait(self, timeout: float) -> list[tuple[int, list[StoredSample]]]:
+        self._check_alive()   # every call, so a death is seen even while results keep coming from the others
         out = []
         for worker, (stored, seconds) in self._drain(timeout, expect="done"):
             self.busy_s += seconds
@@ -223,6 +232,9 @@ class ProcessEngines:
         return out
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for q, p in zip(self.inboxes, self.procs):
             if p.is_alive():
                 q.put(None)
@@ -233,6 +245,12 @@ class ProcessEngines:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
+        # Every engine has ended. Prompts still queued for one that died (a full pipe nobody reads) keep
+        # the queue's feeder thread blocked for good, and multiprocessing joins that thread at exit:
+        # the driver would hang after its error. Nothing queued is wanted any more, so drop that join.
+        for q in self.inboxes:
+            q.cancel_join_thread()
+            q.close()
 
 
 def start_engines(cfg, store, placement: Placement, engine_factory=None, trainer_device: str | None = None):

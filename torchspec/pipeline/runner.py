@@ -130,6 +130,17 @@ def _inference_capacity(controller, engines) -> float | None:
     return controller.samples_generated * engines.num_workers / busy if busy else None
 
 
+def _engine_side(placement) -> tuple:
+    """(the dtype of the records the engines put, how many engines) of a local or Ray placement."""
+    from torchspec.inference.base import compute_dtype
+
+    if placement.colocate:
+        return compute_dtype(placement.trainer_devices[0]), 1
+    if hasattr(placement, "num_engines"):   # Ray
+        return compute_dtype("cuda" if placement.actor_gpus else "cpu"), placement.num_engines
+    return compute_dtype(placement.engine_devices[0]), len(placement.engine_devices)
+
+
 def _put_bandwidth(store) -> float:
     nbytes, seconds = store.put_stats()
     return nbytes / seconds / 1e9 if seconds else 0.0
@@ -146,6 +157,7 @@ class _Run:
         from torchspec.training.checkpoint import CheckpointManager, check_output_dir
         from torchspec.training.metrics import MetricsLogger, Throughput
         from torchspec.training.optim import plan_steps
+        from torchspec.transfer.capacity import check_store_capacity
         from torchspec.transfer.factory import build_store
         from torchspec.utils.hub import resolve_hub_ids
 
@@ -189,6 +201,8 @@ class _Run:
 
             self.capture = CaptureDir(cfg.debug.save_debug_train_data, capture_meta(cfg),
                                       create=not cfg.debug.debug_train_only)
+        check_store_capacity(cfg, self.target.hidden_size, len(self.aux_layers), *_engine_side(self.placement),
+                             self.world)   # before anything is started: a store too small stalls, never fails fast
         self.store = build_store(cfg)   # inference.store: memory (colocated), local (shared memory) or mooncake
         self.result.store_root = getattr(self.store, "root", None)   # the local store's directory only
         self.ckpts = CheckpointManager(self.out_dir, tr.max_checkpoints, tr.save_interval, tr.save_per_epoch)

@@ -11,11 +11,17 @@ to it, by torch.multiprocessing or by Ray) can put, get and delete by key.
 Capacity is accounted in bytes of shared memory (header + payload) in a counter file inside the
 store's directory (`torchspec.transfer.counters`), shared by every process holding the store; a put that does not fit waits for deletes, up to ``put_timeout_s``, then raises
 `StoreFull`. When the owning process drops the store, the directory is removed.
+
+A driver killed with SIGKILL cannot remove its directory, so the directory's name carries its owner
+(pid namespace, pid, the process's start time): every new store first removes the directories of
+owners that no longer run (`sweep_stale_stores`), never one whose owner is alive or unknown.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,7 +33,7 @@ import torch
 import torch.multiprocessing as mp
 
 from torchspec.transfer import record
-from torchspec.transfer.base import PUT_TIMEOUT_S, over_capacity
+from torchspec.transfer.base import PUT_TIMEOUT_S, RoomWait, over_capacity
 from torchspec.transfer.counters import FileCounters
 
 # Record files are named by quote(key), which never yields "%" followed by a lowercase letter: files of
@@ -37,6 +43,11 @@ _TMP_PREFIX = "%tmp"
 _USED, _PUT_BYTES, _PUT_NS = range(3)
 
 _MIN_SHM_FREE = 1 << 30
+_DIR_PREFIX = "torchspec-store-"
+# <prefix><pid namespace>-<pid>-<start time>-<mkdtemp's random part>
+_OWNED_DIR = re.compile(re.escape(_DIR_PREFIX) + r"(\d+)-(\d+)-(\d+)-[^-]+")
+
+log = logging.getLogger("torchspec.transfer")
 
 
 def _shm_root() -> str | None:
@@ -50,6 +61,62 @@ def _shm_root() -> str | None:
     return None
 
 
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22); None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_namespace() -> str:
+    try:
+        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or "0"
+    except OSError:
+        return "0"
+
+
+def _owner_tag() -> str:
+    """This process as a store directory names its owner."""
+    return f"{_pid_namespace()}-{os.getpid()}-{_start_time(os.getpid()) or 0}"
+
+
+def _owner_gone(name: str) -> bool:
+    """True only when the directory's owner is known and no longer runs; a directory of another pid
+    namespace (its pids mean other processes) or without an owner in its name is never judged."""
+    m = _OWNED_DIR.fullmatch(name)
+    if m is None or m[1] != _pid_namespace():
+        return False
+    pid, started = int(m[2]), m[3]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:   # alive, another user's
+        return False
+    now = _start_time(pid)
+    return started != "0" and now is not None and now != started   # the pid was reused by another process
+
+
+def sweep_stale_stores(base: str | os.PathLike) -> list[Path]:
+    """Remove the local-store directories under `base` whose owner process is gone (a driver killed
+    with SIGKILL leaves its records in shared memory); returns the removed ones."""
+    removed, nbytes = [], 0
+    for d in Path(base).glob(_DIR_PREFIX + "*"):
+        if not _owner_gone(d.name):
+            continue
+        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file()) if d.is_dir() else 0
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            removed.append(d)
+            nbytes += size
+    if removed:
+        log.warning("removed %d local store(s) left in %s by runs that no longer run (%.1f MB): %s",
+                    len(removed), base, nbytes / 1e6, ", ".join(d.name for d in removed))
+    return removed
+
+
 def _write_all(f, data: memoryview) -> None:
     while data:   # a raw write may be partial
         data = data[f.write(data):]
@@ -59,7 +126,9 @@ class LocalStore:
     def __init__(self, capacity_bytes: int | None = None, root: str | os.PathLike | None = None,
                  put_timeout_s: float = PUT_TIMEOUT_S):
         if root is None:
-            root = tempfile.mkdtemp(prefix="torchspec-store-", dir=_shm_root())
+            base = _shm_root() or tempfile.gettempdir()
+            sweep_stale_stores(base)
+            root = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{_owner_tag()}-", dir=base)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
@@ -86,6 +155,7 @@ class LocalStore:
 
     def _reserve(self, nbytes: int) -> None:
         deadline = time.monotonic() + self.put_timeout_s
+        wait = None
         while True:
             with self._counters.lock():
                 used = self._counters[_USED]
@@ -94,6 +164,8 @@ class LocalStore:
                     return
             if nbytes > self.capacity_bytes or time.monotonic() > deadline:
                 raise over_capacity("local", nbytes, self.capacity_bytes, used)
+            wait = wait or RoomWait("local", nbytes, self.capacity_bytes, self.put_timeout_s)
+            wait.still_waiting(used)
             time.sleep(0.002)
 
     def _release(self, nbytes: int) -> None:

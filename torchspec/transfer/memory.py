@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from torchspec.transfer.base import over_capacity
+from torchspec.transfer.base import StoreFull, over_capacity
 
 
 class MemoryStore:
@@ -28,7 +28,12 @@ class MemoryStore:
         record = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
         nbytes = sum(v.numel() * v.element_size() for v in record.values())
         if self.capacity_bytes is not None and self._used + nbytes > self.capacity_bytes:
-            raise over_capacity("memory", nbytes, self.capacity_bytes, self._used)
+            if nbytes > self.capacity_bytes:
+                raise over_capacity("memory", nbytes, self.capacity_bytes, self._used)
+            raise StoreFull(f"memory store: a record of {nbytes} bytes does not fit (inference.store_capacity "
+                            f"{self.capacity_bytes} bytes, in use {self._used}) and this store cannot wait: the "
+                            "trainer that frees it runs in this process; raise inference.store_capacity or lower "
+                            "inference.max_sample_pool_size")
         self._records[key], self._sizes[key] = record, nbytes
         self._used += nbytes
         self._put_bytes += nbytes

@@ -276,12 +276,16 @@ class MooncakeStore:
     def _wait_capacity(self, nbytes: int, deadline: float) -> None:
         if self.capacity_bytes is None:
             return
+        from torchspec.transfer.base import RoomWait
+
+        wait = RoomWait("mooncake", nbytes, self.capacity_bytes, self.put_timeout_s)
         while True:
             used = self.bytes_used()
             if used + nbytes <= self.capacity_bytes:
                 return
             if nbytes > self.capacity_bytes or time.monotonic() > deadline:
                 raise over_capacity("mooncake", nbytes, self.capacity_bytes, used)
+            wait.still_waiting(used)
             time.sleep(0.01)
 
     def _write_ledger(self, mc) -> None:
