@@ -21,10 +21,11 @@ import time
 import torch
 
 from torchspec.inference.base import StoredSample
-from torchspec.pipeline.failures import WorkerFailure, ray_death_text
+from torchspec.pipeline.failures import WorkerFailure, ray_death_text, store_lost
 from torchspec.pipeline.launcher_local import PlacementError
 from torchspec.pipeline.ray_placement import RayPlacement, _hold, check_local_store
 from torchspec.pipeline.wire import from_wire, to_wire
+from torchspec.transfer.base import StoreUnavailable
 from torchspec.utils.net import free_port
 
 log = logging.getLogger("torchspec.pipeline")
@@ -211,6 +212,9 @@ class RayEngines:
                                     f"{ray_death_text(e)}") from None
             except ray.exceptions.RayTaskError as e:
                 self.close()
+                lost = store_lost(e)
+                if lost is not None:
+                    raise StoreUnavailable(f"inference engine {worker}: {lost}") from None
                 raise WorkerFailure(f"inference engine {worker} (Ray actor) failed:\n{e}") from None
             self.busy_s += seconds
             out.append((worker, stored))

@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 
-from torchspec.pipeline.failures import WorkerFailure, ray_death_text
+from torchspec.pipeline.failures import WorkerFailure, ray_death_text, store_lost
 from torchspec.pipeline.launcher_local import PlacementError
 from torchspec.pipeline.ray_placement import RayPlacement, _hold, check_local_store
+from torchspec.transfer.base import StoreUnavailable
 from torchspec.utils.net import free_port
 
 log = logging.getLogger("torchspec.pipeline")
@@ -131,8 +132,11 @@ class RayPeers:
     def send(self, messages: list[tuple]) -> None:
         self.pending = [(r, self.actors[r].handle.remote(*m)) for r, m in enumerate(messages, start=1)]
 
-    def _failure(self, rank: int, e) -> WorkerFailure:
+    def _failure(self, rank: int, e) -> Exception:
         ray = self._ray
+        lost = store_lost(e)
+        if lost is not None:
+            return StoreUnavailable(f"trainer rank {rank}: {lost}")
         if isinstance(e, ray.exceptions.RayActorError):
             node = self.nodes[rank][:8] if rank < len(self.nodes) else "?"
             return WorkerFailure(f"trainer rank {rank} (Ray actor, pid {self.pids.get(rank, '?')}, node {node}) "
