@@ -39,9 +39,10 @@ def cpus_free(ray, n: float, timeout: float = 10.0) -> bool:
 
 
 @contextmanager
-def two_node_cluster(head_cpus: int, node_cpus: int, object_store_memory: int = 80 << 20):
+def simulated_cluster(head_cpus: int, node_cpus: int, object_store_memory: int = 80 << 20):
     """A simulated 2-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: a head node, the driver's,
-    and a second node, each its own raylet, every server on 127.0.0.1), connected; yields (head id, second id)."""
+    and a second node, each its own raylet, every server on 127.0.0.1), connected; yields (head id, the second
+    node's `ray._private.node.Node`: `.node_id`, `.all_processes`)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -56,10 +57,24 @@ def two_node_cluster(head_cpus: int, node_cpus: int, object_store_memory: int = 
             head = ray.get_runtime_context().get_node_id()
             assert {n["NodeID"] for n in ray.nodes()} == {head, second.node_id}
             assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-            yield head, second.node_id
+            yield head, second
         finally:
             ray.shutdown()
             cluster.shutdown()
+
+
+@contextmanager
+def two_node_cluster(head_cpus: int, node_cpus: int, object_store_memory: int = 80 << 20):
+    """`simulated_cluster`, yielding (head id, second id)."""
+    with simulated_cluster(head_cpus, node_cpus, object_store_memory) as (head, second):
+        yield head, second.node_id
+
+
+def raylet_process(node):
+    """The raylet (subprocess.Popen) of a `ray._private.node.Node`, e.g. to kill its node."""
+    from ray._private import ray_constants
+
+    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
 
 
 def live_actors(ray) -> list[dict]:

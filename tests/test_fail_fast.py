@@ -199,7 +199,7 @@ def test_ray_engine_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only, two
     cfg.inference.store = "local"
     children = child_pids()
     err, store, _ = _run_expecting_failure(
-        cfg, r"^inference engine 0 \(Ray actor, pid \d+\) died: The actor died .*Worker exit type", monkeypatch,
+        cfg, r"^inference engine 0 \(Ray actor, pid \d+, node \w{8}\) died: The actor died .*Worker exit type", monkeypatch,
         on_step=on_step)
     took = time.monotonic() - killed_at[0]
     assert took < BOUND_S and "\n" not in str(err)

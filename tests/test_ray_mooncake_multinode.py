@@ -151,3 +151,89 @@ def test_rank_killed_mid_run_leaves_the_master_empty(tmp_path, tiny_target_dir, 
     assert live_actors(ray) == [] and cpus_free(ray, HEAD_CPUS + NODE_CPUS)
     assert child_pids() <= children
     print(f"rank killed: error {took:.1f}s after the kill")
+
+
+def test_master_lost_mid_run_is_one_line_naming_it_and_the_checkpoint(tmp_path, tiny_target_dir, two_nodes,
+                                                                     monkeypatch, cpu_only):
+    """The mooncake_master SIGTERMed after step 2 (engines on the head, trainer rank 1 on the second node): the
+    run stops within seconds with one WorkerFailure naming the master's address, what failed and the step-2
+    checkpoint; the clean-up raises nothing more and still closes the engines, the trainer ranks and the store
+    (no actor, placement group or process of the run left)."""
+    import signal
+
+    import ray
+
+    from ray_helpers import cpus_free, live_actors
+    from torchspec.pipeline import runner
+    from torchspec.pipeline.failures import WorkerFailure
+    from torchspec.pipeline.runner import run_training
+    from torchspec.transfer.mooncake_master import start_master
+
+    master = start_master()
+    try:
+        cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, num_epochs=1, seed=11, save_interval=1,
+                              training_num_nodes=2, training_num_gpus_per_node=1)
+        cfg.training.distributed_timeout_minutes = 1
+        cfg.inference.launcher = "ray"
+        cfg.mooncake.master_server_address = master.rpc_address
+        cfg.mooncake.master_metrics_port = int(master.admin_url.rpartition(":")[2])
+        cfg.mooncake.global_segment_size = SEGMENT
+        cfg.mooncake.local_buffer_size = STAGING
+        peers, start_ranks = [], runner.start_trainer_ranks
+
+        def recording_ranks(*a):
+            ranks = start_ranks(*a)
+            peers.append(ranks.peers)
+            return ranks
+
+        monkeypatch.setattr(runner, "start_trainer_ranks", recording_ranks)
+        engines, start_engines = [], runner.start_engines
+        monkeypatch.setattr(runner, "start_engines", lambda *a: engines.append(start_engines(*a)) or engines[-1])
+        killed_at = []
+
+        def on_step(step, _metrics):
+            if step == 2:
+                master.proc.send_signal(signal.SIGTERM)
+                master.proc.wait()
+                killed_at.append(time.monotonic())
+
+        children = child_pids()
+        addr = master.rpc_address.replace(".", r"\.")
+        with pytest.raises(WorkerFailure, match=rf"^(inference engine \d: |trainer rank \d: )?the Mooncake master at "
+                                                rf"{addr} \(mooncake.master_server_address; admin http://\S+\) stopped "
+                                                r"answering: .+ failed.*; the latest checkpoint is \S+/step_00000002 "
+                                                r"\(resume: training.load_path=\S+/out\)$") as err:
+            run_training(cfg, on_step=on_step, progress=False)
+        took = time.monotonic() - killed_at[0]
+        assert "\n" not in str(err.value)
+        assert took < 20, f"the run noticed the master's loss after {took:.1f}s"
+        # the clean-up ran to its end: ranks and engines closed, no actor, placement group or process left
+        assert peers[0].actors == {} and engines[0].actors == []
+        assert live_actors(ray) == [] and cpus_free(ray, HEAD_CPUS + NODE_CPUS)
+        assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+        assert not any(alive(p) for p in engines[0].pids + list(peers[0].pids.values()))
+        assert child_pids() <= children
+        print(f"master lost: error {took:.1f}s after the kill: {err.value}")
+    finally:
+        master.stop()
+
+
+def test_train_entry_reports_a_lost_store_in_one_line(tmp_path, monkeypatch, capsys):
+    """A StoreUnavailable that reaches train_entry (outside the training loop) is one line and exit code 1."""
+    import sys
+    import types
+    from pathlib import Path
+
+    from torchspec.train_entry import main
+    from torchspec.transfer.base import StoreUnavailable
+
+    def run_training(cfg):
+        raise StoreUnavailable("the Mooncake master at 10.0.0.1:50051 stopped answering: delete of 'k' failed")
+
+    fake = types.ModuleType("torchspec.pipeline.runner")
+    fake.run_training = run_training
+    monkeypatch.setitem(sys.modules, "torchspec.pipeline.runner", fake)
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert main(["--config", str(configs / "hf_qwen3_8b.yaml"), f"output_dir={tmp_path / 'run'}"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: the Mooncake master at 10.0.0.1:50051 stopped answering: delete of 'k' failed"]

@@ -100,13 +100,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise
     from torchspec.data.errors import DataError
     from torchspec.pipeline.failures import WorkerFailure
+    from torchspec.transfer.base import StoreUnavailable
 
     try:
         run_training(cfg)
     except (ConfigError, DataError) as e:  # user-fixable: one line, no traceback
         print(f"{_kind(e)} error: {e}", file=sys.stderr)
         return 2
-    except WorkerFailure as e:  # a rank or engine died: which one and how is the whole story
+    except (WorkerFailure, StoreUnavailable) as e:  # a rank, engine or the store's service died: which and how
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ImportError as e:

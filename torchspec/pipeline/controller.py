@@ -31,6 +31,7 @@ from typing import Protocol, Sequence
 
 from torchspec.config.errors import ConfigError
 from torchspec.inference.base import StoredSample
+from torchspec.transfer.base import StoreUnavailable
 
 
 class EngineGroup(Protocol):
@@ -244,6 +245,8 @@ class Controller:
                 self.store.delete(key)
             except KeyError:   # an in-flight sample the engine never finished
                 pass
+            except StoreUnavailable:   # the store's service is gone, and its records with it
+                break
         self.in_flight_ids.clear()
         self.pool.clear()
         self.dispatched.clear()

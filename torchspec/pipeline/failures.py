@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import signal
 
+from torchspec.transfer.base import StoreUnavailable
+
 
 class WorkerFailure(RuntimeError):
     """A trainer rank or inference engine died (crash, kill, out of memory) or raised."""
@@ -32,3 +34,10 @@ def ray_death_text(error) -> str:
     first = text.split(". ")[0].rstrip(".") + "."
     exit_at = text.find("Worker exit type:")
     return first + (" " + text[exit_at:] if exit_at >= 0 else "")
+
+
+def store_lost(error) -> StoreUnavailable | None:
+    """The StoreUnavailable a Ray actor's task raised (Ray's task error carries it as `cause`), else None: a lost
+    store is reported as itself (one line naming the master), not as the worker that met it first."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, StoreUnavailable) else None

@@ -21,10 +21,12 @@ import time
 import torch
 
 from torchspec.inference.base import StoredSample
-from torchspec.pipeline.failures import WorkerFailure, ray_death_text
+from torchspec.pipeline.failures import WorkerFailure, ray_death_text, store_lost
 from torchspec.pipeline.launcher_local import PlacementError
-from torchspec.pipeline.ray_placement import RayPlacement, _hold, check_local_store
+from torchspec.pipeline.ray_placement import (NodeWatch, RayPlacement, _hold, check_local_store, dead_node_text,
+                                              guard_parent)
 from torchspec.pipeline.wire import from_wire, to_wire
+from torchspec.transfer.base import StoreUnavailable
 from torchspec.utils.net import free_port
 
 log = logging.getLogger("torchspec.pipeline")
@@ -40,6 +42,7 @@ class _EngineActor:
 
         from torchspec.config.errors import ConfigError
 
+        guard_parent()   # dies with its node's raylet (ray.kill cannot reach a dead node)
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.engine, self.config_error = None, None
         if self.gpu_ids:
@@ -107,6 +110,7 @@ class RayEngines:
         self.hold = None   # a Ray this launcher started, released on close
         self.nodes: list[str] = []   # the node id of each engine actor
         self.node_actors: list = []  # (engine, node r >= 1, actor) of engines spanning nodes
+        self.node_watch = NodeWatch()
         if len(placement.bundles) > 1 and node_factory is None:
             raise PlacementError(f"an engine spanning {len(placement.bundles)} nodes needs one actor per node; "
                                  "start_ray_engines builds them for the config's sgl engine, not a custom engine_factory")
@@ -197,6 +201,8 @@ class RayEngines:
             return []
         refs = list(self.pending)
         done, _ = ray.wait(refs, num_returns=1, timeout=max(timeout, 0.0))
+        if not done:
+            self._check_nodes()
         if done:   # then everything else already finished, without waiting
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         finished = set(done)
@@ -206,15 +212,28 @@ class RayEngines:
             try:
                 stored, seconds = ray.get(ref)
             except ray.exceptions.RayActorError as e:
+                node = self.nodes[worker] if worker < len(self.nodes) else "?"
                 self.close()
-                raise WorkerFailure(f"inference engine {worker} (Ray actor, pid {self.pids[worker]}) died: "
-                                    f"{ray_death_text(e)}") from None
+                raise WorkerFailure(f"inference engine {worker} (Ray actor, pid {self.pids[worker]}, node {node[:8]}) "
+                                    f"died: {ray_death_text(e)}") from None
             except ray.exceptions.RayTaskError as e:
                 self.close()
+                lost = store_lost(e)
+                if lost is not None:
+                    raise StoreUnavailable(f"inference engine {worker}: {lost}") from None
                 raise WorkerFailure(f"inference engine {worker} (Ray actor) failed:\n{e}") from None
             self.busy_s += seconds
             out.append((worker, stored))
         return out
+
+    def _check_nodes(self) -> None:
+        """Raise a WorkerFailure naming the node and its engines when Ray reports an engine's node dead."""
+        dead = self.node_watch.dead(self.nodes)
+        if dead:
+            node, ip = next(iter(dead.items()))
+            self.close()
+            raise WorkerFailure(dead_node_text(node, ip, [f"inference engine {w} (pid {self.pids[w]})"
+                                                          for w, n in enumerate(self.nodes) if n == node]))
 
     def close(self) -> None:
         if self._closed:

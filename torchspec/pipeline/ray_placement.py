@@ -163,6 +163,69 @@ def check_store_config(cfg, nodes: list[dict]) -> None:
             "inference.store=mooncake")
 
 
+# -- actors whose node dies ------------------------------------------------------------------------
+
+def guard_parent(interval_s: float = 0.5) -> None:
+    """Called in every actor of the run: once this process's parent (the raylet of its node, which started it)
+    is gone, SIGKILL this process's children and then itself. A raylet that dies takes its node out of the
+    cluster, but the actor processes it started would keep running, serving calls made before, and `ray.kill`
+    from the driver cannot reach them any more; this makes them die with their raylet (Linux: /proc)."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def children() -> list[int]:
+        out = []
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/children") as f:
+                    out += [int(p) for p in f.read().split()]
+            except OSError:
+                pass
+        return out
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        for pid in children():   # e.g. an engine's own processes
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="torchspec-raylet-guard", daemon=True).start()
+
+
+class NodeWatch:
+    """Which Ray nodes among those the run's actors live on are dead, from Ray's node table (`ray.nodes()`),
+    asked at most every `every_s` seconds (GCS declares a node dead once its raylet misses health checks)."""
+
+    def __init__(self, every_s: float = 2.0):
+        self.every_s, self.last = every_s, 0.0
+
+    def dead(self, node_ids, force: bool = False) -> dict[str, str]:
+        """node id -> its IP, for each of `node_ids` that Ray reports dead (or no longer knows)."""
+        import time
+
+        import ray
+
+        now = time.monotonic()
+        if not force and now - self.last < self.every_s:
+            return {}
+        self.last = now
+        table = {n["NodeID"]: n for n in ray.nodes()}
+        return {n: table[n]["NodeManagerAddress"] if n in table else "unknown IP" for n in dict.fromkeys(node_ids)
+                if n not in table or not table[n].get("Alive", True)}
+
+
+def dead_node_text(node: str, ip: str, what: list[str]) -> str:
+    """One line: the dead node, its IP and the run's actors on it."""
+    return f"Ray node {node[:8]} ({ip}) is dead; on it: {', '.join(what)}"
+
+
 # -- connecting to Ray -----------------------------------------------------------------------------
 
 _started_ray = False   # this launcher called ray.init(): it shuts Ray down once its last user closes

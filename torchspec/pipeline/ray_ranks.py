@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import os
 
-from torchspec.pipeline.failures import WorkerFailure, ray_death_text
+from torchspec.pipeline.failures import WorkerFailure, ray_death_text, store_lost
 from torchspec.pipeline.launcher_local import PlacementError
-from torchspec.pipeline.ray_placement import RayPlacement, _hold, check_local_store
+from torchspec.pipeline.ray_placement import (NodeWatch, RayPlacement, _hold, check_local_store, dead_node_text,
+                                              guard_parent)
+from torchspec.transfer.base import StoreUnavailable
 from torchspec.utils.net import free_port
 
 log = logging.getLogger("torchspec.pipeline")
@@ -28,6 +30,7 @@ class _TrainerRankActor:
     one too, never started: it holds rank 0's GPU and tells the driver which one Ray gave it."""
 
     def __init__(self):
+        guard_parent()   # dies with its node's raylet (ray.kill cannot reach a dead node)
         self.worker = None
 
     def info(self) -> dict:
@@ -82,6 +85,7 @@ class RayPeers:
         self.pids: dict[int, int] = {}
         self.pg = None
         self.hold = None
+        self.node_watch = NodeWatch()
         world, per_node = len(placement.trainer_devices), placement.ranks_per_node
         bundles = [dict(b) for b in placement.trainer_bundles]
         here = ray.get_runtime_context().get_node_id()
@@ -131,8 +135,11 @@ class RayPeers:
     def send(self, messages: list[tuple]) -> None:
         self.pending = [(r, self.actors[r].handle.remote(*m)) for r, m in enumerate(messages, start=1)]
 
-    def _failure(self, rank: int, e) -> WorkerFailure:
+    def _failure(self, rank: int, e) -> Exception:
         ray = self._ray
+        lost = store_lost(e)
+        if lost is not None:
+            return StoreUnavailable(f"trainer rank {rank}: {lost}")
         if isinstance(e, ray.exceptions.RayActorError):
             node = self.nodes[rank][:8] if rank < len(self.nodes) else "?"
             return WorkerFailure(f"trainer rank {rank} (Ray actor, pid {self.pids.get(rank, '?')}, node {node}) "
@@ -149,6 +156,11 @@ class RayPeers:
         for r, ref in self.pending:
             if ref in done:
                 self._result(r, ref)
+        dead = self.node_watch.dead(self.nodes[1:])
+        if dead:
+            node, ip = next(iter(dead.items()))
+            raise WorkerFailure(dead_node_text(node, ip, [f"trainer rank {r} (pid {self.pids.get(r, '?')})"
+                                                          for r in range(1, len(self.nodes)) if self.nodes[r] == node]))
 
     def acks(self) -> None:
         pending, self.pending = self.pending, []

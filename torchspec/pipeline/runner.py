@@ -8,8 +8,9 @@
 Resume: `training.load_path` restores the draft, optimizer, scheduler, RNG, step and the data
 position (no sample skipped or repeated); with `training.continual_training` only the weights.
 Ctrl-C (or SIGTERM): the engines stop, a checkpoint is written, the store is emptied.
-A trainer rank or engine that dies: `WorkerFailure` naming it and the latest checkpoint, after the same
-clean-up (no checkpoint is written: the last completed step's is on disk if save_interval wrote it).
+A trainer rank or engine that dies, or a store whose service is lost (`StoreUnavailable`: the Mooncake
+master): `WorkerFailure` naming it and the latest checkpoint, after the same clean-up (no checkpoint is
+written: the last completed step's is on disk if save_interval wrote it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torchspec.pipeline.build import ModelSpec, draft_config_for
 from torchspec.pipeline.controller import Controller
 from torchspec.pipeline.failures import WorkerFailure
 from torchspec.pipeline.launcher import plan_placement, start_engines, start_trainer_ranks
+from torchspec.transfer.base import StoreUnavailable
 
 log = logging.getLogger("torchspec.pipeline")
 RATE_WINDOW = 20   # optimizer steps over which metrics' samples/s rates are measured
@@ -387,8 +389,8 @@ class _Run:
         self.controller.shutdown()
         self.save(self.trainer.global_step)
 
-    def failure(self, e: WorkerFailure) -> WorkerFailure:
-        """A rank or engine died: the same error, naming the checkpoint to resume from."""
+    def failure(self, e: Exception) -> WorkerFailure:
+        """A rank or engine died, or the store's service is lost: one error naming the checkpoint to resume from."""
         latest = self.ckpts.latest()
         resume = (f"; the latest checkpoint is {latest} (resume: training.load_path={self.out_dir})"
                   if latest is not None else "; no checkpoint had been written")
@@ -407,9 +409,12 @@ class _Run:
         if self.ranks is not None:
             self.ranks.close()
         if self.store is not None:
-            r.store_put_bytes, r.store_put_s = self.store.put_stats()
-            self.store.clear()
-            r.store_bytes_end = self.store.bytes_used()
+            try:
+                r.store_put_bytes, r.store_put_s = self.store.put_stats()
+                self.store.clear()
+                r.store_bytes_end = self.store.bytes_used()
+            except StoreUnavailable as e:   # already reported (or being); the store is only closed now
+                log.warning("store not emptied: %s", e)
             self.store.close()
         self.logger.close()
         r.elapsed_s = time.monotonic() - self.t_start
@@ -440,7 +445,7 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
                         break
                     with interrupts.critical():   # every rank takes the step, or none does
                         run.train(batches)
-            except WorkerFailure as e:
+            except (WorkerFailure, StoreUnavailable) as e:
                 raise run.failure(e) from None
             except KeyboardInterrupt:
                 with interrupts.critical():

@@ -22,6 +22,12 @@ class StoreFull(RuntimeError):
     """A put did not fit in the store's capacity before its timeout."""
 
 
+class StoreUnavailable(RuntimeError):
+    """The store's service is gone (the Mooncake master stopped answering): the run cannot go on. The text is
+    one line naming the service's address and the operation that failed; the runner adds the checkpoint to
+    resume from."""
+
+
 def over_capacity(store: str, nbytes: int, capacity: int, used: int) -> StoreFull:
     """The StoreFull of a put that `capacity_bytes` (inference.store_capacity) kept out."""
     if nbytes > capacity:   # no wait can help: it is larger than the whole store

@@ -23,6 +23,11 @@ The master. With ``mooncake.master_server_address`` null the creating process st
 on 127.0.0.1 (`torchspec.transfer.mooncake_master`) and stops it in ``close()``; otherwise it connects to
 the given master, whose admin server is ``mooncake.master_metrics_port`` on the same host. Transfer-engine
 metadata goes peer to peer ("P2PHANDSHAKE") unless ``mooncake.metadata_server`` names a server.
+
+Losing the master. A Mooncake call that fails is followed by a one-second ``/health`` probe of the master's
+admin server; when that does not answer, the call raises `StoreUnavailable` naming the master's address and
+the operation, and from then on this process's store fails at once (no more RPCs, each of which Mooncake
+retries for seconds) while ``clear()`` and ``close()`` only drop the client, so a run's clean-up finishes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import re
 import socket
 import struct
 import time
+import urllib.error
 import urllib.parse
 import uuid
 import weakref
@@ -42,7 +48,7 @@ import torch
 from torchspec.config.errors import ConfigError
 from torchspec.config.schema import MooncakeConfig
 from torchspec.transfer import record
-from torchspec.transfer.base import PUT_TIMEOUT_S, StoreFull, over_capacity
+from torchspec.transfer.base import PUT_TIMEOUT_S, StoreFull, StoreUnavailable, over_capacity
 
 _RECORDS, _LEDGERS = "r/", "s/"
 
@@ -138,6 +144,8 @@ def _route_ip(address: str) -> str:
 # Clients inherited through fork(): kept referenced, since destroying one in the child would disconnect
 # (and unmount the segment of) the parent's client.
 _inherited_clients: list = []
+# Clients of a lost master, never closed (closing one retries the master's RPCs for seconds).
+_abandoned_clients: list = []
 
 
 def _stop_master(master) -> None:
@@ -182,6 +190,7 @@ class MooncakeStore:
             raise
 
     def _reset_process_state(self) -> None:
+        self._gone = None       # why the master was found lost (this process), else None
         self._mc = self._pin = None
         self._mc_pid = None
         self._ledger = None
@@ -208,6 +217,8 @@ class MooncakeStore:
         return self._owner and os.getpid() == self._owner_pid
 
     def _client(self):
+        if self._gone is not None:
+            raise self._lost(self._gone)
         if self._mc is not None and self._mc_pid == os.getpid():
             return self._mc
         if self._closed:
@@ -234,13 +245,40 @@ class MooncakeStore:
         self._put_bytes = self._put_ns = 0
         return client
 
+    # -- a lost master -------------------------------------------------------------------------------
+    def master_down(self) -> bool:
+        """Whether the master's admin server fails to answer /health within a second."""
+        from torchspec.transfer.mooncake_master import http_get
+
+        try:
+            return b'"ok"' not in http_get(self.admin_url + "/health", timeout=1.0)
+        except (urllib.error.URLError, OSError):
+            return True
+
+    def _lost(self, what: str) -> StoreUnavailable:
+        self._gone = self._gone or what
+        whose = "started by this run" if self.settings.master_address is None else "mooncake.master_server_address"
+        return StoreUnavailable(f"the Mooncake master at {self.master_address} ({whose}; admin {self.admin_url}) "
+                                f"stopped answering: {self._gone}")
+
+    def _failed(self, what: str) -> Exception:
+        """The error of a Mooncake call that failed: StoreUnavailable when the master is gone, else RuntimeError."""
+        if self._gone is not None or self.master_down():
+            return self._lost(what)
+        return RuntimeError(f"mooncake store: {what}")
+
     def _name(self, key: str) -> str:
         return self._prefix + _RECORDS + urllib.parse.quote(key, safe="")
 
     def _listed(self, kind: str) -> list[str]:
         from torchspec.transfer.mooncake_master import http_get
 
-        text = http_get(self.admin_url + "/get_all_keys").decode()
+        if self._gone is not None:
+            raise self._lost(self._gone)
+        try:
+            text = http_get(self.admin_url + "/get_all_keys").decode()
+        except (urllib.error.URLError, OSError) as e:
+            raise self._failed(f"listing the run's keys at {self.admin_url} failed ({getattr(e, 'reason', e)})") from None
         head = self._prefix + kind
         return [k for k in text.split("\n") if k.startswith(head)]
 
@@ -262,7 +300,7 @@ class MooncakeStore:
             if rc == 0:
                 break
             if rc not in (NO_AVAILABLE_HANDLE, BUFFER_ALLOC_FAILED):
-                raise RuntimeError(f"mooncake store: put of {key!r} ({total} bytes) failed with Mooncake code {rc}")
+                raise self._failed(f"put of {key!r} ({total} bytes) failed with Mooncake code {rc}")
             if time.monotonic() > deadline:
                 raise StoreFull(
                     f"mooncake store: a record of {total} bytes found no room within {self.put_timeout_s:.0f}s "
@@ -293,11 +331,13 @@ class MooncakeStore:
             self._ledger = self._prefix + _LEDGERS + uuid.uuid4().hex
         rc = mc.upsert(self._ledger, struct.pack("<qq", self._put_bytes, self._put_ns), self._pin)
         if rc != 0:
-            raise RuntimeError(f"mooncake store: writing put statistics failed with Mooncake code {rc}")
+            raise self._failed(f"writing put statistics failed with Mooncake code {rc}")
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
         handle = self._client().get_buffer(self._name(key))
         if handle is None:
+            if self.master_down():
+                raise self._lost(f"get of {key!r} failed")
             if self._client().is_exist(self._name(key)) == 1:
                 raise RuntimeError(f"mooncake store: get of {key!r} failed (Mooncake's log above says why)")
             raise KeyError(f"mooncake store: no key {key!r}")
@@ -312,7 +352,7 @@ class MooncakeStore:
         if rc == OBJECT_NOT_FOUND:
             raise KeyError(f"mooncake store: no key {key!r}")
         if rc != 0:
-            raise RuntimeError(f"mooncake store: delete of {key!r} failed with Mooncake code {rc}")
+            raise self._failed(f"delete of {key!r} failed with Mooncake code {rc}")
 
     def keys(self) -> list[str]:
         if self._closed:
@@ -338,15 +378,20 @@ class MooncakeStore:
         return nbytes, ns / 1e9
 
     def clear(self) -> None:
-        """Delete every record of this run (used on shutdown so the store ends empty)."""
+        """Delete every record of this run (used on shutdown so the store ends empty); nothing once the master
+        is lost (its records went with it)."""
+        if self._gone is not None:
+            return
         self._client().remove_by_regex("^" + re.escape(self._prefix + _RECORDS), True)
 
     def close(self) -> None:
         """The owner deletes the run's objects, disconnects and stops the master it started; any other
-        process only disconnects its own client."""
+        process only disconnects its own client. With the master lost, only the client is dropped."""
         owner = self._is_owner()
         mc = self._mc if self._mc_pid == os.getpid() else None
-        if mc is not None:
+        if mc is not None and self._gone is not None:
+            _abandoned_clients.append(mc)   # its close() would retry the lost master for seconds
+        elif mc is not None:
             if owner:
                 mc.remove_by_regex("^" + re.escape(self._prefix), True)
             mc.close()
