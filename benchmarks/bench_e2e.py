@@ -64,13 +64,44 @@ def config_for(args, target: Path, data: Path, out: Path):
     return cfg
 
 
+class StepProfiler:
+    """torch.profiler over steps (first, last] of the run (an `on_step` hook): prints the ops that took the
+    most host and device time and writes a Chrome trace to `trace` (open it in chrome://tracing or Perfetto)."""
+
+    def __init__(self, first: int, last: int, trace: Path):
+        self.first, self.last, self.trace, self.prof = first, last, trace, None
+
+    def __call__(self, step: int, record: dict) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if step == self.first:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts, record_shapes=False)
+            self.prof.__enter__()
+        elif step == self.last and self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            avg = self.prof.key_averages()
+            print(f"[bench] profile of steps {self.first + 1}..{self.last}, by host time:", flush=True)
+            print(avg.table(sort_by="cpu_time_total", row_limit=25), flush=True)
+            if torch.cuda.is_available():
+                print("[bench] by device time:", flush=True)
+                print(avg.table(sort_by="cuda_time_total", row_limit=15), flush=True)
+            self.prof.export_chrome_trace(str(self.trace))
+            print(f"[bench] trace: {self.trace}", flush=True)
+            self.prof = None
+
+
 def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float]]:
     """(summary, sample ids of each optimizer step, per-step wall times) of the real pipeline."""
     from torchspec.pipeline.runner import run_training
 
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    hook = None
+    if args.profile:
+        first, n = (int(x) for x in args.profile.split(":"))
+        hook = StepProfiler(first, first + n, Path(args.trace or Path(args.work) / "trace.json"))
     t0 = time.time()
-    r = run_training(cfg, progress=False)
+    r = run_training(cfg, progress=False, on_step=hook)
     wall = time.time() - t0
     lines = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
@@ -188,6 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-pack", action="store_true")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-ceiling", action="store_true")
+    p.add_argument("--profile", metavar="FIRST:N", help="torch.profiler over N steps after step FIRST of the run")
+    p.add_argument("--trace", help="where --profile writes its Chrome trace (default: <work>/trace.json)")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
