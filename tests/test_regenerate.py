@@ -172,3 +172,93 @@ def test_masks_cover_exactly_the_generated_tokens_plus_end_of_turn(stopping_targ
                 canonical += 1
                 assert run == reply + [im_end]
     assert canonical >= 1
+
+
+# ---------------------------------------------------------------- the offline job
+
+import json  # noqa: E402
+
+
+def _job_config(tmp_path, tiny_target_dir, *extra):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [{"from": m["role"].replace("user", "human").replace(
+        "assistant", "gpt"), "value": m["content"]} for m in c.messages]}) + "\n" for c in CONVS))
+    return [f"model.target_model_path={tiny_target_dir}", f"dataset.train_data_path={data}",
+            f"output_dir={tmp_path / 'out'}", "dataset.generation.max_new_tokens=6",
+            "dataset.generation.batch_size=2", *extra]
+
+
+def test_offline_job_writes_jsonl_and_settings_and_resumes(tmp_path, tiny_target_dir, tiny_tokenizer, target):
+    import yaml
+
+    from torchspec.inference.generate import HFGenerator
+    from torchspec.inference.regenerate_job import run_regeneration
+    from torchspec.regenerate import main
+
+    overrides = _job_config(tmp_path, tiny_target_dir)
+    assert main(overrides) == 0
+    folder = tmp_path / "out" / "regenerated"
+    recs = [json.loads(line) for line in (folder / "chat.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all(r["truncated"] for r in recs)   # 6 tokens: every reply is cut, and kept
+    settings = yaml.safe_load((folder / "settings.yaml").read_text())
+    assert settings["target_model_path"] == str(tiny_target_dir)
+    assert settings["generation"]["max_new_tokens"] == 6 and settings["generation"]["temperature"] == 0.0
+    assert settings["counts"]["written"] == 4 and settings["counts"]["generated_tokens"] == 6 * 6
+    # the written data is a dataset of its own (same prompt_key), its replies those of the target
+    from torchspec.data.formats import load_conversations
+
+    again = load_conversations([folder / "chat.jsonl"], "conversations")
+    prompter = TurnPrompter(get_template("qwen", tiny_tokenizer), tiny_tokenizer)
+    ref, _ = greedy_loop(target, prompter.prompt(CONVS[1].messages), prompter.stop_ids, 6)
+    assert again[1].messages[-1] == {"role": "assistant", "content": tiny_tokenizer.decode(ref)}
+
+    # interrupted: the last record lost and a half-written line left; a rerun generates only that one
+    lines = (folder / "chat.jsonl").read_text().splitlines(keepends=True)
+    (folder / "chat.jsonl").write_text("".join(lines[:3]) + lines[3][:20])
+    asked = []
+    hf = HFGenerator(target, tiny_tokenizer.pad_token_id)
+
+    def counting(prompts, stop_ids, settings):
+        asked.extend(prompts)
+        return hf(prompts, stop_ids, settings)
+
+    from torchspec.config.loader import load_config
+
+    cfg = load_config([], overrides)
+    counts = run_regeneration(cfg, tiny_tokenizer, generator=counting, progress=False)
+    assert (counts["already_written"], counts["written"], len(asked)) == (3, 1, 2)   # c-3: two replies
+    assert (folder / "chat.jsonl").read_text().splitlines(keepends=True) == lines
+    # complete: nothing is generated
+    counts = run_regeneration(cfg, tiny_tokenizer, generator=counting, progress=False)
+    assert (counts["already_written"], counts["written"], len(asked)) == (4, 0, 2)
+
+
+def test_offline_job_refuses_other_settings_in_the_same_folder(tmp_path, tiny_target_dir, tiny_tokenizer, capsys):
+    from torchspec.regenerate import main
+
+    (tmp_path / "out" / "regenerated").mkdir(parents=True)
+    (tmp_path / "out" / "regenerated" / "settings.yaml").write_text(
+        f"target_model_path: {tiny_target_dir}\nchat_template: qwen\ngeneration: {{max_new_tokens: 6, "
+        "temperature: 0.7, top_p: 1.0, top_k: 0, seed: 0, on_truncated: keep}\n")
+    assert main(_job_config(tmp_path, tiny_target_dir)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("config error: dataset.generation.temperature=0.0: ") and "temperature=0.7" in err
+    assert "\n" not in err
+
+
+def test_on_truncated_drop_drops_the_conversation(tmp_path, tiny_target_dir, tiny_tokenizer, target):
+    from torchspec.config.loader import load_config
+    from torchspec.inference.generate import HFGenerator
+    from torchspec.inference.regenerate_job import run_regeneration
+
+    cfg = load_config([], _job_config(tmp_path, tiny_target_dir, "dataset.generation.on_truncated=drop"))
+    counts = run_regeneration(cfg, tiny_tokenizer, generator=HFGenerator(target, tiny_tokenizer.pad_token_id),
+                              progress=False)
+    folder = tmp_path / "out" / "regenerated"
+    assert (counts["written"], counts["dropped"]) == (0, 4)
+    assert not (folder / "chat.jsonl").exists()
+    dropped = (folder / "chat.dropped.txt").read_text().split()
+    assert len(set(dropped)) == 4
+    # a rerun does not try the dropped conversations again
+    again = run_regeneration(cfg, tiny_tokenizer, generator=lambda *a: pytest.fail("generated again"), progress=False)
+    assert (again["already_written"], again["written"]) == (4, 0)
