@@ -262,3 +262,50 @@ def test_on_truncated_drop_drops_the_conversation(tmp_path, tiny_target_dir, tin
     # a rerun does not try the dropped conversations again
     again = run_regeneration(cfg, tiny_tokenizer, generator=lambda *a: pytest.fail("generated again"), progress=False)
     assert (again["already_written"], again["written"]) == (4, 0)
+
+
+# ---------------------------------------------------------------- the fused path: a training run regenerates first
+
+
+def test_training_with_regenerate_trains_on_the_targets_replies_and_reuses_them(tmp_path, tiny_target_dir,
+                                                                                 tiny_tokenizer, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pipeline_helpers import tiny_run_config
+
+    from torchspec.inference import regenerate_job
+    from torchspec.pipeline.runner import run_training
+
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, n_conversations=4, num_epochs=2)
+    cfg.dataset.regenerate = True
+    cfg.dataset.generation.max_new_tokens = 5
+    built = []
+    real = regenerate_job.build_generator
+    monkeypatch.setattr(regenerate_job, "build_generator", lambda *a, **k: built.append(1) or real(*a, **k))
+    result = run_training(cfg, progress=False)
+    folder = Path(cfg.output_dir) / "regenerated"
+    written = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    assert len(written) == 4 and built == [1]
+    # trained on the regenerated conversations, both epochs (their ids are those of the regenerated file)
+    from torchspec.data.formats import load_conversations
+
+    ids = {c.sample_id for c in load_conversations([folder / "train.jsonl"], "messages")}
+    assert {sid for _, _, sid in result.trained} == ids
+    assert {epoch for _, epoch, _ in result.trained} == {0, 1}
+    # every reply is the target's (5 tokens each, cut), none of the original answers is left
+    original = [json.loads(line) for line in Path(cfg.dataset.train_data_path).read_text().splitlines()]
+    replies = 0
+    for rec, orig in zip(written, original):
+        ours = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+        theirs = [m["content"] for m in orig["messages"] if m["role"] == "assistant"]
+        assert len(ours) == len(theirs) and not set(ours) & set(theirs)
+        replies += len(ours)
+    import yaml
+
+    assert yaml.safe_load((folder / "settings.yaml").read_text())["counts"]["generated_tokens"] == 5 * replies
+    # a second run on the same output_dir (e.g. a resume) generates nothing again
+    counts = regenerate_job.run_regeneration(cfg, tiny_tokenizer, generator=lambda *a: pytest.fail("again"),
+                                             progress=False)
+    assert (counts["already_written"], counts["written"]) == (4, 0)

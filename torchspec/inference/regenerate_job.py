@@ -189,3 +189,22 @@ def run_regeneration(cfg, tokenizer=None, generator=None, device: torch.device |
              "into %s: %d tokens generated, %.0f tokens/s", counts["written"], counts["already_written"],
              counts["dropped"], counts["truncated"] - counts["dropped"], out_dir, counts["generated_tokens"], rate)
     return counts
+
+
+def regenerate_for_training(cfg, tokenizer, progress: bool = True):
+    """dataset.regenerate: true in a training run: fill `<output_dir>/regenerated/` (only what is missing, so a
+    resumed run or a later run on the same output_dir generates nothing again) and return the config whose
+    dataset.train_data_path is that folder. The target is loaded for generation and released before training."""
+    import gc
+
+    from torchspec.config.origins import origin_of, set_origins
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_regeneration(cfg, tokenizer, device=device, progress=progress)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    out = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, train_data_path=str(regenerated_dir(cfg))))
+    set_origins(out, {**getattr(cfg, "_origins", {}),
+                      "dataset.train_data_path": f"regenerated from {origin_of(cfg, 'dataset.train_data_path')}"})
+    return out
