@@ -309,3 +309,24 @@ def test_training_with_regenerate_trains_on_the_targets_replies_and_reuses_them(
     counts = regenerate_job.run_regeneration(cfg, tiny_tokenizer, generator=lambda *a: pytest.fail("again"),
                                              progress=False)
     assert (counts["already_written"], counts["written"]) == (4, 0)
+
+
+def test_sgl_generator_speaks_sglangs_generate_api():
+    """A stand-in for sglang.Engine (not installed here): what is asked and how replies are read."""
+    from torchspec.inference.generate import SGLGenerator
+
+    class Engine:
+        def generate(self, input_ids=None, sampling_params=None):
+            self.asked = (input_ids, sampling_params)
+            return [{"output_ids": [5, 6, 7], "meta_info": {"finish_reason": {"type": "stop", "matched": 7}}},
+                    {"output_ids": [8, 9], "meta_info": {"finish_reason": {"type": "length", "length": 2}}}]
+
+    eng = Engine()
+    gen = SGLGenerator(eng)
+    out = gen([[1, 2], [3]], [7, 0], GenerationConfig(max_new_tokens=2, temperature=0.5, top_k=0, seed=11))
+    assert [(c.token_ids, c.truncated) for c in out] == [([5, 6], False), ([8, 9], True)]
+    ids, params = eng.asked
+    assert ids == [[1, 2], [3]]
+    assert params[0] == {"max_new_tokens": 2, "temperature": 0.5, "top_p": 1.0, "top_k": -1,
+                         "stop_token_ids": [7, 0], "skip_special_tokens": False, "sampling_seed": 11}
+    assert params[1]["sampling_seed"] == 12
