@@ -13,7 +13,7 @@ LAYERS = {
     "inference": 2, "transfer": 2,
     "training": 3, "eval": 3,
     "pipeline": 4,
-    "train_entry": 5, "__main__": 5,
+    "train_entry": 5, "regenerate": 5, "__main__": 5,
 }
 
 

@@ -53,6 +53,9 @@ STORE_TYPES = ("auto", "local", "mooncake", "memory")
 # model.target_model_backend is the original TorchSpec's name for the engine type.
 TARGET_MODEL_BACKENDS = ("hf", "sglang", "sgl", "vllm")
 
+# dataset.generation.on_truncated: what becomes of a regenerated reply cut at max_new_tokens.
+ON_TRUNCATED = ("keep", "drop")
+
 # Keys whose values are secrets: redacted wherever a config is printed or saved.
 SECRET_KEYS = ("wandb_key",)
 
@@ -70,6 +73,19 @@ class ModelConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How the target writes the assistant turns when dataset.regenerate is true (torchspec/data/regenerate.py)."""
+
+    max_new_tokens: int = 512  # tokens per regenerated assistant turn
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    top_k: int = 0  # 0 = off
+    seed: int = 0  # seeds the sampling (temperature > 0)
+    on_truncated: str = "keep"  # a reply cut at max_new_tokens: keep (as cut) | drop (the conversation)
+    batch_size: int = 64  # turns sent to the engine's generate at once
+
+
+@dataclass
 class DatasetConfig:
     train_data_path: str = field(default=REQUIRED, metadata=HUB_OR_PATH)  # jsonl/json/parquet file or dir
     eval_data_path: Optional[str] = field(default=None, metadata=HUB_OR_PATH)
@@ -84,6 +100,9 @@ class DatasetConfig:
     last_turn_loss_only: bool = False  # supervise only the last assistant turn of each conversation
     num_proc: Optional[int] = None  # tokenization worker processes; null = all CPU cores
     on_bad_record: str = "error"  # one of ON_BAD_RECORD: stop at a bad record, or skip and count bad records
+    # Replace every assistant turn by the target's own reply (written to <output_dir>/regenerated/).
+    regenerate: bool = False
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass

@@ -71,6 +71,7 @@ def _check_choices(cfg: Config) -> None:
     _one_of(cfg, "mooncake.protocol", S.MOONCAKE_PROTOCOLS)
     _one_of(cfg, "inference.store", S.STORE_TYPES)
     _one_of(cfg, "model.target_model_backend", S.TARGET_MODEL_BACKENDS, optional=True)
+    _one_of(cfg, "dataset.generation.on_truncated", S.ON_TRUNCATED)
     backend = cfg.model.target_model_backend
     engine = cfg.inference.inference_engine_type
     if backend is not None and {"sglang": "sgl"}.get(backend, backend) != engine:
@@ -116,6 +117,8 @@ _POSITIVE = (
     "mooncake.local_buffer_size",
     "mooncake.max_batch_size",
     "mooncake.max_seq_len",
+    "dataset.generation.max_new_tokens",
+    "dataset.generation.batch_size",
 )
 _POSITIVE_IF_SET = (
     "training.lr_total_steps",
@@ -126,7 +129,8 @@ _POSITIVE_IF_SET = (
     "mooncake.gpu_buffer_size",
     "mooncake.hidden_dim",
 )
-_NON_NEGATIVE = ("training.min_lr", "training.weight_decay", "training.seed", "training.prefetch_depth")
+_NON_NEGATIVE = ("training.min_lr", "training.weight_decay", "training.seed", "training.prefetch_depth",
+                 "dataset.generation.temperature", "dataset.generation.top_k", "dataset.generation.seed")
 
 
 def _check_positive(cfg: Config) -> None:
@@ -152,6 +156,8 @@ def _check_ranges(cfg: Config) -> None:
             _fail(cfg, key, "must be in (0, 1]")
     if cfg.inference.sglang.pp_size != 1:
         _fail(cfg, "inference.sglang.pp_size", "pipeline parallelism is not supported; it must be 1")
+    if not 0.0 < cfg.dataset.generation.top_p <= 1.0:
+        _fail(cfg, "dataset.generation.top_p", "must be in (0, 1] (1 = off)")
     if cfg.debug.debug_inference_only and cfg.debug.debug_train_only:
         _fail(cfg, "debug.debug_train_only", "cannot be combined with debug.debug_inference_only")
     for mode in ("debug_inference_only", "debug_train_only"):

@@ -179,6 +179,10 @@ class _Run:
 
         # data, vocabulary, target facts, placement, store
         self.tokenizer = load_tokenizer(cfg)
+        if cfg.dataset.regenerate:   # the target writes the replies first; a resume or later run reuses them
+            from torchspec.inference.regenerate_job import regenerate_for_training
+
+            cfg = self.cfg = regenerate_for_training(cfg, self.tokenizer, progress=progress)
         self.samples = dataset_from_config(cfg, self.tokenizer, "train", progress=progress)
         self.target = TargetInfo.from_config(cfg)   # the target's facts, derived once
         self.target_config = self.target.config
