@@ -176,3 +176,16 @@ def test_end_to_end_cpu_run_on_image_conversations_trains_and_exports(vlm_dir, i
     draft, _ = load_exported(export)
     assert draft.fc.weight.shape == (64, 3 * 64) and conf["rope_scaling"] is None   # the draft's RoPE is 1-D
     assert aux_layer_ids_of(conf) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("module, cls, name", [("torchspec.inference.sglang", "SGLangEngine", "sgl"),
+                                               ("torchspec.inference.vllm", "VLLMEngine", "vllm")])
+def test_sgl_and_vllm_engines_refuse_image_samples_instead_of_dropping_the_images(module, cls, name):
+    import importlib
+
+    from torchspec.data.sample import Sample
+
+    engine = object.__new__(getattr(importlib.import_module(module), cls))   # no server: refused before any call
+    s = Sample("s0", torch.tensor([1, 2, 3]), torch.tensor([0, 1, 1], dtype=torch.uint8), images=("/x.png",))
+    with pytest.raises(DataError, match=f"sample s0 has 1 image\\(s\\); the {name} engine does not send images yet"):
+        engine.generate([s])

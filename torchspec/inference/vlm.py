@@ -135,6 +135,15 @@ def vision_inputs(model, target_path, trust_remote_code: bool = False) -> QwenVL
     return QwenVLInputs(model, processor)
 
 
+def refuse_images_in(samples: Sequence, engine: str) -> None:
+    """An engine that does not send images yet (sgl, vllm) refuses image samples instead of running their
+    unexpanded text (which would train the draft on sequences the target never serves)."""
+    for s in samples:
+        if getattr(s, "images", ()):
+            raise DataError(f"sample {s.sample_id} has {len(s.images)} image(s); the {engine} engine does not send "
+                            "images yet: use inference.inference_engine_type: hf for image conversations")
+
+
 def refuse_images(samples: Sequence, model) -> None:
     """A text-only target cannot run a sample that has images: one DataError naming it."""
     for s in samples:
