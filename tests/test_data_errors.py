@@ -99,7 +99,8 @@ def test_other_structure_errors(tmp_path, tiny_tokenizer):
         ('["a list"]', "must be a JSON object"),
         ({"conversations": []}, "non-empty list"),
         ({"conversations": [{"value": "hi"}]}, "neither 'role'"),
-        ({"conversations": [{"role": "user", "content": [{"type": "image_url"}]}]}, "'image_url' content part"),
+        ({"conversations": [{"role": "user", "content": [{"type": "image_url"}]}]}, "an image with no url/path"),
+        ({"conversations": [{"role": "user", "content": [{"type": "audio"}]}]}, "'audio' content part"),
         ({"conversations": [{"role": "user"}]}, "no 'content'"),
     ]
     for rec, match in cases:

@@ -53,7 +53,8 @@ def save(folder: Path, table: SampleTable, stats: Stats, meta: dict):
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"samples.pt.tmp{os.getpid()}"
     torch.save({"format": CACHE_FORMAT, "input_ids": table.input_ids, "loss_mask": table.loss_mask,
-                "offsets": table.offsets, "sample_ids": table.sample_ids, "stats": asdict(stats)}, tmp)
+                "offsets": table.offsets, "sample_ids": table.sample_ids, "stats": asdict(stats),
+                "images": table.images}, tmp)
     os.replace(tmp, folder / "samples.pt")
     (folder / "meta.json").write_text(json.dumps({**meta, "stats": asdict(stats)}, indent=2, default=str))
 
@@ -65,4 +66,5 @@ def load(folder: Path) -> tuple[SampleTable, Stats] | None:
     d = torch.load(path, weights_only=True)
     if d.get("format") != CACHE_FORMAT:
         return None
-    return SampleTable(d["input_ids"], d["loss_mask"], d["offsets"], d["sample_ids"]), Stats(**d["stats"])
+    return (SampleTable(d["input_ids"], d["loss_mask"], d["offsets"], d["sample_ids"], d.get("images")),
+            Stats(**d["stats"]))

@@ -115,6 +115,7 @@ def build_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeni
     _no_records_left(config_key, convs, bad)
     table, stats = tokenize_conversations(convs, tokenizer, template, opts, num_proc=num_proc or os.cpu_count() or 1,
                                           progress=progress)
+    table.images = {c.sample_id: c.images for c in convs if c.images}
     load_stats = Stats()
     load_stats.add_bad(bad)  # loading came first: its records are named first
     load_stats.add(stats)

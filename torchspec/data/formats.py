@@ -4,7 +4,8 @@ Each record holds a list of messages under `prompt_key` (dataset.prompt_key), in
   ShareGPT:  {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}
   OpenAI:    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
 Messages are normalised to OpenAI style: {"role": system|user|assistant|tool, "content": str}, plus
-"reasoning_content", "tool_calls", "tool_call_id" and "name" when the record has them.
+"reasoning_content", "tool_calls", "tool_call_id" and "name" when the record has them, and "images" when
+the message has image parts (or, ShareGPT, the record an "images" list): see data/multimodal.py.
 
 Every structural problem raises one DataError naming the file and line (JSONL), record (JSON list)
 or row (parquet). With dataset.on_bad_record: skip (a BadRecords passed to load_conversations), a bad
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from torchspec.data import multimodal
 from torchspec.data.errors import BadRecords, DataError, where
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -42,6 +44,11 @@ class Conversation:
     sample_id: str
     messages: list[dict]
     location: str  # "file line N", for error messages raised later (e.g. by a template)
+
+    @property
+    def images(self) -> tuple[str, ...]:
+        """The conversation's images in rendering order (checked references; see data/multimodal.py)."""
+        return multimodal.conversation_images(self.messages)
 
 
 def resolve_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
@@ -169,8 +176,9 @@ def _iter_parquet(path: Path):
             yield where(path, row, "row"), rec
 
 
-def normalize_messages(record, prompt_key: str, loc: str) -> list[dict]:
-    """The record's messages in our normalised form (see the module docstring)."""
+def normalize_messages(record, prompt_key: str, loc: str, base_dir: Path | None = None) -> list[dict]:
+    """The record's messages in our normalised form (see the module docstring). Relative image paths are
+    relative to `base_dir` (the data file's folder)."""
     if not isinstance(record, dict):
         raise DataError(f"{loc}: a record must be a JSON object, got {type(record).__name__}")
     msgs = record.get(prompt_key)
@@ -181,10 +189,12 @@ def normalize_messages(record, prompt_key: str, loc: str) -> list[dict]:
                         f"the record's fields are {sorted(record)}")
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{loc}: {prompt_key!r} must be a non-empty list of messages")
-    return [_normalize_message(m, i, loc) for i, m in enumerate(msgs, start=1)]
+    out = [_normalize_message(m, i, loc, base_dir) for i, m in enumerate(msgs, start=1)]
+    multimodal.place_record_images(record, out, loc, base_dir)
+    return out
 
 
-def _normalize_message(m, i: int, loc: str) -> dict:
+def _normalize_message(m, i: int, loc: str, base_dir: Path | None = None) -> dict:
     if not isinstance(m, dict):
         raise DataError(f"{loc}: message {i} must be an object, got {type(m).__name__}")
     raw_role = m.get("role") if m.get("role") is not None else m.get("from")
@@ -195,17 +205,21 @@ def _normalize_message(m, i: int, loc: str) -> dict:
         raise DataError(f"{loc}: message {i} has unknown role {raw_role!r}; "
                         f"known roles: {', '.join(sorted(ROLE_ALIASES))}")
     content = m.get("content") if m.get("content") is not None else m.get("value")
-    out = {"role": role, "content": _text(content, i, loc)}
+    images: list[str] = []
+    out = {"role": role, "content": _text(content, i, loc, images, base_dir)}
     for k in _EXTRA_FIELDS:
         if m.get(k) is not None:
             out[k] = m[k]
+    if images:
+        out["images"] = images
+        multimodal.check_image_role(out, i, loc)
     if content is None and role != "assistant" and "tool_calls" not in out:
         raise DataError(f"{loc}: message {i} ({raw_role}) has no 'content'/'value'")
     return out
 
 
-def _text(content, i: int, loc: str) -> str:
-    text = _raw_text(content, i, loc)
+def _text(content, i: int, loc: str, images: list | None = None, base_dir: Path | None = None) -> str:
+    text = _raw_text(content, i, loc, [] if images is None else images, base_dir)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:   # JSON escapes can spell a lone UTF-16 surrogate ("\ud83d")
@@ -214,23 +228,37 @@ def _text(content, i: int, loc: str) -> str:
     return text
 
 
-def _raw_text(content, i: int, loc: str) -> str:
+def _raw_text(content, i: int, loc: str, images: list, base_dir: Path | None) -> str:
+    """The message's text; each image part becomes multimodal.IMAGE_MARK and its checked reference is
+    appended to `images`."""
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return _no_mark(content, i, loc)
     if isinstance(content, list):  # OpenAI content parts
         texts = []
         for part in content:
             if isinstance(part, dict) and part.get("type") == "text":
-                texts.append(str(part.get("text", "")))
+                texts.append(_no_mark(str(part.get("text", "")), i, loc))
             elif isinstance(part, str):
-                texts.append(part)
+                texts.append(_no_mark(part, i, loc))
+            elif (url := multimodal.image_part_url(part)) is not None or \
+                    (isinstance(part, dict) and part.get("type") in ("image_url", "image")):
+                images.append(multimodal.resolve_image(url, base_dir, loc, f"message {i}"))
+                texts.append(multimodal.IMAGE_MARK)
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise DataError(f"{loc}: message {i} has a {kind!r} content part; only text is supported")
+                raise DataError(f"{loc}: message {i} has a {kind!r} content part; "
+                                "text and image_url parts are supported")
         return "".join(texts)
-    raise DataError(f"{loc}: message {i} content must be a string or a list of text parts")
+    raise DataError(f"{loc}: message {i} content must be a string or a list of text/image parts")
+
+
+def _no_mark(text: str, i: int, loc: str) -> str:
+    if multimodal.IMAGE_MARK in text:
+        raise DataError(f"{loc}: message {i} contains the private-use character U+E000, which marks images "
+                        "internally; remove it from the text")
+    return text
 
 
 def load_conversations(files: Sequence[Path], prompt_key: str, digests: Sequence[str] | None = None,
@@ -254,7 +282,8 @@ def load_conversations(files: Sequence[Path], prompt_key: str, digests: Sequence
             if rec is SKIPPED:
                 continue
             try:
-                out.append(Conversation(f"{prefix}-{n - 1}", normalize_messages(rec, prompt_key, loc), loc))
+                out.append(Conversation(f"{prefix}-{n - 1}", normalize_messages(rec, prompt_key, loc, f.parent),
+                                        loc))
             except DataError as e:
                 bad.handle(e)
         if n == 0:

@@ -16,11 +16,14 @@ class Sample:
     input_ids: LongTensor[T].
     loss_mask: uint8 Tensor[T]; 1 on the tokens the draft is trained to predict
         (assistant content + end-of-turn token), 0 on system/user/template scaffolding.
+    images: the conversation's image references in order (data/multimodal.py), one per image placeholder in
+        input_ids (before the engine expands them); empty for text.
     """
 
     sample_id: str
     input_ids: torch.Tensor
     loss_mask: torch.Tensor
+    images: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -30,13 +33,15 @@ class SampleTable:
     """Many samples stored as flat token buffers (what the cache holds); a read-only sequence of Sample.
 
     Indexing returns a Sample that owns its tensors (int64 input_ids, uint8 loss_mask), so saving or
-    sending one sample never drags the whole table along.
+    sending one sample never drags the whole table along. `images` maps the id of a sample with images to
+    its image references.
     """
 
     def __init__(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, offsets: torch.Tensor,
-                 sample_ids: list[str]):
+                 sample_ids: list[str], images: dict[str, tuple[str, ...]] | None = None):
         assert offsets.shape[0] == len(sample_ids) + 1 and input_ids.shape == loss_mask.shape
         self.input_ids, self.loss_mask, self.offsets, self.sample_ids = input_ids, loss_mask, offsets, sample_ids
+        self.images = dict(images or {})
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -49,8 +54,9 @@ class SampleTable:
         if not 0 <= i < len(self):
             raise IndexError(i)
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return Sample(self.sample_ids[i], self.input_ids[a:b].to(torch.long),
-                      self.loss_mask[a:b].to(torch.uint8, copy=True))
+        sid = self.sample_ids[i]
+        return Sample(sid, self.input_ids[a:b].to(torch.long), self.loss_mask[a:b].to(torch.uint8, copy=True),
+                      images=tuple(self.images.get(sid, ())))
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

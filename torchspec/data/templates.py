@@ -25,7 +25,14 @@ part of the reply).
   llama3     Llama 3 headers, `<|eot_id|>`; tool results use the `ipython` role
   kimi-k25   Kimi-K2.5: `<|im_assistant|>assistant<|im_middle|>`, `<think>` opens every assistant
              turn (in the generation prompt, so scaffolding); earlier turns' reasoning is stripped
+  kimi-k25-vlm  kimi-k25 with Kimi-K2.5's image block (below)
   plain      "User: ...\nAssistant: ...<eos>\n" for tokenizers without a template
+
+Images (data/multimodal.py): a template with an `image_placeholder` writes it where each image sits in a
+system/user/tool turn (scaffolding: never supervised); the engine expands it to the image's tokens.
+  qwen, qwen3    `<|vision_start|><|image_pad|><|vision_end|>` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+  kimi-k25-vlm   `<|media_begin|>image<|media_content|><|media_pad|><|media_end|>` + newline (Kimi-K2.5)
+The others (llama3, kimi-k25, plain, tokenizer) have none: a conversation with images is a DataError.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import re
 
 from torchspec.config.schema import CHAT_TEMPLATES
 from torchspec.data.errors import DataError
+from torchspec.data.multimodal import with_placeholders
 
 
 class _Builder:
@@ -92,9 +100,14 @@ def _last_user_index(messages: list[dict]) -> int:
 
 class ChatTemplate:
     name = ""
+    image_placeholder: str | None = None   # what stands for one image in the rendered text (None: no images)
 
     def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         raise NotImplementedError
+
+    def render_conversation(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """render(), with each image of the conversation written as this template's image_placeholder."""
+        return self.render(with_placeholders(messages, self.image_placeholder, self.name))
 
     def identity(self) -> str:
         """What the tokenization cache key records about this template."""
@@ -103,6 +116,8 @@ class ChatTemplate:
 
 class QwenTemplate(ChatTemplate):
     """ChatML. `qwen3=True` applies Qwen3's think-block rules (see the module docstring)."""
+
+    image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
 
     def __init__(self, qwen3: bool = False):
         self.qwen3 = qwen3
@@ -196,6 +211,13 @@ class KimiK25Template(ChatTemplate):
                 b.add("<think></think>")  # the non-thinking generation prompt ends with it
                 b.add(answer + self.END, supervised=True)
         return b.result()
+
+
+class KimiK25VLTemplate(KimiK25Template):
+    """Kimi-K2.5 with images: one media block per image (a single `<|media_pad|>` the engine expands)."""
+
+    name = "kimi-k25-vlm"
+    image_placeholder = "<|media_begin|>image<|media_content|><|media_pad|><|media_end|>\n"
 
 
 class PlainTemplate(ChatTemplate):
@@ -389,7 +411,7 @@ NAMED = {
     "qwen3": lambda tok: QwenTemplate(qwen3=True),
     "llama3": lambda tok: Llama3Template(),
     "kimi-k25": lambda tok: KimiK25Template(),
-    "kimi-k25-vlm": lambda tok: KimiK25Template(),  # the original TorchSpec's name (text only here)
+    "kimi-k25-vlm": lambda tok: KimiK25VLTemplate(),
     "plain": lambda tok: PlainTemplate(_eos_token(tok)),
 }
 TEMPLATE_NAMES = ("tokenizer",) + tuple(NAMED)

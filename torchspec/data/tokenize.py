@@ -117,7 +117,7 @@ class Stats:
 
 def render(template: ChatTemplate, conv: Conversation, last_turn_loss_only: bool):
     try:
-        text, spans = template.render(conv.messages)
+        text, spans = template.render_conversation(conv.messages)
     except DataError as e:
         raise DataError(f"{conv.location}: {e}") from None
     return text, (spans[-1:] if last_turn_loss_only else spans)
@@ -128,7 +128,8 @@ def tokenize_many(convs: list[Conversation], encoder: Encoder, template: ChatTem
     """Conversations -> Samples in one encoder call (a loss mask may be all zero; callers decide to drop it)."""
     encoded = encoder.encode([render(template, c, opts.last_turn_loss_only) for c in convs])
     n = opts.max_seq_length
-    return [Sample(c.sample_id, torch.from_numpy(ids[:n].astype(np.int64)), torch.from_numpy(mask[:n].copy()))
+    return [Sample(c.sample_id, torch.from_numpy(ids[:n].astype(np.int64)), torch.from_numpy(mask[:n].copy()),
+                   images=c.images)
             for c, (ids, mask) in zip(convs, encoded)]
 
 

@@ -4,7 +4,8 @@ One forward of the target's base model (the lm_head never runs) per batch of sam
 Forward hooks on the configured decoder layers capture their outputs (our id k = output of decoder
 layer k = transformers ``hidden_states[k + 1]``), so only those layers are kept, not all L of them.
 The final, post-norm hidden state is the base model's ``last_hidden_state``. Each sample's record
-(docs/interfaces.md) goes to the Store under its sample id.
+(docs/interfaces.md) goes to the Store under its sample id. A vision-language target (inference/vlm.py)
+runs its images through its processor and its records are of the expanded token sequence.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 # TargetLoadError and resolve_aux_layers (TargetInfo's aux-layer rule) stay importable from here for existing callers.
 from torchspec.config.target import TargetInfo, TargetLoadError, resolve_aux_layers  # noqa: F401
+from torchspec.inference import vlm
 from torchspec.inference.base import StoredSample, compute_dtype, put_record
 
 
@@ -27,8 +29,11 @@ def load_target(path: str, dtype: torch.dtype, device: torch.device | str, trust
     # Straight onto the GPU (no full copy in host memory first); on CPU the default placement.
     placement = {"device_map": str(device)} if device.type == "cuda" else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     **placement)
+        if vlm.is_vlm_dir(path):
+            model = vlm.load_vlm(path, dtype, trust_remote_code, **placement)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         **placement)
     except Exception as e:  # user-caused: wrong path / id, or a model needing trust_remote_code
         where = "a local directory" if os.path.isdir(str(path)) else "not a local directory; tried it as a hub id"
         raise TargetLoadError(
@@ -79,7 +84,8 @@ PAD_WASTE = 1.25   # a forward batch computes at most this many (padded) tokens 
 
 
 class HFEngine:
-    def __init__(self, model, store, aux_layers: Sequence[int] | None = None, batch_size: int = 1):
+    def __init__(self, model, store, aux_layers: Sequence[int] | None = None, batch_size: int = 1,
+                 vision: "vlm.QwenVLInputs | None" = None):
         self.model = model
         self.store = store
         self.batch_size = batch_size
@@ -87,6 +93,7 @@ class HFEngine:
         self.aux_layers = list(TargetInfo.from_target_config(model.config, aux_layers).aux_layers)
         self.device = next(model.parameters()).device
         self.capture = AuxCapture(self.base, self.aux_layers)
+        self.vision = vision   # a VLM target's image side (None: text only)
 
     @classmethod
     def from_config(cls, cfg, store, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
@@ -96,7 +103,8 @@ class HFEngine:
         model = load_target(cfg.model.target_model_path, dtype, device,
                             trust_remote_code=bool(cfg.model.trust_remote_code))
         return cls(model, store, aux_layers=cfg.inference.aux_hidden_states_layers,
-                   batch_size=cfg.inference.inference_batch_size)
+                   batch_size=cfg.inference.inference_batch_size,
+                   vision=vlm.vision_inputs(model, cfg.model.target_model_path, bool(cfg.model.trust_remote_code)))
 
     @torch.inference_mode()
     def _forward(self, samples) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +116,11 @@ class HFEngine:
             ids[i, :lengths[i]] = s.input_ids
             mask[i, :lengths[i]] = 1
         self.capture.clear()
-        out = self.base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+        runner, extra = self.base, {}
+        if self.vision is not None:
+            runner, extra = self.vision.runner, self.vision.forward_inputs(samples, ids, self.device,
+                                                                            self.model.dtype)
+        out = runner(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False, **extra)
         return self.capture.take(), out.last_hidden_state
 
     def chunks(self, samples: Sequence) -> list[list]:
@@ -128,6 +140,10 @@ class HFEngine:
         return out
 
     def generate(self, samples: Sequence) -> list[StoredSample]:
+        if self.vision is None:
+            vlm.refuse_images(samples, self.model)
+        else:   # records of the expanded sequence (inference/vlm.py)
+            samples = [self.vision.expand(s) for s in samples]
         done: dict[str, StoredSample] = {}
         for chunk in self.chunks(samples):
             aux, final = self._forward(chunk)

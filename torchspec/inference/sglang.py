@@ -275,6 +275,9 @@ class SGLangEngine:
         return hs
 
     def generate(self, samples: Sequence) -> list[StoredSample]:
+        from torchspec.inference.vlm import refuse_images_in
+
+        refuse_images_in(samples, "sgl")
         if not samples:
             return []
         outs = self.llm.generate(input_ids=[s.input_ids.tolist() for s in samples],

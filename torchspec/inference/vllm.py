@@ -292,6 +292,9 @@ class VLLMEngine:
 
     @torch.inference_mode()
     def generate(self, samples: Sequence) -> list[StoredSample]:
+        from torchspec.inference.vlm import refuse_images_in
+
+        refuse_images_in(samples, "vllm")
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)

@@ -110,3 +110,49 @@ def make_tiny_target(out_dir: str | os.PathLike, arch: str = "qwen3", seed: int 
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(str(out_dir))
     return model, tokenizer
+
+
+# Qwen-VL's vision tokens, added to a tiny tokenizer by make_tiny_vlm.
+QWEN_VL_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+
+
+def make_tiny_vlm(out_dir: str | os.PathLike, seed: int = 0, tokenizer=None, hidden_size: int = 64,
+                  num_hidden_layers: int = 4, min_pixels: int = 4 * 28 * 28, max_pixels: int = 16 * 28 * 28):
+    """A random tiny Qwen2-VL target in `out_dir`: model (vision tower of depth 1), tokenizer with Qwen-VL's
+    vision tokens added, and a Qwen2-VL image processor (saved as preprocessor_config.json).
+    Returns (model, tokenizer, image_processor). Images become 4..16 merged tokens with these pixel bounds."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    try:
+        from transformers import Qwen2VLImageProcessorPil as ImageProcessor   # no torchvision needed
+    except ImportError:  # older transformers: the slow processor is the PIL one
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        train_tokenizer(out_dir, vocab_size=512)
+    else:
+        tokenizer.save_pretrained(str(out_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))   # a private copy: the caller's is not changed
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_TOKENS})
+    start, pad, end, video = tokenizer.convert_tokens_to_ids(QWEN_VL_TOKENS)
+    heads = 4
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=heads, num_key_value_heads=2,
+                         max_position_embeddings=4096, tie_word_embeddings=False,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         bos_token_id=2, eos_token_id=5, pad_token_id=1),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=pad, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    processor = ImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    processor.save_pretrained(str(out_dir))
+    return model, tokenizer, processor
