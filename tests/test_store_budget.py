@@ -213,3 +213,18 @@ def test_data_state_round_trips_through_training(tmp_path):
     assert sorted(first[23:] + rest) == sorted(s.sample_id for s in data)   # epoch 2: each sample once
     assert len(first) == 29 and not set(first[23:]) & set(rest)
     b.shutdown()
+
+
+# -- the driver's lists ---------------------------------------------------------------------------------------
+def test_run_result_lists_stay_bounded(tmp_path, tiny_target_dir, monkeypatch):
+    """RunResult.trained and .losses keep the most recent entries, not the whole run (24 samples, 12 steps: with a
+    bound of 5 at most 10 stay, the newest last); the pool's history is a window, its peak is kept."""
+    from pipeline_helpers import tiny_run_config
+    from torchspec.pipeline import runner
+
+    monkeypatch.setattr(runner, "TRAINED_KEPT", 5)
+    r = runner.run_training(tiny_run_config(tmp_path, tiny_target_dir), progress=False)
+    assert r.global_step == 12
+    assert 5 <= len(r.trained) <= 10 and r.trained[-1][0] == 12
+    assert 5 <= len(r.losses) <= 10 and [s for s, _ in r.losses] == list(range(13 - len(r.losses), 13))
+    assert r.pool_peak == max(r.pool_sizes) and 0 < r.store_peak_bytes
