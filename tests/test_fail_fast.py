@@ -78,7 +78,7 @@ def _run_expecting_failure(cfg, match: str, monkeypatch, **kw):
     from torchspec.pipeline.runner import run_training
 
     built, build_store = [], factory.build_store
-    monkeypatch.setattr(factory, "build_store", lambda c: built.append(build_store(c)) or built[-1])
+    monkeypatch.setattr(factory, "build_store", lambda c, *a: built.append(build_store(c, *a)) or built[-1])
     t0 = time.monotonic()
     with pytest.raises(WorkerFailure, match=match) as err:
         run_training(cfg, progress=False, **kw)

@@ -72,7 +72,7 @@ def test_two_nodes_auto_store_is_mooncake_weights_equal_local(tmp_path, tiny_tar
     cfg.mooncake.local_buffer_size = STAGING
 
     built, build_store = [], factory.build_store
-    monkeypatch.setattr(factory, "build_store", lambda c: built.append(build_store(c)) or built[-1])
+    monkeypatch.setattr(factory, "build_store", lambda c, *a: built.append(build_store(c, *a)) or built[-1])
     children = child_pids()                       # the Ray cluster's processes and our master
     t0 = time.monotonic()
     ray_run, started, engine_files = run_recording_placement(cfg, tmp_path / "engines", monkeypatch)

@@ -41,21 +41,24 @@ def _cfg(capacity, *, batch=8, mbs=2, seq=128, colocate=False, pool=64):
     return cfg
 
 
-def test_capacity_below_a_step_plus_the_engines_batches_is_refused_naming_the_keys():
+def test_capacity_below_a_step_is_refused_naming_the_keys():
+    """The controller admits by bytes (the engines' batches are counted before they are put), so what the store
+    must hold is one step of the longest records, whatever the engines' batch or the pool's size."""
     one = record_bytes(128, 64, 3, torch.float32)
-    need = 2 * 2 + (8 - 1) * 3                      # micro-batch 2 x 2 ranks + (batch 8 - 1) x 3 engines = 25
-    check_store_capacity(_cfg(need * one), 64, 3, torch.float32, num_engines=3, num_ranks=2)   # exactly enough
+    need = 2 * 2                                    # micro-batch 2 x 2 ranks
+    check_store_capacity(_cfg(need * one), 64, 3, torch.float32, num_ranks=2)   # exactly enough
     with pytest.raises(ConfigError) as e:
-        check_store_capacity(_cfg(need * one - 1), 64, 3, torch.float32, num_engines=3, num_ranks=2)
+        check_store_capacity(_cfg(need * one - 1), 64, 3, torch.float32, num_ranks=2)
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith(f"inference.store_capacity={(need * one - 1) / 2**20:.1f} MB holds 24 record(s) but the "
-                          "run may need 25 at once: a step's training.micro_batch_size=2 x 2 rank(s) plus "
-                          "inference.inference_batch_size=8 - 1 for each of 3 engine(s) (one record of "
+    assert msg.startswith(f"inference.store_capacity={(need * one - 1) / 2**20:.1f} MB holds 3 record(s) but a "
+                          "step needs 4: training.micro_batch_size=2 x 2 rank(s) (one record of "
                           "training.max_seq_length=128 tokens is 0.1 MB (target hidden size 64, 3 aux layers")
-    assert re.search(r"raise inference.store_capacity to at least [\d.]+ MB, or lower inference.inference_batch_size, "
-                     r"training.micro_batch_size or training.max_seq_length$", msg)
-    check_store_capacity(_cfg(None), 64, 3, torch.float32, num_engines=3, num_ranks=2)   # null: no bound
+    assert re.search(r"raise inference.store_capacity to at least [\d.]+ MB, or lower training.micro_batch_size or "
+                     r"training.max_seq_length$", msg)
+    check_store_capacity(_cfg(None), 64, 3, torch.float32, num_ranks=2)   # null and not measured: no bound
+    # a colocated run's pool of 11 no longer has to fit: the controller stops feeding at the budget
+    check_store_capacity(_cfg(10 * one, colocate=True, pool=11), 64, 3, torch.float32, num_ranks=1)
 
 
 def test_one_record_larger_than_the_store_is_refused():
@@ -63,31 +66,22 @@ def test_one_record_larger_than_the_store_is_refused():
                                           r"training.max_seq_length=4096 tokens is 8.0 MB \(target hidden size 256, "
                                           r"3 aux layers \+ the final one, bfloat16\); raise inference.store_capacity "
                                           r"to at least 8.0 MB or lower training.max_seq_length$"):
-        check_store_capacity(_cfg(2**20, seq=4096), 256, 3, torch.bfloat16, num_engines=1, num_ranks=1)
-
-
-def test_colocated_store_must_hold_the_pool():
-    one = record_bytes(128, 64, 3, torch.float32)
-    check_store_capacity(_cfg(10 * one, colocate=True, pool=10), 64, 3, torch.float32, num_engines=1, num_ranks=1)
-    with pytest.raises(ConfigError, match=r"may need 11 at once: the pool's inference.max_sample_pool_size=11 "):
-        check_store_capacity(_cfg(10 * one, colocate=True, pool=11), 64, 3, torch.float32, num_engines=1,
-                             num_ranks=1)
+        check_store_capacity(_cfg(2**20, seq=4096), 256, 3, torch.bfloat16, num_ranks=1)
 
 
 def test_the_issue_config_fails_at_start_in_one_line(tmp_path, tiny_target_dir, capsys):
-    """store_capacity 1MB with an inference batch of 8 (the tiny target: H=64, 3 aux layers, float32 on CPU):
-    before, no step and no log for 10 minutes, then a StoreFull traceback; now exit 2 at once."""
+    """A store that cannot hold one step (the tiny target: H=64, 3 aux layers, float32 on CPU; 128 tokens): before,
+    no step and no log for 10 minutes, then a StoreFull traceback; now exit 2 at once."""
     from pipeline_helpers import config_file, tiny_run_config
     from torchspec.train_entry import main
 
     cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=1)
     config = config_file(cfg, tmp_path / "config")
-    assert main(["--config", str(config), "inference.store_capacity=1MB", "inference.inference_batch_size=8",
+    assert main(["--config", str(config), "inference.store_capacity=200000", "inference.inference_batch_size=8",
                  "inference.max_sample_pool_size=16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("config error: inference.store_capacity=1.0 MB holds 7 record(s) but the run may need "
-                              "9 at once: a step's training.micro_batch_size=2 x 1 rank(s) plus "
-                              "inference.inference_batch_size=8 - 1 for each of 1 engine(s)"), err[-1]
+    assert err[-1].startswith("config error: inference.store_capacity=0.2 MB holds 1 record(s) but a step needs 2: "
+                              "training.micro_batch_size=2 x 1 rank(s)"), err[-1]
     assert not any("Traceback" in ln for ln in err)
     assert not list((tmp_path / "out").glob("checkpoints/*"))
 

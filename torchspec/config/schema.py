@@ -50,6 +50,10 @@ REPORT_TO = ("none", "wandb", "tensorboard")
 MOONCAKE_PROTOCOLS = ("tcp", "rdma")
 # Where hidden states go: "auto" = local unless the run spans several nodes (then mooncake).
 STORE_TYPES = ("auto", "local", "mooncake", "memory")
+# inference.store_capacity: null = this share of what is free when the run starts, where the store keeps records:
+# the local store's filesystem (/dev/shm), or for the memory store the device's free memory (the target and the
+# draft are loaded after it is measured, hence the smaller share). Mooncake: bounded by its segment instead.
+STORE_CAPACITY_SHARE = {"local": 0.5, "memory": 0.25}
 # model.target_model_backend is the original TorchSpec's name for the engine type.
 TARGET_MODEL_BACKENDS = ("hf", "sglang", "sgl", "vllm")
 
@@ -196,8 +200,9 @@ class InferenceConfig:
     # Who places the engines: local (processes on this machine) or ray (one Ray actor per engine;
     # always used when the run spans several nodes).
     launcher: str = "local"
-    # Bytes of hidden states the store (local or mooncake) may hold; null = bounded by max_sample_pool_size
-    # (and, for mooncake, the segment size) only.
+    # Bytes of hidden states the store may hold; the controller stops feeding engines before the records of the
+    # pool, the engines' batches and the sets taken would pass it. null = a share of the free space
+    # (STORE_CAPACITY_SHARE) for local and memory; for mooncake, the segment size bounds it.
     store_capacity: Optional[int] = field(default=None, metadata=SIZE)
     # The hidden-state store: auto | local (shared memory, one node) | mooncake (any node; the `mooncake` section).
     store: str = "auto"

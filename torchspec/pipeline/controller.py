@@ -12,25 +12,34 @@ a `Store`. Flow, per epoch:
        `inference_buffer_threshold` samples and the pool has room
     -> finished samples enter the pool (FIFO); samples being generated count against the pool's
        bound, so the pool never exceeds `max_sample_pool_size` (engines pause: backpressure)
+    -> with a byte budget (`store_capacity`, `record_bytes`), a prompt is also given to an engine only when
+       the records of the pool, of the engines' batches and of the sets taken (read ahead or training) stay
+       within it with the new record's bytes added: the store never holds more than the budget, whatever
+       the lengths
     -> `next_micro_batches()` takes `micro_batch_size` samples per trainer rank (a "set"); sets may be
        taken ahead of training (the trainer's read-ahead, training.prefetch_depth)
     -> `mark_trained()` deletes a set's keys from the store and records their ids (sets in the order
        they were taken).
 
 An epoch ends once all its samples are trained; the last micro-batches of an epoch may be short.
-`data_state()` = {"epoch", "trained_ids"} resumes with no sample skipped or repeated.
+`data_state()` (training/data_state.py: the epoch and ranges of trained positions in its order) resumes
+with no sample skipped or repeated. The driver's state is bounded: the trained positions are a prefix and
+the few trained ahead of it; pool statistics keep a window (`POOL_HISTORY`) and the peaks.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from torchspec.config.errors import ConfigError
 from torchspec.inference.base import StoredSample
+from torchspec.training import data_state as ds
 from torchspec.transfer.base import StoreUnavailable
 
 
@@ -58,17 +67,23 @@ def epoch_order(sample_ids: Sequence[str], seed: int, epoch: int) -> list[str]:
     return ids
 
 
+POOL_HISTORY = 4096   # pool sizes kept (the most recent), so a long run's driver does not grow
+
+
 @dataclass
 class PoolStats:
-    times: list[float] = field(default_factory=list)
-    sizes: list[int] = field(default_factory=list)
+    times: deque = field(default_factory=lambda: deque(maxlen=POOL_HISTORY))
+    sizes: deque = field(default_factory=lambda: deque(maxlen=POOL_HISTORY))
+    peak_size: int = 0      # over the whole run
+    peak_bytes: int = 0     # records of pool + engines' batches + sets taken (with a byte budget)
 
 
 class Controller:
     def __init__(self, samples: Sequence, engines: EngineGroup, store, *, micro_batch_size: int,
                  num_ranks: int = 1, num_epochs: int = 1, max_sample_pool_size: int,
                  inference_batch_size: int, inference_buffer_threshold: int, inference_fetch_batch: int = 1,
-                 seed: int = 0, data_state: dict | None = None):
+                 seed: int = 0, data_state: dict | None = None, store_capacity: int | None = None,
+                 record_bytes: Callable[[int], int] | None = None):
         if max_sample_pool_size < micro_batch_size * num_ranks:
             raise ConfigError(
                 f"inference.max_sample_pool_size={max_sample_pool_size} must hold at least one micro-batch per "
@@ -93,6 +108,10 @@ class Controller:
         self.threshold = inference_buffer_threshold
         self.fetch_batch = max(1, int(inference_fetch_batch))
         self.seed = seed
+        # the byte budget: record_bytes(n) = the store's bytes for a record of n tokens
+        self.capacity = store_capacity if record_bytes is not None else None
+        self._bytes = functools.lru_cache(maxsize=8192)(record_bytes) if record_bytes is not None else None
+        self.pool_bytes = self.in_flight_bytes = self.taken_bytes = 0
 
         self.pool: deque[StoredSample] = deque()
         self.in_flight = [0] * engines.num_workers     # samples queued on each worker
@@ -105,24 +124,38 @@ class Controller:
         self.samples_generated = 0
         self.tokens_generated = 0
 
-        state = data_state or {"epoch": 0, "trained_ids": []}
+        self.digest = ds.ids_digest(self.index)
+        self.pos_of = array("q", bytes(8 * len(self.index)))   # dataset index -> position in the epoch order
+        state = data_state or {"epoch": 0}
         self.epoch = int(state["epoch"])
-        self.trained_ids: list[str] = list(state["trained_ids"])
-        self._start_epoch(skip=set(self.trained_ids))
+        self._start_epoch(state)
 
     # -- state ------------------------------------------------------------------------------------
-    def _start_epoch(self, skip: set[str] = frozenset()) -> None:
-        unknown = skip - self.index.keys()
-        if unknown:
-            raise ValueError(f"the resumed data state names {len(unknown)} sample ids not in this dataset "
-                             f"(e.g. {sorted(unknown)[0]!r}); resume with the same dataset")
+    def _start_epoch(self, state: dict | None = None) -> None:
         order = epoch_order(list(self.index), self.seed, self.epoch) if self.epoch < self.num_epochs else []
-        self.prompts: deque[str] = deque(i for i in order if i not in skip)
+        self.trained = ds.trained_positions(state, order, self.digest) if state and order else ds.TrainedPositions()
+        for p, sid in enumerate(order):
+            self.pos_of[self.index[sid]] = p
+        self.prompts: deque[str] = deque(sid for p, sid in enumerate(order) if p not in self.trained)
         self.staged: deque = deque()   # samples taken from `prompts`, not yet given to an engine
         self.remaining = len(self.prompts)   # samples of this epoch not yet trained
 
     def data_state(self) -> dict:
-        return {"epoch": self.epoch, "trained_ids": list(self.trained_ids)}
+        return ds.encode(self.epoch, len(self.index), self.digest, self.trained)
+
+    def trained_ids(self) -> list[str]:
+        """The ids trained in the current epoch, in its order (for tests and tools; O(epoch) to build)."""
+        order = epoch_order(list(self.index), self.seed, self.epoch) if self.epoch < self.num_epochs else []
+        return [sid for p, sid in enumerate(order) if p in self.trained]
+
+    def store_bytes(self) -> int:
+        """Bytes of the records this controller has asked for and not yet deleted (with a byte budget)."""
+        return self.pool_bytes + self.in_flight_bytes + self.taken_bytes
+
+    def _nbytes(self, samples) -> int:
+        if self._bytes is None:
+            return 0
+        return sum(self._bytes(s.length if isinstance(s, StoredSample) else len(s)) for s in samples)
 
     @property
     def finished(self) -> bool:
@@ -132,33 +165,53 @@ class Controller:
         return len(self.pool)
 
     def _record_pool(self) -> None:
-        self.pool_stats.times.append(time.monotonic())
-        self.pool_stats.sizes.append(len(self.pool))
+        st = self.pool_stats
+        st.times.append(time.monotonic())
+        st.sizes.append(len(self.pool))
+        st.peak_size = max(st.peak_size, len(self.pool))
+        st.peak_bytes = max(st.peak_bytes, self.store_bytes())
 
     # -- inference side ---------------------------------------------------------------------------
     def _undelivered(self) -> int:
         return len(self.prompts) + len(self.staged) + sum(self.in_flight)
 
-    def _take_prompts(self, n: int) -> list:
-        """The next n samples of the epoch order, staged `inference_fetch_batch` at a time."""
+    def _stage(self, n: int) -> None:
+        """At least n samples staged (fewer at the epoch's end), taken `inference_fetch_batch` at a time."""
         while len(self.staged) < n and self.prompts:
             ids = [self.prompts.popleft() for _ in range(min(self.fetch_batch, len(self.prompts)))]
             many = getattr(self.samples, "take", None)   # LazySamples tokenizes a fetch together
             idx = [self.index[i] for i in ids]
             self.staged.extend(many(idx) if many is not None else (self.samples[i] for i in idx))
-        return [self.staged.popleft() for _ in range(min(n, len(self.staged)))]
+
+    def _fitting(self, n: int) -> int:
+        """How many of the next n staged samples fit in the byte budget together (n without one)."""
+        if self.capacity is None:
+            return n
+        room, k = self.capacity - self.store_bytes(), 0
+        while k < n:
+            room -= self._nbytes((self.staged[k],))
+            if room < 0:
+                break
+            k += 1
+        return k
 
     def _feed(self) -> None:
-        """Give work to every engine whose queue is below the threshold, while the pool has room."""
+        """Give work to every engine whose queue is below the threshold, while the pool has room (in samples,
+        and in bytes with a budget)."""
         for w in range(self.engines.num_workers):
             while (self.prompts or self.staged) and self.in_flight[w] < self.threshold:
                 room = self.max_pool - len(self.pool) - sum(self.in_flight)
                 n = min(self.batch_size, len(self.prompts) + len(self.staged), room)
                 if n <= 0:
                     return
-                batch = self._take_prompts(n)
+                self._stage(n)
+                n = self._fitting(min(n, len(self.staged)))
+                if n <= 0:
+                    return
+                batch = [self.staged.popleft() for _ in range(n)]
                 self.engines.submit(w, batch)
                 self.in_flight[w] += n
+                self.in_flight_bytes += self._nbytes(batch)
                 self.in_flight_ids.update(s.sample_id for s in batch)
 
     def _collect(self, timeout: float) -> None:
@@ -166,6 +219,9 @@ class Controller:
             self.in_flight[w] -= len(stored)
             self.in_flight_ids.difference_update(s.sample_id for s in stored)
             self.pool.extend(stored)
+            nbytes = self._nbytes(stored)
+            self.in_flight_bytes -= nbytes
+            self.pool_bytes += nbytes
             self.samples_generated += len(stored)
             self.tokens_generated += sum(s.length for s in stored)
             self._record_pool()
@@ -195,10 +251,19 @@ class Controller:
                 raise RuntimeError("controller: epoch has no samples left but was not advanced")
             if not wait:
                 return None
+            if self.capacity is not None and not any(self.in_flight):   # the budget keeps the next prompt out
+                raise RuntimeError(
+                    f"controller: the store's byte budget ({self.capacity} bytes) is full ({self.store_bytes()} "
+                    f"bytes: the pool holds {len(self.pool)} of the {want} samples of a set, {len(self.outstanding)} "
+                    "set(s) taken are not trained), so no set can come: train the sets taken (mark_trained), or "
+                    "give a budget that holds a set of the longest records (transfer.capacity.check_store_capacity)")
             self._collect(timeout=1.0)
         if wait:
             self.data_wait_s += time.monotonic() - t0
         take = [self.pool.popleft() for _ in range(min(want, len(self.pool)))]
+        nbytes = self._nbytes(take)
+        self.pool_bytes -= nbytes
+        self.taken_bytes += nbytes
         self._record_pool()
         self._feed()   # refill now, so the engines work while the trainer trains
         # Deal micro-batches out rank by rank: rank r gets take[r*mbs:(r+1)*mbs]; a short tail is
@@ -221,11 +286,11 @@ class Controller:
             for s in mb:
                 self.store.delete(s.key)
                 self.dispatched.pop(s.key)
-                self.trained_ids.append(s.sample_id)
+                self.trained.add(self.pos_of[self.index[s.sample_id]])
                 self.remaining -= 1
+            self.taken_bytes -= self._nbytes(mb)
         if self.remaining == 0:
             self.epoch += 1
-            self.trained_ids = []
             self._start_epoch()
             return True
         return False
@@ -252,4 +317,5 @@ class Controller:
         self.dispatched.clear()
         self.outstanding.clear()
         self.in_flight = [0] * self.engines.num_workers
+        self.pool_bytes = self.in_flight_bytes = self.taken_bytes = 0
         self._record_pool()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 class Preflight:
     problems: list[str] = field(default_factory=list)   # what a real start would reject, one line each
     pending: list[str] = field(default_factory=list)    # what is only known at start (downloads)
+    store: list[str] = field(default_factory=list)      # the store's bytes: per record, at the peak
 
     @property
     def ok(self) -> bool:
@@ -22,6 +23,9 @@ class Preflight:
 
     def format(self) -> str:
         lines = []
+        if self.store:
+            lines.append("hidden-state store:")
+            lines += [f"  {x}" for x in self.store]
         if self.pending:
             lines.append("still to provide / checked only at start:")
             lines += [f"  - {p}" for p in self.pending]
@@ -66,7 +70,25 @@ def _check(out: Preflight, fn, *args):
     return None
 
 
-def _check_target(cfg, target_path: str, out: Preflight) -> None:
+def _check_store_bytes(cfg, kind: str | None, target, out: Preflight) -> None:
+    """The bytes of a record at training.max_seq_length and the store's peak (the lines the dry run prints), and
+    the start's check that the store's budget holds a step."""
+    import torch
+
+    from torchspec.inference.base import compute_dtype
+    from torchspec.transfer.capacity import check_store_capacity, store_budget, store_plan
+
+    inf, tr = cfg.inference, cfg.training
+    on_gpu = torch.cuda.is_available() or inf.launcher == "ray"   # the engines' device decides the records' dtype
+    dtype = compute_dtype("cuda" if on_gpu else "cpu")
+    ranks = tr.training_num_nodes * tr.training_num_gpus_per_node
+    budget = store_budget(cfg, kind or "local", "cuda" if on_gpu else None)
+    args = (cfg, target.hidden_size, len(target.aux_layers), dtype, ranks, budget)
+    out.store.extend(store_plan(*args))
+    _check(out, check_store_capacity, *args)
+
+
+def _check_target(cfg, target_path: str, out: Preflight, kind: str | None = None) -> None:
     """Target config, draft config, the head tensors the trainer reads, tokenizer and chat template, and
     that tokenizer and target agree on the vocabulary."""
     import copy
@@ -87,6 +109,7 @@ def _check_target(cfg, target_path: str, out: Preflight) -> None:
     target = _check(out, TargetInfo.from_config, local)
     if target is not None:
         _check(out, draft_config_for, local, target.config)
+        _check(out, _check_store_bytes, local, kind, target, out)
     _check(out, check_head_keys, local)
     tok = _check(out, load_tokenizer, local)
     if tok is None:
@@ -113,7 +136,7 @@ def preflight(cfg) -> Preflight:
         _check(out, check_reachable, cfg.mooncake.master_server_address)
     target_path = _local_path(cfg, "model.target_model_path", cfg.model.target_model_path, "model", out)
     if target_path is not None:
-        _check_target(cfg, target_path, out)
+        _check_target(cfg, target_path, out, kind)
     for split in ("train", "eval"):
         key = f"dataset.{split}_data_path"
         path = _local_path(cfg, key, getattr(cfg.dataset, f"{split}_data_path"), "dataset", out)

@@ -32,6 +32,16 @@ from torchspec.transfer.base import StoreUnavailable
 
 log = logging.getLogger("torchspec.pipeline")
 RATE_WINDOW = 20   # optimizer steps over which metrics' samples/s rates are measured
+# RunResult.trained / .losses keep (at least) the most recent this many entries, so the driver does not grow
+# with the run; the checkpoints and metrics.jsonl hold the whole history.
+TRAINED_KEPT = 200_000
+
+
+def _extend_bounded(items: list, new, keep: int) -> None:
+    """Append `new`, then drop the oldest when over 2 x keep (amortised O(1): at least `keep` stay)."""
+    items.extend(new)
+    if len(items) > 2 * keep:
+        del items[:len(items) - keep]
 
 
 @dataclass
@@ -39,9 +49,13 @@ class RunResult:
     output_dir: Path
     global_step: int = 0
     start_step: int = 0                     # the step this run resumed from
-    losses: list[tuple[int, float]] = field(default_factory=list)     # (step, mean micro-batch loss)
-    trained: list[tuple[int, int, str]] = field(default_factory=list)  # (step after training it, epoch, sample id)
-    pool_sizes: list[int] = field(default_factory=list)
+    # the most recent TRAINED_KEPT (at least) of: (step, mean micro-batch loss) and, per trained sample,
+    # (step after training it, epoch, sample id)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    trained: list[tuple[int, int, str]] = field(default_factory=list)
+    pool_sizes: list[int] = field(default_factory=list)   # the most recent pool sizes (controller.POOL_HISTORY)
+    pool_peak: int = 0                      # the largest pool of the run, in samples
+    store_peak_bytes: int = 0               # the most bytes of records the controller had in the store at once
     checkpoints: list[Path] = field(default_factory=list)
     export_dir: Path | None = None
     interrupted: bool = False
@@ -159,8 +173,8 @@ class _Run:
         from torchspec.training.checkpoint import CheckpointManager, check_output_dir
         from torchspec.training.metrics import MetricsLogger, Throughput
         from torchspec.training.optim import plan_steps
-        from torchspec.transfer.capacity import check_store_capacity
-        from torchspec.transfer.factory import build_store
+        from torchspec.transfer.capacity import check_store_capacity, store_budget
+        from torchspec.transfer.factory import build_store, check_store
         from torchspec.utils.hub import resolve_hub_ids
 
         self.cfg, self.engine_factory, self.on_step, self.progress = cfg, engine_factory, on_step, progress
@@ -207,9 +221,13 @@ class _Run:
 
             self.capture = CaptureDir(cfg.debug.save_debug_train_data, capture_meta(cfg),
                                       create=not cfg.debug.debug_train_only)
-        check_store_capacity(cfg, self.target.hidden_size, len(self.aux_layers), *_engine_side(self.placement),
-                             self.world)   # before anything is started: a store too small stalls, never fails fast
-        self.store = build_store(cfg)   # inference.store: memory (colocated), local (shared memory) or mooncake
+        # the store's byte budget: inference.store_capacity, or a share of the free space where records go
+        self.dtype = _engine_side(self.placement)[0]
+        self.budget = store_budget(cfg, check_store(cfg), self.placement.trainer_devices[0])
+        log.info("store budget: %s", self.budget.source)
+        check_store_capacity(cfg, self.target.hidden_size, len(self.aux_layers), self.dtype, self.world,
+                             self.budget)   # before anything is started: a store too small would wait for good
+        self.store = build_store(cfg, self.budget)   # inference.store: memory (colocated), local or mooncake
         self.result.store_root = getattr(self.store, "root", None)   # the local store's directory only
         self.ckpts = CheckpointManager(self.out_dir, tr.max_checkpoints, tr.save_interval, tr.save_per_epoch)
         self.ckpts.sweep_stale()   # temp dirs of a run killed mid-save or mid-publish
@@ -247,8 +265,14 @@ class _Run:
             self.samples, self.engines, self.store, micro_batch_size=tr.micro_batch_size, num_ranks=self.world,
             num_epochs=self.plan.num_epochs, max_sample_pool_size=inf.max_sample_pool_size,
             inference_batch_size=inf.inference_batch_size, inference_buffer_threshold=inf.inference_buffer_threshold,
-            inference_fetch_batch=inf.inference_fetch_batch, seed=int(tr.seed), data_state=data_state)
+            inference_fetch_batch=inf.inference_fetch_batch, seed=int(tr.seed), data_state=data_state,
+            store_capacity=self.budget.capacity, record_bytes=self._record_bytes)
         self.trainer.clock.take()   # phases are counted from here (start-up is not a step)
+
+    def _record_bytes(self, num_tokens: int) -> int:
+        from torchspec.transfer.capacity import record_bytes
+
+        return record_bytes(num_tokens, self.target.hidden_size, len(self.aux_layers), self.dtype)
 
     def _engines(self):
         """The run's engines; debug.debug_train_only: the records of a capture instead (no target forward)."""
@@ -312,7 +336,8 @@ class _Run:
         epoch = self.controller.epoch
         epoch_ended = self.controller.mark_trained(batches)
         step_of = self.trainer.global_step + (0 if m["stepped"] else 1)
-        self.result.trained.extend((step_of, epoch, s.sample_id) for b in batches for s in b)
+        _extend_bounded(self.result.trained, ((step_of, epoch, s.sample_id) for b in batches for s in b),
+                        TRAINED_KEPT)
         if not m["stepped"] and epoch_ended:   # an epoch's last, partial accumulation window
             m = {**self.ranks.finish_accumulation(), "stepped": True}
         if m["stepped"]:
@@ -330,7 +355,7 @@ class _Run:
         record.update(clock.take())   # time/<phase>_s of this step (eval and checkpoint included)
         with clock.phase("log"):      # counted in the next step's record
             self.logger.log(step, record)
-        self.result.losses.append((step, record["loss"]))
+        _extend_bounded(self.result.losses, [(step, record["loss"])], TRAINED_KEPT)
         self.result.global_step = step
         if self.on_step is not None and call_hook:
             self.on_step(step, record)
@@ -406,6 +431,7 @@ class _Run:
         if self.controller is not None:
             self.controller.shutdown()
             r.pool_sizes = list(self.controller.pool_stats.sizes)
+            r.pool_peak, r.store_peak_bytes = self.controller.pool_stats.peak_size, self.controller.pool_stats.peak_bytes
             r.generated_tokens = self.controller.tokens_generated
             r.data_wait_frac = self.controller.data_wait_s / max(time.monotonic() - self.t_start, 1e-9)
         elif self.engines is not None:

@@ -8,7 +8,7 @@ Layout (one directory per checkpoint; the name sorts by step):
         export_meta.json     aux-layer ids etc. for tools/convert_to_hf.py (when given)
         run_config.json      the run's config, secrets redacted (what a resume compares with; when given)
         trainer_state.pt     optimizer, lr scheduler, RNG states, global_step (no weights)
-        data_state.json      the controller's data position ({"epoch", "trained_ids"})
+        data_state.json      the controller's data position (training/data_state.py: epoch, trained position ranges)
         meta.json            {"step", "time", "files": {name: bytes}}: written last
         export/              the exported draft (when an export function is given)
     output_dir/export/       the newest exported draft

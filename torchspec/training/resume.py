@@ -77,6 +77,25 @@ def _changes(old: dict, new: dict, keys) -> list[str]:
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+def _other_data(data_state: dict, sample_ids) -> str | None:
+    """Why the checkpoint's data position cannot be of this dataset, or None."""
+    from torchspec.training.data_state import ids_digest
+
+    if "dataset_digest" in data_state:   # data_state.py's format
+        n = int(data_state.get("num_samples", -1))
+        if n != len(sample_ids):
+            return f"it was trained on {n} samples, this data has {len(sample_ids)}"
+        if data_state["dataset_digest"] != ids_digest(sample_ids):
+            return f"the same number of samples ({n}), other sample ids"
+        return None
+    trained = set(data_state.get("trained_ids") or [])   # the format before it: the ids of the epoch
+    missing = trained - set(sample_ids)
+    if missing:
+        return (f"{len(missing)} of the {len(trained)} samples it trained in epoch {data_state.get('epoch')} "
+                "are not in it")
+    return None
+
+
 def check_resume(load_path, new_run_config: dict, draft_config: dict, aux_layers, sample_ids,
                  weights_only: bool = False) -> Path:
     """Compare the checkpoint `load_path` resolves to with the new run; raise ConfigError for what it
@@ -102,15 +121,13 @@ def check_resume(load_path, new_run_config: dict, draft_config: dict, aux_layers
         return path
 
     data_state = _read_json(path / DATA_STATE_FILE) or {}
-    trained = set(data_state.get("trained_ids") or [])
-    missing = trained - set(sample_ids)
     saved_run = _flat(_read_json(path / RUN_CONFIG_FILE) or {})
     new_run = _flat(new_run_config)
-    if missing:
+    why = _other_data(data_state, sample_ids)
+    if why:
         old_data = saved_run.get("dataset.train_data_path", "its dataset")
         raise ConfigError(f"{where}: dataset.train_data_path={new_run.get('dataset.train_data_path')} is not the "
-                          f"data this checkpoint was trained on ({len(missing)} of the {len(trained)} samples it "
-                          f"trained in epoch {data_state.get('epoch')} are not in it; it was trained on "
+                          f"data this checkpoint was trained on ({why}; it was trained on "
                           f"{old_data}): resume with the same data, or start from its weights with "
                           "training.continual_training=true")
     if saved_run:

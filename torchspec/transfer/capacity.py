@@ -1,24 +1,72 @@
-"""Whether `inference.store_capacity` can hold what a run must keep in the store at once, checked at start.
+"""The store's byte budget: `inference.store_capacity` (or its default, a share of the free space), the bytes of
+one record, and whether the budget can hold what a run must keep in the store at once (checked at start).
 
-The largest record is one sample of `training.max_seq_length` tokens (`record_bytes`: the exact bytes the
-store accounts, header included). A run stalls for good unless the store can hold, in records of that size,
-
-    micro_batch_size x trainer ranks  (the samples of one step, which must all be in the pool)
-  + (inference_batch_size - 1) x engines  (each engine's batch in progress: its records count from its
-                                          first put, and the controller sees them only once the batch ends)
-
-With less, every engine can be waiting for room inside a batch while the pool holds less than a step:
-nothing is freed and the puts fail after their timeout (10 minutes) instead of at once. A colocated run
-(the engine inside the trainer's process) must hold the whole pool, `max_sample_pool_size` records: its
-puts happen while the trainer waits for them, so nothing is freed during a put.
+The controller admits samples by bytes: it gives an engine a prompt only when the records of the pool, of the
+engines' batches in progress and of the sets taken by the trainer (read ahead or training) stay within the
+budget, so no put has to wait for room. What the budget must then hold is one step: `micro_batch_size` x
+trainer ranks records of `training.max_seq_length` tokens (`record_bytes`: the exact bytes the stores account,
+header included). With less, the pool could never hold a step and the run would wait for good.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
 
 import torch
 
 from torchspec.config.errors import ConfigError
 from torchspec.transfer import record
+
+
+@dataclass(frozen=True)
+class StoreBudget:
+    """The bytes the store may hold (None: no bound) and where that number comes from, for messages."""
+    capacity: int | None
+    source: str   # "inference.store_capacity=12.0 GB" or "inference.store_capacity=null: 50% of ..."
+
+
+def _available_ram() -> int:
+    """Bytes of RAM the kernel says can be had without swapping (MemAvailable), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _free_bytes(kind: str, device) -> tuple[int, str]:
+    """(free bytes where a `kind` store keeps its records, what was measured) for the default capacity."""
+    if kind == "local":
+        from torchspec.transfer.local import store_base
+
+        base = store_base()
+        return shutil.disk_usage(base).free, f"free in {base}"
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0], f"free memory of {device}"
+    return _available_ram(), "available RAM"
+
+
+def store_budget(cfg, kind: str, device=None) -> StoreBudget:
+    """inference.store_capacity when set; else, for the local and memory stores, STORE_CAPACITY_SHARE of the
+    free space where they keep records (/dev/shm; the engine's device memory, or RAM on CPU), measured now.
+    `kind` is the store type (`factory.store_type`), `device` the memory store's device."""
+    from torchspec.config.schema import STORE_CAPACITY_SHARE
+
+    capacity = cfg.inference.store_capacity
+    if capacity is not None:
+        return StoreBudget(int(capacity), f"inference.store_capacity={_mb(capacity)}")
+    share = STORE_CAPACITY_SHARE.get(kind)
+    if share is None:   # mooncake: its segment bounds it
+        return StoreBudget(None, "inference.store_capacity=null (bounded by the Mooncake segment)")
+    free, where = _free_bytes(kind, device)
+    capacity = int(free * share)
+    return StoreBudget(capacity, f"inference.store_capacity=null: {share:.0%} of the {_mb(free)} {where} = "
+                                 f"{_mb(capacity)}")
 
 
 def record_bytes(num_tokens: int, hidden_size: int, num_aux_layers: int, dtype: torch.dtype) -> int:
@@ -36,31 +84,55 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
 
-def check_store_capacity(cfg, hidden_size: int, num_aux_layers: int, dtype: torch.dtype, num_engines: int,
-                         num_ranks: int) -> None:
-    """ConfigError naming the keys when inference.store_capacity cannot hold what the run needs at once."""
+def _given(cfg) -> StoreBudget:
     capacity = cfg.inference.store_capacity
+    return StoreBudget(capacity, f"inference.store_capacity={_mb(capacity) if capacity is not None else 'null'}")
+
+
+def _one_record(cfg, hidden_size: int, num_aux_layers: int, dtype: torch.dtype) -> tuple[int, str]:
+    n = cfg.training.max_seq_length
+    one = record_bytes(n, hidden_size, num_aux_layers, dtype)
+    return one, (f"one record of training.max_seq_length={n} tokens is {_mb(one)} (target hidden size "
+                 f"{hidden_size}, {num_aux_layers} aux layers + the final one, {str(dtype).removeprefix('torch.')})")
+
+
+def check_store_capacity(cfg, hidden_size: int, num_aux_layers: int, dtype: torch.dtype, num_ranks: int,
+                         budget: StoreBudget | None = None) -> None:
+    """ConfigError naming the keys when the store's budget (`store_budget`; default: inference.store_capacity
+    as given) cannot hold one step's records of the longest length."""
+    budget = budget or _given(cfg)
+    capacity = budget.capacity
     if capacity is None:
         return
-    tr, inf = cfg.training, cfg.inference
-    one = record_bytes(tr.max_seq_length, hidden_size, num_aux_layers, dtype)
-    what = (f"one record of training.max_seq_length={tr.max_seq_length} tokens is {_mb(one)} (target hidden size "
-            f"{hidden_size}, {num_aux_layers} aux layers + the final one, {str(dtype).removeprefix('torch.')})")
+    one, what = _one_record(cfg, hidden_size, num_aux_layers, dtype)
     if one > capacity:
-        raise ConfigError(f"inference.store_capacity={_mb(capacity)} is smaller than one record: {what}; raise "
-                          f"inference.store_capacity to at least {_mb(one)} or lower training.max_seq_length")
-    if inf.colocate:   # the engine runs in the trainer's process: nothing frees room while a put waits
-        need = inf.max_sample_pool_size
-        why = (f"the pool's inference.max_sample_pool_size={need} samples (a colocated run's engine puts while the "
-               "trainer, which frees records, waits for it)")
-        fix = "inference.max_sample_pool_size"
-    else:
-        need = tr.micro_batch_size * num_ranks + (inf.inference_batch_size - 1) * num_engines
-        why = (f"a step's training.micro_batch_size={tr.micro_batch_size} x {num_ranks} rank(s) plus "
-               f"inference.inference_batch_size={inf.inference_batch_size} - 1 for each of {num_engines} engine(s)")
-        fix = "inference.inference_batch_size, training.micro_batch_size"
+        raise ConfigError(f"{budget.source} is smaller than one record: {what}; raise inference.store_capacity "
+                          f"to at least {_mb(one)} or lower training.max_seq_length")
+    mbs = cfg.training.micro_batch_size
+    need = mbs * num_ranks
     if need * one > capacity:
         raise ConfigError(
-            f"inference.store_capacity={_mb(capacity)} holds {capacity // one} record(s) but the run may need {need} "
-            f"at once: {why} ({what}); raise inference.store_capacity to at least {_mb(need * one)}, or lower "
-            f"{fix} or training.max_seq_length")
+            f"{budget.source} holds {capacity // one} record(s) but a step needs {need}: "
+            f"training.micro_batch_size={mbs} x {num_ranks} rank(s) ({what}); raise inference.store_capacity to at "
+            f"least {_mb(need * one)}, or lower training.micro_batch_size or training.max_seq_length")
+
+
+def store_plan(cfg, hidden_size: int, num_aux_layers: int, dtype: torch.dtype, num_ranks: int,
+               budget: StoreBudget) -> list[str]:
+    """What the dry run prints about the store: the bytes of a record at the configured lengths and the most the
+    store holds at once (by the sample counts, and by the byte budget)."""
+    tr, inf = cfg.training, cfg.inference
+    one, what = _one_record(cfg, hidden_size, num_aux_layers, dtype)
+    step = tr.micro_batch_size * num_ranks
+    # pool + engines' batches (max_sample_pool_size) + the sets taken: read ahead, and the one training
+    records = inf.max_sample_pool_size + (int(tr.prefetch_depth) + 1) * step
+    by_count = records * one
+    lines = [f"bytes per record: {what}; a record of n tokens is about n/{tr.max_seq_length} of it",
+             f"peak store bytes by sample counts: {_mb(by_count)} = {records} records (inference.max_sample_pool_size="
+             f"{inf.max_sample_pool_size} + (training.prefetch_depth={tr.prefetch_depth} + 1) x {step} per step)"]
+    if budget.capacity is None:
+        lines.append(f"peak store bytes: {_mb(by_count)} ({budget.source})")
+    else:
+        lines.append(f"peak store bytes: {_mb(min(by_count, budget.capacity))} (the budget: {budget.source}"
+                     + ("; the controller pauses the engines at it)" if by_count > budget.capacity else ")"))
+    return lines

@@ -3,8 +3,8 @@
 auto -> `memory` (records stay on the device, in the process) when the engine runs inside the trainer
 process (inference.colocate), else `local` (shared memory on this node) unless the run spans several
 nodes, then `mooncake`.
-`inference.store_capacity` bounds either store's bytes (null = no bound beyond the pool size / the
-Mooncake segment).
+`inference.store_capacity` bounds the store's bytes; null = a share of the free space measured at start
+(`capacity.store_budget`; for mooncake, its segment bounds it).
 """
 
 from __future__ import annotations
@@ -56,9 +56,16 @@ def check_store(cfg) -> str:
     return kind
 
 
-def build_store(cfg) -> Store:
-    capacity = cfg.inference.store_capacity
+def build_store(cfg, budget=None) -> Store:
+    """The store, bounded by `budget` (a `capacity.StoreBudget`; None: `store_budget` measured now)."""
     kind = check_store(cfg)
+    if budget is None:
+        import torch
+
+        from torchspec.transfer.capacity import store_budget
+
+        budget = store_budget(cfg, kind, "cuda" if kind == "memory" and torch.cuda.is_available() else None)
+    capacity = budget.capacity
     if kind == "memory":
         from torchspec.transfer.memory import MemoryStore
 

@@ -61,6 +61,11 @@ def _shm_root() -> str | None:
     return None
 
 
+def store_base() -> str:
+    """Where a new local store makes its directory: /dev/shm, or the temp dir when /dev/shm is unusable."""
+    return _shm_root() or tempfile.gettempdir()
+
+
 def _start_time(pid: int) -> str | None:
     """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22); None if unknown."""
     try:
@@ -126,7 +131,7 @@ class LocalStore:
     def __init__(self, capacity_bytes: int | None = None, root: str | os.PathLike | None = None,
                  put_timeout_s: float = PUT_TIMEOUT_S):
         if root is None:
-            base = _shm_root() or tempfile.gettempdir()
+            base = store_base()
             sweep_stale_stores(base)
             root = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{_owner_tag()}-", dir=base)
         self.root = Path(root)
