@@ -141,10 +141,12 @@ def run_capture(cfg, *, engine_factory=None, progress: bool = True) -> CaptureDi
     directory (resumable). Returns the capture."""
     from tqdm.auto import tqdm
 
+    from torchspec.config.target import TargetInfo
     from torchspec.data.dataset import from_config as dataset_from_config, load_tokenizer
     from torchspec.pipeline.controller import Controller
-    from torchspec.pipeline.launcher import plan_placement, start_engines
-    from torchspec.transfer.factory import build_store
+    from torchspec.pipeline.launcher import engine_side, plan_placement, start_engines
+    from torchspec.transfer.capacity import record_bytes, store_budget
+    from torchspec.transfer.factory import build_store, check_store
 
     inf = cfg.inference
     capture = CaptureDir(cfg.debug.save_debug_train_data, capture_meta(cfg), create=True)
@@ -156,7 +158,9 @@ def run_capture(cfg, *, engine_factory=None, progress: bool = True) -> CaptureDi
         log.info("capture %s: all %d samples already captured", capture.root, len(ids))
         return capture
     placement = plan_placement(cfg)
-    store = build_store(cfg)
+    target, (dtype, _) = TargetInfo.from_config(cfg), engine_side(placement)
+    budget = store_budget(cfg, check_store(cfg), placement.trainer_devices[0])
+    store = build_store(cfg, budget)
     engines = controller = None
     bar = tqdm(total=len(ids), initial=len(done), desc="capturing", unit="sample", disable=not progress)
     try:
@@ -167,7 +171,9 @@ def run_capture(cfg, *, engine_factory=None, progress: bool = True) -> CaptureDi
                                 inference_batch_size=inf.inference_batch_size,
                                 inference_buffer_threshold=inf.inference_buffer_threshold,
                                 inference_fetch_batch=inf.inference_fetch_batch, seed=int(cfg.training.seed),
-                                data_state={"epoch": 0, "trained_ids": done})
+                                data_state={"epoch": 0, "trained_ids": done}, store_capacity=budget.capacity,
+                                record_bytes=lambda n: record_bytes(n, target.hidden_size, len(target.aux_layers),
+                                                                    dtype))
         while (batches := controller.next_micro_batches()) is not None:
             for s in batches[0]:
                 capture.write(s.sample_id, store.get(s.key))

@@ -48,6 +48,17 @@ def plan_placement(cfg):
     return plan_ray_connected(cfg)
 
 
+def engine_side(placement) -> tuple:
+    """(the dtype of the records the engines put, how many engines) of a local or Ray placement."""
+    from torchspec.inference.base import compute_dtype
+
+    if placement.colocate:
+        return compute_dtype(placement.trainer_devices[0]), 1
+    if hasattr(placement, "num_engines"):   # Ray
+        return compute_dtype("cuda" if placement.actor_gpus else "cpu"), placement.num_engines
+    return compute_dtype(placement.engine_devices[0]), len(placement.engine_devices)
+
+
 def start_engines(cfg, store, placement, engine_factory=None):
     from torchspec.pipeline.ray_engines import start_ray_engines
     from torchspec.pipeline.ray_placement import RayPlacement

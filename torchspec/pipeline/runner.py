@@ -27,7 +27,7 @@ from typing import Callable
 from torchspec.pipeline.build import ModelSpec, draft_config_for
 from torchspec.pipeline.controller import Controller
 from torchspec.pipeline.failures import WorkerFailure
-from torchspec.pipeline.launcher import plan_placement, start_engines, start_trainer_ranks
+from torchspec.pipeline.launcher import engine_side, plan_placement, start_engines, start_trainer_ranks
 from torchspec.transfer.base import StoreUnavailable
 
 log = logging.getLogger("torchspec.pipeline")
@@ -146,17 +146,6 @@ def _inference_capacity(controller, engines) -> float | None:
     return controller.samples_generated * engines.num_workers / busy if busy else None
 
 
-def _engine_side(placement) -> tuple:
-    """(the dtype of the records the engines put, how many engines) of a local or Ray placement."""
-    from torchspec.inference.base import compute_dtype
-
-    if placement.colocate:
-        return compute_dtype(placement.trainer_devices[0]), 1
-    if hasattr(placement, "num_engines"):   # Ray
-        return compute_dtype("cuda" if placement.actor_gpus else "cpu"), placement.num_engines
-    return compute_dtype(placement.engine_devices[0]), len(placement.engine_devices)
-
-
 def _put_bandwidth(store) -> float:
     nbytes, seconds = store.put_stats()
     return nbytes / seconds / 1e9 if seconds else 0.0
@@ -222,7 +211,7 @@ class _Run:
             self.capture = CaptureDir(cfg.debug.save_debug_train_data, capture_meta(cfg),
                                       create=not cfg.debug.debug_train_only)
         # the store's byte budget: inference.store_capacity, or a share of the free space where records go
-        self.dtype = _engine_side(self.placement)[0]
+        self.dtype = engine_side(self.placement)[0]
         self.budget = store_budget(cfg, check_store(cfg), self.placement.trainer_devices[0])
         log.info("store budget: %s", self.budget.source)
         check_store_capacity(cfg, self.target.hidden_size, len(self.aux_layers), self.dtype, self.world,
