@@ -228,13 +228,45 @@ def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
 
 
 class SGLangEngine:
-    def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu"):
+    def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu",
+                 enable_metrics: bool = False):
         self.llm = llm
         self.store = store
         self.aux_layers = [int(k) for k in aux_layers]
         self.hidden_size = int(hidden_size)
         self.device = torch.device(device)
         self.dtype = compute_dtype(self.device)
+        self.enable_metrics = bool(enable_metrics)
+        self._registry = None   # prometheus_client registry over SGLang's multiprocess metric files
+
+    def metrics(self) -> dict[str, float]:
+        """SGLang's Prometheus metrics (``sglang:*``), when sgl.Engine runs with enable_metrics; else {}.
+
+        With enable_metrics, sgl.Engine points PROMETHEUS_MULTIPROC_DIR of its process at a temporary directory
+        before starting its scheduler processes (``set_prometheus_multiproc_dir``, called from the engine's
+        ``_set_envs_and_config``); the schedulers (``SchedulerMetricsCollector``: sglang:num_running_reqs,
+        sglang:token_usage, sglang:gen_throughput, sglang:num_queue_reqs, ...) and the tokenizer manager in this
+        process (``TokenizerMetricsCollector``: sglang:prompt_tokens, sglang:num_requests, latency histograms)
+        write their values there. The offline Engine serves no /metrics endpoint, so we read those files as
+        that endpoint does: a prometheus_client ``CollectorRegistry`` with a ``multiprocess.MultiProcessCollector``
+        (engine_metrics.flatten_prometheus names them)."""
+        from torchspec.inference.engine_metrics import flatten_prometheus
+
+        if not self.enable_metrics or self.llm is None:
+            return {}
+        if self._registry is None:
+            try:
+                from prometheus_client import CollectorRegistry, multiprocess
+
+                registry = CollectorRegistry()
+                multiprocess.MultiProcessCollector(registry)   # reads PROMETHEUS_MULTIPROC_DIR, set by sgl.Engine
+            except (ImportError, ValueError) as e:
+                logger.warning("inference.sglang.enable_metrics: SGLang's metrics cannot be read (%s: %s); none "
+                               "are logged", type(e).__name__, e)
+                self.enable_metrics = False
+                return {}
+            self._registry = registry
+        return flatten_prometheus(self._registry.collect(), "sglang:")
 
     @classmethod
     def from_config(cls, cfg, store, device: torch.device | str = "cpu", node_rank: int = 0,
@@ -256,7 +288,7 @@ class SGLangEngine:
         llm = sgl.Engine(**kwargs)
         logger.info("sgl engine: aux layers %s (hooks on %s), final = %s output", aux_layers,
                     aux_hook_targets(aux_layers), FINAL_MODULE)
-        return cls(llm, store, aux_layers, hidden, device)
+        return cls(llm, store, aux_layers, hidden, device, enable_metrics=bool(kwargs.get("enable_metrics")))
 
     def _rows(self, out: dict, n: int, sample_id: str) -> torch.Tensor:
         """The prompt's [n, (len(aux) + 1) * H] rows of one `generate` output."""
