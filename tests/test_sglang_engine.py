@@ -445,3 +445,22 @@ def test_output_without_hidden_states_is_one_clear_error():
         engine._rows({"meta_info": {"id": "x"}}, 3, "s0")
     rows = torch.arange(3 * 32, dtype=torch.float32).reshape(3, 32)
     assert torch.equal(engine._rows({"meta_info": {"hidden_states": [rows.tolist()]}}, 3, "s0"), rows)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_enable_metrics_reaches_sgl_engine_and_its_metrics(fake_sglang, tiny_target_dir, tmp_path, on):
+    """inference.sglang.enable_metrics goes to sgl.Engine and decides whether the engine reads SGLang's metrics
+    (off: metrics() is {} without reading anything; on: read from SGLang's Prometheus files, see
+    tests/test_engine_metrics.py for the read itself)."""
+    from torchspec.inference.factory import build_engine
+
+    cfg = _cfg(tiny_target_dir)
+    cfg.inference.sglang.enable_metrics = on
+    engine = build_engine(cfg, LocalStore(root=tmp_path / "store"), "cpu")
+    try:
+        assert FakeEngine.instances[-1].kwargs["enable_metrics"] is on
+        assert engine.enable_metrics is on
+        if not on:
+            assert engine.metrics() == {} and engine._registry is None
+    finally:
+        engine.close()
