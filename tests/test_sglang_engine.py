@@ -132,8 +132,25 @@ def _register_forward_hooks(model, hook_specs):
                 module.register_forward_hook(hook)
 
 
+class _KimiLikeWrapper(torch.nn.Module):
+    """SGLang's multimodal wrapper shape (Kimi-K2.5): the causal LM as `language_model` (its decoder layers
+    `language_model.model.layers.<k>`, its own `language_model.logits_processor`), beside a vision tower whose
+    block list is as long as the decoder's (so the decoder list cannot be told by its length alone)."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.language_model = _CausalLM(hf_model)
+        n = len(hf_model.model.layers)
+        self.vision_tower = torch.nn.Module()
+        self.vision_tower.blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(n))
+
+    def forward(self, input_ids, positions, forward_batch):   # text only: the vision tower does not run
+        return self.language_model(input_ids, positions, forward_batch)
+
+
 class FakeEngine:
     instances: list = []
+    multimodal = False
 
     def __init__(self, **kwargs):
         from transformers import AutoModelForCausalLM
@@ -153,7 +170,7 @@ class FakeEngine:
         self.calls = []
         self.shutdowns = 0
         self.hf = AutoModelForCausalLM.from_pretrained(kwargs["model_path"], dtype=torch.float32).eval()
-        self.model = _CausalLM(self.hf).eval()
+        self.model = (_KimiLikeWrapper if FakeEngine.multimodal else _CausalLM)(self.hf).eval()
         _register_forward_hooks(self.model, kwargs.get("forward_hooks") or [])
         FakeEngine.instances.append(self)
 
@@ -208,6 +225,7 @@ def fake_sglang(monkeypatch):
     module.Engine = FakeEngine
     monkeypatch.setitem(sys.modules, "sglang", module)
     FakeEngine.instances = []
+    FakeEngine.multimodal = False
     yield module
     sgl_engine._captured.clear()
 
@@ -277,7 +295,7 @@ def test_off_by_one_layer_mapping_is_caught(fake_sglang, tiny_target_dir, tmp_pa
     aux = [0, 1, 2]
     samples = _samples(512)[:3]
     want = _hf_records(tiny_target_dir, tmp_path, aux, samples)
-    monkeypatch.setattr(sgl_engine, "aux_hook_targets", lambda ks: [f"model.layers.{k + 1}" for k in ks])
+    monkeypatch.setattr(sgl_engine, "aux_hook_targets", lambda ks, prefix: [f"{prefix}.{k + 1}" for k in ks])
     got, _ = _sgl_records(_cfg(tiny_target_dir, aux), tmp_path, samples)
     for s in samples:
         g, w = got[s.sample_id]["aux_hidden_states"], want[s.sample_id]["aux_hidden_states"]
@@ -290,7 +308,7 @@ def test_off_by_one_layer_mapping_is_caught(fake_sglang, tiny_target_dir, tmp_pa
 
 
 def test_hook_must_find_the_layer_modules(fake_sglang, tiny_target_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(sgl_engine, "aux_hook_targets", lambda ks: [f"model.decoder.{k}" for k in ks])
+    monkeypatch.setattr(sgl_engine, "aux_hook_targets", lambda ks, prefix: [f"model.decoder.{k}" for k in ks])
     with pytest.raises(RuntimeError, match="no output captured for aux layer"):
         _sgl_records(_cfg(tiny_target_dir), tmp_path, _samples(512)[:2])
 
@@ -330,7 +348,7 @@ def test_engine_kwargs_are_the_config(fake_sglang, tiny_target_dir, tmp_path):
     ours = kw["forward_hooks"][1:]
     assert [h["target_modules"] for h in ours] == [["model.layers.0"], ["model.layers.1"], ["model.layers.2"],
                                                    ["logits_processor"]]
-    assert ours[-1]["config"] == {"layers": [0, 1, 2]}
+    assert ours[-1]["config"] == {"layers": [0, 1, 2], "prefix": "model.layers"}
     assert "dist_init_addr" not in kw and "quantization" not in kw   # null = SGLang's own default
 
     # what the engine really hands to sgl.Engine: the same, with its own free ports
@@ -445,3 +463,80 @@ def test_output_without_hidden_states_is_one_clear_error():
         engine._rows({"meta_info": {"id": "x"}}, 3, "s0")
     rows = torch.arange(3 * 32, dtype=torch.float32).reshape(3, 32)
     assert torch.equal(engine._rows({"meta_info": {"hidden_states": [rows.tolist()]}}, 3, "s0"), rows)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_enable_metrics_reaches_sgl_engine_and_its_metrics(fake_sglang, tiny_target_dir, tmp_path, on):
+    """inference.sglang.enable_metrics goes to sgl.Engine and decides whether the engine reads SGLang's metrics
+    (off: metrics() is {} without reading anything; on: read from SGLang's Prometheus files, see
+    tests/test_engine_metrics.py for the read itself)."""
+    from torchspec.inference.factory import build_engine
+
+    cfg = _cfg(tiny_target_dir)
+    cfg.inference.sglang.enable_metrics = on
+    engine = build_engine(cfg, LocalStore(root=tmp_path / "store"), "cpu")
+    try:
+        assert FakeEngine.instances[-1].kwargs["enable_metrics"] is on
+        assert engine.enable_metrics is on
+        if not on:
+            assert engine.metrics() == {} and engine._registry is None
+    finally:
+        engine.close()
+
+
+# -- the decoder-layer list, from the target's module tree (text and multimodal wrappers) -------------------
+
+class _HFKimiLike(torch.nn.Module):
+    """A transformers-side multimodal wrapper: the text causal LM as `language_model`, a vision tower of the
+    same depth."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.language_model = lm
+        self.vision_tower = torch.nn.Module()
+        self.vision_tower.encoder = torch.nn.Module()
+        self.vision_tower.encoder.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in lm.model.layers)
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+
+def test_decoder_layers_found_in_text_and_wrapped_targets(tiny_target_dir):
+    from torchspec.config.errors import ConfigError
+
+    lm = load_target(tiny_target_dir, torch.float32, "cpu")
+    L = len(lm.model.layers)
+    assert sgl_engine.find_decoder_layers(lm, L) == "model.layers"
+    assert sgl_engine.find_decoder_layers(_HFKimiLike(lm), L) == "language_model.model.layers"
+    assert sgl_engine.final_module("language_model.model.layers") == "language_model.logits_processor"
+    assert sgl_engine.final_module("model.layers") == "logits_processor"
+    bare = torch.nn.Module()   # two lists of L entries and no embeddings to tell them apart
+    bare.a, bare.b = torch.nn.ModuleList(torch.nn.Linear(1, 1) for _ in range(L)), \
+        torch.nn.ModuleList(torch.nn.Linear(1, 1) for _ in range(L))
+    with pytest.raises(ConfigError, match=r"cannot tell its decoder-layer list: ModuleLists of 4 .*\['a', 'b'\]"):
+        sgl_engine.find_decoder_layers(bare, L)
+    # from the config: the tiny target's own tree, built on the meta device
+    assert sgl_engine.decoder_layers_prefix(_cfg(tiny_target_dir)) == "model.layers"
+
+
+def test_multimodal_wrapper_records_equal_hf_engine(fake_sglang, tiny_target_dir, tmp_path, monkeypatch):
+    """SGLang wraps a multimodal target's LM as language_model.*: hooks on the derived prefix (here given as the
+    wrapped tree's, which the transformers-side search finds) capture the same states; `model.layers.<k>`
+    would match nothing."""
+    FakeEngine.multimodal = True
+    aux = [0, 1, 2]
+    samples = _samples(512)[:3]
+    want = _hf_records(tiny_target_dir, tmp_path, aux, samples)
+    monkeypatch.setattr(sgl_engine, "decoder_layers_prefix", lambda cfg: "language_model.model.layers")
+    got, fake = _sgl_records(_cfg(tiny_target_dir, aux), tmp_path, samples)
+    hooks = fake.kwargs["forward_hooks"]
+    assert [h["target_modules"] for h in hooks] == [[f"language_model.model.layers.{k}"] for k in aux] + \
+        [["language_model.logits_processor"]]
+    for s in samples:
+        for key in ("aux_hidden_states", "final_hidden_states"):
+            torch.testing.assert_close(got[s.sample_id][key], want[s.sample_id][key], **TOL)
+    # the old fixed names (model.layers.<k>, logits_processor) match no module of the wrapper: nothing is hooked,
+    # SGLang returns its final states alone
+    monkeypatch.setattr(sgl_engine, "decoder_layers_prefix", lambda cfg: "model.layers")
+    with pytest.raises(RuntimeError, match=r"hidden states of shape \(5, 64\), expected \(5, 256\)"):
+        _sgl_records(_cfg(tiny_target_dir, aux), tmp_path / "old", samples)

@@ -44,7 +44,7 @@ def test_each_node_gets_its_rank_and_the_same_address(fake_sglang, tiny_target_d
                                                                                                       2, 0)
     # the rest is the same engine on both nodes (ports are each node's own)
     strip = lambda k: {n: v for n, v in k.items() if n not in ("node_rank", "port", "nccl_port")}  # noqa: E731
-    assert strip(k0) == strip(k1) and k0["forward_hooks"] == sgl_engine.forward_hook_specs([0, 1, 2])
+    assert strip(k0) == strip(k1) and k0["forward_hooks"] == sgl_engine.forward_hook_specs([0, 1, 2], "model.layers")
 
     # only node 0 serves; its records are the single-node engine's
     with pytest.raises(RuntimeError, match="only node_rank 0 of an engine serves generate"):

@@ -279,6 +279,12 @@ def test_pipeline_with_vllm_engine_trains_every_sample_once(tmp_path, vllm_targe
     assert vllm["store_bytes_end"] == 0                                                 # every record deleted
     assert vllm["trained"] == hf["trained"]
     assert vllm["losses"] == pytest.approx(hf["losses"], rel=1e-5, abs=1e-5)
+    # vLLM's own metrics (LLM.get_metrics) reach metrics.jsonl as engine0/vllm:*: the prompt tokens it counted
+    steps = [line for line in vllm["steps"] if "loss" in line]
+    assert all("engine0/vllm:num_requests_running" in line for line in steps)
+    prompt = [line["engine0/vllm:prompt_tokens"] for line in steps]
+    assert prompt == sorted(prompt) and prompt[-1] > 0   # a counter: never goes down
+    assert all("engine0/hf:forward_tokens" in line for line in hf["steps"] if "loss" in line)
 
 
 def test_final_norm_is_read_by_model_norm_key(tiny_target_dir, tmp_path):

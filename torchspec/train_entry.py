@@ -37,13 +37,17 @@ def dry_run_report(cfg) -> str:
     """The text a dry run prints: redacted resolved config, engine kwargs, placement plan."""
     from torchspec.config.plan import format_plan, make_plan, target_aux_layers
     from torchspec.config.render import config_to_yaml
-    from torchspec.inference.sglang import build_engine_kwargs
+    from torchspec.inference.sglang import build_engine_kwargs, decoder_layers_prefix
     from torchspec.inference.sglang_args import filter_extra_args
 
     parts = ["# resolved config (secrets redacted)", config_to_yaml(cfg).rstrip()]
     if cfg.inference.inference_engine_type == "sgl":
         aux = target_aux_layers(cfg)
-        kwargs = build_engine_kwargs(cfg, "cuda:0", aux or [])  # what the sgl engine passes, for engine 0
+        try:   # the decoder-layer list the hooks target, from the target's module tree when it can be read here
+            prefix = decoder_layers_prefix(cfg)
+        except Exception:
+            prefix = "<the target's decoder-layer list, found at launch>"
+        kwargs = build_engine_kwargs(cfg, "cuda:0", aux or [], layers_prefix=prefix)  # what engine 0 passes
         for key in ("port", "nccl_port"):
             kwargs[key] = "<a free port, picked at launch>"
         if aux is None:

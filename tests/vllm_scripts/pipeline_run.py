@@ -7,7 +7,7 @@ Short torchspec training runs (tests/pipeline_helpers.py tiny_run_config), one p
 SPEC: {"target": DIR, "work": DIR, "engines": 0 (colocated) or k (engine processes), "num_epochs": N,
        "engine_types": ["vllm", "hf"], "tp_size": 1 (> 1: vLLM's CPU workers started by the engine process)}
 OUT:  {"sample_ids": [...], "runs": {engine type: {"trained": [[step, epoch, id]...], "global_step",
-       "store_bytes_end", "interrupted", "losses": [...], "seconds"}}}
+       "store_bytes_end", "interrupted", "losses": [...], "seconds", "steps": metrics.jsonl's lines}}}
 """
 
 import json
@@ -37,7 +37,8 @@ def main(spec_path: str, out_path: str) -> None:
         result = run_training(cfg, progress=False)
         runs[kind] = {"trained": [list(t) for t in result.trained], "global_step": result.global_step,
                       "store_bytes_end": result.store_bytes_end, "interrupted": result.interrupted,
-                      "losses": [loss for _, loss in result.losses], "seconds": time.perf_counter() - t0}
+                      "losses": [loss for _, loss in result.losses], "seconds": time.perf_counter() - t0,
+                      "steps": [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").open()]}
     ids = [s.sample_id for s in from_config(cfg, load_tokenizer(cfg), progress=False)]
     json.dump({"sample_ids": ids, "runs": runs}, open(out_path, "w"))
 

@@ -34,6 +34,9 @@ class Engine(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: `metrics() -> dict[str, float]`, the engine's own counters and gauges (engine_metrics.py),
+    # read in the engine's process and logged by the runner as `engine<i>/<name>` each log step.
+
 
 def put_record(store, sample, aux: torch.Tensor, final: torch.Tensor) -> StoredSample:
     """Put one sample's hidden-state record (docs/interfaces.md) under its sample id: the one place every

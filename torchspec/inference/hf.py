@@ -11,6 +11,7 @@ runs its images through its processor and its records are of the expanded token 
 from __future__ import annotations
 
 import os
+import time
 from typing import Sequence
 
 import torch
@@ -94,6 +95,7 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.capture = AuxCapture(self.base, self.aux_layers)
         self.vision = vision   # a VLM target's image side (None: text only)
+        self.counts = {"hf:forward_batches": 0, "hf:forward_tokens": 0, "hf:padded_tokens": 0, "hf:forward_s": 0.0}
 
     @classmethod
     def from_config(cls, cfg, store, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
@@ -146,11 +148,27 @@ class HFEngine:
             samples = [self.vision.expand(s) for s in samples]
         done: dict[str, StoredSample] = {}
         for chunk in self.chunks(samples):
+            t0 = time.perf_counter()
             aux, final = self._forward(chunk)
+            self._count(chunk, aux.shape[1], time.perf_counter() - t0)
             for j, s in enumerate(chunk):
                 n = int(s.input_ids.numel())
                 done[s.sample_id] = put_record(self.store, s, aux[j, :n], final[j, :n])
         return [done[s.sample_id] for s in samples]
+
+    def _count(self, chunk, padded_len: int, seconds: float) -> None:
+        c = self.counts
+        c["hf:forward_batches"] += 1
+        c["hf:forward_tokens"] += sum(int(s.input_ids.numel()) for s in chunk)
+        c["hf:padded_tokens"] += len(chunk) * int(padded_len)
+        c["hf:forward_s"] += seconds
+
+    def metrics(self) -> dict[str, float]:
+        """Since the engine started: forward batches, real and padded tokens, seconds in the target's forward,
+        and real tokens per forward second."""
+        c = self.counts
+        rate = c["hf:forward_tokens"] / c["hf:forward_s"] if c["hf:forward_s"] else 0.0
+        return {**{k: float(v) for k, v in c.items()}, "hf:forward_tokens_per_s": rate}
 
     def close(self) -> None:
         self.capture.close()

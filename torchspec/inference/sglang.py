@@ -46,8 +46,14 @@ So every returned row is ``[aux concat (3H) | final (H)]``.
 Layer ids. OUR id k is the OUTPUT of decoder layer k (docs/architecture.md; transformers ``hidden_states[k + 1]``)
 = SGLang's ``eagle_aux_hidden_state_layer_ids`` convention (SGLang itself adds 1, models/llama.py:783-795,
 because its loop captures the state ENTERING layer i). With hooks the boundary conversion is: our k ->
-the module ``model.layers.<k>`` (``aux_hook_targets``); k = L - 1 works too (SGLang's own capture
-cannot reach it).
+the module ``<prefix>.<k>`` (``aux_hook_targets``); k = L - 1 works too (SGLang's own capture
+cannot reach it). The prefix is the target's decoder-layer list, found before SGLang starts in the target's
+module tree (built on the meta device from its config): the ModuleList of num_hidden_layers (text config)
+entries beside the input embeddings (``decoder_layers_prefix``): ``model.layers`` for text models,
+``language_model.model.layers`` for a wrapper like Kimi-K2.5's, whose logits processor is then
+``language_model.logits_processor`` (``final_module``). That SGLang's module names follow that tree (they follow
+the checkpoint's weight names) is an assumption, checked at the first forward: a hooked name SGLang lacks gives
+"no output captured" or returned rows of the wrong width, one clear error each.
 
 Placement. ``sgl.Engine`` starts its scheduler (one per TP rank) and detokenizer as child processes, so the
 local launcher runs it in a non-daemonic engine process (``factory.engine_starts_processes``); Ray actors
@@ -83,9 +89,12 @@ This path was NOT run against a real SGLang (tests/test_sglang_multinode.py uses
 2-node CPU Ray cluster): real multi-node TP, the NCCL meeting and a node dying mid-run (not detected by the
 launcher: node 0's engine would stall or fail its collectives) are unchecked.
 
-Cost: SGLang ships hidden states as Python float lists through ZMQ (the public API's format); fine for
-checking and small targets, slow for large ones (the original TorchSpec patches SGLang to write them to
-Mooncake instead).
+Cost: unpatched SGLang turns the returned hidden states into Python float lists in its scheduler
+(``.cpu().clone().tolist()``) and ships them through ZMQ; this engine cannot avoid that copy through the
+public API (it turns them back into one tensor per sample at once). Writing the records from inside SGLang's
+scheduler process (a hook on the logits processor putting each request's rows in the store, with no
+return_hidden_states) would avoid it, but needs each request's id and length inside that hook and a store
+client in every scheduler process: NOT built (issue 13, item 9).
 """
 
 from __future__ import annotations
@@ -104,7 +113,7 @@ from torchspec.utils.net import free_ports
 logger = logging.getLogger(__name__)
 
 HOOK_MODULE = __name__   # the scheduler processes import the hook factories below by this path
-DECODER_LAYER = "model.layers.{}"   # SGLang's decoder-layer module names (llama, qwen2/3, deepseek, ...)
+LAYERS_PREFIX = "model.layers"   # SGLang's decoder-layer list of a text model (llama, qwen2/3, deepseek, ...)
 FINAL_MODULE = "logits_processor"
 NONZERO_RANK_RETURNS = "SGLANG_BLOCK_NONZERO_RANK_CHILDREN"   # "0": sgl.Engine on node_rank >= 1 returns
 
@@ -153,8 +162,10 @@ def append_final_state(config: dict) -> Callable:
                 return
             missing = [k for k in layers if k not in _captured]
             if missing:
+                where = config.get("prefix", LAYERS_PREFIX)
                 raise RuntimeError(f"torchspec sgl engine: no output captured for aux layer(s) {missing}: this "
-                                   f"SGLang model has no module {DECODER_LAYER.format(missing[0])!r}")
+                                   f"SGLang model has no module {where}.{missing[0]!r} (the decoder-layer list "
+                                   "found in the target's module tree)")
             aux = [_captured[k] for k in layers]
             if any(a.shape[0] != final.shape[0] for a in aux):
                 raise RuntimeError(f"torchspec sgl engine: aux rows {[a.shape[0] for a in aux]} != returned rows "
@@ -165,29 +176,86 @@ def append_final_state(config: dict) -> Callable:
     return hook
 
 
-def aux_hook_targets(aux_layers: Sequence[int]) -> list[str]:
-    """Our aux id k (output of decoder layer k) -> the SGLang module whose output that is."""
-    return [DECODER_LAYER.format(int(k)) for k in aux_layers]
+def aux_hook_targets(aux_layers: Sequence[int], prefix: str = LAYERS_PREFIX) -> list[str]:
+    """Our aux id k (output of decoder layer k) -> the SGLang module whose output that is, in the decoder-layer
+    list named `prefix` (``decoder_layers_prefix``)."""
+    return [f"{prefix}.{int(k)}" for k in aux_layers]
 
 
-def forward_hook_specs(aux_layers: Sequence[int]) -> list[dict]:
+def forward_hook_specs(aux_layers: Sequence[int], prefix: str = LAYERS_PREFIX) -> list[dict]:
     """SGLang ``forward_hooks`` entries: one per aux layer, then the one that appends the final state."""
     specs = [{"name": f"torchspec_aux_{k}", "target_modules": [target],
               "hook_factory": f"{HOOK_MODULE}:capture_layer_output", "config": {"layer": int(k)}}
-             for k, target in zip(aux_layers, aux_hook_targets(aux_layers))]
-    specs.append({"name": "torchspec_final", "target_modules": [FINAL_MODULE],
+             for k, target in zip(aux_layers, aux_hook_targets(aux_layers, prefix))]
+    specs.append({"name": "torchspec_final", "target_modules": [final_module(prefix)],
                   "hook_factory": f"{HOOK_MODULE}:append_final_state",
-                  "config": {"layers": [int(k) for k in aux_layers]}})
+                  "config": {"layers": [int(k) for k in aux_layers], "prefix": prefix}})
     return specs
+
+
+def final_module(prefix: str) -> str:
+    """The logits processor of the causal LM whose decoder layers are `prefix`: SGLang's causal LMs hold
+    ``model.layers`` and ``logits_processor`` side by side, and a multimodal wrapper holds such an LM as a
+    submodule (Kimi-K2.5: ``language_model.model.layers`` -> ``language_model.logits_processor``)."""
+    owner = prefix[: -len("model.layers")] if prefix.endswith("model.layers") else ""
+    return owner + FINAL_MODULE
+
+
+def find_decoder_layers(model: torch.nn.Module, num_layers: int) -> str:
+    """The name of `model`'s decoder-layer list: the ModuleList of `num_layers` entries (the text config's
+    num_hidden_layers) that sits beside the input embeddings (``get_input_embeddings()``), so that a vision
+    tower of the same depth is not taken; when no embeddings are known, the only such list."""
+    lists = {name: m for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers}
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    modules = dict(model.named_modules())
+    beside = [name for name in lists
+              if embed is not None and any(c is embed for c in modules[name.rpartition(".")[0]].children())]
+    found = beside or (list(lists) if len(lists) == 1 else [])
+    if len(found) != 1:
+        raise ConfigError(f"{type(model).__name__}: cannot tell its decoder-layer list: ModuleLists of "
+                          f"{num_layers} (num_hidden_layers) entries: {sorted(lists) or 'none'}")
+    return found[0]
+
+
+def decoder_layers_prefix(cfg) -> str:
+    """The decoder-layer list of the target (text model or a multimodal wrapper such as Kimi-K2.5's
+    ``language_model.model.layers``): its module tree built on the meta device from its config (no weight
+    read), searched by ``find_decoder_layers``. SGLang names its modules after the checkpoint's weights,
+    which follow this tree."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from torchspec.config.target import TargetInfo
+
+    path, remote = str(cfg.model.target_model_path), bool(cfg.model.trust_remote_code)
+    num_layers = TargetInfo.from_config(cfg).num_hidden_layers
+    config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    errors = []
+    for auto in (AutoModelForCausalLM, AutoModel):
+        try:
+            with torch.device("meta"):
+                model = auto.from_config(config, trust_remote_code=remote)
+        except Exception as e:   # not this auto class: the next one
+            errors.append(f"{auto.__name__}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        try:
+            return find_decoder_layers(model, num_layers)
+        except ConfigError as e:
+            raise ConfigError(f"model.target_model_path={path!r}: {e}") from None
+    raise ConfigError(f"model.target_model_path={path!r}: its module tree could not be built to find the "
+                      f"decoder layers the sgl engine hooks ({'; '.join(errors)})")
 
 
 # -- in the engine's process --------------------------------------------------------------------------
 
 def build_engine_kwargs(cfg, device: torch.device | str, aux_layers: Sequence[int],
                         warn: Optional[Callable[[str], None]] = None, node_rank: int = 0,
-                        dist_init_addr: Optional[str] = None) -> dict[str, Any]:
-    """`sgl.Engine(**kwargs)` for one engine on `device` (pure; no sglang import); for an engine spanning
-    nodes, its part on node `node_rank`, all parts meeting at `dist_init_addr` ("ip:port" on node 0)."""
+                        dist_init_addr: Optional[str] = None, layers_prefix: Optional[str] = None) -> dict[str, Any]:
+    """`sgl.Engine(**kwargs)` for one engine on `device` (no sglang import); for an engine spanning
+    nodes, its part on node `node_rank`, all parts meeting at `dist_init_addr` ("ip:port" on node 0).
+    layers_prefix: the decoder-layer list the aux hooks target (None: ``decoder_layers_prefix(cfg)``)."""
+    if layers_prefix is None:
+        layers_prefix = decoder_layers_prefix(cfg)
     from torchspec.inference.sglang_args import PROTECTED_EXTRA_ARGS, build_sglang_engine_kwargs
 
     device = torch.device(device)
@@ -204,7 +272,7 @@ def build_engine_kwargs(cfg, device: torch.device | str, aux_layers: Sequence[in
         "node_rank": int(node_rank),
         **({"dist_init_addr": dist_init_addr} if dist_init_addr else {}),
         **dict(zip(("port", "nccl_port"), free_ports(2))),
-        "forward_hooks": list(extra.get("forward_hooks") or []) + forward_hook_specs(aux_layers),
+        "forward_hooks": list(extra.get("forward_hooks") or []) + forward_hook_specs(aux_layers, layers_prefix),
     }
     return build_sglang_engine_kwargs(cfg, managed=managed, warn=warn)
 
@@ -228,13 +296,45 @@ def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
 
 
 class SGLangEngine:
-    def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu"):
+    def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu",
+                 enable_metrics: bool = False):
         self.llm = llm
         self.store = store
         self.aux_layers = [int(k) for k in aux_layers]
         self.hidden_size = int(hidden_size)
         self.device = torch.device(device)
         self.dtype = compute_dtype(self.device)
+        self.enable_metrics = bool(enable_metrics)
+        self._registry = None   # prometheus_client registry over SGLang's multiprocess metric files
+
+    def metrics(self) -> dict[str, float]:
+        """SGLang's Prometheus metrics (``sglang:*``), when sgl.Engine runs with enable_metrics; else {}.
+
+        With enable_metrics, sgl.Engine points PROMETHEUS_MULTIPROC_DIR of its process at a temporary directory
+        before starting its scheduler processes (``set_prometheus_multiproc_dir``, called from the engine's
+        ``_set_envs_and_config``); the schedulers (``SchedulerMetricsCollector``: sglang:num_running_reqs,
+        sglang:token_usage, sglang:gen_throughput, sglang:num_queue_reqs, ...) and the tokenizer manager in this
+        process (``TokenizerMetricsCollector``: sglang:prompt_tokens, sglang:num_requests, latency histograms)
+        write their values there. The offline Engine serves no /metrics endpoint, so we read those files as
+        that endpoint does: a prometheus_client ``CollectorRegistry`` with a ``multiprocess.MultiProcessCollector``
+        (engine_metrics.flatten_prometheus names them)."""
+        from torchspec.inference.engine_metrics import flatten_prometheus
+
+        if not self.enable_metrics or self.llm is None:
+            return {}
+        if self._registry is None:
+            try:
+                from prometheus_client import CollectorRegistry, multiprocess
+
+                registry = CollectorRegistry()
+                multiprocess.MultiProcessCollector(registry)   # reads PROMETHEUS_MULTIPROC_DIR, set by sgl.Engine
+            except (ImportError, ValueError) as e:
+                logger.warning("inference.sglang.enable_metrics: SGLang's metrics cannot be read (%s: %s); none "
+                               "are logged", type(e).__name__, e)
+                self.enable_metrics = False
+                return {}
+            self._registry = registry
+        return flatten_prometheus(self._registry.collect(), "sglang:")
 
     @classmethod
     def from_config(cls, cfg, store, device: torch.device | str = "cpu", node_rank: int = 0,
@@ -248,15 +348,17 @@ class SGLangEngine:
         device = torch.device(device)
         target = TargetInfo.from_config(cfg)   # the target's config alone (TargetLoadError naming the key)
         hidden, aux_layers = target.hidden_size, list(target.aux_layers)
-        kwargs = build_engine_kwargs(cfg, device, aux_layers, node_rank=node_rank, dist_init_addr=dist_init_addr)
+        prefix = decoder_layers_prefix(cfg)
+        kwargs = build_engine_kwargs(cfg, device, aux_layers, node_rank=node_rank, dist_init_addr=dist_init_addr,
+                                     layers_prefix=prefix)
         if node_rank >= 1:
             # else sgl.Engine never returns: it serves a health check and joins its schedulers (engine.py:686-707)
             os.environ[NONZERO_RANK_RETURNS] = "0"
             return SGLangNodeEngine(sgl.Engine(**kwargs), node_rank)
         llm = sgl.Engine(**kwargs)
         logger.info("sgl engine: aux layers %s (hooks on %s), final = %s output", aux_layers,
-                    aux_hook_targets(aux_layers), FINAL_MODULE)
-        return cls(llm, store, aux_layers, hidden, device)
+                    aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
+        return cls(llm, store, aux_layers, hidden, device, enable_metrics=bool(kwargs.get("enable_metrics")))
 
     def _rows(self, out: dict, n: int, sample_id: str) -> torch.Tensor:
         """The prompt's [n, (len(aux) + 1) * H] rows of one `generate` output."""

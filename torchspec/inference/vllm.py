@@ -98,6 +98,9 @@ def build_llm_kwargs(cfg, device: torch.device | str, extract_ids: Sequence[int]
     }
     if device.type == "cpu":
         kwargs["enforce_eager"] = True  # vLLM's CPU backend has no graph capture
+    # vLLM's stat logging on (LLM turns it off by default), so LLM.get_metrics() works: its numbers go to
+    # the run's logger (VLLMEngine.metrics); extra_args.disable_log_stats: true turns both off
+    kwargs["disable_log_stats"] = False
     kwargs.update(filter_extra_args(v.extra_args, warn))
     kwargs.update({
         "model": str(cfg.model.target_model_path),
@@ -311,6 +314,17 @@ class VLLMEngine:
             stored.append(put_record(self.store, s, hs[:, self._aux_rows].reshape(n, -1),
                                      self.final_norm(hs[:, self._final_row])))
         return stored
+
+    def metrics(self) -> dict[str, float]:
+        """vLLM's own Prometheus metrics (``LLM.get_metrics()``, vllm/v1/metrics/reader.py), flattened
+        (engine_metrics.flatten_vllm): e.g. ``vllm:num_requests_running``, ``vllm:prompt_tokens``,
+        ``vllm:kv_cache_usage_perc``, ``vllm:e2e_request_latency_seconds_count``/``_sum``. {} when stat logging is
+        off (inference.vllm.extra_args.disable_log_stats: true: get_metrics() would assert)."""
+        from torchspec.inference.engine_metrics import flatten_vllm
+
+        if self.llm is None or not getattr(self.llm.llm_engine, "log_stats", False):
+            return {}
+        return flatten_vllm(self.llm.get_metrics())
 
     def close(self) -> None:
         llm, self.llm = self.llm, None

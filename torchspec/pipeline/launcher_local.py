@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 
 from torchspec.config.errors import ConfigError
 from torchspec.inference.base import StoredSample
+from torchspec.inference.engine_metrics import MetricsPoll, engine_metrics
 from torchspec.pipeline.failures import WorkerFailure, exit_text
 from torchspec.pipeline.wire import from_wire, to_wire
 from torchspec.pipeline.ranks import RankWorker, TrainerRanks, leave_dist  # noqa: F401  (TrainerRanks re-exported)
@@ -100,6 +101,10 @@ class InlineEngines:
         self.pending: deque[list] = deque()
         self.busy_s = 0.0   # seconds spent generating, over all workers
 
+    def metrics(self) -> dict[int, dict[str, float]]:
+        """{engine: its metrics now} (engine_metrics.py)."""
+        return {0: engine_metrics(self.engine)}
+
     def submit(self, worker: int, samples: list) -> None:
         self.pending.append(samples)
 
@@ -128,6 +133,7 @@ def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbo
         else:
             torch.set_num_threads(num_threads)
         engine = engine_factory(store, device)
+        poll = MetricsPoll(engine)
         outbox.put(("ready", worker, None))
         parent = os.getppid()
         while True:
@@ -141,7 +147,7 @@ def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbo
                 break
             t0 = time.monotonic()
             stored = engine.generate(from_wire(items))
-            outbox.put(("done", worker, (stored, time.monotonic() - t0)))
+            outbox.put(("done", worker, (stored, time.monotonic() - t0, poll.due())))
     except KeyboardInterrupt:
         pass
     except ConfigError as e:   # user-caused (e.g. model.target_model_path): one line, no traceback
@@ -163,6 +169,7 @@ class ProcessEngines:
         ctx = mp.get_context("spawn")
         self.num_workers = len(devices)
         self.busy_s = 0.0   # seconds spent generating, over all workers
+        self.latest_metrics: dict[int, dict[str, float]] = {}   # each engine's last metrics (engine_metrics.py)
         self._closed = False
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in devices]
@@ -212,6 +219,10 @@ class ProcessEngines:
             yield worker, payload
             block = False
 
+    def metrics(self) -> dict[int, dict[str, float]]:
+        """{engine: its metrics as last sent with a result (read at most every METRICS_INTERVAL_S)}."""
+        return dict(self.latest_metrics)
+
     def _check_alive(self) -> None:
         dead = [(w, p) for w, p in enumerate(self.procs) if not p.is_alive()]
         if dead:
@@ -226,8 +237,10 @@ class ProcessEngines:
     def wait(self, timeout: float) -> list[tuple[int, list[StoredSample]]]:
         self._check_alive()   # every call, so a death is seen even while results keep coming from the others
         out = []
-        for worker, (stored, seconds) in self._drain(timeout, expect="done"):
+        for worker, (stored, seconds, metrics) in self._drain(timeout, expect="done"):
             self.busy_s += seconds
+            if metrics is not None:
+                self.latest_metrics[worker] = metrics
             out.append((worker, stored))
         return out
 

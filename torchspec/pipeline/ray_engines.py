@@ -21,6 +21,7 @@ import time
 import torch
 
 from torchspec.inference.base import StoredSample
+from torchspec.inference.engine_metrics import MetricsPoll
 from torchspec.pipeline.failures import WorkerFailure, ray_death_text, store_lost
 from torchspec.pipeline.launcher_local import PlacementError
 from torchspec.pipeline.ray_placement import (NodeWatch, RayPlacement, _hold, check_local_store, dead_node_text,
@@ -53,6 +54,7 @@ class _EngineActor:
             torch.set_num_threads(num_threads)
         try:
             self.engine = engine_factory(store, device)
+            self.poll = MetricsPoll(self.engine)
         except ConfigError as e:   # user-caused (e.g. model.target_model_path): one line for the driver
             self.config_error = str(e)
 
@@ -62,10 +64,11 @@ class _EngineActor:
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "gpu_ids": self.gpu_ids,
                 "config_error": self.config_error}
 
-    def generate(self, items) -> tuple[list[StoredSample], float]:
+    def generate(self, items) -> tuple[list[StoredSample], float, dict | None]:
+        """(stored records, seconds, the engine's metrics when due, else None)."""
         t0 = time.monotonic()
         stored = self.engine.generate(from_wire(items))
-        return stored, time.monotonic() - t0
+        return stored, time.monotonic() - t0, self.poll.due()
 
     def close(self) -> None:
         if self.engine is not None:
@@ -103,6 +106,7 @@ class RayEngines:
         self._ray = ray
         self.num_workers = placement.num_engines
         self.busy_s = 0.0   # seconds spent generating, over all workers
+        self.latest_metrics: dict[int, dict[str, float]] = {}   # each engine's last metrics (engine_metrics.py)
         self.pending: dict = {}        # ObjectRef -> worker
         self.actors: list = []
         self.pgs: list = []
@@ -210,7 +214,7 @@ class RayEngines:
         for ref in (r for r in refs if r in finished):   # in submission order
             worker = self.pending.pop(ref)
             try:
-                stored, seconds = ray.get(ref)
+                stored, seconds, metrics = ray.get(ref)
             except ray.exceptions.RayActorError as e:
                 node = self.nodes[worker] if worker < len(self.nodes) else "?"
                 self.close()
@@ -223,8 +227,14 @@ class RayEngines:
                     raise StoreUnavailable(f"inference engine {worker}: {lost}") from None
                 raise WorkerFailure(f"inference engine {worker} (Ray actor) failed:\n{e}") from None
             self.busy_s += seconds
+            if metrics is not None:
+                self.latest_metrics[worker] = metrics
             out.append((worker, stored))
         return out
+
+    def metrics(self) -> dict[int, dict[str, float]]:
+        """{engine: its metrics as last sent with a result (read at most every METRICS_INTERVAL_S)}."""
+        return dict(self.latest_metrics)
 
     def _check_nodes(self) -> None:
         """Raise a WorkerFailure naming the node and its engines when Ray reports an engine's node dead."""

@@ -146,6 +146,14 @@ def _inference_capacity(controller, engines) -> float | None:
     return controller.samples_generated * engines.num_workers / busy if busy else None
 
 
+def _engine_metrics(engines) -> dict[str, float]:
+    """The engines' own metrics (Engine.metrics, torchspec/inference/engine_metrics.py) as engine<i>/<name>."""
+    from torchspec.inference.engine_metrics import step_metrics
+
+    read = getattr(engines, "metrics", None)
+    return step_metrics(read()) if callable(read) else {}
+
+
 def _put_bandwidth(store) -> float:
     nbytes, seconds = store.put_stats()
     return nbytes / seconds / 1e9 if seconds else 0.0
@@ -362,6 +370,7 @@ class _Run:
                       data_wait_frac=c.data_wait_s / elapsed, data_wait_s=c.data_wait_s, elapsed_s=elapsed,
                       store_bytes=self.store.bytes_used(), store_put_gb_per_s=_put_bandwidth(self.store))
         record.update(self.throughput.rates(now, self.trained_samples, self.train_s))
+        record.update(_engine_metrics(self.engines))
         return record
 
     def evaluate(self, step: int) -> None:
