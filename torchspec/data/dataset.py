@@ -66,14 +66,14 @@ def build_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeni
                   max_seq_length: int, prompt_key: str, cache_dir: str | os.PathLike | None = None,
                   defer_tokenization: bool = False, last_turn_loss_only: bool = False,
                   num_proc: int | None = 1, progress: bool = True, on_bad_record: str = "error",
-                  config_key: str = "dataset.train_data_path") -> SampleTable | LazySamples:
+                  config_key: str = "dataset.train_data_path", empty_hint: str = "") -> SampleTable | LazySamples:
     """Samples of every conversation in `paths` (files, folders, globs), in file and record order.
 
     Returns a SampleTable (a sequence of Sample) or, with defer_tokenization, a LazySamples. Both
     carry `.cache_dir`: the cache folder of this exact input (None without cache_dir), where the
     draft vocabulary is saved too. Raises DataError naming the file and line for bad input; with
     on_bad_record="skip" a bad record is left out instead, counted in `.stats` (skipped_bad, bad_records)
-    and named in the log.
+    and named in the log. `empty_hint` ends the error raised when no conversation has a supervised token.
     """
     if max_seq_length <= 0:
         raise DataError(f"training.max_seq_length must be positive, got {max_seq_length}")
@@ -125,7 +125,7 @@ def build_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeni
     _log_bad(config_key, stats)
     if len(table) == 0:
         raise DataError(f"{config_key}: none of the {stats.conversations} conversations has a supervised "
-                        f"(assistant) token under chat_template={chat_template!r}")
+                        f"(assistant) token under chat_template={chat_template!r}{empty_hint}")
     if folder is not None:
         cache.save(folder, table, stats, {"files": [str(f) for f in files], "digests": digests,
                                           "chat_template": chat_template, "max_seq_length": max_seq_length,
@@ -144,6 +144,10 @@ def _no_records_left(config_key: str, convs: list, bad: BadRecords):
 def _log_bad(config_key: str, stats: Stats):
     if stats.skipped_bad:
         log.warning("%s: %s", config_key, stats.bad_summary())
+
+
+# a training set of prompts alone (no assistant turn) without dataset.regenerate: what the refusal suggests
+PROMPTS_ONLY_HINT = "; a file of prompts alone trains with dataset.regenerate: true (the target writes the replies)"
 
 
 def load_tokenizer(cfg):
@@ -167,7 +171,8 @@ def from_config(cfg, tokenizer=None, split: str = "train", progress: bool = True
                          chat_template=ds.chat_template, max_seq_length=cfg.training.max_seq_length,
                          prompt_key=ds.prompt_key, cache_dir=cache_dir, defer_tokenization=ds.defer_tokenization,
                          last_turn_loss_only=ds.last_turn_loss_only, num_proc=ds.num_proc, progress=progress,
-                         on_bad_record=ds.on_bad_record, config_key=f"dataset.{split}_data_path")
+                         on_bad_record=ds.on_bad_record, config_key=f"dataset.{split}_data_path",
+                         empty_hint=PROMPTS_ONLY_HINT if split == "train" and not ds.regenerate else "")
 
 
 def vocab_map_for(samples, target_vocab_size: int, draft_vocab_size: int | None):

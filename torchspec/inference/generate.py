@@ -64,6 +64,9 @@ class HFGenerator:
         replies = [_cut(row[width:].tolist(), stop_ids, int(settings.max_new_tokens)) for row in out.cpu()]
         return replies
 
+    def close(self) -> None:
+        self.model = None
+
 
 def vllm_sampling_params(stop_ids: list[int], settings, seed: int):
     """`vllm.SamplingParams` of these settings (vLLM: top_k 0 = off, temperature 0 = greedy)."""
@@ -91,6 +94,12 @@ class VLLMGenerator:
         # token_ids end with the stop token when one stopped the reply (finish_reason "stop")
         return [_cut(o.outputs[0].token_ids, stop_ids, int(settings.max_new_tokens)) for o in outs]
 
+    def close(self) -> None:
+        """Stop vLLM's engine core (its own process, holding the device memory) before training starts."""
+        if self.llm is not None:
+            llm, self.llm = self.llm, None
+            llm.llm_engine.engine_core.shutdown()
+
 
 def sgl_sampling_params(stop_ids: list[int], settings, seed: int) -> dict:
     """SGLang's sampling_params dict of these settings (SGLang: top_k -1 = off)."""
@@ -117,3 +126,9 @@ class SGLGenerator:
         self.requests += len(prompts)
         outs = self.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=params)
         return [_cut(o["output_ids"], stop_ids, int(settings.max_new_tokens)) for o in outs]
+
+    def close(self) -> None:
+        """Stop SGLang's scheduler and detokenizer processes."""
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            engine.shutdown()

@@ -155,7 +155,8 @@ def run_regeneration(cfg, tokenizer=None, generator=None, device: torch.device |
               "dropped": 0, "truncated": 0, "cut": 0, "generated_tokens": 0, "seconds": 0.0}
     counts["already_written"] = counts["conversations"] - sum(len(t) for *_, t in todo)
     missing = counts["conversations"] - counts["already_written"]
-    if missing and generator is None:
+    built = missing and generator is None
+    if built:
         generator = build_generator(cfg, tokenizer, device)
     bar = tqdm(total=counts["conversations"], initial=counts["already_written"], desc="regenerating",
                unit="conv", disable=not progress)
@@ -182,6 +183,8 @@ def run_regeneration(cfg, tokenizer=None, generator=None, device: torch.device |
                 bar.set_postfix_str(f"{rate:,.0f} tokens/s")
     finally:
         bar.close()
+        if built:   # released here: a training run needs the device (and vLLM's / SGLang's processes gone)
+            generator.close()
         counts["seconds"] = round(time.perf_counter() - t0, 3)
         (out_dir / SETTINGS).write_text(yaml.safe_dump({**settings, "counts": counts}, sort_keys=False))
     rate = counts["generated_tokens"] / counts["seconds"] if counts["seconds"] > 0 else 0.0

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Does a draft trained on the target's own replies accept more? (issue 14, "Done when"), on CPU.
+
+The quickstart's target and conversations (`python scripts/quickstart.py --target-only` builds them, cached;
+nothing is downloaded). Two drafts, the same conversations, config (configs/quickstart.yaml), seed and number
+of optimizer steps:
+  answers      trained on the dataset's answers (the standard library's own code after each prompt);
+  regenerated  `dataset.regenerate: true` (greedy): the target writes every reply first, then the same training.
+Then tau of each exported draft on held-out prompts, with our evaluator:
+  python -m torchspec.eval --target T --draft RUN/export --data eval.jsonl -k K --max-new-tokens M --num-prompts P
+Printed: both taus, their ratio, the generation rate (tokens/s) and the share of the regenerated run's
+wall time spent generating (settings.yaml's counts / the train_entry process time).
+
+    python benchmarks/bench_regenerate.py [--train 400] [--max-new-tokens 128] [--eval-prompts 24] [k=v ...]
+
+The defaults fit ~20 minutes on 2 busy CPU cores: a subset of the quickstart's 1200 training conversations,
+one epoch, no eval during training.
+
+Measured (2 CPU cores shared with other jobs, load average 12-17; the quickstart's cached target), with
+    python benchmarks/bench_regenerate.py --train 256 --max-new-tokens 64 dataset.generation.batch_size=128
+256 conversations, 64 steps each; tau (k=3, 24 held-out prompts, 32 tokens each): answers 1.3090, regenerated
+1.6310, ratio 1.246 (+24.6%); generation 10637 tokens in 126 s = 84 tokens/s (hf engine, fp32 CPU; 163 of 256
+replies cut at 64 tokens), 71% of the regenerated run's 178 s (the answers run: 70 s); 14.8 min in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "quickstart.yaml"
+
+
+def log(msg: str) -> None:
+    print(f"[bench_regenerate] {msg}", flush=True)
+
+
+def subset(src: Path, dst: Path, n: int) -> int:
+    """n conversations spread evenly over src (the quickstart's are ordered by source file)."""
+    lines = src.read_text().splitlines()
+    n = min(n, len(lines))
+    dst.write_text("".join(lines[int(i * len(lines) / n)] + "\n" for i in range(n)))
+    return n
+
+
+def run(cmd: list[str], log_path: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    t0 = time.perf_counter()
+    with open(log_path, "w") as out:
+        rc = subprocess.call(cmd, cwd=str(REPO), env=env, stdout=out, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"failed (exit code {rc}): {' '.join(cmd)}\n  see {log_path}")
+    return time.perf_counter() - t0
+
+
+def train(name: str, work: Path, cache: Path, data: Path, steps: int, extra: list[str]) -> dict:
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "torchspec.train_entry", "--config", str(CONFIG),
+           f"model.target_model_path={cache / 'target'}", f"dataset.train_data_path={data}",
+           "dataset.eval_data_path=null", f"output_dir={out}", f"cache_dir={work / (name + '-cache')}",
+           "training.num_epochs=1", f"training.num_train_steps={steps}", *extra]
+    log(f"{name}: " + " ".join(cmd[1:]))
+    wall = run(cmd, work / f"{name}.log")
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps_done = [m for m in metrics if "loss" in m]
+    info = {"process_s": wall, "steps": len(steps_done), "final_loss": steps_done[-1]["loss"],
+            "final_acc_0": steps_done[-1].get("acc_0")}
+    settings = out / "regenerated" / "settings.yaml"
+    if settings.exists():
+        import yaml
+
+        counts = yaml.safe_load(settings.read_text())["counts"]
+        info["generation"] = counts
+    log(f"{name}: {info['steps']} steps in {wall:.0f}s, final train loss {info['final_loss']:.3f}")
+    return info
+
+
+def tau(name: str, work: Path, cache: Path, args) -> dict:
+    out = work / f"{name}-tau.json"
+    cmd = [sys.executable, "-m", "torchspec.eval", "--target", str(cache / "target"), "--draft",
+           str(work / name / "export"), "--data", str(cache / "data" / "eval.jsonl"), "-k", str(args.k),
+           "--max-new-tokens", str(args.eval_max_new_tokens), "--num-prompts", str(args.eval_prompts),
+           "--device", "cpu", "--output", str(out)]
+    log(f"{name}: python " + " ".join(cmd[1:]))
+    run(cmd, work / f"{name}-tau.log")
+    return json.loads(out.read_text())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_regenerate.py", description=__doc__.split("\n")[0])
+    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "quickstart"), help="quickstart target + data")
+    p.add_argument("--work", default=str(REPO / ".cache" / "bench_regenerate"), help="runs and logs go here")
+    p.add_argument("--train", type=int, default=400, help="training conversations (of the quickstart's 1200)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="dataset.generation.max_new_tokens")
+    p.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts for tau")
+    p.add_argument("--eval-max-new-tokens", type=int, default=32)
+    p.add_argument("-k", type=int, default=3, help="draft tokens per verification")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for both runs")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    cache, work = Path(args.cache_dir).resolve(), Path(args.work).resolve()
+    if not all((cache / d / "quickstart_done.json").exists() for d in ("target", "data")):
+        subprocess.run([sys.executable, str(REPO / "scripts" / "quickstart.py"), "--cache-dir", str(cache),
+                        "--target-only"], cwd=REPO, check=True)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "train.jsonl"
+    n = subset(cache / "data" / "train.jsonl", data, args.train)
+    micro = 4   # configs/quickstart.yaml's training.micro_batch_size unless overridden
+    for o in args.overrides:
+        if o.startswith("training.micro_batch_size="):
+            micro = int(o.split("=", 1)[1])
+    steps = n // micro
+    log(f"{n} training conversations, {steps} optimizer steps per draft; work dir {work}")
+
+    runs = {"answers": train("answers", work, cache, data, steps, args.overrides),
+            "regenerated": train("regenerated", work, cache, data, steps,
+                                 ["dataset.regenerate=true", "dataset.generation.temperature=0",
+                                  f"dataset.generation.max_new_tokens={args.max_new_tokens}", *args.overrides])}
+    if runs["answers"]["steps"] != runs["regenerated"]["steps"]:
+        raise SystemExit(f"unequal steps: {runs['answers']['steps']} vs {runs['regenerated']['steps']}")
+    for name in runs:
+        runs[name]["eval"] = tau(name, work, cache, args)
+
+    gen = runs["regenerated"]["generation"]
+    rate = gen["generated_tokens"] / gen["seconds"]
+    share = gen["seconds"] / runs["regenerated"]["process_s"]
+    ta, tr = runs["answers"]["eval"]["tau"], runs["regenerated"]["eval"]["tau"]
+    summary = {"train_conversations": n, "steps": steps, "k": args.k, "eval_prompts": args.eval_prompts,
+               "eval_max_new_tokens": args.eval_max_new_tokens, "max_new_tokens": args.max_new_tokens,
+               "tau_answers": ta, "tau_regenerated": tr, "tau_ratio": tr / ta,
+               "generated_tokens": gen["generated_tokens"], "truncated_replies": gen["truncated"],
+               "generation_s": gen["seconds"], "generation_tokens_per_s": rate,
+               "regenerated_run_s": runs["regenerated"]["process_s"], "generation_share": share,
+               "answers_run_s": runs["answers"]["process_s"], "total_s": time.perf_counter() - t0, "runs": runs}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n".join([
+        "", "=" * 72,
+        f"{n} conversations, {steps} steps each, tau with k={args.k} on {args.eval_prompts} held-out prompts "
+        f"({args.eval_max_new_tokens} tokens each):",
+        f"  tau, draft trained on the dataset's answers   {ta:.4f}",
+        f"  tau, draft trained on regenerated replies     {tr:.4f}",
+        f"  ratio regenerated / answers                   {tr / ta:.3f}  ({(tr / ta - 1) * 100:+.1f}%)",
+        f"generation: {gen['generated_tokens']} tokens in {gen['seconds']:.1f}s = {rate:.0f} tokens/s "
+        f"({gen['truncated']} replies cut at {args.max_new_tokens}); {share * 100:.0f}% of the regenerated run's "
+        f"{runs['regenerated']['process_s']:.0f}s (answers run: {runs['answers']['process_s']:.0f}s)",
+        f"total {summary['total_s'] / 60:.1f} min; details in {work / 'summary.json'}",
+        "=" * 72]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
