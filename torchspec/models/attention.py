@@ -2,19 +2,20 @@
 keys of steps 1..k (the "diagonal", same row).
 
 A batch row may hold several documents (sequence packing): `doc` [B, T] numbers them 1, 2, ... along
-the row and marks padding 0; a right-padded unpacked row is one document. Masks are built once per
-forward from `doc` (`AttentionMasks`), used by every TTT step and dropped with the batch: nothing is
-cached across batches, so varying lengths cannot pile masks up.
+the row and marks padding 0; a right-padded unpacked row is one document. What the backends need from
+`doc` (`AttentionMasks`: the document runs of each row, or the flex BlockMask) is built once per forward,
+used by every TTT step and dropped with the batch: nothing is cached across batches.
 
-Backends compute the same thing (a test holds them equal):
-- `sdpa`: keys of all steps concatenated along the sequence; on CUDA PyTorch's fused SDPA with an
-  explicit boolean mask [B, 1, T, (k+1)T] (memory grows with T^2). Elsewhere the step-0 scores and the
-  k diagonal scores share one softmax over T + k columns (`_dense_ttt`), no (k+1)T-wide mask; a packed
-  row is attended document by document (work: the sum of the squared document lengths).
+Backends compute the same thing (tests hold them equal to an explicit-mask reference); none builds a
+[T, T] or [T, (k+1)T] mask or score tensor, so memory grows linearly with T:
+- `sdpa` (every device): each document alone (batched over rows when all rows share their document runs;
+  padding runs give zeros, which nothing reads) through PyTorch's fused SDPA with `is_causal`; the k
+  diagonal keys join the same softmax as extra key/value columns (`_sdpa_ttt`).
 - `flex_attention`: on CUDA, compiled flex attention over step-0 keys with a block mask built from the
   document boundaries (blocks of other documents are skipped, not masked), returning its log-sum-exp;
-  the k diagonal scores are merged exactly through that log-sum-exp. Off CUDA it is `_dense_ttt` too
-  (the fused kernel and its backward exist only on CUDA).
+  the k diagonal scores are merged exactly through that log-sum-exp (`_merge_diagonal`). Off CUDA (no
+  fused flex kernel with a backward there) the same merge follows a causal attention per document in
+  query chunks that are recomputed in backward (`causal_with_lse`); slower than `sdpa` on CPU.
 """
 
 from __future__ import annotations
