@@ -53,6 +53,33 @@ def test_records_equal_transformers_hidden_states(tiny_target_dir, tmp_path, lay
     engine.close()
 
 
+def test_padded_batches_build_no_attention_mask(tiny_target_dir, tmp_path, monkeypatch):
+    """A padded forward batch runs causal attention without a [B, 1, T, T] mask (B * T^2 memory), and its
+    real positions equal the sample run alone."""
+    import torch.nn.functional as F
+
+    model = load_target(tiny_target_dir, torch.float32, "cpu")
+    engine = HFEngine(model, LocalStore(root=tmp_path / "store"), aux_layers=[0, 1, 2], batch_size=3)
+    samples = _samples(model.config.vocab_size, lengths=(9, 10, 11))
+    assert [len(c) for c in engine.chunks(samples)] == [3]             # one padded batch
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kw):
+        masks.append(kw.get("attn_mask"))
+        return sdpa(*args, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    aux, final = engine._forward(samples)
+    assert masks and all(m is None for m in masks), [None if m is None else tuple(m.shape) for m in masks]
+    for j, s in enumerate(samples):
+        a1, f1 = engine._forward([s])
+        n = len(s)
+        torch.testing.assert_close(aux[j, :n], a1[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(final[j, :n], f1[0], rtol=1e-5, atol=1e-5)
+    engine.close()
+
+
 def test_default_aux_layers_and_bad_layers(tiny_target_dir, tmp_path):
     model = load_target(tiny_target_dir, torch.float32, "cpu")
     L = model.config.num_hidden_layers

@@ -104,8 +104,11 @@ def test_flex_block_mask_is_the_document_causal_mask(lengths):
 
 
 def test_masks_are_built_per_batch():
-    m = AttentionMasks("sdpa", torch.tensor([[1, 1, 2, 2]]))
-    assert m.sdpa_mask(2).shape == (1, 1, 4, 12)
+    """What a batch's attention needs is its rows' document runs (no T x T mask); unknown backends are refused."""
+    m = AttentionMasks("sdpa", torch.tensor([[1, 1, 2, 2, 0], [1, 1, 1, 0, 0]]))
+    assert m.runs == [[(0, 2, True), (2, 4, True), (4, 5, False)], [(0, 3, True), (3, 5, False)]]
+    assert not m.shared_runs
+    assert AttentionMasks("sdpa", torch.ones(2, 6, dtype=torch.long)).shared_runs
     with pytest.raises(ValueError, match="training.attention_backend"):
         AttentionMasks("xformers", torch.ones(1, 3))
 

@@ -1,6 +1,7 @@
 """The `hf` engine: the target runs in-process with transformers.
 
-One forward of the target's base model (the lm_head never runs) per batch of samples, right-padded.
+One forward of the target's base model (the lm_head never runs) per batch of samples, right-padded
+and without an attention mask (causal attention never lets a real position see the padding after it).
 Forward hooks on the configured decoder layers capture their outputs (our id k = output of decoder
 layer k = transformers ``hidden_states[k + 1]``), so only those layers are kept, not all L of them.
 The final, post-norm hidden state is the base model's ``last_hidden_state``. Each sample's record
@@ -110,19 +111,19 @@ class HFEngine:
 
     @torch.inference_mode()
     def _forward(self, samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded rows and NO attention mask: under the causal mask a real position t < len sees only
+        keys <= t, all real, with positions 0..t as unpadded; the padded positions' outputs are dropped by
+        the caller. So attention stays the causal kernel (is_causal) and no [B, 1, T, T] mask is built."""
         lengths = [int(s.input_ids.numel()) for s in samples]
-        T = max(lengths)
-        ids = torch.zeros(len(samples), T, dtype=torch.long)
-        mask = torch.zeros(len(samples), T, dtype=torch.long)
+        ids = torch.zeros(len(samples), max(lengths), dtype=torch.long)
         for i, s in enumerate(samples):
             ids[i, :lengths[i]] = s.input_ids
-            mask[i, :lengths[i]] = 1
         self.capture.clear()
         runner, extra = self.base, {}
         if self.vision is not None:
             runner, extra = self.vision.runner, self.vision.forward_inputs(samples, ids, self.device,
                                                                             self.model.dtype)
-        out = runner(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False, **extra)
+        out = runner(input_ids=ids.to(self.device), use_cache=False, **extra)
         return self.capture.take(), out.last_hidden_state
 
     def chunks(self, samples: Sequence) -> list[list]:

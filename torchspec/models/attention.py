@@ -2,19 +2,20 @@
 keys of steps 1..k (the "diagonal", same row).
 
 A batch row may hold several documents (sequence packing): `doc` [B, T] numbers them 1, 2, ... along
-the row and marks padding 0; a right-padded unpacked row is one document. Masks are built once per
-forward from `doc` (`AttentionMasks`), used by every TTT step and dropped with the batch: nothing is
-cached across batches, so varying lengths cannot pile masks up.
+the row and marks padding 0; a right-padded unpacked row is one document. What the backends need from
+`doc` (`AttentionMasks`: the document runs of each row, or the flex BlockMask) is built once per forward,
+used by every TTT step and dropped with the batch: nothing is cached across batches.
 
-Backends compute the same thing (a test holds them equal):
-- `sdpa`: keys of all steps concatenated along the sequence; on CUDA PyTorch's fused SDPA with an
-  explicit boolean mask [B, 1, T, (k+1)T] (memory grows with T^2). Elsewhere the step-0 scores and the
-  k diagonal scores share one softmax over T + k columns (`_dense_ttt`), no (k+1)T-wide mask; a packed
-  row is attended document by document (work: the sum of the squared document lengths).
+Backends compute the same thing (tests hold them equal to an explicit-mask reference); none builds a
+[T, T] or [T, (k+1)T] mask or score tensor, so memory grows linearly with T:
+- `sdpa` (every device): each document alone (batched over rows when all rows share their document runs;
+  padding runs give zeros, which nothing reads) through PyTorch's fused SDPA with `is_causal`; the k
+  diagonal keys join the same softmax as extra key/value columns (`_sdpa_ttt`).
 - `flex_attention`: on CUDA, compiled flex attention over step-0 keys with a block mask built from the
   document boundaries (blocks of other documents are skipped, not masked), returning its log-sum-exp;
-  the k diagonal scores are merged exactly through that log-sum-exp. Off CUDA it is `_dense_ttt` too
-  (the fused kernel and its backward exist only on CUDA).
+  the k diagonal scores are merged exactly through that log-sum-exp (`_merge_diagonal`). Off CUDA (no
+  fused flex kernel with a backward there) the same merge follows a causal attention per document in
+  query chunks that are recomputed in backward (`causal_with_lse`); slower than `sdpa` on CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 BACKENDS = ("sdpa", "flex_attention")
 FLEX_BLOCK = 128
@@ -75,7 +77,8 @@ def doc_block_mask(doc: torch.Tensor):
 
 
 class AttentionMasks:
-    """The masks one batch needs, built on first use and shared by every TTT step of its forward."""
+    """What one batch's attention needs from `doc`, built on first use and shared by every TTT step of its
+    forward: the document runs of each row (all backends off CUDA and `sdpa`), the flex BlockMask (CUDA flex)."""
 
     def __init__(self, backend: str, doc: torch.Tensor):
         if backend not in BACKENDS:
@@ -85,29 +88,23 @@ class AttentionMasks:
         self.cuda = doc.device.type == "cuda"
 
     @functools.cached_property
-    def allowed(self) -> torch.Tensor:
-        return doc_causal(self.doc)
-
-    @functools.cached_property
     def block_mask(self):
         return doc_block_mask(self.doc)
 
     @functools.cached_property
-    def segments(self) -> list[tuple[int, int]] | None:
-        """(start, end) of each document of a single packed row (padding counts as one), else None."""
-        if self.doc.shape[0] != 1:
-            return None
-        _, counts = torch.unique_consecutive(self.doc[0], return_counts=True)
-        ends = torch.cumsum(counts, 0).tolist()
-        return list(zip([0] + ends[:-1], ends))
+    def runs(self) -> list[list[tuple[int, int, bool]]]:
+        """Per row, its (start, end, is_document) runs along T; padding (document 0) runs have is_document False."""
+        out = []
+        for row in self.doc:
+            values, counts = torch.unique_consecutive(row, return_counts=True)
+            ends = torch.cumsum(counts, 0).tolist()
+            out.append([(a, b, bool(v)) for a, b, v in zip([0] + ends[:-1], ends, (values > 0).tolist())])
+        return out
 
-    def sdpa_mask(self, k: int) -> torch.Tensor:
-        """bool [B, 1, T, (k+1)T]: document-causal over step-0 keys, then one identity block per step 1..k."""
-        T = self.doc.shape[1]
-        if not k:
-            return self.allowed
-        eye = torch.eye(T, dtype=torch.bool, device=self.doc.device).expand(self.doc.shape[0], 1, T, T)
-        return torch.cat([self.allowed] + [eye] * k, dim=-1)
+    @functools.cached_property
+    def shared_runs(self) -> bool:
+        """True when every row has the same runs (one row, or rows of one length): documents batch over rows."""
+        return all(r == self.runs[0] for r in self.runs[1:])
 
 
 # On CUDA the elementwise-heavy pieces of the TTT step (norms, RoPE, residuals, SwiGLU, the
@@ -145,21 +142,104 @@ def flex_with_lse(q, k, v, block_mask):
     return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
 
 
-def _dense_ttt(q, keys, values, allowed):
-    """Step-0 scores (masked by `allowed`) and the k diagonal scores in one softmax over T + k columns."""
-    B, nh, T, d = q.shape
-    nkv = keys[0].shape[1]
-    g = nh // nkv
-    scale = 1.0 / math.sqrt(d)
-    qg = q.reshape(B, nkv, g, T, d).float()
-    s0 = (qg @ keys[0].float().unsqueeze(2).transpose(-1, -2)) * scale            # [B, nkv, g, T, T]
-    s0 = s0.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-    diag = [(qg * kj.float().unsqueeze(2)).sum(-1, keepdim=True) * scale for kj in keys[1:]]
-    p = torch.softmax(torch.cat([s0] + diag, dim=-1), dim=-1)
-    out = p[..., :T] @ values[0].float().unsqueeze(2)
+def _sdpa_ttt(q, keys, values):
+    """TTT attention of ONE document (rows share it), through PyTorch's fused SDPA with `is_causal` (no mask).
+
+    The k diagonal keys enter the same softmax as k extra keys placed before the document (and k dummy
+    query rows, so the causal square shows them to every real query): key j is the unit vector of an
+    extra column j of q that holds q . k_j (split in a high and a low part below fp32, so the score
+    keeps fp32 precision), and its value is the unit vector of an extra output column, which so returns
+    the diagonal's softmax weight. The output then adds weight_j * v_j. Memory: O(T) per step.
+    """
+    B, nh, L, d = q.shape
+    nkv, k = keys[0].shape[1], len(keys) - 1
+    g, scale, gqa = nh // nkv, 1.0 / math.sqrt(d), nh != nkv
+    if not k:
+        return F.scaled_dot_product_attention(q, keys[0], values[0], is_causal=True, scale=scale, enable_gqa=gqa)
+    qg = q.reshape(B, nkv, g, L, d).float()
+    cols = []
+    for kj in keys[1:]:
+        dot = (qg * kj.float().unsqueeze(2)).sum(-1).reshape(B, nh, L)     # q . k_j, unscaled (SDPA scales)
+        if q.dtype in (torch.float32, torch.float64):
+            cols.append(dot.to(q.dtype))
+        else:
+            hi = dot.to(q.dtype)
+            cols += [hi, (dot - hi.float()).to(q.dtype)]
+    c = len(cols) // k
+    extra = -(-c * k // 8) * 8                                              # head dim stays a multiple of 8
+    width = d + extra
+    q_aug = F.pad(torch.cat([q, torch.stack(cols, -1)], -1), (0, extra - c * k, k, 0))
+    prefix_k = q.new_zeros(k, width)
+    prefix_v = q.new_zeros(k, width)
+    for j in range(k):
+        prefix_k[j, d + j * c:d + (j + 1) * c] = 1
+        prefix_v[j, d + j] = 1
+    k_aug = torch.cat([prefix_k.expand(B, nkv, k, width), F.pad(keys[0], (0, extra))], dim=2)
+    v_aug = torch.cat([prefix_v.expand(B, nkv, k, width), F.pad(values[0], (0, extra))], dim=2)
+    o = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, is_causal=True, scale=scale, enable_gqa=gqa)[:, :, k:]
+    w = o[..., d:d + k].float().reshape(B, nkv, g, L, k)
+    out = o[..., :d].float().reshape(B, nkv, g, L, d)
     for j, vj in enumerate(values[1:]):
-        out = out + p[..., T + j:T + j + 1] * vj.float().unsqueeze(2)
-    return out.to(q.dtype).reshape(B, nh, T, d)
+        out = out + w[..., j:j + 1] * vj.float().unsqueeze(2)
+    return out.to(q.dtype).reshape(B, nh, L, d)
+
+
+CHUNK_SCORES = 1 << 22   # off-CUDA flex: score elements of one query chunk (x4 bytes, a few such tensors live)
+
+
+def _causal_chunk(q, k, v):
+    """(out, lse) of the LAST q.shape[2] queries of a causal block over k's keys (fp32 scores of this chunk only)."""
+    B, nh, C, d = q.shape
+    nkv, L = k.shape[1], k.shape[2]
+    qg = q.reshape(B, nkv, nh // nkv, C, d).float()
+    s = (qg @ k.float().unsqueeze(2).transpose(-1, -2)) * (1.0 / math.sqrt(d))    # [B, nkv, g, C, L]
+    later = torch.arange(L, device=q.device)[None, :] > torch.arange(L - C, L, device=q.device)[:, None]
+    s = s.masked_fill(later, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.exp(s - lse.unsqueeze(-1)) @ v.float().unsqueeze(2)
+    return out.to(q.dtype).reshape(B, nh, C, d), lse.reshape(B, nh, C)
+
+
+def causal_with_lse(q, k, v):
+    """(out [B, nh, L, d], lse [B, nh, L]) of causal attention over one document, in query chunks; with grads
+    on, each chunk is recomputed in backward (checkpointed), so memory is O(L) plus one chunk's scores."""
+    B, nh, L, _ = q.shape
+    chunk = max(16, CHUNK_SCORES // (B * nh * L))
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    pieces = []
+    for a in range(0, L, chunk):
+        b = min(L, a + chunk)
+        args = (q[:, :, a:b], k[:, :, :b], v[:, :, :b])
+        pieces.append(checkpoint(_causal_chunk, *args, use_reentrant=False) if recompute else _causal_chunk(*args))
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat([p[0] for p in pieces], dim=2), torch.cat([p[1] for p in pieces], dim=2)
+
+
+def _flex_ttt_off_cuda(q, keys, values):
+    """The flex path's arithmetic off CUDA for ONE document: chunked causal attention with its lse, then the
+    same exact diagonal merge as on CUDA."""
+    out, lse = causal_with_lse(q, keys[0], values[0])
+    return _merge_diagonal(q, out, lse, keys[1:], values[1:]) if len(keys) > 1 else out
+
+
+def _per_document(masks: AttentionMasks, fn, q, keys, values):
+    """[B, nh, T, d]: `fn` on each document alone (batched over rows when all rows share their runs);
+    padding runs get zeros (no real query sees them, and the loss never reads them)."""
+    B, nh, T, d = q.shape
+
+    def piece(r0, r1, a, b, is_doc):
+        if not is_doc:
+            return q.new_zeros(r1 - r0, nh, b - a, d)
+        return fn(q[r0:r1, :, a:b], [x[r0:r1, :, a:b] for x in keys], [x[r0:r1, :, a:b] for x in values])
+
+    def row(r0, r1, runs):
+        parts = [piece(r0, r1, *run) for run in runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    if masks.shared_runs:
+        return row(0, B, masks.runs[0])
+    return torch.cat([row(r, r + 1, runs) for r, runs in enumerate(masks.runs)], dim=0)
 
 
 def ttt_attention(masks: AttentionMasks, q: torch.Tensor, keys: list[torch.Tensor],
@@ -169,21 +249,13 @@ def ttt_attention(masks: AttentionMasks, q: torch.Tensor, keys: list[torch.Tenso
     Returns [B, T, nh*d].
     """
     B, nh, T, d = q.shape
-    k_steps = len(keys) - 1
-    if not masks.cuda and masks.segments is not None:   # one packed row: each document alone (sum of len^2)
-        out = torch.cat([_dense_ttt(q[:, :, a:b], [k[:, :, a:b] for k in keys], [v[:, :, a:b] for v in values],
-                                    doc_causal(masks.doc[:, a:b])) for a, b in masks.segments], dim=2)
-    elif not masks.cuda:
-        out = _dense_ttt(q, keys, values, masks.allowed)
-    elif masks.backend == "sdpa":
-        kc = keys[0] if k_steps == 0 else torch.cat(keys, dim=2)
-        vc = values[0] if k_steps == 0 else torch.cat(values, dim=2)
-        out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=masks.sdpa_mask(k_steps),
-                                             enable_gqa=nh != kc.shape[1])
-    else:
+    if masks.backend == "flex_attention" and masks.cuda:
         out, lse = flex_with_lse(q, keys[0], values[0], masks.block_mask)
-        if k_steps:
+        if len(keys) > 1:
             out = maybe_compiled(_merge_diagonal, q)(q, out, lse, keys[1:], values[1:])
+    else:
+        fn = _sdpa_ttt if masks.backend == "sdpa" else _flex_ttt_off_cuda
+        out = _per_document(masks, fn, q, keys, values)
     return out.transpose(1, 2).reshape(B, T, nh * d)
 
 
