@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--draft-vocab", type=int, default=2048)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--attention", default="flex_attention")
+    p.add_argument("--attention", default="auto")
     p.add_argument("--peer-attention", default="sdpa", help="SpecForge's attention backend")
     p.add_argument("--no-pack", action="store_true")
     p.add_argument("--no-peer", action="store_true")

@@ -114,3 +114,12 @@ def test_flex_off_cuda_step_memory_grows_linearly():
 def test_a_32k_token_ttt7_step_runs(sdpa_peaks):
     r = measure_in_subprocess("sdpa", 32768, ttt_length=7, timeout=900)
     assert r["peak_mib"] <= LINEAR_TOL * 8 * sdpa_peaks[4096]["peak_mib"], (r, sdpa_peaks)
+
+
+def test_auto_backend_is_flex_on_cuda_and_sdpa_elsewhere():
+    doc = torch.ones(1, 8, dtype=torch.long)
+    assert AttentionMasks("auto", doc).backend == "sdpa"
+    if torch.cuda.is_available():
+        assert AttentionMasks("auto", doc.cuda()).backend == "flex_attention"
+    with pytest.raises(ValueError, match="unknown backend 'flash'"):
+        AttentionMasks("flash", doc)

@@ -33,7 +33,7 @@ FREE = {"free": True}
 # Allowed values of the enumerated fields (checked by torchspec.config.validate).
 INFERENCE_ENGINE_TYPES = ("hf", "sgl", "vllm")
 LAUNCHERS = ("local", "ray")
-TRAINING_ATTENTION_BACKENDS = ("sdpa", "flex_attention")
+TRAINING_ATTENTION_BACKENDS = ("auto", "sdpa", "flex_attention")  # auto: flex_attention on CUDA, sdpa elsewhere
 # Which TTT rows are supervised: "eagle" = loss_mask[t+k] (EAGLE/SpecForge); "serving" = the predicted token
 # x_{t+2+k} is an assistant token (see docs/architecture.md, the Eagle3 contract).
 LOSS_MASK_ALIGNMENTS = ("eagle", "serving")
@@ -125,7 +125,7 @@ class TrainingConfig:
     max_seq_length: int = 8192
     ttt_length: int = 7  # test-time-training unroll steps
     draft_vocab_size: Optional[int] = None  # null = the draft config's value (else full vocab)
-    attention_backend: str = "flex_attention"  # flex_attention | sdpa (torchspec/models/attention.py)
+    attention_backend: str = "auto"  # auto | flex_attention | sdpa (torchspec/models/attention.py)
     pack_samples: bool = True  # a micro-batch's samples in one row, attention kept per sample; false = right-pad
     gradient_checkpointing: bool = False
     gradient_checkpointing_steps: Optional[int] = None  # null = every TTT step; N = only the first N
