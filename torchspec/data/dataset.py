@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
 import weakref
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -40,12 +42,12 @@ class LazySamples(Sequence):
     iterating skips such samples.
     """
 
-    def __init__(self, files: list[str], index: dict, spill: str | None, tokenizer, template, opts: TokenizeOptions,
-                 prompt_key: str, cache_dir: Path | None, num_proc: int = 1):
-        self.files, self.index, self.spill = files, index, spill
+    def __init__(self, files: list[str], prefixes: list[str], rows: np.ndarray, spill: str | None, tokenizer,
+                 template, opts: TokenizeOptions, prompt_key: str, cache_dir: Path | None, num_proc: int = 1):
+        self.files, self.rows, self.spill = files, rows, spill   # rows: int64 [N, 6], columns ROW_COLUMNS
         self.tokenizer, self.template, self.opts, self.prompt_key = tokenizer, template, opts, prompt_key
         self.cache_dir, self.num_proc = cache_dir, num_proc
-        self.sample_ids = SampleIds(index["prefixes"], index["file"], index["record"])
+        self.sample_ids = SampleIds(prefixes, rows[:, 0], rows[:, 1])
         self.stats = None
         self._encoder = None
         self._handles: dict = {}
@@ -58,11 +60,10 @@ class LazySamples(Sequence):
 
     def ref(self, i: int) -> tuple:
         """(path, byte offset, byte length, line, sample id, prompt key or None for the spill file) of sample i."""
-        x = self.index
-        if x["spilled"][i]:
-            return self.spill, int(x["offset"][i]), int(x["length"][i]), 0, self.sample_ids[i], None
-        return (self.files[int(x["file"][i])], int(x["offset"][i]), int(x["length"][i]), int(x["line"][i]),
-                self.sample_ids[i], self.prompt_key)
+        file, _, line, offset, length, spilled = self.rows[i].tolist()
+        if spilled:
+            return self.spill, offset, length, 0, self.sample_ids[i], None
+        return self.files[file], offset, length, line, self.sample_ids[i], self.prompt_key
 
     def __getitem__(self, i) -> Sample:
         if isinstance(i, slice):
@@ -104,12 +105,17 @@ class LazySamples(Sequence):
         return counts
 
 
+ROW_COLUMNS = ("file", "record", "line", "offset", "length", "spilled")   # a deferred sample's index row
+INDEX_FORMAT = 1
+
+
 def _index_piece(piece: Piece):
-    """Find and check the records of one piece (in a worker): (record, line, offset, length) arrays of the
-    good ones, their spill lines (for a piece that is not JSONL) and the bad records."""
+    """Find and check the records of one piece (in a worker): index rows (ROW_COLUMNS) of the good ones,
+    their spill lines (for a piece that is not JSONL) and the bad records."""
     _, template, opts, prompt_key = tokenize_mod._WORKER
     bad = BadRecords(opts.on_bad_record)
     rows, spill = [], []
+    inline = piece.records is not None
     for conv, rec, line, off, length in piece_conversations(piece, prompt_key, bad):
         if bad.skipping:   # rendered now, so that a conversation the template rejects is left out up front
             try:
@@ -117,44 +123,58 @@ def _index_piece(piece: Piece):
             except DataError as e:
                 bad.handle(e)
                 continue
-        if piece.records is not None:
+        if inline:
             spill.append(spill_line(conv))
             length = len(spill[-1])
-        rows.append((rec, line, off, length))
-    arr = np.asarray(rows, np.int64).reshape(-1, 4)
-    return piece.file, piece.records is not None, arr, b"".join(spill), bad.count, bad.named
+        rows.append((piece.file, rec, line, off, length, int(inline)))
+    return np.asarray(rows, np.int64).reshape(-1, len(ROW_COLUMNS)), b"".join(spill), bad.count, bad.named
 
 
-def _build_index(files, prefixes, template, opts, prompt_key, num_proc, spill_dir: Path | None, tokenizer):
-    """The deferred dataset's index (numpy arrays), built by `num_proc` workers; the spill file path or None."""
-    parts: dict[str, list] = {k: [] for k in ("file", "record", "line", "offset", "length", "spilled")}
+def _build_index(files, prefixes, template, opts, prompt_key, num_proc, folder: Path, tokenizer):
+    """Index every good record into folder/index.i64 (rows of ROW_COLUMNS, written as `num_proc` workers find
+    them, so this process holds one piece at a time) and the spill file; then index.json, the mark of a
+    complete index. Returns the Stats."""
     bad = BadRecords(opts.on_bad_record)
-    spill_path, spill_fh, spill_pos = None, None, 0
+    tmp = folder / f"index.i64.tmp{os.getpid()}"
+    spill_tmp = folder / f"spill.jsonl.tmp{os.getpid()}"
+    spill_pos = n = 0
     try:
-        for file, inline, arr, spill, n_bad, named in parallel_map(
-                _index_piece, plan_pieces(files, prefixes), num_proc, (tokenizer, template, opts, prompt_key)):
-            bad.count += n_bad
-            bad.named = (bad.named + named)[:bad.limit]
-            if inline and len(arr):
-                if spill_fh is None:
-                    spill_dir.mkdir(parents=True, exist_ok=True)
-                    spill_path = spill_dir / "spill.jsonl"
-                    spill_fh = open(spill_path, "wb")
-                arr[:, 2] = spill_pos + np.concatenate([[0], np.cumsum(arr[:-1, 3])])
-                spill_fh.write(spill)
-                spill_pos += len(spill)
-            parts["file"].append(np.full(len(arr), file, np.int32))
-            parts["record"].append(arr[:, 0])
-            parts["line"].append(arr[:, 1])
-            parts["offset"].append(arr[:, 2])
-            parts["length"].append(arr[:, 3])
-            parts["spilled"].append(np.full(len(arr), inline, bool))
-    finally:
-        if spill_fh is not None:
-            spill_fh.close()
-    index = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in parts.items()}
-    index["prefixes"] = prefixes
-    return index, None if spill_path is None else str(spill_path), bad
+        with open(tmp, "wb") as out, open(spill_tmp, "wb") as spill_fh:
+            for arr, spill, n_bad, named in parallel_map(_index_piece, plan_pieces(files, prefixes), num_proc,
+                                                         (tokenizer, template, opts, prompt_key)):
+                bad.count += n_bad
+                bad.named = (bad.named + named)[:bad.limit]
+                if spill:   # offsets into the spill file
+                    arr[:, 3] = spill_pos + np.concatenate([[0], np.cumsum(arr[:-1, 4])])
+                    spill_fh.write(spill)
+                    spill_pos += len(spill)
+                out.write(arr.tobytes())
+                n += len(arr)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        spill_tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, folder / "index.i64")
+    os.replace(spill_tmp, folder / "spill.jsonl")
+    stats = Stats(conversations=n + bad.count)
+    stats.add_bad(bad)
+    (folder / "index.json").write_text(json.dumps({"format": INDEX_FORMAT, "n": n, "prefixes": prefixes,
+                                                   "stats": asdict(stats)}))
+    return stats
+
+
+def _load_index(folder: Path):
+    """(prefixes, rows memory-mapped, spill path, Stats) of a complete index in `folder`, else None."""
+    path = folder / "index.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    if info.get("format") != INDEX_FORMAT:
+        return None
+    n = info["n"]
+    rows = (np.memmap(folder / "index.i64", dtype=np.int64, mode="c", shape=(n, len(ROW_COLUMNS))) if n
+            else np.zeros((0, len(ROW_COLUMNS)), np.int64))
+    return info["prefixes"], rows, str(folder / "spill.jsonl"), Stats(**info["stats"])
 
 
 def build_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, *, chat_template: str | None,
@@ -202,20 +222,26 @@ def build_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeni
 
     if defer_tokenization:
         t0 = time.perf_counter()
-        spill_dir = folder if folder is not None else Path(tempfile.mkdtemp(prefix="torchspec-spill-"))
-        index, spill, bad = _build_index(files, prefixes, template, opts, prompt_key, num_proc, spill_dir, tokenizer)
-        if folder is None and spill is None:
-            shutil.rmtree(spill_dir, ignore_errors=True)
-        n = len(index["record"])
-        _no_records_left(config_key, n, bad)
-        lazy = LazySamples([str(f) for f in files], index, spill, tokenizer, template, opts, prompt_key, folder,
-                           num_proc)
-        if folder is None and spill is not None:
-            weakref.finalize(lazy, shutil.rmtree, spill_dir, True)
-        lazy.stats = Stats(conversations=n + bad.count)
-        lazy.stats.add_bad(bad)
+        where_ = folder if folder is not None else Path(tempfile.mkdtemp(prefix="torchspec-index-"))
+        hit = _load_index(where_) if folder is not None else None
+        if hit is None:
+            where_.mkdir(parents=True, exist_ok=True)
+            try:
+                _build_index(files, prefixes, template, opts, prompt_key, num_proc, where_, tokenizer)
+            except BaseException:
+                if folder is None:
+                    shutil.rmtree(where_, ignore_errors=True)
+                raise
+            hit = _load_index(where_)
+        prefixes, rows, spill, stats = hit
+        _no_records_left(config_key, len(rows), _named_bad(stats))
+        lazy = LazySamples([str(f) for f in files], prefixes, rows, spill, tokenizer, template, opts, prompt_key,
+                           folder, num_proc)
+        if folder is None:   # a private index: removed with the dataset
+            weakref.finalize(lazy, shutil.rmtree, where_, True)
+        lazy.stats = stats
         log.info("defer_tokenization: %d conversations from %d file(s) indexed in %.1fs, tokenized on access",
-                 n, len(files), time.perf_counter() - t0)
+                 len(rows), len(files), time.perf_counter() - t0)
         _log_bad(config_key, lazy.stats)
         return lazy
 
