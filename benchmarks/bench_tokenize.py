@@ -1,12 +1,18 @@
 """Throughput of the conversation pipeline: N synthetic conversations -> samples (CPU only).
 
     python benchmarks/bench_tokenize.py [--n 20000] [--num-proc 1 2] [--vocab-size 8192]
+    python benchmarks/bench_tokenize.py --compare 20000 200000 [--before main] [--num-proc 2]
 
 Conversations are cut from the Python standard library's sources (user turns ask about a snippet,
 assistant turns answer with code), 1-3 turns each, written as ShareGPT JSONL. For every
 --num-proc value it times a cold build (load + render + tokenize + mask + cache write), then a
 warm build of the same input (cache hit). Prints conversations/s and tokens/s (wall clock), and
 tokens per CPU-second (this process + its workers), which a busy shared machine distorts less.
+
+--compare N...: for each size, eager and defer_tokenization, each in a fresh process
+(benchmarks/data_probe.py): seconds until the first fetch of samples (build + draft vocabulary + first
+take) and peak RSS, for this checkout and, with --before REV, for the torchspec of git revision REV
+(extracted with git archive) in the same run.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import logging
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,8 +58,43 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compare(args, tmp: Path, tok_dir: Path):
+    trees = {"now": ROOT}
+    if args.before:
+        old = tmp / "before"
+        old.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "torchspec"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        trees = {f"before ({args.before})": old, **trees}
+    print(f"{'conversations':>13} {'mode':>6} {'code':>14} {'first fetch s':>13} {'peak RSS MiB':>12} "
+          f"{'above start':>11} {'worker peak':>11}")
+    for n in args.compare:
+        data = tmp / f"conv{n}.jsonl"
+        with open(data, "w") as fh:
+            for rec in synthetic(n):
+                fh.write(json.dumps(rec) + "\n")
+        for mode in ("eager", "defer"):
+            for name, tree in trees.items():
+                cmd = [sys.executable, str(ROOT / "benchmarks" / "data_probe.py"), str(data), str(tok_dir),
+                       str(tmp / f"cache-{n}-{mode}-{tree.name}"), "--num-proc", str(args.num_proc[-1])]
+                out = subprocess.run(cmd + (["--defer"] if mode == "defer" else []), capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(tree)})
+                if out.returncode:
+                    print(f"{n:>13} {mode:>6} {name:>14} failed: {out.stderr.strip().splitlines()[-1:]}")
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"{n:>13} {mode:>6} {name:>14} {r['seconds']:>13.1f} {r['peak_mib']:>12.0f} "
+                      f"{r['peak_mib'] - r['base_mib']:>11.0f} {r['worker_peak_mib']:>11.0f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--compare", type=int, nargs="+", help="dataset sizes: time to first fetch and peak RSS")
+    ap.add_argument("--before", help="a git revision to measure too (with --compare), e.g. main")
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--vocab-size", type=int, default=8192)
@@ -65,6 +107,9 @@ def main():
         tmp = Path(tmp)
         t0 = time.perf_counter()
         tok = train_tokenizer(tmp / "tok", vocab_size=args.vocab_size)
+        if args.compare:
+            print(f"setup: tokenizer (vocab {len(tok)}); cpu cores: {os.cpu_count()}")
+            return compare(args, tmp, tmp / "tok")
         data = tmp / "conversations.jsonl"
         with open(data, "w") as fh:
             for rec in synthetic(args.n):

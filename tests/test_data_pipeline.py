@@ -113,8 +113,8 @@ def test_cache_hit_and_invalidation(tmp_path, tiny_tokenizer, caplog, monkeypatc
     cold = time.perf_counter() - t0
 
     calls = []
-    real = dataset_mod.tokenize_conversations
-    monkeypatch.setattr(dataset_mod, "tokenize_conversations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dataset_mod.tokenize_stream
+    monkeypatch.setattr(dataset_mod, "tokenize_stream", lambda *a, **k: calls.append(1) or real(*a, **k))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="torchspec.data"):
         t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def test_cache_hit_and_invalidation(tmp_path, tiny_tokenizer, caplog, monkeypatc
 def test_defer_tokenization_is_lazy_and_equal(tmp_path, tiny_tokenizer, monkeypatch):
     data = write_jsonl(tmp_path / "a.jsonl", conversations(12))
     eager = build(data, tiny_tokenizer)
-    monkeypatch.setattr(dataset_mod, "tokenize_conversations", lambda *a, **k: pytest.fail("tokenized up front"))
+    monkeypatch.setattr(dataset_mod, "tokenize_stream", lambda *a, **k: pytest.fail("tokenized up front"))
     lazy = build(data, tiny_tokenizer, defer_tokenization=True, cache_dir=tmp_path / "c")
     assert len(lazy) == 12 and as_lists(lazy) == as_lists(eager)
     assert [s.sample_id for s in lazy] == eager.sample_ids

@@ -163,3 +163,62 @@ def test_text_only_rendering_unchanged(tmp_path, tiny_tokenizer):
     assert conv.images == () and "images" not in conv.messages[0]
     t = get_template("qwen", tiny_tokenizer)
     assert t.render_conversation(conv.messages) == t.render(conv.messages)
+
+
+def test_images_survive_pieces_cache_hit_and_deferred_index(tmp_path, vl_tokenizer, monkeypatch):
+    """Image conversations tokenized in pieces by 2 workers keep their images by sample id: up front, from a
+    cache hit (images.json), and deferred (JSONL lines read back, a .json list read back from spill.jsonl),
+    also when the deferred index is reused; text conversations have none, a bad image is skipped."""
+    import functools
+
+    import torchspec.data.dataset as dataset_mod
+    from torchspec.data.errors import BadRecords
+    from torchspec.data.formats import file_digest
+    from torchspec.data.sources import plan_pieces
+
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    (d2 / "imgs").mkdir(parents=True)
+    d1.mkdir()
+    _png(d1 / "a.png")
+    _png(d1 / "b.png", color=(0, 0, 255))
+    _png(d2 / "imgs" / "c.png", color=(0, 200, 0))
+    text = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]}
+    f1 = _write(d1 / "train.jsonl", [text, _openai("a.png"), _openai("missing.png"), _openai("b.png", "a.png"),
+                                     text, _openai(_data_uri())])
+    f2 = d2 / "more.json"   # a JSON list: deferred samples come back from the spill file
+    f2.write_text(json.dumps([_openai("imgs/c.png"), text, _openai("imgs/c.png", "imgs/c.png")]))
+
+    bad = BadRecords("skip")
+    convs = load_conversations([f1, f2], "messages", [file_digest(f1), file_digest(f2)], bad)
+    assert bad.count == 1 and len(convs) == 8
+    expected = {c.sample_id: c.images for c in convs}
+    assert sum(1 for v in expected.values() if v) == 5
+    assert expected[convs[5].sample_id][0] == str((d2 / "imgs" / "c.png").resolve())   # relative to d2
+
+    monkeypatch.setattr(dataset_mod, "plan_pieces", functools.partial(plan_pieces, piece_records=2))
+    kw = dict(chat_template="qwen", max_seq_length=256, prompt_key="messages", on_bad_record="skip", num_proc=2,
+              progress=False)
+    pad = vl_tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def check(samples):
+        assert [s.sample_id for s in samples] == [c.sample_id for c in convs]
+        for s in samples:
+            assert s.images == expected[s.sample_id]
+            assert int((s.input_ids == pad).sum()) == len(s.images)
+
+    eager = build_dataset([f1, f2], vl_tokenizer, cache_dir=tmp_path / "cache", **kw)
+    check(list(eager))
+    assert eager.images == {k: v for k, v in expected.items() if v}
+    assert json.loads((eager.cache_dir / "images.json").read_text()) == {k: list(v) for k, v in eager.images.items()}
+
+    monkeypatch.setattr(dataset_mod, "tokenize_stream", lambda *a, **k: pytest.fail("cache missed"))
+    hit = build_dataset([f1, f2], vl_tokenizer, cache_dir=tmp_path / "cache", **kw)
+    check(list(hit))
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(hit, eager))
+
+    lazy = build_dataset([f1, f2], vl_tokenizer, cache_dir=tmp_path / "cache", defer_tokenization=True, **kw)
+    check(lazy.take(range(len(lazy))))
+    check([lazy.take([i])[0] for i in reversed(range(len(lazy)))][::-1])
+    monkeypatch.setattr(dataset_mod, "_build_index", lambda *a, **k: pytest.fail("index rebuilt"))
+    again = build_dataset([f1, f2], vl_tokenizer, cache_dir=tmp_path / "cache", defer_tokenization=True, **kw)
+    check(again.take(range(len(again))))

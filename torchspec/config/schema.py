@@ -45,6 +45,9 @@ CHAT_TEMPLATES = ("tokenizer", "qwen", "qwen3", "llama3", "kimi-k25", "kimi-k25-
 # bad records out, counts them and names the first BAD_RECORDS_NAMED of them in the log and the data summary.
 ON_BAD_RECORD = ("error", "skip")
 BAD_RECORDS_NAMED = 10
+# dataset.defer_tokenization: the draft vocabulary is counted on this many conversations spread evenly over the
+# dataset (all of them when it is no larger), tokenized in dataset.num_proc workers before the first step.
+DEFER_VOCAB_SAMPLE = 20_000
 PARALLEL_MODES = ("ddp", "fsdp")
 REPORT_TO = ("none", "wandb", "tensorboard")
 MOONCAKE_PROTOCOLS = ("tcp", "rdma")

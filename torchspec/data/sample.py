@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -29,19 +31,53 @@ class Sample:
         return int(self.input_ids.shape[0])
 
 
+class SampleIds(Sequence):
+    """Sample ids `<file prefix>-<record index>` kept as two integer arrays (12 bytes a sample, not a
+    Python string each); a read-only sequence of str, equal to any sequence holding the same ids."""
+
+    def __init__(self, prefixes: Sequence[str], file: np.ndarray, record: np.ndarray):
+        self.prefixes, self.file, self.record = list(prefixes), file, record
+
+    def __len__(self) -> int:
+        return int(self.record.shape[0])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return f"{self.prefixes[int(self.file[i])]}-{int(self.record[i])}"
+
+    def __iter__(self):
+        p = self.prefixes
+        return (f"{p[f]}-{r}" for f, r in zip(self.file.tolist(), self.record.tolist()))
+
+    def __eq__(self, other):
+        if isinstance(other, SampleIds) and other.prefixes == self.prefixes:
+            return np.array_equal(self.file, other.file) and np.array_equal(self.record, other.record)
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"SampleIds({len(self)} ids)"
+
+
 class SampleTable:
     """Many samples stored as flat token buffers (what the cache holds); a read-only sequence of Sample.
 
     Indexing returns a Sample that owns its tensors (int64 input_ids, uint8 loss_mask), so saving or
     sending one sample never drags the whole table along. `images` maps the id of a sample with images to
-    its image references.
+    its image references (samples without images are not in it).
+
+    The buffers may be memory-mapped from the cache (cache.load): a sample's pages are read when it is.
+    `token_counts` (numpy, by token id): how often each id is supervised, when the build counted them.
     """
 
     def __init__(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, offsets: torch.Tensor,
-                 sample_ids: list[str], images: dict[str, tuple[str, ...]] | None = None):
+                 sample_ids: Sequence[str], images: dict[str, tuple[str, ...]] | None = None):
         assert offsets.shape[0] == len(sample_ids) + 1 and input_ids.shape == loss_mask.shape
         self.input_ids, self.loss_mask, self.offsets, self.sample_ids = input_ids, loss_mask, offsets, sample_ids
         self.images = dict(images or {})
+        self.token_counts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.sample_ids)

@@ -13,7 +13,9 @@ import logging
 import multiprocessing as mp
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from torchspec.config.schema import BAD_RECORDS_NAMED
 from torchspec.data.errors import BadRecords, DataError
 from torchspec.data.formats import Conversation
 from torchspec.data.sample import Sample, SampleTable
+from torchspec.data.sources import Piece, piece_conversations, read_record
 from torchspec.data.templates import ChatTemplate
 
 log = logging.getLogger("torchspec.data")
@@ -141,33 +144,56 @@ def tokenize_one(conv: Conversation, encoder: Encoder, template: ChatTemplate, o
 _WORKER: tuple | None = None
 
 
-def _init_worker(tokenizer, template, opts):
+def _init_worker(tokenizer, template, opts, prompt_key=None):
     global _WORKER
-    _WORKER = (Encoder(tokenizer), template, opts)
+    _WORKER = (Encoder(tokenizer), template, opts, prompt_key)
 
 
 def render_all(template: ChatTemplate, convs: list[Conversation], opts: TokenizeOptions, bad: BadRecords):
-    """(conversations rendered, their renderings); one the template cannot render goes to `bad`."""
+    """(indices of the conversations rendered, their renderings); one the template cannot render goes to `bad`."""
     kept, rendered = [], []
-    for c in convs:
+    for i, c in enumerate(convs):
         try:
             rendered.append(render(template, c, opts.last_turn_loss_only))
         except DataError as e:
             bad.handle(e)
             continue
-        kept.append(c)
+        kept.append(i)
     return kept, rendered
 
 
-def _process_chunk(chunk: list[Conversation]):
-    encoder, template, opts = _WORKER
-    bad = BadRecords(opts.on_bad_record)
-    stats = Stats(conversations=len(chunk))
-    chunk, rendered = render_all(template, chunk, opts, bad)
+@dataclass
+class Chunk:
+    """One worker task's samples: flat ids/mask, per-sample lengths and where each came from, the
+    supervised-token counts (bincount by token id), the task's Stats and the image references of its
+    samples that have images (sample id -> references; empty for text)."""
+    ids: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    records: np.ndarray           # record index of each sample in its file
+    file: int                     # the file's index (-1 for a chunk of in-memory conversations)
+    sample_ids: list | None       # for a chunk of in-memory conversations
+    counts: np.ndarray
+    stats: Stats
+    images: dict = field(default_factory=dict)
+
+
+def add_counts(total: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
+    """Sum of two bincounts of different lengths."""
+    if total is None or len(counts) > len(total):
+        total, counts = counts.astype(np.int64, copy=True), total if total is not None else np.zeros(0, np.int64)
+    total[:len(counts)] += counts
+    return total
+
+
+def _tokenize_chunk(convs: list[Conversation], records: list[int], file: int, stats: Stats, bad: BadRecords,
+                    keep_ids: bool = False) -> Chunk:
+    encoder, template, opts, _ = _WORKER
+    kept, rendered = render_all(template, convs, opts, bad)
     stats.add_bad(bad)
     encoded = encoder.encode(rendered)
-    ids_out, mask_out, lengths, kept_ids = [], [], [], []
-    for conv, (ids, mask) in zip(chunk, encoded):
+    ids_out, mask_out, lengths, recs, sids, images = [], [], [], [], [], {}
+    for k, (ids, mask) in zip(kept, encoded):
         if len(ids) > opts.max_seq_length:
             stats.truncated += 1
             ids, mask = ids[:opts.max_seq_length], mask[:opts.max_seq_length]
@@ -181,56 +207,125 @@ def _process_chunk(chunk: list[Conversation]):
         ids_out.append(ids)
         mask_out.append(mask)
         lengths.append(len(ids))
-        kept_ids.append(conv.sample_id)
+        recs.append(records[k])
+        sids.append(convs[k].sample_id)
+        if convs[k].images:
+            images[convs[k].sample_id] = convs[k].images
     cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
-    return cat(ids_out, np.int32), cat(mask_out, np.uint8), np.asarray(lengths, np.int64), kept_ids, stats
+    ids, mask = cat(ids_out, np.int32), cat(mask_out, np.uint8)
+    counts = np.bincount(ids[mask.astype(bool)]).astype(np.int64)
+    return Chunk(ids, mask, np.asarray(lengths, np.int64), np.asarray(recs, np.int64), file,
+                 sids if keep_ids else None, counts, stats, images)
+
+
+def _process_convs(chunk: list[Conversation]) -> Chunk:
+    opts = _WORKER[2]
+    return _tokenize_chunk(chunk, list(range(len(chunk))), -1, Stats(conversations=len(chunk)),
+                           BadRecords(opts.on_bad_record), keep_ids=True)
+
+
+def _process_piece(piece: Piece) -> Chunk:
+    """Read, check, render and tokenize one piece of a file (in a worker)."""
+    opts, prompt_key = _WORKER[2], _WORKER[3]
+    bad = BadRecords(opts.on_bad_record)
+    convs, records = [], []
+    for conv, rec, *_ in piece_conversations(piece, prompt_key, bad):
+        convs.append(conv)
+        records.append(rec)
+    stats = Stats(conversations=piece.count)
+    return _tokenize_chunk(convs, records, piece.file, stats, bad)
+
+
+def _process_refs(refs: list[tuple]) -> Chunk:
+    """Tokenize deferred samples named by (path, offset, length, line, sample id, prompt key) (in a worker)."""
+    handles: dict = {}
+    try:
+        convs = [read_record(*r, handles) for r in refs]
+    finally:
+        for fh in handles.values():
+            fh.close()
+    opts = _WORKER[2]
+    return _tokenize_chunk(convs, list(range(len(convs))), -1, Stats(conversations=len(convs)),
+                           BadRecords(opts.on_bad_record))
+
+
+def parallel_map(fn, items: Iterable, num_proc: int, initargs: tuple) -> Iterator:
+    """fn over `items` in `num_proc` worker processes, results in order, at most 2 tasks per worker in flight
+    (so neither the items nor the results pile up in this process). num_proc 1 runs here."""
+    if num_proc <= 1:
+        _init_worker(*initargs)
+        try:
+            for it in items:
+                yield fn(it)
+        finally:
+            globals()["_WORKER"] = None
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one worker per core: each tokenizer single-threaded
+    try:
+        with ctx.Pool(num_proc, initializer=_init_worker, initargs=initargs) as pool:
+            pending: deque = deque()
+            items = iter(items)
+            while True:
+                try:
+                    item = next(items)
+                except StopIteration:
+                    break
+                except DataError:   # found while planning (an empty file): what comes before it is raised first
+                    while pending:
+                        yield pending.popleft().get()
+                    raise
+                pending.append(pool.apply_async(fn, (item,)))
+                if len(pending) >= 2 * num_proc:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def tokenize_stream(fn, items: Iterable, tokenizer, template: ChatTemplate, opts: TokenizeOptions,
+                    prompt_key: str | None, num_proc: int, sink, progress: bool = True,
+                    total: int | None = None) -> tuple[Stats, np.ndarray]:
+    """Every Chunk of fn over `items` (pieces, conversation lists, sample refs) handed to `sink` in order as it
+    is done; returns the summed Stats and supervised-token counts."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    stats, counts = Stats(), np.zeros(0, np.int64)
+    bar = tqdm(total=total, desc="tokenizing", unit="conv", disable=not progress, leave=False)
+    try:
+        for chunk in parallel_map(fn, items, num_proc, (tokenizer, template, opts, prompt_key)):
+            sink(chunk)
+            stats.add(chunk.stats)
+            counts = add_counts(counts, chunk.counts)
+            bar.update(chunk.stats.conversations)
+    finally:
+        bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats, counts
 
 
 def tokenize_conversations(convs: list[Conversation], tokenizer, template: ChatTemplate, opts: TokenizeOptions,
                            num_proc: int = 1, chunk_size: int = 512, progress: bool = True
                            ) -> tuple[SampleTable, Stats]:
-    """Tokenize every conversation (in `num_proc` worker processes) into a SampleTable, keeping order."""
-    t0 = time.perf_counter()
-    chunks = [convs[i:i + chunk_size] for i in range(0, len(convs), chunk_size)]
-    num_proc = max(1, min(num_proc, len(chunks)))
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(convs), desc="tokenizing", unit="conv", disable=not progress, leave=False)
-    results = []
-    try:
-        if num_proc == 1:
-            _init_worker(tokenizer, template, opts)
-            for c in chunks:
-                results.append(_process_chunk(c))
-                bar.update(len(c))
-        else:
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            # One worker per core: keep each worker's tokenizer single-threaded.
-            old = os.environ.get("TOKENIZERS_PARALLELISM")
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            try:
-                with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer, template, opts)) as pool:
-                    for r, c in zip(pool.imap(_process_chunk, chunks), chunks):
-                        results.append(r)
-                        bar.update(len(c))
-            finally:
-                if old is None:
-                    os.environ.pop("TOKENIZERS_PARALLELISM", None)
-                else:
-                    os.environ["TOKENIZERS_PARALLELISM"] = old
-    finally:
-        bar.close()
-        globals()["_WORKER"] = None
-    stats, sample_ids, lengths = Stats(), [], []
-    for _, _, ln, ids, st in results:
-        stats.add(st)
-        sample_ids += ids
-        lengths.append(ln)
-    offsets = np.zeros(len(sample_ids) + 1, np.int64)
-    if sample_ids:
-        np.cumsum(np.concatenate(lengths), out=offsets[1:])
-    table = SampleTable(torch.from_numpy(np.concatenate([r[0] for r in results]) if results else np.zeros(0, np.int32)),
-                        torch.from_numpy(np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.uint8)),
-                        torch.from_numpy(offsets), sample_ids)
-    stats.seconds = time.perf_counter() - t0
+    """Tokenize in-memory conversations (in `num_proc` worker processes) into a SampleTable, keeping order."""
+    chunks: list[Chunk] = []
+    items = (convs[i:i + chunk_size] for i in range(0, len(convs), chunk_size))
+    stats, counts = tokenize_stream(_process_convs, items, tokenizer, template, opts, None,
+                                    max(1, min(num_proc, -(-len(convs) // chunk_size))), chunks.append, progress,
+                                    total=len(convs))
+    offsets = np.zeros(stats.kept + 1, np.int64)
+    if chunks:
+        np.cumsum(np.concatenate([c.lengths for c in chunks]), out=offsets[1:])
+    cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
+    table = SampleTable(torch.from_numpy(cat([c.ids for c in chunks], np.int32)),
+                        torch.from_numpy(cat([c.mask for c in chunks], np.uint8)),
+                        torch.from_numpy(offsets), [i for c in chunks for i in c.sample_ids],
+                        {sid: refs for c in chunks for sid, refs in c.images.items()})
+    table.token_counts = counts
     return table, stats

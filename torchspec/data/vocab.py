@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from torchspec.data.errors import DataError
@@ -23,7 +24,20 @@ VOCAB_MAP_FILE = "vocab_map.pt"
 
 
 def token_frequencies(samples: Iterable[Sample] | SampleTable, target_vocab_size: int) -> torch.Tensor:
-    """LongTensor[V_target]: how often each token id occurs where loss_mask is 1."""
+    """LongTensor[V_target]: how often each token id occurs where loss_mask is 1.
+
+    A dataset that counted them while tokenizing (SampleTable.token_counts, counted by the workers) or that
+    counts a sample of itself (LazySamples.token_counts()) is not read again."""
+    counts = getattr(samples, "token_counts", None)
+    if counts is not None:
+        counts = torch.from_numpy(np.asarray(counts() if callable(counts) else counts, dtype=np.int64))
+        nonzero = torch.nonzero(counts).flatten()
+        if nonzero.numel() and int(nonzero[-1]) >= target_vocab_size:
+            raise DataError(f"token id {int(nonzero[-1])} is outside the target's vocabulary of {target_vocab_size}: "
+                            "the tokenizer does not belong to model.target_model_path")
+        out = torch.zeros(target_vocab_size, dtype=torch.long)
+        out[:min(len(counts), target_vocab_size)] = counts[:target_vocab_size]
+        return out
     if isinstance(samples, SampleTable):
         chunks = [samples.input_ids[samples.loss_mask.bool()].to(torch.long)]
     else:
