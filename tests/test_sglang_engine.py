@@ -110,10 +110,10 @@ class _LogitsProcessor(torch.nn.Module):
 
 
 class _CausalLM(torch.nn.Module):
-    def __init__(self, hf_model):
+    def __init__(self, hf_base, lm_head):
         super().__init__()
-        self.model = _Model(hf_model.model)
-        self.lm_head = hf_model.lm_head
+        self.model = _Model(hf_base)
+        self.lm_head = lm_head
         self.logits_processor = _LogitsProcessor()
 
     def forward(self, input_ids, positions, forward_batch):
@@ -139,7 +139,7 @@ class _KimiLikeWrapper(torch.nn.Module):
 
     def __init__(self, hf_model):
         super().__init__()
-        self.language_model = _CausalLM(hf_model)
+        self.language_model = _CausalLM(hf_model.model, hf_model.lm_head)
         n = len(hf_model.model.layers)
         self.vision_tower = torch.nn.Module()
         self.vision_tower.blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(n))
@@ -153,8 +153,6 @@ class FakeEngine:
     multimodal = False
 
     def __init__(self, **kwargs):
-        from transformers import AutoModelForCausalLM
-
         unknown = sorted(set(kwargs) - set(SERVER_ARGS_FIELDS))
         if unknown:
             raise TypeError(f"ServerArgs.__init__() got unexpected keyword arguments {unknown}")
@@ -169,30 +167,52 @@ class FakeEngine:
         self.kwargs = kwargs
         self.calls = []
         self.shutdowns = 0
-        self.hf = AutoModelForCausalLM.from_pretrained(kwargs["model_path"], dtype=torch.float32).eval()
-        self.model = (_KimiLikeWrapper if FakeEngine.multimodal else _CausalLM)(self.hf).eval()
+        self.hf = self._load(kwargs["model_path"])
+        self.model = (_KimiLikeWrapper(self.hf) if FakeEngine.multimodal
+                      else _CausalLM(self._text_base(), self.hf.lm_head)).eval()
         _register_forward_hooks(self.model, kwargs.get("forward_hooks") or [])
         FakeEngine.instances.append(self)
+
+    def _load(self, path):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def _text_base(self):
+        return self.hf.model
+
+    def _run_base(self, ids: list[int]) -> None:
+        self.hf.model(input_ids=torch.tensor([ids]), use_cache=False)
+
+    def _tokenize_request(self, ids: list[int], images) -> list[int]:
+        """The tokenizer manager's input_ids for one request (a text model: the ids as given)."""
+        assert not images, "stand-in sgl.Engine: a text model got image_data"
+        return ids
 
     def _layer_outputs(self, ids: list[int]) -> list[torch.Tensor]:
         """transformers' output of every decoder layer for one prompt (pre-norm for the last one)."""
         outs = {}
-        layers = self.hf.model.layers
+        layers = self._text_base().layers
         handles = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple)
                                                                                     else o))
                    for i, layer in enumerate(layers)]
         try:
-            self.hf.model(input_ids=torch.tensor([ids]), use_cache=False)
+            self._run_base(ids)
         finally:
             for h in handles:
                 h.remove()
         return [outs[i][0] for i in range(len(layers))]
 
     @torch.no_grad()
-    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_hidden_states=False, **other):
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_hidden_states=False,
+                 image_data=None, **other):
         assert self.tokenizer_manager is not None, "node_rank >= 1: no tokenizer manager"
         self.calls.append(dict(sampling_params=sampling_params, return_hidden_states=return_hidden_states,
-                               other=other, n=len(input_ids)))
+                               other=other, n=len(input_ids), image_data=image_data))
+        if image_data is not None and len(image_data) != len(input_ids):   # io_struct.py:437-440
+            raise ValueError("The length of image_data should be equal to the batch size.")
+        input_ids = [self._tokenize_request(ids, image_data[i] if image_data else None)
+                     for i, ids in enumerate(input_ids)]
         if return_hidden_states and not self.kwargs.get("enable_return_hidden_states"):
             raise ValueError("The server is not configured to return the hidden states. "
                              "Please set `--enable-return-hidden-states` to enable this feature.")

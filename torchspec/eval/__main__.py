@@ -4,7 +4,8 @@ Greedy chain speculative decoding of the target with the exported EAGLE-3 draft,
 over the prompts of a conversation file: a conversation that ends with a user turn is one prompt (the
 chat template's generation prompt appended); one that ends with an assistant reply is evaluated at its
 last assistant turn (every assistant turn with --all-turns). How many prompts were used, and why any
-were skipped, is printed first.
+were skipped, is printed first. Image conversations need a vision-language target (Qwen-VL family): the
+prompts keep their images and the target runs them as in training (placeholders expanded, pixel inputs).
 Prints tau (mean acceptance length = tokens per target verification forward), per-position acceptance
 rates, the token-level match with plain greedy decoding (always 100% for a correct implementation), and
 with --speedup an expected-speedup estimate from measured forward costs.
@@ -109,6 +110,10 @@ def run(args, say=print) -> dict:
         target, draft = load_target_and_draft(args.target, args.draft, device, dtype, args.trust_remote_code)
     except (OSError, TargetLoadError) as e:
         raise EvalError(f"--target {args.target}: {str(e).splitlines()[0]}") from None
+    with_images = sum(1 for p in prompts if p.images)
+    if with_images and target.vision is None:
+        raise EvalError(f"--data {args.data}: {with_images} prompt(s) have images, but --target {args.target} is not "
+                        "a vision-language model")
     eos = None if args.ignore_eos else _eos_ids(target.model, tokenizer)
     res = measure_acceptance(target, draft, prompts, args.num_draft_steps, args.max_new_tokens, eos,
                              compare_greedy=not args.no_greedy_check, progress=sys.stderr.isatty())

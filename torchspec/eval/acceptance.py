@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from torchspec.eval.speculative import (Eagle3Proposer, HFTarget, SpecStats, greedy_generate,
+from torchspec.eval.speculative import (Eagle3Proposer, HFTarget, Prompt, SpecStats, greedy_generate,
                                         speculative_generate)
 
 
@@ -55,12 +55,14 @@ def prompt_of(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> list[int] | N
     return input_ids.reshape(-1)[: int(sup[0])].tolist()
 
 
-def prompts_from_samples(samples, limit: int | None = None) -> list[list[int]]:
+def prompts_from_samples(samples, limit: int | None = None) -> list[Prompt]:
+    """Each sample's prompt (`prompt_of`), with the sample's images (those whose placeholder the cut dropped
+    are dropped by the target's expansion, as max_seq_length's are in training)."""
     out = []
     for s in samples:
         p = prompt_of(s.input_ids, s.loss_mask)
         if p is not None:
-            out.append(p)
+            out.append(Prompt(p, getattr(s, "images", ()) or ()))
             if limit is not None and len(out) >= limit:
                 break
     return out
@@ -74,6 +76,7 @@ def load_target_and_draft(target_path, draft_dir, device: str | torch.device = "
 
     from torchspec.export import aux_layer_ids_of, load_exported
     from torchspec.inference.hf import load_target
+    from torchspec.inference.vlm import vision_inputs
 
     if not (Path(draft_dir) / "config.json").is_file() and (Path(draft_dir) / "export" / "config.json").is_file():
         draft_dir = Path(draft_dir) / "export"  # a run's output_dir or a checkpoint dir: its export
@@ -89,7 +92,7 @@ def load_target_and_draft(target_path, draft_dir, device: str | torch.device = "
     if draft.config.vocab_size != vocab:
         raise EvalError(f"--draft {draft_dir}: vocab_size {draft.config.vocab_size} does not match the target's "
                         f"{vocab} ({target_path})")
-    return HFTarget(model, aux_layer_ids_of(cfg)), draft
+    return HFTarget(model, aux_layer_ids_of(cfg), vision_inputs(model, target_path, trust_remote_code)), draft
 
 
 def _tensor_names(draft_dir) -> set[str]:
@@ -102,11 +105,12 @@ def _tensor_names(draft_dir) -> set[str]:
 
 
 @torch.no_grad()
-def measure_acceptance(target: HFTarget, draft, prompts: Sequence[Sequence[int]], num_draft_steps: int,
+def measure_acceptance(target: HFTarget, draft, prompts: Sequence[Sequence[int] | Prompt], num_draft_steps: int,
                        max_new_tokens: int, eos_token_id=None, compare_greedy: bool = True,
                        progress: bool = False) -> AcceptanceResult:
     """Greedy chain speculative decoding over `prompts`; tau and per-position rates pooled over all of
-    them (vLLM's counters summed); optionally each output checked against plain greedy decoding."""
+    them (vLLM's counters summed); optionally each output checked against plain greedy decoding.
+    A `Prompt` with images needs a VLM target (HFTarget with its vision side)."""
     proposer = Eagle3Proposer(draft)
     stats = SpecStats(num_draft_steps)
     result = AcceptanceResult(stats, len(prompts), 0)

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from torchspec.eval.acceptance import measure_acceptance, prompts_from_samples
+from torchspec.eval.speculative import Prompt, images_of
 
 BEST_FILE = "eval_best.json"
 CHECKPOINT_EVAL_FILE = "eval.json"
@@ -42,7 +43,7 @@ class TrainingEvaluator:
         self.interval = int(interval)
         self.micro_batch_size = int(micro_batch_size)
         self.output_dir = Path(output_dir)
-        self.tau_prompts = [list(p) for p in tau_prompts]
+        self.tau_prompts = [Prompt(p, images_of(p)) for p in tau_prompts]   # images kept (a VLM target)
         self.num_draft_steps = int(num_draft_steps)
         self.max_new_tokens = int(max_new_tokens)
         self.target_loader = target_loader  # device -> HFTarget, called once, on the first tau measurement
@@ -72,11 +73,13 @@ class TrainingEvaluator:
         def load(device):
             from torchspec.eval.speculative import HFTarget
             from torchspec.inference.hf import load_target
+            from torchspec.inference.vlm import vision_inputs
 
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
             model = load_target(cfg.model.target_model_path, dtype, device,
                                 trust_remote_code=bool(cfg.model.trust_remote_code))
-            return HFTarget(model, aux_layers)
+            return HFTarget(model, aux_layers, vision_inputs(model, cfg.model.target_model_path,
+                                                             bool(cfg.model.trust_remote_code)))
 
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         return cls(held_out, interval=ds.eval_interval, micro_batch_size=cfg.training.micro_batch_size,

@@ -13,7 +13,8 @@ no such switch, so the context is rendered with one more assistant reply and cut
 supervised span starts (everything the template puts before a reply is scaffolding, i.e. its generation
 prompt; qwen3's empty think block included, as in training), less a trailing space, which belongs to the
 reply's first token. The text is tokenized as the training data is (no special tokens added beyond the
-template's own).
+template's own). Images in the context are written as the template's image placeholder, as in training, and
+the prompt carries them (`Prompt.images`); the target expands the placeholders (eval/speculative.py).
 
 A point is skipped, and counted by reason, when its context has no user message or its prompt is longer
 than `max_seq_length` tokens.
@@ -26,8 +27,10 @@ from dataclasses import dataclass, field
 
 from torchspec.data.errors import DataError
 from torchspec.data.formats import Conversation
+from torchspec.data.multimodal import conversation_images, with_placeholders
 from torchspec.data.templates import ChatTemplate
 from torchspec.data.tokenize import Encoder
+from torchspec.eval.speculative import Prompt
 
 OPEN_END = "open_end"            # the conversation ends with a non-assistant turn
 ASSISTANT_TURN = "assistant_turn"
@@ -99,6 +102,7 @@ def evaluation_points(messages: list[dict], all_turns: bool = False) -> list[tup
 
 def prompt_text(template: ChatTemplate, tokenizer, context: list[dict]) -> str:
     """The text a server is asked to continue after `context` (see the module docstring)."""
+    context = with_placeholders(context, template.image_placeholder, template.name)
     if template.name == "tokenizer":  # the tokenizer's own template: its own generation prompt
         try:
             return tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
@@ -114,12 +118,13 @@ def prompt_text(template: ChatTemplate, tokenizer, context: list[dict]) -> str:
 
 
 def select_prompts(convs: list[Conversation], tokenizer, template: ChatTemplate, *, max_seq_length: int,
-                   all_turns: bool = False, limit: int | None = None) -> tuple[list[list[int]], PromptSelection]:
-    """(prompt token ids, what was used and skipped) over `convs`, in order; stops at `limit` prompts."""
+                   all_turns: bool = False, limit: int | None = None) -> tuple[list[Prompt], PromptSelection]:
+    """(prompts: token ids with their images, what was used and skipped) over `convs`, in order; stops at
+    `limit` prompts. The length checked against max_seq_length is before image expansion, as in training."""
     sel = PromptSelection(total_conversations=len(convs), limit=limit, max_seq_length=max_seq_length,
                           all_turns=all_turns)
     encoder = Encoder(tokenizer)
-    prompts: list[list[int]] = []
+    prompts: list[Prompt] = []
     for conv in convs:
         if sel.limit_reached:
             break
@@ -144,6 +149,6 @@ def select_prompts(convs: list[Conversation], tokenizer, template: ChatTemplate,
                 sel.first_skipped.setdefault(reason, conv.location if n == len(conv.messages)
                                              else f"{conv.location} message {n + 1}")
                 continue
-            prompts.append(ids)
+            prompts.append(Prompt(ids, conversation_images(context)))
             sel.used[kind] += 1
     return prompts, sel

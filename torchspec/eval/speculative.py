@@ -15,6 +15,12 @@ vLLM's `mean acceptance length` (its spec_decode counters count every verificati
 draft tokens, and all its accepted tokens, even those cut by max_tokens; so do we). The prompt's
 prefill forward is not a verification and is not counted.
 Greedy speculative decoding is lossless: the output equals plain greedy decoding token for token.
+
+Image prompts (a VLM target): a `Prompt` carries its images; the target expands each image placeholder
+exactly as the hf engine does for training (inference/vlm.py) and its prefill gets the processed pixel
+inputs. From there on the sequence is the expanded one, for the target (whose model keeps the image's
+rotary offsets for the later, text-only forwards) and for the draft (positions counted along the expanded
+sequence, as in training).
 """
 
 from __future__ import annotations
@@ -76,16 +82,35 @@ class SpecStats:
 
 
 # --------------------------------------------------------------------------------------------------
+# Prompts
+
+
+class Prompt(list):
+    """A prompt's token ids (a list, so text prompts are plain id lists) and the images its placeholders
+    stand for, in order (data/multimodal.py references; empty for text)."""
+
+    def __init__(self, ids=(), images: Sequence[str] = ()):
+        super().__init__(int(t) for t in ids)
+        self.images = tuple(images)
+
+
+def images_of(prompt) -> tuple[str, ...]:
+    return tuple(getattr(prompt, "images", ()) or ())
+
+
+# --------------------------------------------------------------------------------------------------
 # Target
 
 
 class HFTarget:
     """A transformers causal LM with a KV cache that can be rolled back, returning per processed token
     its greedy next token and its aux features (concat of the outputs of `aux_layers`, our id k = output
-    of decoder layer k, captured by hooks exactly as the hf engine captures them for training)."""
+    of decoder layer k, captured by hooks exactly as the hf engine captures them for training). `vision` (a
+    VLM target's image side, inference/vlm.py) lets it run image prompts; without it they are refused."""
 
-    def __init__(self, model, aux_layers: Sequence[int]):
+    def __init__(self, model, aux_layers: Sequence[int], vision=None):
         self.model = model
+        self.vision = vision
         self.aux_layers = [int(k) for k in aux_layers]
         self.device = next(model.parameters()).device
         from torchspec.inference.hf import AuxCapture
@@ -102,18 +127,37 @@ class HFTarget:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
+        if self.vision is not None:   # the previous prompt's image rotary offsets must not leak into this one
+            self.vision.reset_positions()
 
+    def prefill_inputs(self, prompt) -> tuple[list[int], dict]:
+        """(the token ids the target runs for `prompt`, the prefill's extra inputs): for an image prompt the
+        ids with each image placeholder expanded and the processed pixel inputs, as the hf engine's records."""
+        images = images_of(prompt)
+        if not images:
+            return list(prompt), {}
+        from torchspec.data.sample import Sample
+        from torchspec.inference import vlm
+
+        ids = torch.tensor(list(prompt), dtype=torch.long)
+        sample = Sample("prompt", ids, torch.zeros_like(ids, dtype=torch.uint8), images=images)
+        if self.vision is None:
+            vlm.refuse_images([sample], self.model)
+        expanded = self.vision.expand(sample)
+        extra = self.vision.forward_inputs([expanded], expanded.input_ids[None], self.device, self.model.dtype)
+        return expanded.input_ids.tolist(), extra
     @property
     def length(self) -> int:
         return self.cache.get_seq_length()
 
     @torch.inference_mode()
-    def forward(self, token_ids: Sequence[int], num_logits: int = 0) -> tuple[list[int], torch.Tensor]:
+    def forward(self, token_ids: Sequence[int], num_logits: int = 0, **extra) -> tuple[list[int], torch.Tensor]:
         """Process `token_ids` after the cached ones: (argmax next token of the last `num_logits` positions,
-        all of them when 0; aux [n, 3H] of every position)."""
+        all of them when 0; aux [n, 3H] of every position). `extra`: a prefill's image inputs."""
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         self.capture.clear()
-        out = self.model(input_ids=ids, **{self._cache_arg: self.cache}, use_cache=True, logits_to_keep=num_logits)
+        out = self.model(input_ids=ids, **{self._cache_arg: self.cache}, use_cache=True, logits_to_keep=num_logits,
+                         **extra)
         self.num_forwards += 1
         aux = self.capture.take()[0]
         return out.logits[0].argmax(dim=-1).tolist(), aux
@@ -210,10 +254,12 @@ def _stop_set(eos_token_id) -> frozenset:
 def greedy_generate(target: HFTarget, prompt: Sequence[int], max_new_tokens: int,
                     eos_token_id: int | Sequence[int] | None = None) -> list[int]:
     """Plain greedy decoding with the target, one token per forward (the reference output).
-    Stops after `max_new_tokens` or after an EOS token (one id or several)."""
+    Stops after `max_new_tokens` or after an EOS token (one id or several). `prompt` may be a `Prompt`
+    with images (a VLM target)."""
     stop = _stop_set(eos_token_id)
     target.reset()
-    nxt, _ = target.forward(prompt, num_logits=1)
+    ids, extra = target.prefill_inputs(prompt)
+    nxt, _ = target.forward(ids, num_logits=1, **extra)
     out = [nxt[-1]]
     while len(out) < max_new_tokens and out[-1] not in stop:
         nxt, _ = target.forward(out[-1:], num_logits=1)
@@ -234,8 +280,9 @@ def speculative_generate(target: HFTarget, proposer: Proposer, prompt: Sequence[
     stats = SpecStats(k)
     target.reset()
     proposer.reset()
-    nxt, aux = target.forward(prompt, num_logits=1)  # prefill: not a verification
-    tokens = list(prompt) + [nxt[-1]]
+    ids, extra = target.prefill_inputs(prompt)   # image placeholders expanded, as in training
+    nxt, aux = target.forward(ids, num_logits=1, **extra)  # prefill: not a verification
+    tokens = list(ids) + [nxt[-1]]
     aux_rows = [aux]
     out = [nxt[-1]]
     while len(out) < max_new_tokens and out[-1] not in stop:

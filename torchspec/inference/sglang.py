@@ -89,6 +89,23 @@ This path was NOT run against a real SGLang (tests/test_sglang_multinode.py uses
 2-node CPU Ray cluster): real multi-node TP, the NCCL meeting and a node dying mid-run (not detected by the
 launcher: node 0's engine would stall or fail its collectives) are unchecked.
 
+Images (a Qwen-VL target, inference/vlm.py). ``generate(input_ids=[...], image_data=[[uri, ...], ...])``:
+one list of images per request, ``[]`` for a text request (io_struct.py:423-462, ``_normalize_image_data``;
+an empty list is no multimodal input, mm_utils.py:56-61); a path is sent as a file:// URI, a data: URI as it
+is (utils/common.py:809-846, ``load_image``). With input_ids and images, the tokenizer manager decodes the ids
+to text (multimodal/processors/base_processor.py:718-720), finds each
+``<|vision_start|><|image_pad|>+<|vision_end|>`` (qwen_vl.py, ``image_token_regex``; one pad, as our
+template writes it, matches), runs the target's HF processor on text + images (each image first resized by
+SGLang's own smart_resize, whose default bounds 4*28*28 .. 16384*28*28 are Qwen-VL's own) and takes ITS
+input_ids, each image pad repeated t*h*w/merge^2 times (tokenizer_manager.py:706-753). The scheduler then
+replaces those pads by per-image pad values of the same length (managers/mm_utils.py:315-349), so
+``origin_input_ids`` -- whose length is the number of returned rows -- is the expanded sequence. The record
+is built from our own expansion of the sample (the target's image processor, inference/vlm.py, the same rule
+as the hf engine); a row count that differs from it (SGLang counted an image's tokens differently, e.g.
+``SGLANG_IMAGE_MAX_PIXELS`` below the processor's max_pixels) is an error naming the sample, never a silent
+misalignment. Other VLMs (Kimi-K2.5 included) are refused: their expansion rule is not built here.
+Not run against a real SGLang: tests/test_sglang_engine.py's stand-in expands the pads as cited above.
+
 Cost: unpatched SGLang turns the returned hidden states into Python float lists in its scheduler
 (``.cpu().clone().tolist()``) and ships them through ZMQ; this engine cannot avoid that copy through the
 public API (it turns them back into one tensor per sample at once). Writing the records from inside SGLang's
@@ -297,7 +314,10 @@ def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
 
 class SGLangEngine:
     def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu",
-                 enable_metrics: bool = False):
+                 enable_metrics: bool = False,
+                 vision=None, target_config=None):
+        self.vision = vision                 # a VLM target's expansion rule (inference/vlm.py); None: text only
+        self.target_config = target_config   # names the target when a text target refuses images
         self.llm = llm
         self.store = store
         self.aux_layers = [int(k) for k in aux_layers]
@@ -358,7 +378,11 @@ class SGLangEngine:
         llm = sgl.Engine(**kwargs)
         logger.info("sgl engine: aux layers %s (hooks on %s), final = %s output", aux_layers,
                     aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
-        return cls(llm, store, aux_layers, hidden, device, enable_metrics=bool(kwargs.get("enable_metrics")))
+        from torchspec.inference.vlm import vision_expansion
+
+        vision = vision_expansion(target.config, cfg.model.target_model_path, bool(cfg.model.trust_remote_code))
+        return cls(llm, store, aux_layers, hidden, device, enable_metrics=bool(kwargs.get("enable_metrics")),
+                   vision=vision, target_config=target.config)
 
     def _rows(self, out: dict, n: int, sample_id: str) -> torch.Tensor:
         """The prompt's [n, (len(aux) + 1) * H] rows of one `generate` output."""
@@ -372,22 +396,23 @@ class SGLangEngine:
         width = (len(self.aux_layers) + 1) * self.hidden_size
         if hs.shape != (n, width):
             raise RuntimeError(f"sgl engine: sample {sample_id}: SGLang returned hidden states of shape "
-                               f"{tuple(hs.shape)}, expected ({n}, {width}) = (prompt tokens, "
+                               f"{tuple(hs.shape)}, expected ({n}, {width}) = (prompt tokens, image placeholders expanded, "
                                f"{len(self.aux_layers)} aux layers + final, x H {self.hidden_size})")
         return hs
 
     def generate(self, samples: Sequence) -> list[StoredSample]:
-        from torchspec.inference.vlm import refuse_images_in
+        from torchspec.inference.vlm import expand_for_engine
 
-        refuse_images_in(samples, "sgl")
         if not samples:
             return []
+        # the records: placeholders expanded as SGLang expands them; the request: the ids as tokenized + images
+        records, images = expand_for_engine(samples, self.vision, self.target_config)
         outs = self.llm.generate(input_ids=[s.input_ids.tolist() for s in samples],
                                  sampling_params={"max_new_tokens": 1, "temperature": 0.0},
-                                 return_hidden_states=True)
+                                 return_hidden_states=True, **({"image_data": images} if images else {}))
         split = len(self.aux_layers) * self.hidden_size
         stored = []
-        for s, out in zip(samples, outs):
+        for s, out in zip(records, outs):
             n = int(s.input_ids.numel())
             hs = self._rows(out, n, s.sample_id).to(device=self.device, dtype=self.dtype)
             stored.append(put_record(self.store, s, hs[:, :split].contiguous(), hs[:, split:].contiguous()))

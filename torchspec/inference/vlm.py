@@ -63,24 +63,21 @@ class VisionSample:
     loss_mask: torch.Tensor        # expanded; 0 on every image token
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
+    images: tuple[str, ...] = ()   # the images kept (those whose placeholder max_seq_length left), in order
 
 
-class QwenVLInputs:
-    """Qwen-VL family: expansion rule and the forward's extra inputs."""
+class QwenVLExpansion:
+    """Qwen-VL family's expansion rule alone (the target's config and image processor; no model): what an
+    engine that runs the target elsewhere (sgl) needs to write records of the expanded sequence."""
 
-    def __init__(self, model, image_processor):
-        model_type = getattr(model.config, "model_type", "")
+    def __init__(self, config, image_processor, engine: str = "hf"):
+        model_type = getattr(config, "model_type", "")
         if model_type not in QWEN_VL_TYPES:
             raise TargetLoadError(f"model.target_model_path: the vision-language model type {model_type!r} is not "
-                                  f"supported by the hf engine (supported: {', '.join(QWEN_VL_TYPES)})")
-        self.runner = model.model   # vision tower + language model; its last_hidden_state is post-norm
-        self.pad_id = int(model.config.image_token_id)
+                                  f"supported by the {engine} engine (supported: {', '.join(QWEN_VL_TYPES)})")
+        self.pad_id = int(config.image_token_id)
         self.merge = int(getattr(image_processor, "merge_size", 2))
         self.processor = image_processor
-        # transformers >= 5 wants the tokens' modality (1 = image) to build the 3-D rotary positions
-        import inspect
-
-        self.wants_token_types = "mm_token_type_ids" in inspect.signature(self.runner.forward).parameters
 
     def expand(self, sample) -> VisionSample:
         ids = sample.input_ids.to(torch.long)
@@ -92,7 +89,7 @@ class QwenVLInputs:
                             "image(s); does the text itself contain the image-pad token?")
         images = images[:len(at)]   # max_seq_length cut the rest off together with their placeholders
         if not images:
-            return VisionSample(sample.sample_id, ids, mask, None, None)
+            return VisionSample(sample.sample_id, ids, mask, None, None, ())
         pixels = self.processor(images=[load_image(r, f"sample {sample.sample_id}") for r in images],
                                 return_tensors="pt")
         grid = pixels["image_grid_thw"].to(torch.long)
@@ -101,7 +98,19 @@ class QwenVLInputs:
         ids = ids.repeat_interleave(repeats)
         mask = mask.repeat_interleave(repeats)
         mask[ids == self.pad_id] = 0
-        return VisionSample(sample.sample_id, ids, mask, pixels["pixel_values"], grid)
+        return VisionSample(sample.sample_id, ids, mask, pixels["pixel_values"], grid, images)
+
+
+class QwenVLInputs(QwenVLExpansion):
+    """Qwen-VL family in the hf engine: the expansion rule and the forward's extra inputs."""
+
+    def __init__(self, model, image_processor):
+        super().__init__(model.config, image_processor)
+        self.runner = model.model   # vision tower + language model; its last_hidden_state is post-norm
+        # transformers >= 5 wants the tokens' modality (1 = image) to build the 3-D rotary positions
+        import inspect
+
+        self.wants_token_types = "mm_token_type_ids" in inspect.signature(self.runner.forward).parameters
 
     def forward_inputs(self, chunk: Sequence[VisionSample], input_ids: torch.Tensor, device, dtype) -> dict:
         """The forward's image inputs for the chunk (its padded `input_ids` [B, T]): pixel_values and
@@ -115,24 +124,61 @@ class QwenVLInputs:
             out["mm_token_type_ids"] = self.token_types(input_ids).to(device)
         return out
 
+    def reset_positions(self) -> None:
+        """Forget the rotary offsets the model kept from its last image prefill (transformers' Qwen-VL models
+        keep them for the cached decode steps that follow; a new prompt must not inherit them)."""
+        if hasattr(self.runner, "rope_deltas"):
+            self.runner.rope_deltas = None
+
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         """1 where a token is an image token, 0 elsewhere (padding included)."""
         return (input_ids == self.pad_id).to(torch.int32)
+
+
+def _image_processor(target_path, trust_remote_code: bool):
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(target_path), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise TargetLoadError(f"model.target_model_path={str(target_path)!r} is a vision-language model, but its "
+                              f"image processor could not be loaded: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def vision_inputs(model, target_path, trust_remote_code: bool = False) -> QwenVLInputs | None:
     """The multimodal side of a loaded target (None for a text-only target)."""
     if not is_vlm_config(model.config):
         return None
-    from transformers import AutoImageProcessor
+    return QwenVLInputs(model, _image_processor(target_path, trust_remote_code))
 
-    try:
-        processor = AutoImageProcessor.from_pretrained(str(target_path), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise TargetLoadError(f"model.target_model_path={str(target_path)!r} is a vision-language model, but its "
-                              f"image processor could not be loaded: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    return QwenVLInputs(model, processor)
+
+def vision_expansion(target_config, target_path, trust_remote_code: bool = False,
+                     engine: str = "sgl") -> QwenVLExpansion | None:
+    """The expansion rule of a target known by its config alone (None for a text-only target)."""
+    if not is_vlm_config(target_config):
+        return None
+    return QwenVLExpansion(target_config, _image_processor(target_path, trust_remote_code), engine)
+
+
+def image_request_uri(ref: str) -> str:
+    """An image reference (data/multimodal.py: an absolute path or a data: URI) as a serving engine's request
+    takes it: data: URIs as they are, paths as file:// URIs (percent-encoded, so any file name survives; SGLang
+    reads a bare path only when it ends in a known image extension and tries anything else as base64)."""
+    return ref if ref.startswith("data:") else Path(ref).as_uri()
+
+
+def expand_for_engine(samples: Sequence, expansion: QwenVLExpansion | None, target_config):
+    """(the samples as their records will be: image placeholders expanded; per sample the image URIs its
+    request sends, [] for a text sample, or None when no sample has images). A text target (no expansion)
+    refuses image samples. For an engine that runs the target elsewhere (sgl) and checks what came back."""
+    if expansion is None:
+        refuse_images(samples, target_config)
+        return list(samples), None
+    expanded = [expansion.expand(s) for s in samples]
+    if not any(e.images for e in expanded):
+        return expanded, None
+    return expanded, [[image_request_uri(r) for r in e.images] for e in expanded]
 
 
 def refuse_images_in(samples: Sequence, engine: str) -> None:
@@ -145,10 +191,11 @@ def refuse_images_in(samples: Sequence, engine: str) -> None:
 
 
 def refuse_images(samples: Sequence, model) -> None:
-    """A text-only target cannot run a sample that has images: one DataError naming it."""
+    """A text-only target (a loaded model, or its config) cannot run a sample that has images: one DataError."""
+    config = getattr(model, "config", model)
     for s in samples:
         if getattr(s, "images", ()):
-            name = getattr(model.config, "model_type", type(model).__name__)
+            name = getattr(config, "model_type", None) or type(model).__name__
             raise DataError(f"sample {s.sample_id} has {len(s.images)} image(s), but the target ({name}) is not a "
                             "vision-language model; use a VLM target or text-only data")
 
