@@ -543,15 +543,16 @@ def test_multimodal_wrapper_records_equal_hf_engine(fake_sglang, tiny_target_dir
     """SGLang wraps a multimodal target's LM as language_model.*: hooks on the derived prefix (here given as the
     wrapped tree's, which the transformers-side search finds) capture the same states; `model.layers.<k>`
     would match nothing."""
-    FakeEngine.multimodal = True
+    monkeypatch.setattr(FakeEngine, "multimodal", True)
     aux = [0, 1, 2]
     samples = _samples(512)[:3]
     want = _hf_records(tiny_target_dir, tmp_path, aux, samples)
     monkeypatch.setattr(sgl_engine, "decoder_layers_prefix", lambda cfg: "language_model.model.layers")
     got, fake = _sgl_records(_cfg(tiny_target_dir, aux), tmp_path, samples)
     hooks = fake.kwargs["forward_hooks"]
-    assert [h["target_modules"] for h in hooks] == [[f"language_model.model.layers.{k}"] for k in aux] + \
-        [["language_model.logits_processor"]]
+    assert [h["target_modules"] for h in hooks] == [[f"language_model.model.layers.{k}", f"model.layers.{k}"]
+                                                    for k in aux] + \
+        [["language_model.logits_processor", "logits_processor"]]
     for s in samples:
         for key in ("aux_hidden_states", "final_hidden_states"):
             torch.testing.assert_close(got[s.sample_id][key], want[s.sample_id][key], **TOL)

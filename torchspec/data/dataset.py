@@ -189,8 +189,8 @@ def build_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeni
     where the draft vocabulary is saved too. The files are cut into pieces that `num_proc` worker processes
     read, check and tokenize; this process holds a few integers per sample, never the conversations.
     Raises DataError naming the file and line for bad input; with on_bad_record="skip" a bad record is left
-    out instead, counted in `.stats` (skipped_bad, bad_records) and named in the log. `empty_hint` ends the error raised when no
-    conversation has a supervised token.
+    out instead, counted in `.stats` (skipped_bad, bad_records) and named in the log. `empty_hint` ends the
+    error raised when no conversation has a supervised token.
     """
     if max_seq_length <= 0:
         raise DataError(f"training.max_seq_length must be positive, got {max_seq_length}")

@@ -200,11 +200,17 @@ def aux_hook_targets(aux_layers: Sequence[int], prefix: str = LAYERS_PREFIX) -> 
 
 
 def forward_hook_specs(aux_layers: Sequence[int], prefix: str = LAYERS_PREFIX) -> list[dict]:
-    """SGLang ``forward_hooks`` entries: one per aux layer, then the one that appends the final state."""
-    specs = [{"name": f"torchspec_aux_{k}", "target_modules": [target],
+    """SGLang ``forward_hooks`` entries: one per aux layer, then the one that appends the final state.
+
+    Each hook names the decoder-layer list found in the target's transformers tree AND SGLang's text-model
+    name ``model.layers``: SGLang's own classes do not always keep transformers' names (its Qwen2-VL holds
+    the language model as ``model``, where transformers 5 has ``model.language_model``), and only the names
+    that exist in the loaded model are hooked."""
+    prefixes = list(dict.fromkeys([prefix, LAYERS_PREFIX]))
+    specs = [{"name": f"torchspec_aux_{k}", "target_modules": [t for p in prefixes for t in aux_hook_targets([k], p)],
               "hook_factory": f"{HOOK_MODULE}:capture_layer_output", "config": {"layer": int(k)}}
-             for k, target in zip(aux_layers, aux_hook_targets(aux_layers, prefix))]
-    specs.append({"name": "torchspec_final", "target_modules": [final_module(prefix)],
+             for k in aux_layers]
+    specs.append({"name": "torchspec_final", "target_modules": list(dict.fromkeys(map(final_module, prefixes))),
                   "hook_factory": f"{HOOK_MODULE}:append_final_state",
                   "config": {"layers": [int(k) for k in aux_layers], "prefix": prefix}})
     return specs
