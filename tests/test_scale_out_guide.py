@@ -59,8 +59,9 @@ def test_two_node_config_uses_the_protocol_that_was_run():
 
 
 def test_install_lines_never_name_the_public_torchspec_package():
-    """`pip install 'torchspec[...]'` would fetch the unrelated placeholder of that name on the public index: every
-    install line in the guide, README and the multi-node configs installs the repository itself."""
+    """Installing the bare name would fetch the unrelated placeholder of that name on the public index: every
+    install line in the guide, README and the multi-node configs installs the repository itself (the whole
+    repository is scanned by tests/test_install_hints.py)."""
     files = [ROOT / "README.md", ROOT / "docs" / "scale-out.md", *sorted((ROOT / "configs").glob("*.yaml"))]
     bad = [f"{f.name}: {ln.strip()}" for f in files for ln in f.read_text().splitlines()
            if re.search(r"pip install ['\"]?torchspec\b", ln) and "@ git+" not in ln]   # a git URL is the repository

@@ -83,14 +83,15 @@ def encode_record(tensors: dict[str, torch.Tensor]) -> tuple[list, int]:
 
 def require_mooncake():
     """Import mooncake.store, or one ImportError with the install hint (and which wheel / system library)."""
-    from torchspec.utils.optional import require
+    from torchspec.utils.optional import install_hint, mooncake_extra, require
 
     try:
-        return require("mooncake.store", "mooncake")
+        return require("mooncake.store", mooncake_extra())
     except ImportError as e:
         msg = str(e)
         if "libcuda" in msg:
-            msg += "; on a machine without CUDA install mooncake-transfer-engine-non-cuda instead"
+            msg += ("; on a machine without CUDA use the non-CUDA build instead: pip uninstall -y mooncake-transfer-engine "
+                    f"&& {install_hint('mooncake-cpu')}")
         elif "libibverbs" in msg:
             msg += "; Mooncake also needs the system library libibverbs (apt-get install libibverbs1)"
         raise ImportError(msg) from None
