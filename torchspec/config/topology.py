@@ -23,3 +23,19 @@ def multi_node_reason(cfg) -> str | None:
         return (f"one engine spans {gpus_per_engine(cfg) // gpus_per_engine_process(cfg)} nodes "
                 f"(inference.sglang.nnodes={cfg.inference.sglang.nnodes})")
     return None
+
+
+def resolved_store(cfg) -> str:
+    """The store the run uses: `inference.store`, or for `auto`: memory when colocated, mooncake when the run
+    spans nodes, else local (transfer.factory builds exactly this one)."""
+    kind = cfg.inference.store
+    if kind != "auto":
+        return kind
+    if cfg.inference.colocate:
+        return "memory"
+    return "local" if multi_node_reason(cfg) is None else "mooncake"
+
+
+def uses_ray(cfg) -> bool:
+    """Whether the Ray launcher runs this config: asked for, or the config spans nodes (pipeline.launcher)."""
+    return cfg.inference.launcher == "ray" or multi_node_reason(cfg) is not None

@@ -215,6 +215,14 @@ def _check_inference_topology(cfg: Config) -> None:
             f"an engine on one node cannot use more than inference.inference_num_gpus_per_node="
             f"{inf.inference_num_gpus_per_node} GPUs (use inference.sglang.nnodes > 1 to span nodes)",
         )
+    from torchspec.config.topology import multi_node_reason, uses_ray
+
+    if inf.colocate and uses_ray(cfg):
+        why = ("inference.launcher=ray" if inf.launcher == "ray"
+               else f"{multi_node_reason(cfg)}: the run spans nodes, so the Ray launcher")
+        _fail(cfg, "inference.colocate",
+              f"runs the target inside each trainer process, which only the local launcher does; {why} runs the "
+              "engines as Ray actors (set inference.colocate=false, or inference.launcher=local on one machine)")
     size = gpus_per_engine(cfg)
     if inf.inference_num_gpus % size:
         _fail(
