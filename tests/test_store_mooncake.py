@@ -251,7 +251,7 @@ def test_pipeline_two_engines_through_mooncake(tmp_path, tiny_target_dir, cpu_on
     from torchspec.transfer.mooncake import MooncakeStore
 
     built, original = [], factory.build_store
-    monkeypatch.setattr(factory, "build_store", lambda cfg: built.append(original(cfg)) or built[-1])
+    monkeypatch.setattr(factory, "build_store", lambda cfg, *a: built.append(original(cfg, *a)) or built[-1])
 
     cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, num_epochs=1)
     cfg.inference.store = "mooncake"

@@ -68,6 +68,7 @@ def _check_choices(cfg: Config) -> None:
     _one_of(cfg, "training.loss_mask_alignment", S.LOSS_MASK_ALIGNMENTS)
     _one_of(cfg, "training.lr_decay_style", S.LR_DECAY_STYLES)
     _one_of(cfg, "logging.report_to", S.REPORT_TO)
+    _one_of(cfg, "logging.log_level", S.LOG_LEVELS)
     _one_of(cfg, "mooncake.protocol", S.MOONCAKE_PROTOCOLS)
     _one_of(cfg, "inference.store", S.STORE_TYPES)
     _one_of(cfg, "model.target_model_backend", S.TARGET_MODEL_BACKENDS, optional=True)

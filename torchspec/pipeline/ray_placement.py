@@ -29,12 +29,15 @@ directory, so processes Ray started account puts and deletes in the same counter
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
 from torchspec.pipeline.launcher_local import PlacementError, check_gpus_per_engine
+
+log = logging.getLogger("torchspec.pipeline")
 
 
 # -- placement --------------------------------------------------------------------------------------
@@ -277,11 +280,23 @@ def _connect(cfg) -> None:
 
     if ray.is_initialized():
         return
+    quiet = ray_init_quiet(cfg)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    ray.init(address="local", include_dashboard=False, num_gpus=torch.cuda.device_count())
-    _started_ray = True
+        ray.init(**quiet)
+        where = f"joined the cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+    else:
+        ray.init(address="local", include_dashboard=False, num_gpus=torch.cuda.device_count(), **quiet)
+        _started_ray = True
+        where = "started a Ray of this machine alone (RAY_ADDRESS unset)"
+    nodes = [n for n in ray.nodes() if n.get("Alive", True)]
+    log.info("Ray: %s: %d node(s), %s", where, len(nodes), {k: v for k, v in sorted(ray.cluster_resources().items())
+                                                              if k in ("CPU", "GPU")})
+
+
+def ray_init_quiet(cfg) -> dict:
+    """ray.init's log settings: Ray's own INFO lines (connecting, dashboard, usage notes) only with
+    logging.log_level=debug; the actors' output still reaches the driver (their errors matter)."""
+    return {"logging_level": logging.DEBUG if cfg.logging.log_level == "debug" else logging.WARNING}
 
 
 def _hold(cfg) -> _RayHold | None:

@@ -72,4 +72,5 @@ def build_store(cfg, budget=None) -> Store:
         return LocalStore(capacity_bytes=capacity)
     from torchspec.transfer.mooncake import MooncakeSettings, MooncakeStore
 
-    return MooncakeStore(MooncakeSettings.from_config(cfg.mooncake), capacity_bytes=capacity)
+    settings = MooncakeSettings.from_config(cfg.mooncake, verbose=cfg.logging.log_level == "debug")
+    return MooncakeStore(settings, capacity_bytes=capacity)
