@@ -13,6 +13,7 @@ from torchspec.config import schema as S
 from torchspec.config.errors import ConfigError
 from torchspec.config.schema import Config
 from torchspec.config.target import AUX_LAYERS_KEY, aux_layers_problem
+from torchspec.config.topology import gpus_per_engine, gpus_per_engine_process  # noqa: F401  (re-exported)
 
 
 def validate_config(cfg: Config) -> None:
@@ -165,25 +166,6 @@ def _check_ranges(cfg: Config) -> None:
         if getattr(cfg.debug, mode) and not cfg.debug.save_debug_train_data:
             _fail(cfg, f"debug.{mode}", "needs debug.save_debug_train_data: the directory the hidden-state "
                   + ("records are written to" if mode == "debug_inference_only" else "records are read from"))
-
-
-def gpus_per_engine_process(cfg: Config) -> int:
-    """GPUs of one engine process on one node.
-
-    With sglang nnodes > 1 one process per node spans inference_num_gpus_per_node GPUs;
-    otherwise an engine is one process of inference_num_gpus_per_engine GPUs.
-    """
-    inf = cfg.inference
-    if inf.inference_engine_type == "sgl" and inf.sglang.nnodes > 1:
-        return inf.inference_num_gpus_per_node
-    return inf.inference_num_gpus_per_engine
-
-
-def gpus_per_engine(cfg: Config) -> int:
-    """All GPUs of one engine replica (over its nodes)."""
-    inf = cfg.inference
-    nnodes = inf.sglang.nnodes if inf.inference_engine_type == "sgl" else 1
-    return nnodes * gpus_per_engine_process(cfg)
 
 
 def _check_inference_topology(cfg: Config) -> None:
