@@ -11,6 +11,12 @@ quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a director
 if ! "$PY" -c "import torch" 2>/dev/null; then
   quiet "$PY" -m pip install -q "torch==2.13.0"
 fi
+# The distribution is torchspec-eagle3 (pyproject.toml). A checkout installed before the rename is the
+# distribution `torchspec` editable from this same directory: remove it, so two distributions do not both own
+# the `torchspec` package. (Any other `torchspec`, e.g. the unrelated placeholder on the public index, is left alone.)
+if "$PY" -m pip show torchspec 2>/dev/null | grep -qxF "Editable project location: $PWD"; then
+  "$PY" -m pip uninstall -y -q torchspec
+fi
 # ray is included so the Ray-launcher tests (local cluster on 127.0.0.1) run too.
 quiet "$PY" -m pip install -q -e ".[dev,ray]"
 "$PY" -c "import torch, torchspec; print('torchspec ready: torch', torch.__version__)"

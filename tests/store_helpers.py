@@ -22,7 +22,7 @@ def mooncake_missing() -> str | None:
     except ImportError as e:
         if os.environ.get("TORCHSPEC_REQUIRE_MOONCAKE") == "1":
             raise
-        return f"mooncake is not installed ({e}); install it with: pip install 'torchspec[mooncake]'"
+        return f"mooncake is not installed ({e}); install it with: pip install -e '.[mooncake]'"
     return None
 
 

@@ -14,6 +14,7 @@ from torchspec.config.loader import all_keys, origin_of, parse_size
 from torchspec.config.render import REDACTED, save_resolved_config
 from torchspec.inference.sglang_args import PROTECTED_EXTRA_ARGS, build_sglang_engine_kwargs
 from torchspec.train_entry import main
+from torchspec.utils.optional import install_hint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -535,7 +536,7 @@ def test_missing_optional_dependency_is_one_line(tmp_path, monkeypatch, capsys, 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["missing dependency: torchspec_no_such_module is needed here but is not installed (No module "
-                   "named 'torchspec_no_such_module'); install it with: pip install 'torchspec[mooncake]'"]
+                   f"named 'torchspec_no_such_module'); install it with: {install_hint('mooncake')}"]
 
 
 def test_require_names_the_extra_to_install():
@@ -544,7 +545,8 @@ def test_require_names_the_extra_to_install():
     assert require("json", "dev").dumps([1]) == "[1]"
     with pytest.raises(ImportError) as e:
         require("torchspec_no_such_module", "ray")
-    assert "pip install 'torchspec[ray]'" in str(e.value) and "torchspec_no_such_module" in str(e.value)
+    root = Path(__file__).resolve().parents[1]
+    assert f"pip install -e '{root}[ray]'" in str(e.value) and "torchspec_no_such_module" in str(e.value)
 
 
 def test_interpolation_after_merge(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ try:
 except ImportError:
     ray = None
 
-needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'torchspec[ray]')")
+needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install -e '.[ray]')")
 
 
 def _config(tmp_path: Path, tiny_target_dir, **training):

@@ -1,6 +1,7 @@
 """The Ray launcher on a local, CPU-only Ray cluster (127.0.0.1): the full pipeline with engine actors."""
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -11,13 +12,14 @@ from ray_helpers import cpus_free, loopback_only
 from torchspec.pipeline.launcher import plan_placement, select_launcher
 from torchspec.pipeline.launcher_local import PlacementError, plan_local
 from torchspec.pipeline.runner import run_training
+from torchspec.utils.optional import install_hint
 
 try:
     import ray
 except ImportError:   # the Ray-cluster tests skip; the launcher-selection tests still run
     ray = None
 
-needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'torchspec[ray]')")
+needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install -e '.[ray]')")
 
 
 @needs_ray
@@ -141,7 +143,7 @@ def test_missing_ray_is_one_clear_error(tmp_path, tiny_target_dir, monkeypatch):
     cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=1, training_num_nodes=2)
     monkeypatch.setitem(sys.modules, "ray", None)       # `import ray` now fails
     with pytest.raises(ImportError, match=r"training.training_num_nodes=2: a run over several nodes needs the "
-                                          r"Ray launcher: .*pip install 'torchspec\[ray\]'"):
+                                          r"Ray launcher: .*" + re.escape(install_hint("ray"))):
         select_launcher(cfg)
     cfg.training.training_num_nodes = 1
     assert select_launcher(cfg) == "local"

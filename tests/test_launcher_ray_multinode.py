@@ -12,7 +12,7 @@ try:
 except ImportError:
     ray = None
 
-needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'torchspec[ray]')")
+needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install -e '.[ray]')")
 
 HEAD_CPUS, NODE_CPUS = 3, 1   # head: two engines + trainer rank 0's slot; second node: trainer rank 1
 
@@ -68,7 +68,11 @@ def test_cluster_too_small_is_one_line_naming_the_keys(tmp_path, tiny_target_dir
     cfg.inference.launcher = "ray"
     with pytest.raises(PlacementError, match=r"^training.training_num_nodes=3 x training.training_num_gpus_per_node=1: "
                                              r"needs 3 distinct node\(s\) with 1 CPU each; the Ray cluster has CPU "
-                                             r"per node \[3.0, 1.0\]$"):
+                                             r"per node \[3.0, 1.0\]; fix: restart each training node with `ray start "
+                                             r"--num-cpus=N` so Ray offers at least 1 CPU \(each engine and each "
+                                             r"trainer rank holds 1 CPU\), or run fewer engines "
+                                             r"\(inference.inference_num_gpus\) or trainer ranks "
+                                             r"\(training.training_num_nodes, training.training_num_gpus_per_node\)$"):
         plan_placement(cfg)
     cfg.training.training_num_nodes, cfg.training.training_num_gpus_per_node = 2, 2
     with pytest.raises(PlacementError, match=r"needs 2 distinct node\(s\) with 2 CPU each"):
@@ -77,7 +81,10 @@ def test_cluster_too_small_is_one_line_naming_the_keys(tmp_path, tiny_target_dir
     with pytest.raises(PlacementError, match=r"^inference.inference_num_gpus \(3 CPU for 3 engine\(s\)\) \+ "
                                              r"training.training_num_nodes x training.training_num_gpus_per_node "
                                              r"\(2\) = 5 CPU, but the Ray cluster has CPU per node \[3.0, 1.0\] "
-                                             r"\(4 in all\)$"):
+                                             r"\(4 in all\); fix: restart the nodes with `ray start --num-cpus=N` so "
+                                             r"Ray offers 1 more CPU in all \(each engine and each trainer rank "
+                                             r"holds 1 CPU\), or run fewer engines \(inference.inference_num_gpus\) "
+                                             r"or trainer ranks"):
         plan_placement(cfg)
     cfg.inference.inference_num_gpus = 2
     assert len(plan_placement(cfg).trainer_devices) == 2   # what the other test runs fits
@@ -158,11 +165,15 @@ def test_gpu_cluster_checks_name_the_keys(tmp_path, tiny_target_dir):
     check_cluster(p, [node(0, 8), node(1, 8), node(2, 8)], "n0")          # fits: 2 training nodes + 8 engine GPUs
     with pytest.raises(PlacementError, match=r"^inference.inference_num_gpus \(8 GPU for 8 engine\(s\)\) \+ training"
                                              r"\.training_num_nodes x training.training_num_gpus_per_node \(16\) = "
-                                             r"24 GPU, but the Ray cluster has GPU per node \[8, 8, 4\] \(20 in all\)$"):
+                                             r"24 GPU, but the Ray cluster has GPU per node \[8, 8, 4\] \(20 in all\); "
+                                             r"fix: add nodes \(`ray start --address=<head-ip>:<port>` on each\) to "
+                                             r"get 4 more GPU in all, or run fewer engines "
+                                             r"\(inference.inference_num_gpus\) or trainer ranks"):
         check_cluster(p, [node(0, 8), node(1, 8), node(2, 4)], "n0")
     with pytest.raises(PlacementError, match=r"^training.training_num_nodes=2 x training.training_num_gpus_per_node=8: "
                                              r"needs 2 distinct node\(s\) with 8 GPU each"):
         check_cluster(p, [node(0, 8), node(1, 4), node(2, 4), node(3, 4)], "n0")
     with pytest.raises(PlacementError, match=r"^training.training_num_gpus_per_node=8: trainer rank 0 runs in the "
-                                             r"driver, so the driver's node needs 8 GPU"):
+                                             r"driver, so the driver's node needs 8 GPU.*; fix: start the run on a node with 8 "
+                                             r"GPU \(the driver's node is node 0\), or run fewer engines"):
         check_cluster(p, [node(0, 0), node(1, 8), node(2, 8), node(3, 8)], "n0")   # driver on a CPU-only head

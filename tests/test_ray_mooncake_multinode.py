@@ -3,7 +3,7 @@ Ray cluster of two simulated nodes (`ray.cluster_utils.Cluster`, every server on
 inference.store left at auto, so the Mooncake store is chosen because the run spans nodes, and a
 mooncake_master the test starts, given as mooncake.master_server_address as a user with a cluster would.
 
-Needs ray and mooncake (pip install 'torchspec[ray,mooncake]'); without either the test skips, unless
+Needs ray and mooncake (pip install -e '.[ray,mooncake]'); without either the test skips, unless
 TORCHSPEC_REQUIRE_MOONCAKE=1 (then a missing mooncake fails it).
 """
 
@@ -24,7 +24,7 @@ def _missing() -> str | None:
     try:
         import ray  # noqa: F401
     except ImportError:
-        return "ray is not installed (pip install 'torchspec[ray]')"
+        return "ray is not installed (pip install -e '.[ray]')"
     return mooncake_missing()
 
 

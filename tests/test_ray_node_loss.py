@@ -20,7 +20,7 @@ try:
 except ImportError:
     ray = None
 
-pytestmark = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'torchspec[ray]')")
+pytestmark = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install -e '.[ray]')")
 
 HEAD_CPUS, NODE_CPUS = 1, 2   # head: trainer rank 0's slot; second node: the two engines
 

@@ -36,6 +36,7 @@ from torchspec.data.sample import Sample
 from torchspec.inference import sglang as sgl_engine
 from torchspec.inference.hf import HFEngine, load_target
 from torchspec.transfer.local import LocalStore
+from torchspec.utils.optional import install_hint
 
 LENGTHS = [5, 37, 3, 12, 70, 21]
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -400,7 +401,7 @@ def test_missing_sglang_is_one_line_install_hint(tiny_target_dir, tmp_path, monk
     with pytest.raises(ImportError) as e:
         build_engine(_cfg(tiny_target_dir), LocalStore(root=tmp_path / "store"), "cpu")
     msg = str(e.value)
-    assert "\n" not in msg and "pip install 'torchspec[sglang]'" in msg
+    assert "\n" not in msg and install_hint("sglang") in msg
 
 
 def test_refused_placements(fake_sglang, tiny_target_dir, tmp_path, monkeypatch):
@@ -432,7 +433,7 @@ def _real_sglang_reason():
     import importlib.util
 
     if importlib.util.find_spec("sglang") is None:
-        return "needs a real sglang: pip install 'torchspec[sglang]'"
+        return "needs a real sglang: pip install -e '.[sglang]'"
     if not torch.cuda.is_available():
         return "needs a CUDA GPU for SGLang"
     return None

@@ -125,7 +125,7 @@ STAND_IN = textwrap.dedent('''
 def stand_in_cluster(tmp_path, monkeypatch):
     """A simulated 2-node Ray cluster whose workers import the stand-in `sglang` (PYTHONPATH)."""
     if ray is None:
-        pytest.skip("ray is not installed (pip install 'torchspec[ray]')")
+        pytest.skip("ray is not installed (pip install -e '.[ray]')")
     if ray.is_initialized():
         pytest.skip("a Ray connection is already open in this process")
     from ray_helpers import two_node_cluster

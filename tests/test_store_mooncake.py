@@ -1,6 +1,6 @@
 """The mooncake store against a real mooncake_master on 127.0.0.1 (TCP), and inference.store selection.
 
-Needs the `mooncake` package (pip install 'torchspec[mooncake]'); without it the Mooncake tests skip,
+Needs the `mooncake` package (pip install -e '.[mooncake]'); without it the Mooncake tests skip,
 unless TORCHSPEC_REQUIRE_MOONCAKE=1 (then they fail).
 """
 
@@ -275,7 +275,7 @@ def test_pipeline_two_engines_through_mooncake(tmp_path, tiny_target_dir, cpu_on
 def test_pipeline_ray_engine_actor_through_mooncake(tmp_path, tiny_target_dir, cpu_only, needs_mooncake):
     """The store pickled into a Ray actor (a Ray of this machine, 127.0.0.1, started by the run): every
     sample trained once, the store empty at the end."""
-    pytest.importorskip("ray", reason="ray is not installed (pip install 'torchspec[ray]')")
+    pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
     from pipeline_helpers import ids_by_epoch, tiny_run_config
     from ray_helpers import loopback_only
 

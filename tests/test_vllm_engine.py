@@ -14,6 +14,7 @@ vLLM CPU worker processes, started from the local launcher's non-daemonic engine
 """
 
 import json
+import re
 import shutil
 import os
 import subprocess
@@ -25,6 +26,7 @@ import torch
 from torchspec.config.schema import Config
 from torchspec.inference.vllm import (PROTECTED_EXTRA_ARGS, VLLMEngineError, build_llm_kwargs, extraction_plan,
                                       to_vllm_layer_ids)
+from torchspec.utils.optional import install_hint
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = Path(os.environ.get("VLLM_PYTHON")
@@ -101,7 +103,7 @@ def test_missing_vllm_names_install_hint(monkeypatch, tiny_target_dir):
     cfg = Config()
     cfg.model.target_model_path = str(tiny_target_dir)
     cfg.inference.inference_engine_type = "vllm"
-    with pytest.raises(VLLMEngineError, match=r"pip install 'torchspec\[vllm\]'"):
+    with pytest.raises(VLLMEngineError, match=re.escape(install_hint("vllm"))):
         build_engine(cfg, LocalStore(), device="cpu")
 
 

@@ -91,6 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{_kind(e)} error: {e}", file=sys.stderr)
         return 2
 
+    if cfg.logging.log_level == "debug":
+        logging.getLogger("torchspec").setLevel(logging.DEBUG)
     from torchspec.config.render import save_resolved_config
 
     saved = save_resolved_config(cfg, cfg.output_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -207,6 +208,52 @@ def _gib(n: int) -> str:
     return f"{n / 1024**3:.1f} GiB"
 
 
+_STORES = {
+    "memory": "memory (records stay on the device inside each trainer process: colocated)",
+    "local": "local (shared memory of the driver's machine: every engine and rank must run on it)",
+    "mooncake": "mooncake (records go through a Mooncake master: engines and ranks may run on any node)",
+}
+
+
+def store_line(cfg: Config) -> str:
+    """The store the run will use (inference.store, `auto` resolved as the run resolves it)."""
+    from torchspec.config.topology import resolved_store
+
+    kind = resolved_store(cfg)
+    how = "" if cfg.inference.store == kind else " [inference.store=auto]"
+    return _STORES.get(kind, kind) + how
+
+
+def port_lines(cfg: Config) -> list[str]:
+    """The network ports the run will use, as far as the config and the environment (RAY_ADDRESS) fix them;
+    the others are free ports picked at start."""
+    from torchspec.config.topology import resolved_store, uses_ray
+
+    ray = uses_ray(cfg)
+    lines = []
+    if ray:
+        addr = os.environ.get("RAY_ADDRESS")
+        lines.append(f"Ray: the cluster at RAY_ADDRESS={addr}" if addr else
+                     "Ray: none given (RAY_ADDRESS unset): a Ray of this machine alone is started for the run")
+    if resolved_store(cfg) == "mooncake":
+        mc = cfg.mooncake
+        if mc.master_server_address:
+            host = mc.master_server_address.rsplit(":", 1)[0]
+            lines.append(f"Mooncake master: {mc.master_server_address} (mooncake.master_server_address), admin http "
+                         f"{host}:{mc.master_metrics_port} (mooncake.master_metrics_port)")
+        else:
+            lines.append("Mooncake master: started by the run on 127.0.0.1, two free ports (one machine only)")
+        meta = (f"metadata server {mc.metadata_server}" if mc.metadata_server
+                else "peer-to-peer handshake, no metadata server")
+        lines.append(f"Mooncake transfer engine: one port per process, picked by Mooncake at start "
+                     f"({mc.protocol}; {meta})")
+    world = cfg.training.training_num_nodes * cfg.training.training_num_gpus_per_node
+    if world > 1:
+        lines.append("trainer rendezvous: tcp://<driver's IP>:<a free port picked at start>" if ray else
+                     "trainer rendezvous: a file:// store in the run's directory (no port)")
+    return lines or ["none (one machine, no network service)"]
+
+
 def format_plan(cfg: Config, plan: Plan) -> str:
     inf, tr = cfg.inference, cfg.training
     engine = inf.inference_engine_type
@@ -244,10 +291,9 @@ def format_plan(cfg: Config, plan: Plan) -> str:
     )
     lines.append("  layout:")
     lines.extend(f"    {line}" for line in node_layout(cfg, plan))
-    lines.append(
-        "  hidden-state store: "
-        + ("mooncake (samples cross machines)" if plan.nodes > 1 else "local (one machine)")
-    )
+    lines.append(f"  hidden-state store: {store_line(cfg)}")
+    lines.append("  ports:")
+    lines.extend(f"    {line}" for line in port_lines(cfg))
     if plan.bytes_per_token:
         h = plan.hidden_size
         per_seq = plan.bytes_per_token * tr.max_seq_length

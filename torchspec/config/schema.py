@@ -50,6 +50,8 @@ BAD_RECORDS_NAMED = 10
 DEFER_VOCAB_SAMPLE = 20_000
 PARALLEL_MODES = ("ddp", "fsdp")
 REPORT_TO = ("none", "wandb", "tensorboard")
+# info: torchspec at INFO, Mooncake and Ray at warnings (one line each from torchspec); debug: everything
+LOG_LEVELS = ("info", "debug")
 MOONCAKE_PROTOCOLS = ("tcp", "rdma")
 # Where hidden states go: "auto" = local unless the run spans several nodes (then mooncake).
 STORE_TYPES = ("auto", "local", "mooncake", "memory")
@@ -233,6 +235,7 @@ class MooncakeConfig:
 
 @dataclass
 class LoggingConfig:
+    log_level: str = "info"   # info | debug (torchspec's DEBUG lines and Mooncake's / Ray's own INFO logs)
     report_to: str = "none"
     wandb_project: Optional[str] = None
     wandb_team: Optional[str] = None

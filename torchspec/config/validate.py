@@ -13,6 +13,7 @@ from torchspec.config import schema as S
 from torchspec.config.errors import ConfigError
 from torchspec.config.schema import Config
 from torchspec.config.target import AUX_LAYERS_KEY, aux_layers_problem
+from torchspec.config.topology import gpus_per_engine, gpus_per_engine_process  # noqa: F401  (re-exported)
 
 
 def validate_config(cfg: Config) -> None:
@@ -68,6 +69,7 @@ def _check_choices(cfg: Config) -> None:
     _one_of(cfg, "training.loss_mask_alignment", S.LOSS_MASK_ALIGNMENTS)
     _one_of(cfg, "training.lr_decay_style", S.LR_DECAY_STYLES)
     _one_of(cfg, "logging.report_to", S.REPORT_TO)
+    _one_of(cfg, "logging.log_level", S.LOG_LEVELS)
     _one_of(cfg, "mooncake.protocol", S.MOONCAKE_PROTOCOLS)
     _one_of(cfg, "inference.store", S.STORE_TYPES)
     _one_of(cfg, "model.target_model_backend", S.TARGET_MODEL_BACKENDS, optional=True)
@@ -166,25 +168,6 @@ def _check_ranges(cfg: Config) -> None:
                   + ("records are written to" if mode == "debug_inference_only" else "records are read from"))
 
 
-def gpus_per_engine_process(cfg: Config) -> int:
-    """GPUs of one engine process on one node.
-
-    With sglang nnodes > 1 one process per node spans inference_num_gpus_per_node GPUs;
-    otherwise an engine is one process of inference_num_gpus_per_engine GPUs.
-    """
-    inf = cfg.inference
-    if inf.inference_engine_type == "sgl" and inf.sglang.nnodes > 1:
-        return inf.inference_num_gpus_per_node
-    return inf.inference_num_gpus_per_engine
-
-
-def gpus_per_engine(cfg: Config) -> int:
-    """All GPUs of one engine replica (over its nodes)."""
-    inf = cfg.inference
-    nnodes = inf.sglang.nnodes if inf.inference_engine_type == "sgl" else 1
-    return nnodes * gpus_per_engine_process(cfg)
-
-
 def _check_inference_topology(cfg: Config) -> None:
     inf = cfg.inference
     engine = inf.inference_engine_type
@@ -215,6 +198,14 @@ def _check_inference_topology(cfg: Config) -> None:
             f"an engine on one node cannot use more than inference.inference_num_gpus_per_node="
             f"{inf.inference_num_gpus_per_node} GPUs (use inference.sglang.nnodes > 1 to span nodes)",
         )
+    from torchspec.config.topology import multi_node_reason, uses_ray
+
+    if inf.colocate and uses_ray(cfg):
+        why = ("inference.launcher=ray" if inf.launcher == "ray"
+               else f"{multi_node_reason(cfg)}: the run spans nodes, so the Ray launcher")
+        _fail(cfg, "inference.colocate",
+              f"runs the target inside each trainer process, which only the local launcher does; {why} runs the "
+              "engines as Ray actors (set inference.colocate=false, or inference.launcher=local on one machine)")
     size = gpus_per_engine(cfg)
     if inf.inference_num_gpus % size:
         _fail(

@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from torchspec.data.errors import DataError
+from torchspec.utils.optional import install_hint
 
 # A private-use character: where an image sits in a normalised message's text (never in real text: refused there).
 IMAGE_MARK = "\ue000"
@@ -84,7 +85,7 @@ def _open(ref: str, loc: str, what: str, convert: bool = False):
         from PIL import Image, UnidentifiedImageError
     except ImportError:  # pragma: no cover - Pillow is a transformers image-processor dependency
         raise DataError(f"{loc}: {what} has an image, and reading images needs Pillow: "
-                        "pip install 'torchspec[multimodal]'") from None
+                        f"{install_hint('multimodal')}") from None
     shown = ref if not ref.startswith("data:") else ref[:40] + "..."
     try:
         if ref.startswith("data:"):

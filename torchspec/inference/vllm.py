@@ -43,10 +43,11 @@ from torchspec.config.errors import ConfigError
 from torchspec.config.target import TargetInfo, text_config_of
 from torchspec.config.target import to_vllm_layer_ids  # noqa: F401  (re-exported: the engine's boundary)
 from torchspec.inference.base import StoredSample, compute_dtype, put_record
+from torchspec.utils.optional import install_hint
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'torchspec[vllm]' (or: bash scripts/setup_vllm.sh for a CPU venv)"
+INSTALL_HINT = f"{install_hint('vllm')} (or: bash scripts/setup_vllm.sh for a CPU venv)"
 CONNECTOR = "TorchSpecHiddenStatesConnector"
 CONNECTOR_MODULE = "torchspec.inference.vllm_connector"
 

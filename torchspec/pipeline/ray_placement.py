@@ -29,12 +29,15 @@ directory, so processes Ray started account puts and deletes in the same counter
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
 from torchspec.pipeline.launcher_local import PlacementError, check_gpus_per_engine
+
+log = logging.getLogger("torchspec.pipeline")
 
 
 # -- placement --------------------------------------------------------------------------------------
@@ -108,18 +111,36 @@ def check_cluster(placement: RayPlacement, nodes: list[dict], driver_node: str) 
         raise PlacementError(
             f"training.training_num_gpus_per_node={per_node}: trainer rank 0 runs in the driver, so the driver's "
             f"node needs {per_node} {key} for the training node it hosts, but it has {have.get(driver_node, 0)} "
-            f"({where})")
+            f"({where}); {_fix(key, 'the driver', per_node)}")
     if sum(v >= per_node for v in have.values()) < n_train:
         raise PlacementError(
             f"training.training_num_nodes={n_train} x training.training_num_gpus_per_node={per_node}: needs "
-            f"{n_train} distinct node(s) with {per_node} {key} each; {where}")
+            f"{n_train} distinct node(s) with {per_node} {key} each; {where}; "
+            f"{_fix(key, 'each training node', per_node)}")
     engine_need = placement.num_engines * sum(b.get(key, 0) for b in placement.bundles)
     need = engine_need + n_train * per_node
     if need > sum(have.values()):
         raise PlacementError(
             f"inference.inference_num_gpus ({engine_need} {key} for {placement.num_engines} engine(s)) + "
             f"training.training_num_nodes x training.training_num_gpus_per_node ({n_train * per_node}) = {need} "
-            f"{key}, but {where} ({sum(have.values()):g} in all)")
+            f"{key}, but {where} ({sum(have.values()):g} in all); "
+            f"{_fix(key, 'the nodes', need - sum(have.values()), more=True)}")
+
+
+def _fix(key: str, where: str, n: float, more: bool = False) -> str:
+    """What the user does about a cluster short of `key`: on a CPU-only cluster every engine and trainer rank is an
+    actor holding one CPU and Ray counts a node's cores by itself, so the node(s) can be started with more; GPUs
+    cannot be conjured, so a GPU cluster needs more nodes or a smaller run."""
+    smaller = ("or run fewer engines (inference.inference_num_gpus) or trainer ranks (training.training_num_nodes, "
+               "training.training_num_gpus_per_node)")
+    if key == "CPU":
+        count = f"{n:g} more CPU in all" if more else f"at least {n:g} CPU"
+        return (f"fix: restart {where} with `ray start --num-cpus=N` so Ray offers {count} (each engine and each "
+                f"trainer rank holds 1 CPU), {smaller}")
+    if where == "the driver":
+        return f"fix: start the run on a node with {n:g} {key} (the driver's node is node 0), {smaller}"
+    count = f"{n:g} more {key} in all" if more else f"{n:g} {key} on {where}"
+    return f"fix: add nodes (`ray start --address=<head-ip>:<port>` on each) to get {count}, {smaller}"
 
 
 def node_ips(node_ids) -> dict:
@@ -259,11 +280,23 @@ def _connect(cfg) -> None:
 
     if ray.is_initialized():
         return
+    quiet = ray_init_quiet(cfg)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    ray.init(address="local", include_dashboard=False, num_gpus=torch.cuda.device_count())
-    _started_ray = True
+        ray.init(**quiet)
+        where = f"joined the cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+    else:
+        ray.init(address="local", include_dashboard=False, num_gpus=torch.cuda.device_count(), **quiet)
+        _started_ray = True
+        where = "started a Ray of this machine alone (RAY_ADDRESS unset)"
+    nodes = [n for n in ray.nodes() if n.get("Alive", True)]
+    log.info("Ray: %s: %d node(s), %s", where, len(nodes), {k: v for k, v in sorted(ray.cluster_resources().items())
+                                                              if k in ("CPU", "GPU")})
+
+
+def ray_init_quiet(cfg) -> dict:
+    """ray.init's log settings: Ray's own INFO lines (connecting, dashboard, usage notes) only with
+    logging.log_level=debug; the actors' output still reaches the driver (their errors matter)."""
+    return {"logging_level": logging.DEBUG if cfg.logging.log_level == "debug" else logging.WARNING}
 
 
 def _hold(cfg) -> _RayHold | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from torchspec.config.render import redact, redact_argv  # noqa: F401  (redact_argv re-exported)
+from torchspec.utils.optional import install_hint
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_PREFIX = "eval/"
@@ -196,7 +197,7 @@ def _init_wandb(logging_cfg, output_dir: Path, run_config: dict):
     try:
         import wandb
     except ImportError as e:
-        raise ImportError("logging.report_to=wandb needs wandb: pip install 'torchspec[wandb]'") from e
+        raise ImportError(f"logging.report_to=wandb needs wandb: {install_hint('wandb')}") from e
     if logging_cfg.wandb_key:
         os.environ["WANDB_API_KEY"] = str(logging_cfg.wandb_key)  # this process only; wandb reads it
     name = output_dir.resolve().name
@@ -223,8 +224,7 @@ def _init_tensorboard(output_dir: Path, run_config: dict):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise ImportError("logging.report_to=tensorboard needs tensorboard: "
-                          "pip install 'torchspec[tensorboard]'") from e
+        raise ImportError(f"logging.report_to=tensorboard needs tensorboard: {install_hint('tensorboard')}") from e
     writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
     writer.add_text("config", "```\n" + json.dumps(run_config, indent=1, default=str) + "\n```")
     return writer

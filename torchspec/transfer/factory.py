@@ -27,17 +27,13 @@ def store_type(cfg) -> str:
     if kind == "memory" and not cfg.inference.colocate:
         raise ConfigError("inference.store=memory keeps records inside the trainer process: it needs "
                           "inference.colocate=true (or use inference.store=auto)")
-    if kind != "auto":
-        return kind
-    if cfg.inference.colocate:
-        return "memory"
-    from torchspec.config.topology import multi_node_reason
+    from torchspec.config.topology import multi_node_reason, resolved_store
 
-    reason = multi_node_reason(cfg)
-    if reason is None:
-        return "local"
-    log.info("%s: several nodes, so hidden states go through the mooncake store (inference.store=auto)", reason)
-    return "mooncake"
+    resolved = resolved_store(cfg)
+    if kind == "auto" and resolved == "mooncake":
+        log.info("%s: several nodes, so hidden states go through the mooncake store (inference.store=auto)",
+                 multi_node_reason(cfg))
+    return resolved
 
 
 def check_store(cfg) -> str:
@@ -76,4 +72,5 @@ def build_store(cfg, budget=None) -> Store:
         return LocalStore(capacity_bytes=capacity)
     from torchspec.transfer.mooncake import MooncakeSettings, MooncakeStore
 
-    return MooncakeStore(MooncakeSettings.from_config(cfg.mooncake), capacity_bytes=capacity)
+    settings = MooncakeSettings.from_config(cfg.mooncake, verbose=cfg.logging.log_level == "debug")
+    return MooncakeStore(settings, capacity_bytes=capacity)

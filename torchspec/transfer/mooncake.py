@@ -32,6 +32,7 @@ retries for seconds) while ``clear()`` and ``close()`` only drop the client, so 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -81,16 +82,62 @@ def encode_record(tensors: dict[str, torch.Tensor]) -> tuple[list, int]:
     return parts, total
 
 
-def require_mooncake():
+_log = logging.getLogger("torchspec.transfer")
+
+# Mooncake's own log level, read from the environment when its library loads: WARNING unless
+# logging.log_level=debug (then its INFO lines, ~15 per process at start). A value the user set is kept.
+LOG_ENV = "MC_LOG_LEVEL"
+# glog lines every healthy client start prints (at error level, though nothing is wrong): dropped unless verbose.
+SETUP_NOISE = ("Logging before InitGoogleLogging()", "Local segment descriptor not found")
+
+
+def mooncake_log_env(verbose: bool) -> dict[str, str]:
+    """The environment that sets Mooncake's log level, for this process or one it starts."""
+    return {LOG_ENV: os.environ.get(LOG_ENV) or ("INFO" if verbose else "WARNING")}
+
+
+def _quiet_setup_stderr(verbose: bool):
+    """Around a client's setup: its stderr (file descriptor 2, where Mooncake's C++ logs go) is held and written
+    back without the SETUP_NOISE lines; everything else, errors included, still reaches stderr."""
+    import contextlib
+    import sys
+    import tempfile
+
+    @contextlib.contextmanager
+    def held():
+        if verbose:
+            yield
+            return
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                kept = [ln for ln in tmp.read().splitlines(keepends=True)
+                        if not any(n.encode() in ln for n in SETUP_NOISE)]
+                if kept:
+                    os.write(2, b"".join(kept))
+    return held()
+
+
+def require_mooncake(verbose: bool = False):
     """Import mooncake.store, or one ImportError with the install hint (and which wheel / system library)."""
-    from torchspec.utils.optional import require
+    from torchspec.utils.optional import install_hint, mooncake_extra, require
+
+    os.environ.update(mooncake_log_env(verbose))   # before the library loads: it reads the level once
 
     try:
-        return require("mooncake.store", "mooncake")
+        return require("mooncake.store", mooncake_extra())
     except ImportError as e:
         msg = str(e)
         if "libcuda" in msg:
-            msg += "; on a machine without CUDA install mooncake-transfer-engine-non-cuda instead"
+            msg += ("; on a machine without CUDA use the non-CUDA build instead: pip uninstall -y mooncake-transfer-engine "
+                    f"&& {install_hint('mooncake-cpu')}")
         elif "libibverbs" in msg:
             msg += "; Mooncake also needs the system library libibverbs (apt-get install libibverbs1)"
         raise ImportError(msg) from None
@@ -115,10 +162,11 @@ class MooncakeSettings:
     local_hostname: str | None = _D.local_hostname
     global_segment_size: int = _D.global_segment_size
     local_buffer_size: int = _D.local_buffer_size
+    verbose: bool = False   # logging.log_level=debug: Mooncake's INFO log, unfiltered
 
     @classmethod
-    def from_config(cls, mc) -> "MooncakeSettings":
-        return cls(master_address=mc.master_server_address, master_metrics_port=int(mc.master_metrics_port),
+    def from_config(cls, mc, verbose: bool = False) -> "MooncakeSettings":
+        return cls(verbose=verbose, master_address=mc.master_server_address, master_metrics_port=int(mc.master_metrics_port),
                    metadata_server=mc.metadata_server, metadata_port=mc.metadata_port, protocol=mc.protocol,
                    device_name=mc.device_name or "", local_hostname=mc.local_hostname,
                    global_segment_size=int(mc.global_segment_size), local_buffer_size=int(mc.local_buffer_size))
@@ -157,8 +205,8 @@ class MooncakeStore:
                  put_timeout_s: float = PUT_TIMEOUT_S):
         from torchspec.transfer import mooncake_master as mm
 
-        require_mooncake()
         self.settings = settings or MooncakeSettings()
+        require_mooncake(self.settings.verbose)
         if self.settings.global_segment_size < MIN_SEGMENT:
             raise ConfigError(f"mooncake.global_segment_size={self.settings.global_segment_size}: Mooncake needs "
                               f"at least {MIN_SEGMENT} bytes (16MB)")
@@ -225,19 +273,23 @@ class MooncakeStore:
             raise RuntimeError("mooncake store: used after close()")
         if self._mc is not None:
             _inherited_clients.append(self._mc)
+        s = self.settings
+        require_mooncake(s.verbose)   # in an engine / rank / Ray actor: the log level before the library loads
         from mooncake.store import MooncakeDistributedStore, ReplicateConfig
 
-        s = self.settings
         owner = self._is_owner()
         hostname = s.local_hostname or _route_ip(self.master_address)
-        client = MooncakeDistributedStore()
-        rc = client.setup(hostname, s.metadata(), s.global_segment_size if owner else 0, s.local_buffer_size,
-                          s.protocol, s.device_name, self.master_address)
+        with _quiet_setup_stderr(s.verbose):
+            client = MooncakeDistributedStore()
+            rc = client.setup(hostname, s.metadata(), s.global_segment_size if owner else 0, s.local_buffer_size,
+                              s.protocol, s.device_name, self.master_address)
         if rc != 0:
             raise MooncakeSetupError(
                 f"mooncake: client setup failed (code {rc}; Mooncake's log above says why) for master "
                 f"{self.master_address} (mooncake.master_server_address), metadata {s.metadata()!r} "
                 f"(mooncake.metadata_server), protocol {s.protocol!r} (mooncake.protocol), local_hostname {hostname!r} (mooncake.local_hostname)")
+        _log.info("mooncake client (pid %d): %s -> master %s over %s%s", os.getpid(), hostname, self.master_address,
+                  s.protocol, f", {s.global_segment_size} B segment mounted" if owner else "")
         self._pin = ReplicateConfig()
         self._pin.with_hard_pin = True
         self._mc, self._mc_pid = client, os.getpid()

@@ -36,7 +36,9 @@ def master_binary() -> str:
             return path
     path = shutil.which("mooncake_master")
     if path is None:
-        raise FileNotFoundError("mooncake_master is not installed; install it with: pip install 'torchspec[mooncake]'")
+        from torchspec.utils.optional import install_hint, mooncake_extra
+
+        raise FileNotFoundError(f"mooncake_master is not installed; install it with: {install_hint(mooncake_extra())}")
     return path
 
 
