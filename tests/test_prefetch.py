@@ -14,6 +14,7 @@ from torchspec.pipeline import ranks
 from torchspec.pipeline.controller import Controller
 from torchspec.pipeline.launcher_local import InlineEngines
 from torchspec.pipeline.runner import run_training
+from torchspec.training import prefetch
 from torchspec.training.prefetch import Prefetcher
 from torchspec.transfer.local import LocalStore
 
@@ -39,8 +40,9 @@ class ReadProbe:
                 self.reads += 1
 
 
-def _run(tmp_path, target, monkeypatch, probe, on_step=None, **training):
+def _run(tmp_path, target, monkeypatch, probe, on_step=None, threads=True, **training):
     monkeypatch.setattr(ranks, "rank_batch", probe)
+    monkeypatch.setattr(prefetch, "THREADS_OFF_CUDA", threads)   # the threaded path (CUDA's) on this CPU
     cfg = tiny_run_config(tmp_path, target, n_conversations=12, num_epochs=1, **training)
     cfg.inference.inference_batch_size = 6   # the inline engine fills the pool beyond one micro-batch
     cfg.inference.max_sample_pool_size = 8
@@ -81,7 +83,11 @@ def test_prefetcher_returns_in_submission_order_and_raises_a_failed_read():
             raise KeyError("gone")
         return {"x": torch.tensor([i])}
 
-    p = Prefetcher(read, "cpu", workers=3)
+    prefetch.THREADS_OFF_CUDA = True
+    try:
+        p = Prefetcher(read, "cpu", workers=3)
+    finally:
+        prefetch.THREADS_OFF_CUDA = False
     for i in range(4):
         p.submit(i)
     assert [int(p.take()["x"]) for _ in range(3)] == [0, 1, 2]
@@ -134,6 +140,20 @@ def test_inference_fetch_batch_is_how_many_prompts_are_taken_at_a_time(tmp_path,
     assert [len(t) for t in lazy.takes] == ([4, 4, 2] if fetch == 4 else [1] * 10)
     assert sorted(i for t in lazy.takes for i in t) == list(range(10))
     ctrl.shutdown()
+
+
+def test_off_cuda_reads_run_in_the_training_thread_when_taken(tmp_path, tiny_target_dir, monkeypatch):
+    threads = set()
+    real = ranks.rank_batch
+
+    def probe(*a, **k):
+        threads.add(threading.current_thread().name)
+        return real(*a, **k)
+
+    ahead = _run(tmp_path / "cpu", tiny_target_dir, monkeypatch, probe, threads=False, prefetch_depth=2)
+    assert threads == {threading.main_thread().name}
+    plain = _run(tmp_path / "t", tiny_target_dir, monkeypatch, ReadProbe(), threads=True, prefetch_depth=2)
+    assert ahead.losses == plain.losses
 
 
 @pytest.mark.gpu

@@ -7,6 +7,11 @@ the copy to the device on a side stream, so that all of it overlaps the step in 
 batches back in the order they were submitted; the wait for one (zero when the read-ahead keeps up) is the
 step's `read` phase.
 
+Off CUDA there is no device to overlap with: the step's own CPU kernels use every core, and a reader thread's
+torch work starts a second OpenMP thread team whose spinning workers slow every phase of the step (measured on
+the 2-core CPU quickstart: training 37 s -> 53 s). There the reads run in the training thread, in `take()`, in
+the order submitted (THREADS_OFF_CUDA turns the threads on anyway, for tests of the threaded path).
+
 A failed read raises in `take()` for that batch, with the reader's traceback chained.
 """
 
@@ -18,22 +23,39 @@ from typing import Callable
 
 import torch
 
+THREADS_OFF_CUDA = False   # read in background threads also when the device is not CUDA (see above)
+
+
+class _Done:
+    """A read run in the caller's thread when its batch is taken (the Future interface `take` uses)."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+    def cancel(self):
+        return True
+
 
 class Prefetcher:
     def __init__(self, read: Callable[..., dict], device: torch.device | str, *, workers: int):
         if workers < 1:
             raise ValueError(f"prefetch: workers must be >= 1, got {workers}")
         self.read, self.device = read, torch.device(device)
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchspec-read")
-        self.pending: deque[Future] = deque()
         self.cuda = self.device.type == "cuda"
+        self.threaded = self.cuda or THREADS_OFF_CUDA
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchspec-read") \
+            if self.threaded else None
+        self.pending: deque[Future | _Done] = deque()
 
     def __len__(self) -> int:
         return len(self.pending)
 
     def submit(self, *args) -> None:
-        """Start reading read(*args) in the background; taken back in submission order."""
-        self.pending.append(self.pool.submit(self._load, *args))
+        """Start reading read(*args) in the background (off CUDA: when taken); taken back in submission order."""
+        self.pending.append(self.pool.submit(self._load, *args) if self.threaded else _Done(self._load, args))
 
     def _load(self, *args):
         batch = self.read(*args)
@@ -64,4 +86,5 @@ class Prefetcher:
         for f in self.pending:
             f.cancel()
         self.pending.clear()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
