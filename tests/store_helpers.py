@@ -163,3 +163,17 @@ def check_shared_across_processes(store) -> None:
     for i in range(3):
         store.delete(f"child-{i}")
     assert store.bytes_used() == 0
+
+
+MC_SEGMENT = 16 << 20      # a test run's Mooncake segment (the default is 8 GiB)
+MC_STAGING = 4 << 20       # each client's staging buffer in tests (the default is 2 GiB)
+
+
+def small_mooncake(cfg, max_batch_size: int = 8):
+    """A tiny-model run's `mooncake` section sized for tests: a 16 MB segment, 4 MB staging buffers holding
+    `max_batch_size` records of the run's training.max_seq_length (the start's check_mooncake)."""
+    cfg.mooncake.global_segment_size = MC_SEGMENT
+    cfg.mooncake.local_buffer_size = MC_STAGING
+    cfg.mooncake.max_seq_len = cfg.training.max_seq_length
+    cfg.mooncake.max_batch_size = max_batch_size
+    return cfg

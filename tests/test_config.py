@@ -294,6 +294,11 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys, caplog):
         ("dataset.chat_template=qwen4", "dataset.chat_template='qwen4': unknown value"),
         ("model.target_model_path=null", "model.target_model_path: must be set, got null (command line)"),
         ("training", "override 'training' is not of the form section.key=value"),
+        # GPU-direct Mooncake transfer is not built: the keys are refused, never silently ignored
+        ("mooncake.enable_gpu_direct=true", "mooncake.enable_gpu_direct=True: GPU-direct transfer is not built in "
+         "this store (records are copied to host memory before a put); set it to false (the default) (command line)"),
+        ("mooncake.gpu_buffer_size=1GB", "mooncake.gpu_buffer_size=1073741824: sizes the device buffer of "
+         "mooncake.enable_gpu_direct, which this store does not have; set it to null (the default) (command line)"),
     ],
 )
 def test_one_line_errors(override, message):

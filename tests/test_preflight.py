@@ -107,3 +107,84 @@ def test_used_output_dir_and_offline_hub_id(tmp_path, tiny_target_dir, monkeypat
     assert problems[0].startswith(f"output_dir={cfg.output_dir}") or "already holds a training run" in problems[0]
     assert problems[1] == (f"model.target_model_path='acme/not-cached': not in the hub cache ({tmp_path / 'hub'}) "
                            "and HF_HUB_OFFLINE=1: nothing can be downloaded")
+
+
+def test_mooncake_keys_are_checked_against_the_target_and_the_staging_buffer(tmp_path, tiny_target_dir):
+    """mooncake.hidden_dim must be the target's hidden size (64 here); with inference.store=mooncake,
+    training.max_seq_length must fit mooncake.max_seq_len and mooncake.max_batch_size records of max_seq_len
+    tokens must fit mooncake.local_buffer_size. Each is one line naming the keys, before anything starts."""
+    import torch
+
+    from tests.store_helpers import small_mooncake
+    from torchspec.transfer.capacity import record_bytes
+
+    cfg = _cfg(tmp_path, tiny_target_dir)
+    cfg.mooncake.hidden_dim = 64
+    assert preflight(cfg).ok, preflight(cfg).format()
+    cfg.mooncake.hidden_dim = 7168
+    assert preflight(cfg).problems == [
+        f"mooncake.hidden_dim=7168 but the target's hidden size is 64 (model.target_model_path={tiny_target_dir}); "
+        "set mooncake.hidden_dim=64 or null (null = the target's)"]
+
+    cfg = small_mooncake(_cfg(tmp_path, tiny_target_dir))
+    cfg.inference.store = "mooncake"
+    assert preflight(cfg).ok, preflight(cfg).format()
+    cfg.mooncake.hidden_dim = 32   # also checked with the mooncake store (once)
+    assert [p for p in preflight(cfg).problems if "mooncake.hidden_dim=32" in p] == preflight(cfg).problems
+    assert len(preflight(cfg).problems) == 1
+    cfg.mooncake.hidden_dim = None
+    cfg.mooncake.max_seq_len = cfg.training.max_seq_length - 1
+    assert preflight(cfg).problems == [
+        f"training.max_seq_length=128 is longer than mooncake.max_seq_len=127, the longest record the Mooncake "
+        "clients' buffers are sized for; raise mooncake.max_seq_len to at least 128 or lower training.max_seq_length"]
+    cfg.mooncake.max_seq_len = 128
+    one = record_bytes(128, 64, 3, torch.float32)   # the CPU engines' records: fp32
+    fit = cfg.mooncake.local_buffer_size // one
+    cfg.mooncake.max_batch_size = fit
+    assert preflight(cfg).ok
+    cfg.mooncake.max_batch_size = fit + 1
+    [p] = preflight(cfg).problems
+    assert p.startswith(f"mooncake.local_buffer_size=4.0 MB cannot hold mooncake.max_batch_size={fit + 1} records "
+                        "of mooncake.max_seq_len=128 tokens (")
+    assert f"or lower mooncake.max_batch_size (to {fit} it fits) or mooncake.max_seq_len" in p
+    cfg.inference.store = "local"   # the staging buffer is Mooncake's: not checked for the local store
+    assert preflight(cfg).ok
+
+
+def test_kimi_mooncake_buffer_is_checked_with_hidden_dim_before_the_target_is_downloaded(tmp_path, monkeypatch):
+    """A hub-id target is not read by the dry run: mooncake.hidden_dim (7168 in the Kimi files) sizes the records
+    (bf16: sgl engines run on GPUs)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    problems = preflight(_kimi(tmp_path, "mooncake.max_batch_size=16")).problems
+    assert any(p.startswith("mooncake.local_buffer_size=16384.0 MB cannot hold mooncake.max_batch_size=16 records "
+                            "of mooncake.max_seq_len=20000 tokens (1093.9 MB each: hidden size 7168, 3 aux layers")
+               and "(to 14 it fits)" in p for p in problems), problems
+    assert not any("local_buffer_size" in p for p in preflight(_kimi(tmp_path)).problems)   # the file as shipped
+
+
+def _kimi(tmp_path, *overrides):
+    from torchspec.config.loader import load_config
+
+    return load_config([str(CONFIGS / "sglang_kimi_k25_2node.yaml")],
+                       [f"output_dir={tmp_path / 'out'}", "mooncake.master_server_address=127.0.0.1:1", *overrides])
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"hidden_dim": 7168}, "mooncake.hidden_dim=7168 but the target's hidden size is 64"),
+    ({"max_seq_len": 64}, "training.max_seq_length=128 is longer than mooncake.max_seq_len=64"),
+    ({"max_batch_size": 1000}, "mooncake.local_buffer_size=4.0 MB cannot hold mooncake.max_batch_size=1000 records"),
+])
+def test_the_start_refuses_the_mooncake_keys_the_dry_run_reports(tmp_path, tiny_target_dir, override, message):
+    """The run's start makes the same checks (capacity.check_mooncake) before the store or any engine starts."""
+    from tests.store_helpers import small_mooncake
+    from torchspec.config.errors import ConfigError
+    from torchspec.pipeline.runner import run_training
+
+    cfg = small_mooncake(_cfg(tmp_path, tiny_target_dir))
+    cfg.inference.store = "mooncake"
+    for key, value in override.items():
+        setattr(cfg.mooncake, key, value)
+    [problem] = preflight(cfg).problems
+    with pytest.raises(ConfigError) as e:
+        run_training(cfg, progress=False)
+    assert str(e.value) == problem and message in problem

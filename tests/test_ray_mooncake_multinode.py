@@ -13,10 +13,8 @@ import time
 import pytest
 
 from pipeline_helpers import assert_same_training, child_pids, ids_by_epoch, tiny_run_config, two_node_configs
-from store_helpers import alive, mooncake_missing
+from store_helpers import alive, mooncake_missing, small_mooncake
 
-SEGMENT = 16 << 20      # the run's Mooncake segment (the default is 8 GiB)
-STAGING = 4 << 20       # each client's staging buffer
 HEAD_CPUS, NODE_CPUS = 3, 1   # head: two engines + trainer rank 0's slot; second node: trainer rank 1
 
 
@@ -68,8 +66,7 @@ def test_two_nodes_auto_store_is_mooncake_weights_equal_local(tmp_path, tiny_tar
     assert cfg.inference.store == "auto"          # left at its default: the run spans nodes -> mooncake
     cfg.mooncake.master_server_address = master.rpc_address
     cfg.mooncake.master_metrics_port = int(master.admin_url.rpartition(":")[2])
-    cfg.mooncake.global_segment_size = SEGMENT
-    cfg.mooncake.local_buffer_size = STAGING
+    small_mooncake(cfg)
 
     built, build_store = [], factory.build_store
     monkeypatch.setattr(factory, "build_store", lambda c, *a: built.append(build_store(c, *a)) or built[-1])
@@ -129,8 +126,7 @@ def test_rank_killed_mid_run_leaves_the_master_empty(tmp_path, tiny_target_dir, 
     cfg.inference.launcher = "ray"
     cfg.mooncake.master_server_address = master.rpc_address
     cfg.mooncake.master_metrics_port = int(master.admin_url.rpartition(":")[2])
-    cfg.mooncake.global_segment_size = SEGMENT
-    cfg.mooncake.local_buffer_size = STAGING
+    small_mooncake(cfg)
     ranks, start_ranks = [], runner.start_trainer_ranks
     monkeypatch.setattr(runner, "start_trainer_ranks", lambda *a: ranks.append(start_ranks(*a)) or ranks[-1])
     killed_at = []
@@ -177,8 +173,7 @@ def test_master_lost_mid_run_is_one_line_naming_it_and_the_checkpoint(tmp_path, 
         cfg.inference.launcher = "ray"
         cfg.mooncake.master_server_address = master.rpc_address
         cfg.mooncake.master_metrics_port = int(master.admin_url.rpartition(":")[2])
-        cfg.mooncake.global_segment_size = SEGMENT
-        cfg.mooncake.local_buffer_size = STAGING
+        small_mooncake(cfg)
         peers, start_ranks = [], runner.start_trainer_ranks
 
         def recording_ranks(*a):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from store_helpers import (alive, check_capacity_wait, check_odd_dtypes_and_shapes, check_roundtrip,
-                           check_shared_across_processes, mooncake_missing, record_bytes)
+                           check_shared_across_processes, mooncake_missing, record_bytes, small_mooncake)
 from store_helpers import assert_same as _assert_same
 from store_helpers import make_record as _record
 
@@ -97,6 +97,58 @@ def test_full_segment_raises_store_full_and_evicts_nothing(needs_mooncake):
         _assert_same(store.get(f"r{n}"), recs[f"r{n}"])
     finally:
         store.close()
+
+
+class _CountingClient:
+    """Wraps a Mooncake client: counts the records inside put_parts / get_buffer at once (each held 50 ms)."""
+
+    def __init__(self, client):
+        import threading
+
+        self._client, self._lock, self.now, self.peak = client, threading.Lock(), 0, 0
+
+    def _held(self, fn, *a, **kw):
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            time.sleep(0.05)
+            return fn(*a, **kw)
+        finally:
+            with self._lock:
+                self.now -= 1
+
+    def put_parts(self, *a, **kw):
+        return self._held(self._client.put_parts, *a, **kw)
+
+    def get_buffer(self, *a, **kw):
+        return self._held(self._client.get_buffer, *a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 3])
+def test_max_batch_size_bounds_records_in_the_staging_buffer(store, monkeypatch, max_batch_size):
+    """mooncake.max_batch_size: at most that many records pass through one client's staging buffer at once
+    (puts and gets of 8 threads wait for their turn); every record still round-trips."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torchspec.transfer.mooncake import MooncakeStore
+
+    copy = MooncakeStore.__new__(MooncakeStore)
+    copy.__setstate__(store.__getstate__())          # a process's view of the store (as an engine unpickles it)
+    copy.settings = _settings(max_batch_size=max_batch_size)
+    copy._reset_process_state()
+    counting = _CountingClient(copy._client())
+    monkeypatch.setattr(copy, "_mc", counting)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: copy.put(f"k{i}", _record(i)), range(8)))
+        got = list(pool.map(lambda i: copy.get(f"k{i}"), range(8)))
+    assert counting.peak == max_batch_size
+    for i, rec in enumerate(got):
+        _assert_same(rec, _record(i))
+    copy.close()
 
 
 def test_processes_share_records_and_accounting(store):
@@ -255,8 +307,7 @@ def test_pipeline_two_engines_through_mooncake(tmp_path, tiny_target_dir, cpu_on
 
     cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, num_epochs=1)
     cfg.inference.store = "mooncake"
-    cfg.mooncake.global_segment_size = SEGMENT
-    cfg.mooncake.local_buffer_size = STAGING
+    small_mooncake(cfg)
     result = run_training(cfg, progress=False)
 
     [store] = built
@@ -284,8 +335,7 @@ def test_pipeline_ray_engine_actor_through_mooncake(tmp_path, tiny_target_dir, c
     cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=1, num_epochs=1)
     cfg.inference.launcher = "ray"
     cfg.inference.store = "mooncake"
-    cfg.mooncake.global_segment_size = SEGMENT
-    cfg.mooncake.local_buffer_size = STAGING
+    small_mooncake(cfg)
     with loopback_only():
         result = run_training(cfg, progress=False)
     ids = ids_by_epoch(result.trained)[0]

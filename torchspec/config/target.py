@@ -55,6 +55,9 @@ def _get(config, key: str):
 # ---------------------------------------------------------------- aux layers
 
 
+DEFAULT_NUM_AUX_LAYERS = 3   # default_aux_layers always picks three ids
+
+
 def default_aux_layers(num_layers: int) -> list[int]:
     """Default aux-layer ids for an L-layer target: [1, L//2 - 1, L - 4].
 

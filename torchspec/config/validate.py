@@ -22,6 +22,7 @@ def validate_config(cfg: Config) -> None:
     _check_ranges(cfg)
     _check_inference_topology(cfg)
     _check_aux_layers(cfg)
+    _check_gpu_direct(cfg)
     _check_files(cfg)
 
 
@@ -166,6 +167,17 @@ def _check_ranges(cfg: Config) -> None:
         if getattr(cfg.debug, mode) and not cfg.debug.save_debug_train_data:
             _fail(cfg, f"debug.{mode}", "needs debug.save_debug_train_data: the directory the hidden-state "
                   + ("records are written to" if mode == "debug_inference_only" else "records are read from"))
+
+
+def _check_gpu_direct(cfg: Config) -> None:
+    """mooncake.enable_gpu_direct / gpu_buffer_size: GPU-direct puts (device memory registered with Mooncake's
+    transfer engine) are not built; records are copied to host memory first. Refused, never ignored."""
+    if cfg.mooncake.enable_gpu_direct:
+        _fail(cfg, "mooncake.enable_gpu_direct", "GPU-direct transfer is not built in this store (records are "
+              "copied to host memory before a put); set it to false (the default)")
+    if cfg.mooncake.gpu_buffer_size is not None:
+        _fail(cfg, "mooncake.gpu_buffer_size", "sizes the device buffer of mooncake.enable_gpu_direct, which this "
+              "store does not have; set it to null (the default)")
 
 
 def _check_inference_topology(cfg: Config) -> None:

@@ -72,20 +72,43 @@ def _check(out: Preflight, fn, *args):
 
 def _check_store_bytes(cfg, kind: str | None, target, out: Preflight) -> None:
     """The bytes of a record at training.max_seq_length and the store's peak (the lines the dry run prints), and
-    the start's check that the store's budget holds a step."""
-    import torch
+    the start's checks: the store's budget holds a step, and the `mooncake` keys (`capacity.check_mooncake`)."""
+    from torchspec.transfer.capacity import check_hidden_dim, check_store_capacity, store_budget, store_plan
 
-    from torchspec.inference.base import compute_dtype
-    from torchspec.transfer.capacity import check_store_capacity, store_budget, store_plan
-
-    inf, tr = cfg.inference, cfg.training
-    on_gpu = torch.cuda.is_available() or inf.launcher == "ray"   # the engines' device decides the records' dtype
-    dtype = compute_dtype("cuda" if on_gpu else "cpu")
+    tr = cfg.training
+    dtype = _record_dtype(cfg)
     ranks = tr.training_num_nodes * tr.training_num_gpus_per_node
-    budget = store_budget(cfg, kind or "local", "cuda" if on_gpu else None)
+    budget = store_budget(cfg, kind or "local", "cuda" if _engines_on_gpu(cfg) else None)
     args = (cfg, target.hidden_size, len(target.aux_layers), dtype, ranks, budget)
     out.store.extend(store_plan(*args))
     _check(out, check_store_capacity, *args)
+    if kind == "mooncake":   # mooncake.hidden_dim, max_seq_len, and the clients' staging buffer
+        _check_mooncake_buffer(cfg, target.hidden_size, len(target.aux_layers), out)
+    else:
+        _check(out, check_hidden_dim, cfg, target.hidden_size)
+
+
+def _engines_on_gpu(cfg) -> bool:
+    """Whether the engines run on GPUs here (CUDA, or under Ray): where the memory store's budget is measured."""
+    import torch
+
+    return torch.cuda.is_available() or cfg.inference.launcher == "ray"
+
+
+def _record_dtype(cfg):
+    """The engines' compute dtype on their device, the records' dtype: sgl and vllm engines run on GPUs only."""
+    from torchspec.inference.base import compute_dtype
+
+    gpu = _engines_on_gpu(cfg) or cfg.inference.inference_engine_type in ("sgl", "vllm")
+    return compute_dtype("cuda" if gpu else "cpu")
+
+
+def _check_mooncake_buffer(cfg, hidden_size: int, num_aux_layers: int, out: Preflight) -> None:
+    """The start's check of the Mooncake clients' staging buffer (mooncake.max_batch_size records of
+    mooncake.max_seq_len tokens must fit mooncake.local_buffer_size)."""
+    from torchspec.transfer.capacity import check_mooncake
+
+    _check(out, check_mooncake, cfg, hidden_size, num_aux_layers, _record_dtype(cfg))
 
 
 def _check_target(cfg, target_path: str, out: Preflight, kind: str | None = None) -> None:
@@ -137,6 +160,11 @@ def preflight(cfg) -> Preflight:
     target_path = _local_path(cfg, "model.target_model_path", cfg.model.target_model_path, "model", out)
     if target_path is not None:
         _check_target(cfg, target_path, out, kind)
+    elif kind == "mooncake" and cfg.mooncake.hidden_dim:   # the target is not read yet: mooncake.hidden_dim is H
+        from torchspec.config.target import DEFAULT_NUM_AUX_LAYERS
+
+        layers = cfg.inference.aux_hidden_states_layers
+        _check_mooncake_buffer(cfg, cfg.mooncake.hidden_dim, len(layers) if layers else DEFAULT_NUM_AUX_LAYERS, out)
     for split in ("train", "eval"):
         key = f"dataset.{split}_data_path"
         path = _local_path(cfg, key, getattr(cfg.dataset, f"{split}_data_path"), "dataset", out)

@@ -170,7 +170,7 @@ class _Run:
         from torchspec.training.checkpoint import CheckpointManager, check_output_dir
         from torchspec.training.metrics import MetricsLogger, Throughput
         from torchspec.training.optim import plan_steps
-        from torchspec.transfer.capacity import check_store_capacity, store_budget
+        from torchspec.transfer.capacity import check_hidden_dim, check_mooncake, check_store_capacity, store_budget
         from torchspec.transfer.factory import build_store, check_store
         from torchspec.utils.hub import resolve_hub_ids
 
@@ -220,10 +220,15 @@ class _Run:
                                       create=not cfg.debug.debug_train_only)
         # the store's byte budget: inference.store_capacity, or a share of the free space where records go
         self.dtype = engine_side(self.placement)[0]
-        self.budget = store_budget(cfg, check_store(cfg), self.placement.trainer_devices[0])
+        kind = check_store(cfg)
+        self.budget = store_budget(cfg, kind, self.placement.trainer_devices[0])
         log.info("store budget: %s", self.budget.source)
         check_store_capacity(cfg, self.target.hidden_size, len(self.aux_layers), self.dtype, self.world,
                              self.budget)   # before anything is started: a store too small would wait for good
+        if kind == "mooncake":   # hidden_dim, max_seq_len; each client's buffer holds max_batch_size records
+            check_mooncake(cfg, self.target.hidden_size, len(self.aux_layers), self.dtype)
+        else:
+            check_hidden_dim(cfg, self.target.hidden_size)
         self.store = build_store(cfg, self.budget)   # inference.store: memory (colocated), local or mooncake
         self.result.store_root = getattr(self.store, "root", None)   # the local store's directory only
         self.ckpts = CheckpointManager(self.out_dir, tr.max_checkpoints, tr.save_interval, tr.save_per_epoch)

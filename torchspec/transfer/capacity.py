@@ -6,6 +6,12 @@ engines' batches in progress and of the sets taken by the trainer (read ahead or
 budget, so no put has to wait for room. What the budget must then hold is one step: `micro_batch_size` x
 trainer ranks records of `training.max_seq_length` tokens (`record_bytes`: the exact bytes the stores account,
 header included). With less, the pool could never hold a step and the run would wait for good.
+
+The Mooncake store has a second bound, per process: each client's staging buffer (`mooncake.local_buffer_size`)
+through which every put and get passes. `mooncake_buffer_bytes` sizes what it must hold, `mooncake.max_batch_size`
+records of `mooncake.max_seq_len` tokens at `mooncake.hidden_dim` (the store lets no more records than that
+through one client at once), and `check_mooncake` refuses a config where that does not fit, where training makes
+longer records than `max_seq_len`, or where `hidden_dim` is not the target's hidden size.
 """
 
 from __future__ import annotations
@@ -115,6 +121,45 @@ def check_store_capacity(cfg, hidden_size: int, num_aux_layers: int, dtype: torc
             f"{budget.source} holds {capacity // one} record(s) but a step needs {need}: "
             f"training.micro_batch_size={mbs} x {num_ranks} rank(s) ({what}); raise inference.store_capacity to at "
             f"least {_mb(need * one)}, or lower training.micro_batch_size or training.max_seq_length")
+
+
+def check_hidden_dim(cfg, hidden_size: int) -> None:
+    """mooncake.hidden_dim, when set, must be the target's hidden size (the H of every record)."""
+    hd = cfg.mooncake.hidden_dim
+    if hd is not None and hd != hidden_size:
+        raise ConfigError(f"mooncake.hidden_dim={hd} but the target's hidden size is {hidden_size} "
+                          f"(model.target_model_path={cfg.model.target_model_path}); set mooncake.hidden_dim="
+                          f"{hidden_size} or null (null = the target's)")
+
+
+def mooncake_buffer_bytes(mc, hidden_size: int, num_aux_layers: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes of one record of mooncake.max_seq_len tokens, bytes of mooncake.max_batch_size of them): what one
+    Mooncake client's staging buffer must hold. H is mooncake.hidden_dim, else `hidden_size` (the target's)."""
+    one = record_bytes(mc.max_seq_len, mc.hidden_dim or hidden_size, num_aux_layers, dtype)
+    return one, mc.max_batch_size * one
+
+
+def check_mooncake(cfg, hidden_size: int, num_aux_layers: int, dtype: torch.dtype) -> None:
+    """ConfigError naming the keys when mooncake.hidden_dim is not the target's hidden size, when
+    training.max_seq_length exceeds mooncake.max_seq_len, or when mooncake.max_batch_size records of max_seq_len
+    tokens do not fit mooncake.local_buffer_size (each client's staging buffer)."""
+    check_hidden_dim(cfg, hidden_size)
+    mc, n = cfg.mooncake, cfg.training.max_seq_length
+    if n > mc.max_seq_len:
+        raise ConfigError(f"training.max_seq_length={n} is longer than mooncake.max_seq_len={mc.max_seq_len}, the "
+                          f"longest record the Mooncake clients' buffers are sized for; raise mooncake.max_seq_len "
+                          f"to at least {n} or lower training.max_seq_length")
+    one, need = mooncake_buffer_bytes(mc, hidden_size, num_aux_layers, dtype)
+    if need > mc.local_buffer_size:
+        fit = mc.local_buffer_size // one
+        lower = (f"mooncake.max_batch_size (to {fit} it fits) or mooncake.max_seq_len" if fit
+                 else "mooncake.max_seq_len")
+        raise ConfigError(
+            f"mooncake.local_buffer_size={_mb(mc.local_buffer_size)} cannot hold mooncake.max_batch_size="
+            f"{mc.max_batch_size} records of mooncake.max_seq_len={mc.max_seq_len} tokens ({_mb(one)} each: hidden "
+            f"size {mc.hidden_dim or hidden_size}, {num_aux_layers} aux layers + the final one, "
+            f"{str(dtype).removeprefix('torch.')}) = {_mb(need)}; raise mooncake.local_buffer_size to at least "
+            f"{_mb(need)}, or lower {lower}")
 
 
 def store_plan(cfg, hidden_size: int, num_aux_layers: int, dtype: torch.dtype, num_ranks: int,

@@ -13,6 +13,11 @@ their producer. Records are hard-pinned: Mooncake never evicts them. A put that 
 segment is full, or ``capacity_bytes`` would be exceeded) retries until ``put_timeout_s``, then raises
 `StoreFull`.
 
+Staging buffer. Every put and get passes through the client's registered staging buffer
+(``mooncake.local_buffer_size``). A client lets at most ``mooncake.max_batch_size`` records through it at once
+(the other threads wait), and the run's start checks that that many records of ``mooncake.max_seq_len`` tokens
+fit the buffer (`torchspec.transfer.capacity.check_mooncake`), so a transfer never finds the buffer full.
+
 Accounting is read from Mooncake itself, so it holds across processes and nodes: ``keys()`` lists the run's
 objects from the master's HTTP admin server (``/get_all_keys``), ``bytes_used()`` sums their sizes
 (header + payload, like the local store). The ``capacity_bytes`` check is made before each put and
@@ -37,6 +42,7 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -162,6 +168,7 @@ class MooncakeSettings:
     local_hostname: str | None = _D.local_hostname
     global_segment_size: int = _D.global_segment_size
     local_buffer_size: int = _D.local_buffer_size
+    max_batch_size: int = _D.max_batch_size    # records through one client's staging buffer at once
     verbose: bool = False   # logging.log_level=debug: Mooncake's INFO log, unfiltered
 
     @classmethod
@@ -169,7 +176,8 @@ class MooncakeSettings:
         return cls(verbose=verbose, master_address=mc.master_server_address, master_metrics_port=int(mc.master_metrics_port),
                    metadata_server=mc.metadata_server, metadata_port=mc.metadata_port, protocol=mc.protocol,
                    device_name=mc.device_name or "", local_hostname=mc.local_hostname,
-                   global_segment_size=int(mc.global_segment_size), local_buffer_size=int(mc.local_buffer_size))
+                   global_segment_size=int(mc.global_segment_size), local_buffer_size=int(mc.local_buffer_size),
+                   max_batch_size=int(mc.max_batch_size))
 
     def metadata(self) -> str:
         if not self.metadata_server:
@@ -244,10 +252,12 @@ class MooncakeStore:
         self._ledger = None
         self._put_bytes = 0
         self._put_ns = 0
+        self._in_flight = threading.BoundedSemaphore(self.settings.max_batch_size)   # records in the staging buffer
 
     # Pickled to engines / trainer ranks / Ray actors: they open their own client; only the owner stops the master.
     def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_mc", "_pin", "_master", "_finalizer")}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_mc", "_pin", "_master", "_finalizer", "_in_flight")}
         state["_master"] = state["_finalizer"] = None
         state["_owner"] = False
         return state
@@ -348,7 +358,8 @@ class MooncakeStore:
         self._wait_capacity(total, deadline)
         t0 = time.perf_counter_ns()
         while True:
-            rc = mc.put_parts(name, *parts, config=self._pin)
+            with self._in_flight:
+                rc = mc.put_parts(name, *parts, config=self._pin)
             if rc == 0:
                 break
             if rc not in (NO_AVAILABLE_HANDLE, BUFFER_ALLOC_FAILED):
@@ -386,6 +397,11 @@ class MooncakeStore:
             raise self._failed(f"writing put statistics failed with Mooncake code {rc}")
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
+        with self._in_flight:
+            buf = self._get_bytes(key)
+        return record.decode(buf)
+
+    def _get_bytes(self, key: str) -> torch.Tensor:
         handle = self._client().get_buffer(self._name(key))
         if handle is None:
             if self.master_down():
@@ -397,7 +413,7 @@ class MooncakeStore:
         # staging buffer (mooncake.local_buffer_size) is free for the next transfer.
         buf = torch.frombuffer(handle, dtype=torch.uint8).clone()
         del handle
-        return record.decode(buf)
+        return buf
 
     def delete(self, key: str) -> None:
         rc = self._client().remove(self._name(key), True)   # force: a reader's lease does not block a delete
