@@ -227,19 +227,28 @@ def test_how_a_worker_ended_is_one_line():
     assert ray_death_text("The actor was killed by ray.kill. Nothing else.") == "The actor was killed by ray.kill."
 
 
-def test_train_entry_reports_a_dead_worker_in_one_line(tmp_path, monkeypatch, capsys):
+def _store_lost():
+    from torchspec.transfer.base import StoreUnavailable
+
+    return StoreUnavailable("the Mooncake master at 10.0.0.1:50051 stopped answering: delete of 'k' failed")
+
+
+@pytest.mark.parametrize("error", [
+    lambda: WorkerFailure("trainer rank 1 (process 4242) was killed by SIGKILL (exit code -9)"),
+    _store_lost,   # a lost store that reaches train_entry outside the training loop
+], ids=["dead_worker", "lost_store"])
+def test_train_entry_reports_a_failure_in_one_line(tmp_path, monkeypatch, capsys, error):
     import sys
     import types
 
     from torchspec.train_entry import main
 
     def run_training(cfg):
-        raise WorkerFailure("trainer rank 1 (process 4242) was killed by SIGKILL (exit code -9)")
+        raise error()
 
     fake = types.ModuleType("torchspec.pipeline.runner")
     fake.run_training = run_training
     monkeypatch.setitem(sys.modules, "torchspec.pipeline.runner", fake)
     configs = Path(__file__).resolve().parents[1] / "configs"
     assert main(["--config", str(configs / "hf_qwen3_8b.yaml"), f"output_dir={tmp_path / 'run'}"]) == 1
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "error: trainer rank 1 (process 4242) was killed by SIGKILL (exit code -9)"]
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {error()}"]

@@ -104,6 +104,18 @@ def test_two_nodes_auto_store_is_mooncake_weights_equal_local(tmp_path, tiny_tar
     print(f"ray+mooncake run {ray_s:.1f}s")
 
 
+def _two_node_run(tmp_path, target, master):
+    """2 engines + 2 trainer ranks (one per node) through the Mooncake store of `master`, a checkpoint every step."""
+    cfg = tiny_run_config(tmp_path, target, engines=2, num_epochs=1, seed=11, save_interval=1,
+                          training_num_nodes=2, training_num_gpus_per_node=1)
+    cfg.training.distributed_timeout_minutes = 1
+    cfg.inference.launcher = "ray"
+    cfg.mooncake.master_server_address = master.rpc_address
+    cfg.mooncake.master_metrics_port = int(master.admin_url.rpartition(":")[2])
+    small_mooncake(cfg)
+    return cfg
+
+
 def test_rank_killed_mid_run_leaves_the_master_empty(tmp_path, tiny_target_dir, two_nodes, master, monkeypatch,
                                                     cpu_only):
     """Trainer rank 1 (second node) SIGKILLed after step 2: the run stops within seconds with one error naming
@@ -120,13 +132,7 @@ def test_rank_killed_mid_run_leaves_the_master_empty(tmp_path, tiny_target_dir, 
     from torchspec.transfer.mooncake_master import http_get
 
     head, second = two_nodes
-    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, num_epochs=1, seed=11, save_interval=1,
-                          training_num_nodes=2, training_num_gpus_per_node=1)
-    cfg.training.distributed_timeout_minutes = 1
-    cfg.inference.launcher = "ray"
-    cfg.mooncake.master_server_address = master.rpc_address
-    cfg.mooncake.master_metrics_port = int(master.admin_url.rpartition(":")[2])
-    small_mooncake(cfg)
+    cfg = _two_node_run(tmp_path, tiny_target_dir, master)
     ranks, start_ranks = [], runner.start_trainer_ranks
     monkeypatch.setattr(runner, "start_trainer_ranks", lambda *a: ranks.append(start_ranks(*a)) or ranks[-1])
     killed_at = []
@@ -167,13 +173,7 @@ def test_master_lost_mid_run_is_one_line_naming_it_and_the_checkpoint(tmp_path, 
 
     master = start_master()
     try:
-        cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, num_epochs=1, seed=11, save_interval=1,
-                              training_num_nodes=2, training_num_gpus_per_node=1)
-        cfg.training.distributed_timeout_minutes = 1
-        cfg.inference.launcher = "ray"
-        cfg.mooncake.master_server_address = master.rpc_address
-        cfg.mooncake.master_metrics_port = int(master.admin_url.rpartition(":")[2])
-        small_mooncake(cfg)
+        cfg = _two_node_run(tmp_path, tiny_target_dir, master)
         peers, start_ranks = [], runner.start_trainer_ranks
 
         def recording_ranks(*a):
@@ -211,24 +211,3 @@ def test_master_lost_mid_run_is_one_line_naming_it_and_the_checkpoint(tmp_path, 
         print(f"master lost: error {took:.1f}s after the kill: {err.value}")
     finally:
         master.stop()
-
-
-def test_train_entry_reports_a_lost_store_in_one_line(tmp_path, monkeypatch, capsys):
-    """A StoreUnavailable that reaches train_entry (outside the training loop) is one line and exit code 1."""
-    import sys
-    import types
-    from pathlib import Path
-
-    from torchspec.train_entry import main
-    from torchspec.transfer.base import StoreUnavailable
-
-    def run_training(cfg):
-        raise StoreUnavailable("the Mooncake master at 10.0.0.1:50051 stopped answering: delete of 'k' failed")
-
-    fake = types.ModuleType("torchspec.pipeline.runner")
-    fake.run_training = run_training
-    monkeypatch.setitem(sys.modules, "torchspec.pipeline.runner", fake)
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    assert main(["--config", str(configs / "hf_qwen3_8b.yaml"), f"output_dir={tmp_path / 'run'}"]) == 1
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "error: the Mooncake master at 10.0.0.1:50051 stopped answering: delete of 'k' failed"]

@@ -49,6 +49,7 @@ class Prefetcher:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchspec-read") \
             if self.threaded else None
         self.pending: deque[Future | _Done] = deque()
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None   # the copies' side stream
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -61,12 +62,11 @@ class Prefetcher:
         batch = self.read(*args)
         if not self.cuda:
             return batch, None
-        stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(self.stream):
             batch = {k: (v.pin_memory().to(self.device, non_blocking=True)
                          if torch.is_tensor(v) and v.device.type == "cpu" else v) for k, v in batch.items()}
             done = torch.cuda.Event()
-            done.record(stream)
+            done.record(self.stream)
         return batch, done
 
     def take(self) -> dict:
