@@ -100,3 +100,10 @@ class SampleTable:
     def lengths(self) -> torch.Tensor:
         """Token count of every sample (for length-aware batching)."""
         return self.offsets[1:] - self.offsets[:-1]
+
+
+def sample_ids_of(samples) -> list[str]:
+    """Every sample's id, in order: a table or a lazily tokenized dataset names them without reading the samples
+    (`sample_ids`); a plain list of Samples is read."""
+    ids = getattr(samples, "sample_ids", None)
+    return list(ids) if ids is not None else [s.sample_id for s in samples]

@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 
 from torchspec.config.errors import ConfigError
+from torchspec.data.sample import sample_ids_of
 from torchspec.inference.base import StoredSample
 
 log = logging.getLogger("torchspec.pipeline")
@@ -151,8 +152,7 @@ def run_capture(cfg, *, engine_factory=None, progress: bool = True) -> CaptureDi
     inf = cfg.inference
     capture = CaptureDir(cfg.debug.save_debug_train_data, capture_meta(cfg), create=True)
     samples = dataset_from_config(cfg, load_tokenizer(cfg), "train", progress=progress)
-    ids = getattr(samples, "sample_ids", None)
-    ids = list(ids) if ids is not None else [s.sample_id for s in samples]
+    ids = sample_ids_of(samples)
     done = [i for i in ids if i in capture]
     if len(done) == len(ids):
         log.info("capture %s: all %d samples already captured", capture.root, len(ids))

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 from torchspec.config.errors import ConfigError
+from torchspec.data.sample import sample_ids_of
 from torchspec.inference.base import StoredSample
 from torchspec.training import data_state as ds
 from torchspec.transfer.base import StoreUnavailable
@@ -91,8 +92,7 @@ class Controller:
         # Samples are read by position when they are handed to an engine, so a lazily tokenized
         # dataset (dataset.defer_tokenization) is tokenized then, not here; its `sample_ids` name them.
         self.samples = samples
-        ids = getattr(samples, "sample_ids", None)
-        ids = list(ids) if ids is not None else [s.sample_id for s in samples]
+        ids = sample_ids_of(samples)
         self.index = {sid: i for i, sid in enumerate(ids)}
         if len(self.index) != len(ids):
             raise ValueError("duplicate sample ids in the dataset")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from torchspec.data.sample import sample_ids_of
 from torchspec.pipeline.build import ModelSpec, draft_config_for
 from torchspec.pipeline.controller import Controller
 from torchspec.pipeline.failures import WorkerFailure
@@ -124,11 +125,6 @@ def _evaluator(cfg, aux_layers, tokenizer, engines, store, world: int, progress:
     return evaluator
 
 
-def _sample_ids(samples) -> list[str]:
-    ids = getattr(samples, "sample_ids", None)   # a lazily tokenized dataset names its samples without reading them
-    return list(ids) if ids is not None else [s.sample_id for s in samples]
-
-
 def _write_report(out_dir: Path) -> None:
     from torchspec.eval.report import write_report
 
@@ -204,7 +200,7 @@ class _Run:
             from torchspec.training.resume import check_resume
 
             check_resume(tr.load_path, self.run_config, self.draft_config.to_dict(), self.aux_layers,
-                         _sample_ids(self.samples), weights_only=bool(tr.continual_training))
+                         sample_ids_of(self.samples), weights_only=bool(tr.continual_training))
         d2t, t2d = vocab_map_for(self.samples, self.draft_config.vocab_size, self.draft_config.draft_vocab_size)
         self.placement = plan_placement(cfg)   # local or Ray (inference.launcher)
         log.info("placement: %s", self.placement.describe())
