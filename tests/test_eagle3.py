@@ -482,3 +482,32 @@ def test_total_loss_is_the_training_loss():
     assert all(n > 0 for n in out.num_valid)
     torch.testing.assert_close(torch.tensor(float(total_loss([float(x) for x in out.losses]))), out.loss.detach(),
                                atol=1e-6, rtol=1e-6)
+
+
+def test_head_loss_scale_reaches_the_compiled_chunk_as_a_tensor(monkeypatch):
+    """The per-step loss scale w_k / n_k changes every step. As a Python float it was a constant of the
+    compiled chunk: on the H100 (torch 2.11) every new value recompiled, until dynamo's limit of 8 sent the
+    chunk back to eager. As a 0-d tensor it is an input: one graph serves all values."""
+    from torchspec.models import eagle3
+
+    scales = []
+
+    def spy(hc, weight, probs, p_idx, scale, want_grad):
+        scales.append(scale)
+        return eagle3._head_chunk(hc, weight, probs, p_idx, scale, want_grad)
+
+    monkeypatch.setattr(eagle3, "maybe_compiled", lambda fn, like: spy if fn is eagle3._head_chunk else fn)
+    torch.manual_seed(0)
+    V, H = 16, 8
+    weight = torch.randn(V, H, requires_grad=True)
+    for n, w in ((5, 1.0), (7, 0.8)):
+        probs = torch.softmax(torch.randn(n, V), -1)
+        hs = [torch.randn(n, H, requires_grad=True), torch.randn(n - 1, H, requires_grad=True)]
+        meta = (probs, [torch.arange(n), torch.arange(n - 1)], [w, w * 0.8])
+        total, _ = eagle3._DraftHeadLoss.apply(meta, weight, *hs)
+        expect = sum(sw / h.shape[0] * -(probs[:h.shape[0]] * torch.log_softmax(h @ weight.T, -1)).sum()
+                     for sw, h in zip(meta[2], hs))
+        torch.testing.assert_close(total, expect)
+        total.backward()
+    assert len(scales) == 4 and all(isinstance(s, torch.Tensor) and s.dim() == 0 for s in scales)
+    assert [round(float(s), 6) for s in scales] == [round(x, 6) for x in (1 / 5, 0.8 / 4, 0.8 / 7, 0.64 / 6)]

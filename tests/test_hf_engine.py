@@ -67,6 +67,7 @@ def test_padded_batches_build_no_attention_mask(tiny_target_dir, tmp_path, monke
 
     def spy(*args, **kw):
         masks.append(kw.get("attn_mask"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()   # cuDNN plans per shape: ~5 ms host per call
         return sdpa(*args, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
@@ -115,7 +116,7 @@ def test_forward_batches_bound_padding():
     from torchspec.inference.hf import PAD_WASTE
 
     engine = HFEngine.__new__(HFEngine)
-    engine.batch_size = 4
+    engine.batch_size, engine.free_tokens = 4, 0
     lengths = [300, 20, 22, 1500, 310, 25, 21, 320, 900, 24]
     samples = [SimpleNamespace(input_ids=torch.zeros(n), sample_id=str(i)) for i, n in enumerate(lengths)]
     chunks = engine.chunks(samples)
@@ -126,3 +127,27 @@ def test_forward_batches_bound_padding():
         assert len(ns) == 1 or len(ns) * max(ns) <= PAD_WASTE * sum(ns)
     assert [[int(s.input_ids.numel()) for s in c] for c in chunks] == [[20, 21, 22, 24], [25], [300, 310, 320],
                                                                        [900, 1500]]   # 3000 <= 1.25 x 2400
+
+
+def test_launch_bound_forwards_pad_freely(tiny_target_dir):
+    """On a GPU a small target's forward costs its launches, not its tokens: batches merge up to
+    launch_bound_tokens padded tokens (then PAD_WASTE rules again); off CUDA nothing changes."""
+    from types import SimpleNamespace
+
+    from torchspec.inference.hf import GPU_FLOPS, LAUNCH_S_PER_LAYER, launch_bound_tokens
+
+    model = load_target(tiny_target_dir, torch.float32, "cpu")
+    params = sum(p.numel() for p in model.parameters())
+    free = launch_bound_tokens(model, torch.device("cuda"))
+    assert free == int(LAUNCH_S_PER_LAYER * GPU_FLOPS * model.config.num_hidden_layers / (2 * params))
+    assert launch_bound_tokens(model, torch.device("cpu")) == 0
+    big = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=36),
+                          parameters=lambda: [torch.empty(1).expand(8_000_000_000)])
+    assert 300 < launch_bound_tokens(big, torch.device("cuda")) < 600          # an 8B target: ~450 tokens
+
+    engine = HFEngine.__new__(HFEngine)
+    engine.batch_size, engine.free_tokens = 8, 4000
+    lengths = [300, 20, 22, 1500, 310, 25, 21, 320, 900, 24]
+    samples = [SimpleNamespace(input_ids=torch.zeros(n), sample_id=str(i)) for i, n in enumerate(lengths)]
+    assert [[int(s.input_ids.numel()) for s in c] for c in engine.chunks(samples)] == [
+        [20, 21, 22, 24, 25, 300, 310, 320], [900, 1500]]     # 8 x 320 <= 4000; 1500 x 2 = 3000 <= 4000

@@ -43,6 +43,8 @@ class ReadProbe:
 def _run(tmp_path, target, monkeypatch, probe, on_step=None, threads=True, **training):
     monkeypatch.setattr(ranks, "rank_batch", probe)
     monkeypatch.setattr(prefetch, "THREADS_OFF_CUDA", threads)   # the threaded path (CUDA's) on this CPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)     # these runs are the CPU path, also on a GPU box
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = tiny_run_config(tmp_path, target, n_conversations=12, num_epochs=1, **training)
     cfg.inference.inference_batch_size = 6   # the inline engine fills the pool beyond one micro-batch
     cfg.inference.max_sample_pool_size = 8

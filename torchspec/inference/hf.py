@@ -21,6 +21,7 @@ import torch
 from torchspec.config.target import TargetInfo, TargetLoadError, resolve_aux_layers  # noqa: F401
 from torchspec.inference import vlm
 from torchspec.inference.base import StoredSample, compute_dtype, put_record
+from torchspec.models.attention import varlen_sdpa
 
 
 def load_target(path: str, dtype: torch.dtype, device: torch.device | str, trust_remote_code: bool = False):
@@ -83,6 +84,21 @@ class AuxCapture:
 
 
 PAD_WASTE = 1.25   # a forward batch computes at most this many (padded) tokens per real one
+# ... unless its padded size is below the tokens a GPU computes in the time the host takes to launch the
+# forward (~0.5 ms per layer of Python and kernel launches, at ~4e14 FLOP/s): such a forward is
+# launch-bound, so padding is free and one forward beats several. ~50k tokens for a 16M-parameter
+# 8-layer model, ~450 for an 8B one; 0 off CUDA (a CPU forward is compute-bound).
+LAUNCH_S_PER_LAYER = 5e-4
+GPU_FLOPS = 4e14
+
+
+def launch_bound_tokens(model, device: torch.device) -> int:
+    """Padded tokens one forward of `model` on `device` may compute at no cost (see LAUNCH_S_PER_LAYER)."""
+    if device.type != "cuda":
+        return 0
+    layers = max(1, int(getattr(model.config, "num_hidden_layers", 1) or 1))
+    params = sum(p.numel() for p in model.parameters())
+    return int(LAUNCH_S_PER_LAYER * GPU_FLOPS * layers / (2 * max(params, 1)))
 
 
 class HFEngine:
@@ -95,6 +111,7 @@ class HFEngine:
         self.aux_layers = list(TargetInfo.from_target_config(model.config, aux_layers).aux_layers)
         self.device = next(model.parameters()).device
         self.capture = AuxCapture(self.base, self.aux_layers)
+        self.free_tokens = launch_bound_tokens(model, self.device)
         self.vision = vision   # a VLM target's image side (None: text only)
         self.counts = {"hf:forward_batches": 0, "hf:forward_tokens": 0, "hf:padded_tokens": 0, "hf:forward_s": 0.0}
 
@@ -123,18 +140,21 @@ class HFEngine:
         if self.vision is not None:
             runner, extra = self.vision.runner, self.vision.forward_inputs(samples, ids, self.device,
                                                                             self.model.dtype)
-        out = runner(input_ids=ids.to(self.device), use_cache=False, **extra)
+        with varlen_sdpa():   # every batch has another padded length
+            out = runner(input_ids=ids.to(self.device), use_cache=False, **extra)
         return self.capture.take(), out.last_hidden_state
 
     def chunks(self, samples: Sequence) -> list[list]:
         """Forward batches: samples sorted by length, at most `batch_size` each, and a new batch begun when
-        padding to the next (longer) sample would exceed PAD_WASTE x the batch's real tokens."""
+        padding to the next (longer) sample would exceed both PAD_WASTE x the batch's real tokens and the
+        launch-bound size `free_tokens`."""
         out: list[list] = []
         real = 0
         for s in sorted(samples, key=lambda s: s.input_ids.numel()):
             n = int(s.input_ids.numel())
             chunk = out[-1] if out else None
-            if chunk is None or len(chunk) == self.batch_size or (len(chunk) + 1) * n > PAD_WASTE * (real + n):
+            if chunk is None or len(chunk) == self.batch_size or \
+                    (len(chunk) + 1) * n > max(PAD_WASTE * (real + n), self.free_tokens):
                 out.append([s])
                 real = n
             else:

@@ -124,6 +124,19 @@ def maybe_compiled(fn, like: torch.Tensor):
     return _compiled(fn) if COMPILE_ON_CUDA and like.device.type == "cuda" else fn
 
 
+# cuDNN's SDPA builds (and caches by exact shape) an execution plan per new shape: ~5 ms of host time per
+# call when every batch has another length, which made the target's forward 3x slower than its GPU work.
+# Flash, memory-efficient and math kernels have no per-shape set-up.
+VARLEN_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def varlen_sdpa():
+    """Context in which F.scaled_dot_product_attention never picks cuDNN (shapes vary from call to call)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in VARLEN_SDPA_BACKENDS])
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -157,7 +170,8 @@ def _sdpa_ttt(q, keys, values):
     nkv, k = keys[0].shape[1], len(keys) - 1
     g, scale, gqa = nh // nkv, 1.0 / math.sqrt(d), nh != nkv
     if not k:
-        return F.scaled_dot_product_attention(q, keys[0], values[0], is_causal=True, scale=scale, enable_gqa=gqa)
+        with varlen_sdpa():
+            return F.scaled_dot_product_attention(q, keys[0], values[0], is_causal=True, scale=scale, enable_gqa=gqa)
     qg = q.reshape(B, nkv, g, L, d).float()
     cols = []
     for kj in keys[1:]:
@@ -178,7 +192,8 @@ def _sdpa_ttt(q, keys, values):
         prefix_v[j, d + j] = 1
     k_aug = torch.cat([prefix_k.expand(B, nkv, k, width), F.pad(keys[0], (0, extra))], dim=2)
     v_aug = torch.cat([prefix_v.expand(B, nkv, k, width), F.pad(values[0], (0, extra))], dim=2)
-    o = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, is_causal=True, scale=scale, enable_gqa=gqa)[:, :, k:]
+    with varlen_sdpa():
+        o = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, is_causal=True, scale=scale, enable_gqa=gqa)[:, :, k:]
     w = o[..., d:d + k].float().reshape(B, nkv, g, L, k)
     out = o[..., :d].float().reshape(B, nkv, g, L, d)
     for j, vj in enumerate(values[1:]):

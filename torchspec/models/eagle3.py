@@ -184,7 +184,8 @@ class _DraftHeadLoss(torch.autograd.Function):
         rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
         for k, h in enumerate(hs):
             n = h.shape[0]
-            scale = step_w[k] / max(n, 1)
+            # a 0-d device tensor: a Python float would be a compile-time constant (a recompile per value)
+            scale = torch.full((), step_w[k] / max(n, 1), dtype=torch.float32, device=weight.device)
             want_h = ctx.needs_input_grad[2 + k]
             gh = torch.empty_like(h) if want_h else None
             for s in range(0, n, rows):
