@@ -19,13 +19,14 @@ from torchspec.config.schema import DEFER_VOCAB_SAMPLE
 from torchspec.data import cache
 from torchspec.data import tokenize as tokenize_mod
 from torchspec.data.errors import BadRecords, DataError
+from torchspec.data.deferred import RawRecord, RecordTokenizer
 from torchspec.data.formats import file_digest, resolve_files
 from torchspec.data.sample import Sample, SampleIds, SampleTable
-from torchspec.data.sources import (PIECE_RECORDS, Piece, id_prefixes, piece_conversations, plan_pieces, read_record,
+from torchspec.data.sources import (PIECE_RECORDS, Piece, id_prefixes, piece_conversations, plan_pieces, read_raw,
                                     spill_line)
 from torchspec.data.templates import get_template
-from torchspec.data.tokenize import (Encoder, Stats, TokenizeOptions, _process_piece, _process_refs, parallel_map,
-                                     render, tokenize_many, tokenize_stream)
+from torchspec.data.tokenize import (Stats, TokenizeOptions, _process_piece, _process_refs, parallel_map, render,
+                                     tokenize_stream)
 from torchspec.data.vocab import VOCAB_MAP_FILE, build_vocab_map
 
 log = logging.getLogger("torchspec.data")
@@ -49,11 +50,11 @@ class LazySamples(Sequence):
         self.cache_dir, self.num_proc = cache_dir, num_proc
         self.sample_ids = SampleIds(prefixes, rows[:, 0], rows[:, 1])
         self.stats = None
-        self._encoder = None
+        self.record_tokenizer = RecordTokenizer(tokenizer, template, opts)   # what an engine tokenizes `raw` with
         self._handles: dict = {}
 
-    def __getstate__(self):  # the encoder and open files are rebuilt in whichever process reads the samples
-        return {**self.__dict__, "_encoder": None, "_handles": {}}
+    def __getstate__(self):  # open files are opened again in whichever process reads the samples
+        return {**self.__dict__, "_handles": {}}
 
     def __len__(self):
         return len(self.sample_ids)
@@ -74,13 +75,18 @@ class LazySamples(Sequence):
             raise IndexError(i)
         return self.take([i])[0]
 
+    def raw(self, indices) -> list[RawRecord]:
+        """The records at `indices` as bytes, neither parsed nor tokenized (what the controller hands to engines
+        that tokenize: `record_tokenizer` turns them into the samples `take` gives)."""
+        out = []
+        for i in indices:
+            path, offset, length, line, sid, prompt_key = self.ref(i)
+            out.append(RawRecord(sid, read_raw(path, offset, length, self._handles), path, line, prompt_key))
+        return out
+
     def take(self, indices) -> list[Sample]:
-        """The samples at `indices`, read and tokenized together (the controller fetches inference_fetch_batch
-        at a time)."""
-        if self._encoder is None:
-            self._encoder = Encoder(self.tokenizer)
-        convs = [read_record(*self.ref(i), self._handles) for i in indices]
-        return tokenize_many(convs, self._encoder, self.template, self.opts)
+        """The samples at `indices`, read and tokenized together, here."""
+        return self.record_tokenizer.samples(self.raw(indices))
 
     def __iter__(self):
         for i in range(len(self)):

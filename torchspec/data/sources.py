@@ -144,15 +144,19 @@ def piece_conversations(piece: Piece, prompt_key: str, bad: BadRecords
         yield conv, rec_idx, line, off, length
 
 
-def read_record(path: str, offset: int, length: int, line: int, sample_id: str, prompt_key: str | None,
-                handles: dict) -> Conversation:
-    """The conversation at bytes [offset, offset + length) of `path` (a deferred sample): a JSONL line of
-    the source file (`prompt_key`), or with prompt_key None a line of a spill file (spill_line)."""
+def read_raw(path: str, offset: int, length: int, handles: dict) -> bytes:
+    """Bytes [offset, offset + length) of `path` (a deferred sample's record, not parsed); `handles` keeps the
+    files open between calls."""
     fh = handles.get(path)
     if fh is None:
         fh = handles[path] = open(path, "rb")
     fh.seek(offset)
-    raw = fh.read(length)
+    return fh.read(length)
+
+
+def parse_record(raw: bytes, path: str, line: int, sample_id: str, prompt_key: str | None) -> Conversation:
+    """The conversation of one record's bytes (read_raw): a JSONL line of the source file `path` (`prompt_key`;
+    relative image paths against its folder), or with prompt_key None a line of a spill file (spill_line)."""
     if prompt_key is None:
         d = json.loads(raw)
         return Conversation(sample_id, d["messages"], d["location"])
@@ -160,6 +164,13 @@ def read_record(path: str, offset: int, length: int, line: int, sample_id: str, 
     loc = where(p, line)
     return Conversation(sample_id, normalize_messages(_loads(_decode(raw, p, line), loc), prompt_key, loc, p.parent),
                         loc)
+
+
+def read_record(path: str, offset: int, length: int, line: int, sample_id: str, prompt_key: str | None,
+                handles: dict) -> Conversation:
+    """The conversation at bytes [offset, offset + length) of `path` (a deferred sample): a JSONL line of
+    the source file (`prompt_key`), or with prompt_key None a line of a spill file (spill_line)."""
+    return parse_record(read_raw(path, offset, length, handles), path, line, sample_id, prompt_key)
 
 
 def spill_line(conv: Conversation) -> bytes:

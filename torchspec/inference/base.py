@@ -25,6 +25,11 @@ class StoredSample:
     sample_id: str    # the Sample's stable id
     length: int       # tokens in the record
 
+    @property
+    def skipped(self) -> bool:
+        """No record: a deferred sample that tokenized to no supervised token (inference/deferred.py)."""
+        return not self.key
+
 
 @runtime_checkable
 class Engine(Protocol):

@@ -164,7 +164,7 @@ def run_capture(cfg, *, engine_factory=None, progress: bool = True) -> CaptureDi
     engines = controller = None
     bar = tqdm(total=len(ids), initial=len(done), desc="capturing", unit="sample", disable=not progress)
     try:
-        engines = start_engines(cfg, store, placement, engine_factory)
+        engines = start_engines(cfg, store, placement, engine_factory, getattr(samples, "record_tokenizer", None))
         controller = Controller(samples, engines, store, micro_batch_size=inf.inference_batch_size, num_ranks=1,
                                 num_epochs=1, max_sample_pool_size=max(inf.max_sample_pool_size,
                                                                        inf.inference_batch_size),

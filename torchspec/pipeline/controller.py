@@ -6,8 +6,9 @@ It is plain Python with no knowledge of how engines run: it talks to them throug
 a `Store`. Flow, per epoch:
 
   prompt buffer (epoch order: deterministic shuffle of sample ids from (seed, epoch))
-    -> prompts are taken from it `inference_fetch_batch` at a time (a lazily tokenized dataset
-       tokenizes them together) into a staging queue
+    -> prompts are taken from it `inference_fetch_batch` at a time into a staging queue; from a deferred
+       dataset (dataset.defer_tokenization) as record bytes when the engines tokenize (`engines.tokenizes`),
+       else tokenized here together
     -> an engine is given `inference_batch_size` prompts whenever its queue holds fewer than
        `inference_buffer_threshold` samples and the pool has room
     -> finished samples enter the pool (FIFO); samples being generated count against the pool's
@@ -15,11 +16,13 @@ a `Store`. Flow, per epoch:
     -> with a byte budget (`store_capacity`, `record_bytes`), a prompt is also given to an engine only when
        the records of the pool, of the engines' batches and of the sets taken (read ahead or training) stay
        within it with the new record's bytes added: the store never holds more than the budget, whatever
-       the lengths
+       the lengths. A record not yet tokenized is counted at training.max_seq_length tokens (its most) until
+       its engine reports its length
     -> `next_micro_batches()` takes `micro_batch_size` samples per trainer rank (a "set"); sets may be
        taken ahead of training (the trainer's read-ahead, training.prefetch_depth)
     -> `mark_trained()` deletes a set's keys from the store and records their ids (sets in the order
-       they were taken).
+       they were taken). A deferred sample its engine found without a supervised token has no record: it
+       counts as trained at once (the up-front dataset drops such samples before the run).
 
 An epoch ends once all its samples are trained; the last micro-batches of an epoch may be short.
 `data_state()` (training/data_state.py: the epoch and ranges of trained positions in its order) resumes
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 from torchspec.config.errors import ConfigError
+from torchspec.data.deferred import RawRecord
 from torchspec.data.sample import sample_ids_of
 from torchspec.inference.base import StoredSample
 from torchspec.training import data_state as ds
@@ -90,8 +94,11 @@ class Controller:
                 f"inference.max_sample_pool_size={max_sample_pool_size} must hold at least one micro-batch per "
                 f"trainer rank (training.micro_batch_size={micro_batch_size} x {num_ranks} ranks)")
         # Samples are read by position when they are handed to an engine, so a lazily tokenized
-        # dataset (dataset.defer_tokenization) is tokenized then, not here; its `sample_ids` name them.
+        # dataset (dataset.defer_tokenization) is read then, not here; its `sample_ids` name them. Engines that
+        # tokenize get its records' bytes (`raw`), others its samples tokenized here (`take`).
         self.samples = samples
+        self.raw = getattr(samples, "raw", None) if getattr(engines, "tokenizes", False) else None
+        self.raw_tokens = samples.record_tokenizer.max_length if self.raw is not None else 0
         ids = sample_ids_of(samples)
         self.index = {sid: i for i, sid in enumerate(ids)}
         if len(self.index) != len(ids):
@@ -112,6 +119,9 @@ class Controller:
         self.capacity = store_capacity if record_bytes is not None else None
         self._bytes = functools.lru_cache(maxsize=8192)(record_bytes) if record_bytes is not None else None
         self.pool_bytes = self.in_flight_bytes = self.taken_bytes = 0
+        self.reserved: dict[str, int] = {}   # sample id -> bytes counted for it while its engine has it
+        self.skipped_empty = 0   # deferred samples without a supervised token (no record; counted as trained)
+        self.epoch_ended = False   # an epoch completed by skipped samples, reported by the next mark_trained
 
         self.pool: deque[StoredSample] = deque()
         self.in_flight = [0] * engines.num_workers     # samples queued on each worker
@@ -155,7 +165,8 @@ class Controller:
     def _nbytes(self, samples) -> int:
         if self._bytes is None:
             return 0
-        return sum(self._bytes(s.length if isinstance(s, StoredSample) else len(s)) for s in samples)
+        return sum(self._bytes(s.length if isinstance(s, StoredSample) else
+                               self.raw_tokens if isinstance(s, RawRecord) else len(s)) for s in samples)
 
     @property
     def finished(self) -> bool:
@@ -179,7 +190,7 @@ class Controller:
         """At least n samples staged (fewer at the epoch's end), taken `inference_fetch_batch` at a time."""
         while len(self.staged) < n and self.prompts:
             ids = [self.prompts.popleft() for _ in range(min(self.fetch_batch, len(self.prompts)))]
-            many = getattr(self.samples, "take", None)   # LazySamples tokenizes a fetch together
+            many = self.raw or getattr(self.samples, "take", None)   # a deferred fetch is read together
             idx = [self.index[i] for i in ids]
             self.staged.extend(many(idx) if many is not None else (self.samples[i] for i in idx))
 
@@ -211,20 +222,38 @@ class Controller:
                 batch = [self.staged.popleft() for _ in range(n)]
                 self.engines.submit(w, batch)
                 self.in_flight[w] += n
-                self.in_flight_bytes += self._nbytes(batch)
+                for s in batch:
+                    self.reserved[s.sample_id] = b = self._nbytes((s,))
+                    self.in_flight_bytes += b
                 self.in_flight_ids.update(s.sample_id for s in batch)
 
     def _collect(self, timeout: float) -> None:
         for w, stored in self.engines.wait(timeout):
             self.in_flight[w] -= len(stored)
             self.in_flight_ids.difference_update(s.sample_id for s in stored)
+            self.in_flight_bytes -= sum(self.reserved.pop(s.sample_id) for s in stored)
+            for s in stored:
+                if s.skipped:
+                    self.skipped_empty += 1
+                    self._done(s.sample_id)
+            stored = [s for s in stored if not s.skipped]
             self.pool.extend(stored)
-            nbytes = self._nbytes(stored)
-            self.in_flight_bytes -= nbytes
-            self.pool_bytes += nbytes
+            self.pool_bytes += self._nbytes(stored)
             self.samples_generated += len(stored)
             self.tokens_generated += sum(s.length for s in stored)
             self._record_pool()
+            if self.remaining == 0:   # the epoch's last samples were skipped ones
+                self._next_epoch()
+
+    def _done(self, sample_id: str) -> None:
+        """A sample of this epoch is done: trained, or skipped (no supervised token, deferred)."""
+        self.trained.add(self.pos_of[self.index[sample_id]])
+        self.remaining -= 1
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self._start_epoch()
+        self.epoch_ended = True
 
     # -- trainer side -----------------------------------------------------------------------------
     def next_micro_batches(self, wait: bool = True) -> list[list[StoredSample]] | None:
@@ -241,6 +270,8 @@ class Controller:
         t0 = time.monotonic()
         while True:
             self._collect(timeout=0.0)   # take in whatever has finished, without waiting
+            if self.finished:   # the last epoch ended with skipped samples
+                return None
             self._feed()
             undelivered = self._undelivered()
             if len(self.pool) >= want or (undelivered == 0 and self.pool):
@@ -258,6 +289,8 @@ class Controller:
                     "set(s) taken are not trained), so no set can come: train the sets taken (mark_trained), or "
                     "give a budget that holds a set of the longest records (transfer.capacity.check_store_capacity)")
             self._collect(timeout=1.0)
+            if self.finished:
+                return None
         if wait:
             self.data_wait_s += time.monotonic() - t0
         take = [self.pool.popleft() for _ in range(min(want, len(self.pool)))]
@@ -286,14 +319,12 @@ class Controller:
             for s in mb:
                 self.store.delete(s.key)
                 self.dispatched.pop(s.key)
-                self.trained.add(self.pos_of[self.index[s.sample_id]])
-                self.remaining -= 1
+                self._done(s.sample_id)
             self.taken_bytes -= self._nbytes(mb)
         if self.remaining == 0:
-            self.epoch += 1
-            self._start_epoch()
-            return True
-        return False
+            self._next_epoch()
+        ended, self.epoch_ended = self.epoch_ended, False
+        return ended
 
     # -- shutdown ---------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -313,6 +344,7 @@ class Controller:
             except StoreUnavailable:   # the store's service is gone, and its records with it
                 break
         self.in_flight_ids.clear()
+        self.reserved.clear()
         self.pool.clear()
         self.dispatched.clear()
         self.outstanding.clear()

@@ -59,13 +59,14 @@ def engine_side(placement) -> tuple:
     return compute_dtype(placement.engine_devices[0]), len(placement.engine_devices)
 
 
-def start_engines(cfg, store, placement, engine_factory=None):
+def start_engines(cfg, store, placement, engine_factory=None, record_tokenizer=None):
+    """record_tokenizer: see launcher_local.start_engines (the engines tokenize deferred records)."""
     from torchspec.pipeline.ray_engines import start_ray_engines
     from torchspec.pipeline.ray_placement import RayPlacement
 
     if isinstance(placement, RayPlacement):
-        return start_ray_engines(cfg, store, placement, engine_factory)
-    return launcher_local.start_engines(cfg, store, placement, engine_factory)
+        return start_ray_engines(cfg, store, placement, engine_factory, record_tokenizer)
+    return launcher_local.start_engines(cfg, store, placement, engine_factory, record_tokenizer=record_tokenizer)
 
 
 def start_trainer_ranks(cfg, spec, store, placement, workdir) -> TrainerRanks:

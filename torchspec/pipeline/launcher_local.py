@@ -28,6 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 from torchspec.config.errors import ConfigError
+from torchspec.data.errors import DataError
 from torchspec.inference.base import StoredSample
 from torchspec.inference.engine_metrics import MetricsPoll, engine_metrics
 from torchspec.pipeline.failures import WorkerFailure, exit_text
@@ -95,6 +96,7 @@ class InlineEngines:
     """One engine in this process; `wait` runs the oldest submission (deterministic order)."""
 
     num_workers = 1
+    tokenizes = False   # True: takes deferred records (dataset.defer_tokenization) and tokenizes them itself
 
     def __init__(self, engine):
         self.engine = engine
@@ -152,6 +154,8 @@ def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbo
         pass
     except ConfigError as e:   # user-caused (e.g. model.target_model_path): one line, no traceback
         outbox.put(("config_error", worker, str(e)))
+    except DataError as e:   # a deferred record the chat template refuses (dataset.on_bad_record: error)
+        outbox.put(("data_error", worker, str(e)))
     except BaseException:
         outbox.put(("error", worker, traceback.format_exc()))
     finally:   # Ctrl-C or a failed generate too: the engine's own processes and files go with it
@@ -161,6 +165,8 @@ def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbo
 
 class ProcessEngines:
     """One spawned process per engine; results come back on one shared queue."""
+
+    tokenizes = False   # as InlineEngines.tokenizes
 
     def __init__(self, engine_factory, store, devices, num_threads: int = 1, start_timeout: float = 600.0,
                  timeout_key: str = "",
@@ -209,10 +215,12 @@ class ProcessEngines:
                 if time.monotonic() >= deadline:
                     return
                 continue
-            if kind in ("error", "config_error"):
+            if kind in ("error", "config_error", "data_error"):
                 self.close()
                 if kind == "config_error":
                     raise ConfigError(payload)
+                if kind == "data_error":
+                    raise DataError(payload)
                 raise RuntimeError(f"inference engine {worker} failed:\n{payload}")
             if kind != expect:
                 raise RuntimeError(f"inference engine {worker}: unexpected message {kind!r}")
@@ -266,16 +274,23 @@ class ProcessEngines:
             q.close()
 
 
-def start_engines(cfg, store, placement: Placement, engine_factory=None, trainer_device: str | None = None):
-    """The EngineGroup for `placement`. engine_factory(store, device) -> Engine; default: the config's."""
+def start_engines(cfg, store, placement: Placement, engine_factory=None, trainer_device: str | None = None,
+                  record_tokenizer=None):
+    """The EngineGroup for `placement`. engine_factory(store, device) -> Engine; default: the config's.
+    record_tokenizer (data.deferred.RecordTokenizer, dataset.defer_tokenization): the engines are given records
+    and tokenize them in their own process (in this one when colocated)."""
+    from torchspec.inference.deferred import tokenizing_factory
     from torchspec.inference.factory import build_engine, engine_start_timeout, engine_starts_processes
 
-    factory = engine_factory or functools.partial(build_engine, cfg)
+    factory = tokenizing_factory(engine_factory or functools.partial(build_engine, cfg), record_tokenizer)
     if placement.colocate:
-        return InlineEngines(factory(store, trainer_device or placement.trainer_devices[0]))
-    timeout, key = engine_start_timeout(cfg)
-    return ProcessEngines(factory, store, placement.engine_devices, start_timeout=timeout, timeout_key=key,
-                          daemon=engine_factory is not None or not engine_starts_processes(cfg))
+        group = InlineEngines(factory(store, trainer_device or placement.trainer_devices[0]))
+    else:
+        timeout, key = engine_start_timeout(cfg)
+        group = ProcessEngines(factory, store, placement.engine_devices, start_timeout=timeout, timeout_key=key,
+                               daemon=engine_factory is not None or not engine_starts_processes(cfg))
+    group.tokenizes = record_tokenizer is not None
+    return group
 
 
 # -- trainer ranks: ranks 1.. as spawned processes -----------------------------------------------

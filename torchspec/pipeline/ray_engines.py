@@ -21,6 +21,7 @@ import time
 import torch
 
 from torchspec.inference.base import StoredSample
+from torchspec.inference.deferred import tokenizing_factory
 from torchspec.inference.engine_metrics import MetricsPoll
 from torchspec.pipeline.failures import WorkerFailure, ray_death_text, store_lost
 from torchspec.pipeline.launcher_local import PlacementError
@@ -97,8 +98,11 @@ class RayEngines:
     """The controller's EngineGroup over Ray actors: one actor per engine replica, each in its own
     placement group; submissions to one actor run in order, results come back as they finish."""
 
+    tokenizes = False   # as launcher_local.InlineEngines.tokenizes
+
     def __init__(self, engine_factory, store, placement: RayPlacement, num_threads: int = 1,
-                 start_timeout: float = 600.0, pg_timeout: float = 120.0, node_factory=None, timeout_key: str = ""):
+                 start_timeout: float = 600.0, pg_timeout: float = 120.0, node_factory=None, timeout_key: str = "",
+                 record_tokenizer=None):
         import ray
         from ray.util.placement_group import placement_group, placement_group_table
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -141,6 +145,8 @@ class RayEngines:
                         num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0)).remote(),
                         timeout=pg_timeout)
                     factories = [node_factory(r, addr) for r in range(n_nodes)]
+                # the engine's worker actor (node 0) tokenizes deferred records (dataset.defer_tokenization)
+                factories[0] = tokenizing_factory(factories[0], record_tokenizer)
                 for r, factory in enumerate(factories):
                     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
                     actor = actor_cls.options(scheduling_strategy=strategy, max_restarts=0,
@@ -153,6 +159,7 @@ class RayEngines:
             ready = self._await_ready(start_timeout, n_nodes, timeout_key)
             self._check_ready(ready, store)
             self.pids = [r["pid"] for r in ready]
+            self.tokenizes = record_tokenizer is not None
         except BaseException:
             self.close()
             raise
@@ -291,8 +298,9 @@ def sgl_node_factory(cfg, placement: RayPlacement):
     return node_factory
 
 
-def start_ray_engines(cfg, store, placement: RayPlacement, engine_factory=None) -> RayEngines:
-    """The EngineGroup for a Ray placement. engine_factory(store, device) -> Engine; default: the config's."""
+def start_ray_engines(cfg, store, placement: RayPlacement, engine_factory=None, record_tokenizer=None) -> RayEngines:
+    """The EngineGroup for a Ray placement. engine_factory(store, device) -> Engine; default: the config's.
+    record_tokenizer: the actors tokenize deferred records (launcher_local.start_engines)."""
     from torchspec.inference.factory import build_engine, engine_start_timeout
 
     hold = _hold(cfg)
@@ -301,7 +309,7 @@ def start_ray_engines(cfg, store, placement: RayPlacement, engine_factory=None) 
     timeout, key = engine_start_timeout(cfg)
     try:
         engines = RayEngines(factory, store, placement, node_factory=node_factory, start_timeout=timeout,
-                             timeout_key=key)
+                             timeout_key=key, record_tokenizer=record_tokenizer)
     except BaseException:
         if hold is not None:
             hold.release()

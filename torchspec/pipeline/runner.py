@@ -276,11 +276,19 @@ class _Run:
         """The run's engines; debug.debug_train_only: the records of a capture instead (no target forward)."""
         cfg = self.cfg
         if not cfg.debug.debug_train_only:
-            return start_engines(cfg, self.store, self.placement, self.engine_factory)
+            return start_engines(cfg, self.store, self.placement, self.engine_factory,
+                                 getattr(self.samples, "record_tokenizer", None))
+        from torchspec.inference.deferred import tokenizing_factory
         from torchspec.pipeline.capture import ReplayEngine
         from torchspec.pipeline.launcher_local import InlineEngines
 
-        return InlineEngines(ReplayEngine(self.capture, self.store, self.placement.trainer_devices[0]))
+        # deferred: the replay runs in this process, so the records are tokenized here (to skip, as the capture
+        # did, the samples without a supervised token)
+        tokenizer = getattr(self.samples, "record_tokenizer", None)
+        engines = InlineEngines(tokenizing_factory(ReplayEngine, tokenizer)(self.capture, self.store,
+                                                                            self.placement.trainer_devices[0]))
+        engines.tokenizes = tokenizer is not None
+        return engines
 
     @property
     def done(self) -> bool:
@@ -433,6 +441,9 @@ class _Run:
             r.pool_peak, r.store_peak_bytes = self.controller.pool_stats.peak_size, self.controller.pool_stats.peak_bytes
             r.generated_tokens = self.controller.tokens_generated
             r.data_wait_frac = self.controller.data_wait_s / max(time.monotonic() - self.t_start, 1e-9)
+            if self.controller.skipped_empty:
+                log.info("dataset.defer_tokenization: %d sample(s) had no supervised token once tokenized (not "
+                         "trained, as the up-front path drops them)", self.controller.skipped_empty)
         elif self.engines is not None:
             self.engines.close()
         if self.ranks is not None:
