@@ -126,11 +126,14 @@ def test_two_ray_engine_actors_every_sample_once_per_epoch(tmp_path, tiny_target
 
 
 @needs_ray
-def test_ray_engine_losses_bitwise_equal_local_engine(tmp_path, tiny_target_dir, local_ray):
+@pytest.mark.parametrize("defer", [False, True])
+def test_ray_engine_losses_bitwise_equal_local_engine(tmp_path, tiny_target_dir, local_ray, defer):
     """One engine each (Ray actor vs spawned process): same sample order and bitwise-equal losses. With
-    several engines the pool's order depends on which engine finishes first, under either launcher."""
-    ray_run = run_training(_ray_config(tmp_path / "ray", tiny_target_dir, engines=1, num_epochs=1, seed=5),
-                           progress=False)
+    several engines the pool's order depends on which engine finishes first, under either launcher.
+    With defer_tokenization the actor tokenizes the record bytes it is sent, to the same samples."""
+    cfg = _ray_config(tmp_path / "ray", tiny_target_dir, engines=1, num_epochs=1, seed=5)
+    cfg.dataset.defer_tokenization = defer
+    ray_run = run_training(cfg, progress=False)
     local_run = run_training(tiny_run_config(tmp_path / "local", tiny_target_dir, engines=1, num_epochs=1, seed=5),
                              progress=False)
     assert len(ray_run.losses) == 6
