@@ -311,17 +311,26 @@ def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
         raise SGLangEngineError(
             "inference.colocate=true: sgl.Engine.shutdown() kills every child process of the trainer process it "
             "would run in; use inference.colocate=false with inference.launcher: ray")
-    if multiprocessing.current_process().daemon:
+    if not uses_model_runner(cfg) and multiprocessing.current_process().daemon:
         raise SGLangEngineError(
             "inference.inference_engine_type='sgl': sgl.Engine starts scheduler/detokenizer child processes, which "
             "a daemonic process may not do (the launchers start sgl engines in non-daemonic processes; a custom "
             "engine_factory must too)")
 
 
+def uses_model_runner(cfg, vision=None) -> bool:
+    """Whether the engine runs SGLang's ModelRunner in its own process (inference/sglang_runner.py: states stay
+    tensors, records are put where they are computed) rather than sgl.Engine (states come back as Python lists):
+    one GPU (tp_size 1, nnodes 1) and a text target; TP engines and image targets need sgl.Engine."""
+    sg = cfg.inference.sglang
+    return int(sg.tp_size) == 1 and int(sg.nnodes) == 1 and vision is None
+
+
 class SGLangEngine:
     def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu",
                  enable_metrics: bool = False,
-                 vision=None, target_config=None):
+                 vision=None, target_config=None, runner=None):
+        self.runner = runner                 # SGLangModelRunnerTarget (in-process path) or None (llm: sgl.Engine)
         self.vision = vision                 # a VLM target's expansion rule (inference/vlm.py); None: text only
         self.target_config = target_config   # names the target when a text target refuses images
         self.llm = llm
@@ -381,14 +390,29 @@ class SGLangEngine:
             # else sgl.Engine never returns: it serves a health check and joins its schedulers (engine.py:686-707)
             os.environ[NONZERO_RANK_RETURNS] = "0"
             return SGLangNodeEngine(sgl.Engine(**kwargs), node_rank)
-        llm = sgl.Engine(**kwargs)
-        logger.info("sgl engine: aux layers %s (hooks on %s), final = %s output", aux_layers,
-                    aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
         from torchspec.inference.vlm import vision_expansion
 
         vision = vision_expansion(target.config, cfg.model.target_model_path, bool(cfg.model.trust_remote_code))
+        llm = runner = None
+        if uses_model_runner(cfg, vision):
+            from torchspec.inference.sglang_runner import SGLangModelRunnerTarget
+
+            runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"])
+            if kwargs.get("enable_metrics"):
+                logger.warning("inference.sglang.enable_metrics: the in-process ModelRunner path has no SGLang "
+                               "scheduler or tokenizer manager, which are what write sglang:* metrics; none are logged")
+                kwargs["enable_metrics"] = False
+        else:
+            logger.warning("sgl engine: tp_size=%s, nnodes=%s%s: runs through sgl.Engine, whose hidden states come "
+                           "back as Python float lists (the in-process ModelRunner path takes one GPU and text only)",
+                           cfg.inference.sglang.tp_size, cfg.inference.sglang.nnodes,
+                           ", an image target" if vision is not None else "")
+            llm = sgl.Engine(**kwargs)
+        logger.info("sgl engine (%s): aux layers %s (hooks on %s), final = %s output",
+                    "in-process ModelRunner" if runner else "sgl.Engine", aux_layers,
+                    aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
         return cls(llm, store, aux_layers, hidden, device, enable_metrics=bool(kwargs.get("enable_metrics")),
-                   vision=vision, target_config=target.config)
+                   vision=vision, target_config=target.config, runner=runner)
 
     def _rows(self, out: dict, n: int, sample_id: str) -> torch.Tensor:
         """The prompt's [n, (len(aux) + 1) * H] rows of one `generate` output."""
@@ -411,6 +435,8 @@ class SGLangEngine:
 
         if not samples:
             return []
+        if self.runner is not None:
+            return self._generate_in_process(samples)
         # the records: placeholders expanded as SGLang expands them; the request: the ids as tokenized + images
         records, images = expand_for_engine(samples, self.vision, self.target_config)
         outs = self.llm.generate(input_ids=[s.input_ids.tolist() for s in samples],
@@ -424,7 +450,24 @@ class SGLangEngine:
             stored.append(put_record(self.store, s, hs[:, :split].contiguous(), hs[:, split:].contiguous()))
         return stored
 
+    def _generate_in_process(self, samples: Sequence) -> list[StoredSample]:
+        """One ModelRunner extend forward; each sample's rows cut from the packed tensor and put from here."""
+        lengths = [int(s.input_ids.numel()) for s in samples]
+        states = self.runner.forward([s.input_ids.tolist() for s in samples])
+        width = (len(self.aux_layers) + 1) * self.hidden_size
+        if tuple(states.shape) != (sum(lengths), width):
+            raise RuntimeError(f"sgl engine: SGLang's ModelRunner returned hidden states of shape "
+                               f"{tuple(states.shape)}, expected ({sum(lengths)}, {width}) = (tokens of the batch, "
+                               f"{len(self.aux_layers)} aux layers + final, x H {self.hidden_size})")
+        states = states.to(device=self.device, dtype=self.dtype)
+        split = len(self.aux_layers) * self.hidden_size
+        return [put_record(self.store, s, rows[:, :split].contiguous(), rows[:, split:].contiguous())
+                for s, rows in zip(samples, torch.split(states, lengths))]
+
     def close(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            runner.close()
         llm, self.llm = self.llm, None
         if llm is not None:
             llm.shutdown()
