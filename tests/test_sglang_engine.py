@@ -805,3 +805,133 @@ def test_multimodal_wrapper_records_equal_hf_engine(fake_sglang, tiny_target_dir
     monkeypatch.setattr(sgl_engine, "decoder_layers_prefix", lambda cfg: "model.layers")
     with pytest.raises(RuntimeError, match=r"hidden states of shape \(45, 64\), expected \(45, 256\)"):
         _sgl_records(_cfg(tiny_target_dir, aux), tmp_path / "old", samples)
+
+
+# -- the in-process ModelRunner path: tensors end to end, records put from the model's own process ------------
+
+def _float_tolist_spy(monkeypatch) -> list:
+    """Every Tensor.tolist() of a floating-point tensor from here on (a Python float list being built)."""
+    calls, real = [], torch.Tensor.tolist
+
+    def tolist(self):
+        if self.is_floating_point():
+            calls.append(tuple(self.shape))
+        return real(self)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    return calls
+
+
+def _put_spy(store) -> list:
+    """(pid, aux, final) of every record put in `store`."""
+    puts, real = [], store.put
+
+    def put(key, record):
+        puts.append((os.getpid(), record["aux_hidden_states"], record["final_hidden_states"]))
+        return real(key, record)
+    store.put = put
+    return puts
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_in_process_path_never_builds_float_lists(fake_sglang, tiny_target_dir, tmp_path, monkeypatch, tp_size):
+    """tp 1: the states reach put_record as torch tensors of the engine's dtype and no float list is ever built;
+    the sgl.Engine path (tp 2) builds one per request in SGLang's scheduler, which the same spy sees."""
+    samples = _samples(512)
+    store = LocalStore(root=tmp_path / "store")
+    puts = _put_spy(store)
+    engine = sgl_engine.build_engine(_cfg(tiny_target_dir, tp_size=tp_size), store, "cpu")
+    lists = _float_tolist_spy(monkeypatch)
+    engine.generate(samples)
+    engine.close()
+    assert len(puts) == len(samples)
+    assert all(isinstance(t, torch.Tensor) and t.dtype == engine.dtype for _, a, f in puts for t in (a, f))
+    if tp_size == 1:
+        assert lists == [] and FakeEngine.list_rows == 0 and FakeEngine.instances == []
+    else:
+        assert FakeEngine.list_rows == len(samples) and len(lists) == len(samples)
+
+
+def test_in_process_path_frees_the_kv_pool_after_each_batch(fake_sglang, tiny_target_dir, tmp_path):
+    """The stand-in's pool holds one test batch (148 tokens of 200): a second batch fits only if the first one's
+    slots were freed (req_to_token_pool.clear / token_to_kv_pool_allocator.clear)."""
+    samples = _samples(512)
+    engine = sgl_engine.build_engine(_cfg(tiny_target_dir), LocalStore(root=tmp_path / "store"), "cpu")
+    engine.generate(samples)
+    engine.generate([Sample(f"again-{s.sample_id}", s.input_ids, s.loss_mask) for s in samples])
+    runner = FakeModelRunner.instances[-1]
+    assert len(runner.forwards) == 2 and runner.token_to_kv_pool_allocator.used == 0
+    engine.close()
+
+
+def test_in_process_path_without_full_capture_is_one_clear_error(fake_sglang, tiny_target_dir, tmp_path,
+                                                                  monkeypatch):
+    """The logits processor keeps every token's state only under CaptureHiddenMode.FULL."""
+    real = FakeModelRunner.forward
+
+    def forward_in_batch_mode(self, forward_batch):   # as if the batch kept its own mode (NULL)
+        forward_batch.capture_hidden_mode = FakeCaptureHiddenMode.NULL
+        return real(self, forward_batch)
+    monkeypatch.setattr(FakeModelRunner, "forward", forward_in_batch_mode)
+    engine = sgl_engine.build_engine(_cfg(tiny_target_dir), LocalStore(root=tmp_path / "store"), "cpu")
+    with pytest.raises(RuntimeError, match=r"ModelRunner returned no hidden states .*CaptureHiddenMode.FULL"):
+        engine.generate(_samples(512)[:2])
+    assert FakeModelRunner.instances[-1].token_to_kv_pool_allocator.used == 0   # freed on failure too
+    engine.close()
+
+
+def test_path_choice_and_its_warnings(fake_sglang, tiny_target_dir, tmp_path, caplog):
+    """TP engines take sgl.Engine (and say what that costs); enable_metrics on the in-process path says that no
+    SGLang metrics exist there (no scheduler writes them) instead of being silently ignored."""
+    store = LocalStore(root=tmp_path / "store")
+    cfg = _cfg(tiny_target_dir, tp_size=4)
+    with caplog.at_level("WARNING", logger="torchspec.inference.sglang"):
+        engine = sgl_engine.build_engine(cfg, store, "cpu")
+    assert engine.llm is not None and engine.runner is None
+    assert "tp_size=4, nnodes=1: runs through sgl.Engine, whose hidden states come back as Python float lists" \
+        in caplog.text
+    engine.close()
+    caplog.clear()
+    cfg = _cfg(tiny_target_dir)
+    cfg.inference.sglang.enable_metrics = True
+    with caplog.at_level("WARNING", logger="torchspec.inference.sglang"):
+        engine = sgl_engine.build_engine(cfg, store, "cpu")
+    assert engine.runner is not None and engine.llm is None and engine.enable_metrics is False
+    assert engine.metrics() == {}
+    assert "enable_metrics: the in-process ModelRunner path has no SGLang scheduler" in caplog.text
+    assert FakeModelRunner.instances[-1].server_args.enable_metrics is False
+    engine.close()
+
+
+def _child_engine(target_dir: str, store, out) -> None:
+    """In a spawned engine process: the stand-in installed, the engine built and run over the test samples;
+    reports its pid, the ModelRunner's pid and the pid of every put."""
+    sys.modules["sglang"] = types.ModuleType("sglang")
+    sys.modules["sglang"].Engine = FakeEngine
+    sys.modules.update(_srt_modules())
+    puts = _put_spy(store)
+    engine = sgl_engine.build_engine(_cfg(target_dir), store, "cpu")
+    engine.generate(_samples(512))
+    engine.close()
+    out.put((os.getpid(), FakeModelRunner.instances[-1].pid, [p for p, _, _ in puts], FakeEngine.list_rows))
+
+
+def test_records_are_put_from_the_engine_process(tiny_target_dir, tmp_path):
+    """The engine in its own (spawned) process: the model forward and every put happen in that process, and the
+    launcher's process reads records equal to the hf engine's from the store."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    store = LocalStore(root=tmp_path / "store")   # owned here, as the launcher's; the engine process gets it
+    proc = ctx.Process(target=_child_engine, args=(str(tiny_target_dir), store, out))
+    proc.start()
+    child, runner_pid, put_pids, list_rows = out.get(timeout=300)
+    proc.join(60)
+    assert proc.exitcode == 0
+    samples = _samples(512)
+    assert child != os.getpid() and runner_pid == child and put_pids == [child] * len(samples) and list_rows == 0
+    want = _hf_records(tiny_target_dir, tmp_path, [0, 1, 2], samples)
+    for s in samples:
+        g = store.get(s.sample_id)
+        for key in ("aux_hidden_states", "final_hidden_states"):
+            torch.testing.assert_close(g[key], want[s.sample_id][key], **TOL)

@@ -397,11 +397,11 @@ class SGLangEngine:
         if uses_model_runner(cfg, vision):
             from torchspec.inference.sglang_runner import SGLangModelRunnerTarget
 
-            runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"])
             if kwargs.get("enable_metrics"):
                 logger.warning("inference.sglang.enable_metrics: the in-process ModelRunner path has no SGLang "
                                "scheduler or tokenizer manager, which are what write sglang:* metrics; none are logged")
                 kwargs["enable_metrics"] = False
+            runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"])
         else:
             logger.warning("sgl engine: tp_size=%s, nnodes=%s%s: runs through sgl.Engine, whose hidden states come "
                            "back as Python float lists (the in-process ModelRunner path takes one GPU and text only)",
@@ -452,6 +452,9 @@ class SGLangEngine:
 
     def _generate_in_process(self, samples: Sequence) -> list[StoredSample]:
         """One ModelRunner extend forward; each sample's rows cut from the packed tensor and put from here."""
+        from torchspec.inference.vlm import refuse_images
+
+        refuse_images(samples, self.target_config)   # this path runs text targets only (uses_model_runner)
         lengths = [int(s.input_ids.numel()) for s in samples]
         states = self.runner.forward([s.input_ids.tolist() for s in samples])
         width = (len(self.aux_layers) + 1) * self.hidden_size
