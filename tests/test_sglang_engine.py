@@ -149,9 +149,54 @@ class _KimiLikeWrapper(torch.nn.Module):
         return self.language_model(input_ids, positions, forward_batch)
 
 
-class FakeEngine:
+class _HFNumbers:
+    """transformers' numbers for the stand-in's SGLang-shaped model (shared by the Engine and ModelRunner stand-ins)."""
+
+    def _load(self, path):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def _text_base(self):
+        return self.hf.model
+
+    def _run_base(self, ids: list[int]) -> None:
+        self.hf.model(input_ids=torch.tensor([ids]), use_cache=False)
+
+    def _layer_outputs(self, ids: list[int]) -> list[torch.Tensor]:
+        """transformers' output of every decoder layer for one prompt (pre-norm for the last one)."""
+        outs = {}
+        layers = self._text_base().layers
+        handles = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple)
+                                                                                    else o))
+                   for i, layer in enumerate(layers)]
+        try:
+            self._run_base(ids)
+        finally:
+            for h in handles:
+                h.remove()
+        return [outs[i][0] for i in range(len(layers))]
+
+    def _build_model(self):
+        return (_KimiLikeWrapper(self.hf) if FakeEngine.multimodal
+                else _CausalLM(self._text_base(), self.hf.lm_head)).eval()
+
+    def _packed_forward(self, input_ids: list[list[int]], return_hidden_states: bool) -> _LogitsProcessorOutput:
+        """Every prompt as ONE packed extend batch through the SGLang-shaped model (hooks fire here)."""
+        per_prompt = [self._layer_outputs(ids) for ids in input_ids]
+        packed = [torch.cat([p[i] for p in per_prompt]) for i in range(len(per_prompt[0]))]
+        lens = [len(ids) for ids in input_ids]
+        fb = _ForwardBatch(packed, return_hidden_states)
+        fb.last_index = [sum(lens[:j + 1]) - 1 for j in range(len(lens))]
+        flat = torch.tensor([t for ids in input_ids for t in ids])
+        positions = torch.cat([torch.arange(n) for n in lens])
+        return self.model(flat, positions, fb)
+
+
+class FakeEngine(_HFNumbers):
     instances: list = []
     multimodal = False
+    list_rows = 0   # requests whose hidden states this stand-in turned into Python lists (SGLang's scheduler does)
 
     def __init__(self, **kwargs):
         unknown = sorted(set(kwargs) - set(SERVER_ARGS_FIELDS))
@@ -169,40 +214,14 @@ class FakeEngine:
         self.calls = []
         self.shutdowns = 0
         self.hf = self._load(kwargs["model_path"])
-        self.model = (_KimiLikeWrapper(self.hf) if FakeEngine.multimodal
-                      else _CausalLM(self._text_base(), self.hf.lm_head)).eval()
+        self.model = self._build_model()
         _register_forward_hooks(self.model, kwargs.get("forward_hooks") or [])
         FakeEngine.instances.append(self)
-
-    def _load(self, path):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-    def _text_base(self):
-        return self.hf.model
-
-    def _run_base(self, ids: list[int]) -> None:
-        self.hf.model(input_ids=torch.tensor([ids]), use_cache=False)
 
     def _tokenize_request(self, ids: list[int], images) -> list[int]:
         """The tokenizer manager's input_ids for one request (a text model: the ids as given)."""
         assert not images, "stand-in sgl.Engine: a text model got image_data"
         return ids
-
-    def _layer_outputs(self, ids: list[int]) -> list[torch.Tensor]:
-        """transformers' output of every decoder layer for one prompt (pre-norm for the last one)."""
-        outs = {}
-        layers = self._text_base().layers
-        handles = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple)
-                                                                                    else o))
-                   for i, layer in enumerate(layers)]
-        try:
-            self._run_base(ids)
-        finally:
-            for h in handles:
-                h.remove()
-        return [outs[i][0] for i in range(len(layers))]
 
     @torch.no_grad()
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_hidden_states=False,
@@ -218,19 +237,13 @@ class FakeEngine:
             raise ValueError("The server is not configured to return the hidden states. "
                              "Please set `--enable-return-hidden-states` to enable this feature.")
         assert prompt is None and sampling_params["max_new_tokens"] == 1
-        per_prompt = [self._layer_outputs(ids) for ids in input_ids]
-        packed = [torch.cat([p[i] for p in per_prompt]) for i in range(len(per_prompt[0]))]
-        lens = [len(ids) for ids in input_ids]
-        fb = _ForwardBatch(packed, return_hidden_states)
-        fb.last_index = [sum(lens[:j + 1]) - 1 for j in range(len(lens))]
-        flat = torch.tensor([t for ids in input_ids for t in ids])
-        positions = torch.cat([torch.arange(n) for n in lens])
-        out = self.model(flat, positions, fb)
+        out = self._packed_forward(input_ids, return_hidden_states)
         next_ids = out.next_token_logits.argmax(-1).tolist()
         results, offset = [], 0
         for ids, tok in zip(input_ids, next_ids):
             meta = {"prompt_tokens": len(ids), "completion_tokens": 1}
             if return_hidden_states and out.hidden_states is not None:
+                FakeEngine.list_rows += 1
                 meta["hidden_states"] = [out.hidden_states[offset:offset + len(ids)].cpu().clone().tolist()]
             offset += len(ids)
             results.append({"text": "", "output_ids": [tok], "meta_info": meta})
@@ -240,25 +253,235 @@ class FakeEngine:
         self.shutdowns += 1
 
 
+# -- the stand-in's in-process API (sglang.srt.*), each class named after the real one it mirrors ------------
+
+class FakeServerArgs:
+    """sglang.srt.server_args.ServerArgs: a dataclass of the fields above (others refused); its __post_init__
+    fills mem_fraction_static when None; page_size defaults to 1."""
+
+    def __init__(self, **kwargs):
+        unknown = sorted(set(kwargs) - set(SERVER_ARGS_FIELDS))
+        if unknown:
+            raise TypeError(f"ServerArgs.__init__() got unexpected keyword arguments {unknown}")
+        self.__dict__.update({k: None for k in SERVER_ARGS_FIELDS})
+        self.__dict__.update(kwargs)
+        self.page_size = 1
+        if self.mem_fraction_static is None:
+            self.mem_fraction_static = 0.8
+
+
+class FakeModelConfig:
+    """sglang.srt.configs.model_config.ModelConfig (from_server_args reads model_path)."""
+
+    def __init__(self, model_path):
+        self.model_path = model_path
+
+    @classmethod
+    def from_server_args(cls, server_args):
+        return cls(server_args.model_path)
+
+
+class FakeCaptureHiddenMode:
+    """sglang.srt.model_executor.forward_batch_info.CaptureHiddenMode (NULL: none kept; FULL: every token)."""
+    NULL, LAST, FULL = 0, 1, 2
+
+
+class FakeSamplingParams:
+    """sglang.srt.sampling.sampling_params.SamplingParams (keyword-only use)."""
+
+    def __init__(self, max_new_tokens=128, temperature=1.0, **other):
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+
+
+class FakeReq:
+    """sglang.srt.managers.schedule_batch.Req: rid, origin_input_text, origin_input_ids, sampling_params;
+    prefix_indices empty (nothing cached); fill_ids / extend_input_len set by whoever schedules it."""
+
+    def __init__(self, rid, origin_input_text, origin_input_ids, sampling_params, **other):
+        assert isinstance(origin_input_ids, list) and all(isinstance(t, int) for t in origin_input_ids)
+        self.rid, self.origin_input_text, self.origin_input_ids = rid, origin_input_text, origin_input_ids
+        self.sampling_params = sampling_params
+        self.prefix_indices = torch.empty(0, dtype=torch.int64)
+        self.fill_ids = None
+        self.extend_input_len = None
+
+
+class FakeTokenPool:
+    """ReqToTokenPool / TokenToKVPoolAllocator: a fixed number of token slots, freed only by clear()."""
+
+    def __init__(self, size):
+        self.size, self.used = size, 0
+
+    def alloc(self, n):
+        if self.used + n > self.size:
+            raise RuntimeError(f"stand-in KV pool: out of memory ({self.used} + {n} > {self.size} slots)")
+        self.used += n
+
+    def clear(self):
+        self.used = 0
+
+
+class FakeCacheInitParams:
+    """sglang.srt.mem_cache.cache_init_params.CacheInitParams."""
+
+    def __init__(self, disable, req_to_token_pool, token_to_kv_pool_allocator, page_size, **other):
+        self.disable, self.page_size = disable, page_size
+
+
+class FakeRadixCache:
+    """sglang.srt.mem_cache.radix_cache.RadixCache(params)."""
+
+    def __init__(self, params):
+        self.params = params
+
+
+class FakeSpeculativeAlgorithm:
+    """sglang.srt.speculative.spec_info.SpeculativeAlgorithm."""
+    NONE = "NONE"
+
+
+@dataclass
+class FakeModelWorkerBatch:
+    """managers/schedule_batch.py ModelWorkerBatch (the fields the forward reads)."""
+    input_ids: torch.Tensor
+    extend_seq_lens: list
+    rids: list
+
+
+class FakeScheduleBatch:
+    """sglang.srt.managers.schedule_batch.ScheduleBatch: init_new(reqs, req_to_token_pool,
+    token_to_kv_pool_allocator, tree_cache, model_config, enable_overlap, spec_algorithm, ...);
+    prepare_for_extend allocates each request's extend_input_len slots; get_model_worker_batch packs the
+    fill_ids in request order."""
+
+    @classmethod
+    def init_new(cls, reqs, req_to_token_pool, token_to_kv_pool_allocator, tree_cache, model_config,
+                 enable_overlap, spec_algorithm=None, enable_custom_logit_processor=False, chunked_req=None):
+        b = cls()
+        b.reqs, b.pool, b.kv = reqs, req_to_token_pool, token_to_kv_pool_allocator
+        b.prepared = False
+        return b
+
+    def prepare_for_extend(self):
+        for r in self.reqs:
+            assert r.fill_ids is not None and r.extend_input_len == len(r.fill_ids) - len(r.prefix_indices)
+            self.pool.alloc(1)
+            self.kv.alloc(r.extend_input_len)
+        self.prepared = True
+
+    def get_model_worker_batch(self):
+        assert self.prepared, "ScheduleBatch: get_model_worker_batch before prepare_for_extend"
+        return FakeModelWorkerBatch(torch.tensor([t for r in self.reqs for t in r.fill_ids]),
+                                    [r.extend_input_len for r in self.reqs], [r.rid for r in self.reqs])
+
+
+class FakeForwardBatch:
+    """sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new(model_worker_batch, model_runner);
+    capture_hidden_mode starts NULL (the batch's own mode), set by the caller."""
+
+    @classmethod
+    def init_new(cls, batch, model_runner):
+        fb = cls()
+        fb.input_ids, fb.extend_seq_lens_cpu = batch.input_ids, list(batch.extend_seq_lens)
+        fb.capture_hidden_mode = FakeCaptureHiddenMode.NULL
+        return fb
+
+
+@dataclass
+class FakeModelRunnerOutput:
+    """model_executor/model_runner.py ModelRunnerOutput."""
+    logits_output: _LogitsProcessorOutput
+    can_run_graph: bool
+
+
+class FakeModelRunner(_HFNumbers):
+    """sglang.srt.model_executor.model_runner.ModelRunner(model_config, mem_fraction_static, gpu_id, tp_rank,
+    tp_size, moe_ep_rank, moe_ep_size, pp_rank, pp_size, nccl_port, server_args, ...): loads the model,
+    registers server_args.forward_hooks (hook_manager.register_forward_hooks), owns the two token pools;
+    forward(forward_batch) -> ModelRunnerOutput whose logits_output.hidden_states are every token's state
+    only under CaptureHiddenMode.FULL."""
+    instances: list = []
+    POOL_TOKENS = 200   # more than one test batch (LENGTHS: 148 tokens), less than two: unfreed slots fail
+
+    def __init__(self, model_config, mem_fraction_static, gpu_id, tp_rank, tp_size, moe_ep_rank, moe_ep_size,
+                 pp_rank, pp_size, nccl_port, server_args, dp_rank=None, is_draft_worker=False, **other):
+        assert isinstance(server_args, FakeServerArgs) and isinstance(nccl_port, int) and tp_size == 1
+        self.model_config, self.server_args, self.gpu_id = model_config, server_args, gpu_id
+        self.pid = os.getpid()
+        self.hf = self._load(model_config.model_path)
+        self.model = self._build_model()
+        _register_forward_hooks(self.model, server_args.forward_hooks or [])
+        self.req_to_token_pool = FakeTokenPool(64)
+        self.token_to_kv_pool_allocator = FakeTokenPool(self.POOL_TOKENS)
+        self.forwards = []
+        FakeModelRunner.instances.append(self)
+
+    @torch.no_grad()
+    def forward(self, forward_batch):
+        lens = forward_batch.extend_seq_lens_cpu
+        ids = forward_batch.input_ids.tolist()
+        prompts, offset = [], 0
+        for n in lens:
+            prompts.append(ids[offset:offset + n])
+            offset += n
+        self.forwards.append(lens)
+        out = self._packed_forward(prompts, forward_batch.capture_hidden_mode == FakeCaptureHiddenMode.FULL)
+        return FakeModelRunnerOutput(logits_output=out, can_run_graph=False)
+
+
+def _srt_modules() -> dict:
+    """sys.modules entries of the stand-in's sglang.srt API."""
+    mods = {}
+    for name, attrs in {
+        "sglang.srt": {},
+        "sglang.srt.server_args": {"ServerArgs": FakeServerArgs},
+        "sglang.srt.configs": {},
+        "sglang.srt.configs.model_config": {"ModelConfig": FakeModelConfig},
+        "sglang.srt.managers": {},
+        "sglang.srt.managers.schedule_batch": {"Req": FakeReq, "ScheduleBatch": FakeScheduleBatch},
+        "sglang.srt.mem_cache": {},
+        "sglang.srt.mem_cache.cache_init_params": {"CacheInitParams": FakeCacheInitParams},
+        "sglang.srt.mem_cache.radix_cache": {"RadixCache": FakeRadixCache},
+        "sglang.srt.model_executor": {},
+        "sglang.srt.model_executor.forward_batch_info": {"ForwardBatch": FakeForwardBatch,
+                                                         "CaptureHiddenMode": FakeCaptureHiddenMode},
+        "sglang.srt.model_executor.model_runner": {"ModelRunner": FakeModelRunner},
+        "sglang.srt.sampling": {},
+        "sglang.srt.sampling.sampling_params": {"SamplingParams": FakeSamplingParams},
+        "sglang.srt.speculative": {},
+        "sglang.srt.speculative.spec_info": {"SpeculativeAlgorithm": FakeSpeculativeAlgorithm},
+    }.items():
+        m = types.ModuleType(name)
+        m.__dict__.update(attrs)
+        mods[name] = m
+    return mods
+
+
 @pytest.fixture
 def fake_sglang(monkeypatch):
     module = types.ModuleType("sglang")
     module.Engine = FakeEngine
     monkeypatch.setitem(sys.modules, "sglang", module)
+    for name, sub in _srt_modules().items():
+        monkeypatch.setitem(sys.modules, name, sub)
+    module.srt = sys.modules["sglang.srt"]
     FakeEngine.instances = []
     FakeEngine.multimodal = False
+    FakeEngine.list_rows = 0
+    FakeModelRunner.instances = []
     yield module
     sgl_engine._captured.clear()
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
 
-def _cfg(target_dir, aux=(0, 1, 2)) -> Config:
+def _cfg(target_dir, aux=(0, 1, 2), tp_size=1) -> Config:
+    """tp_size 1: the in-process ModelRunner path; > 1 (the stand-in needs no GPUs): the sgl.Engine path."""
     cfg = Config()
     cfg.model.target_model_path = str(target_dir)
     cfg.inference.inference_engine_type = "sgl"
     cfg.inference.aux_hidden_states_layers = list(aux)
-    cfg.inference.sglang.tp_size = 1
+    cfg.inference.sglang.tp_size = tp_size
     return cfg
 
 
@@ -286,21 +509,24 @@ def _sgl_records(cfg, tmp_path, samples):
     assert [(s.key, s.sample_id, s.length) for s in stored] == [(s.sample_id, s.sample_id, len(s)) for s in samples]
     records = {s.sample_id: store.get(s.sample_id) for s in samples}
     engine.close()
-    return records, FakeEngine.instances[-1]
+    return records, (FakeModelRunner.instances or FakeEngine.instances)[-1]
 
 
 # -- tests -----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("tp_size", [1, 2])   # 1: in-process ModelRunner; 2: sgl.Engine
 @pytest.mark.parametrize("aux", [[0, 1, 2], [1, 2, 3]])   # 3 = L - 1: the last layer, pre-norm
-def test_records_equal_hf_engine(fake_sglang, tiny_target_dir, tmp_path, aux):
+def test_records_equal_hf_engine(fake_sglang, tiny_target_dir, tmp_path, aux, tp_size):
     samples = _samples(512)
     want = _hf_records(tiny_target_dir, tmp_path, aux, samples)
-    got, fake = _sgl_records(_cfg(tiny_target_dir, aux), tmp_path, samples)
-    # one generate() call for the whole batch, prefill + one discarded token, hidden states on, no logprobs
-    assert len(fake.calls) == 1 and fake.calls[0]["n"] == len(samples)
-    assert fake.calls[0]["sampling_params"]["max_new_tokens"] == 1 and fake.calls[0]["return_hidden_states"]
-    assert not fake.calls[0]["other"].get("return_logprob")
-    assert fake.shutdowns == 1
+    got, fake = _sgl_records(_cfg(tiny_target_dir, aux, tp_size), tmp_path, samples)
+    if tp_size == 1:   # one extend forward for the whole batch, sgl.Engine never started
+        assert fake.forwards == [[len(s) for s in samples]] and FakeEngine.instances == []
+    else:   # one generate() call for the whole batch, prefill + one discarded token, hidden states on, no logprobs
+        assert len(fake.calls) == 1 and fake.calls[0]["n"] == len(samples)
+        assert fake.calls[0]["sampling_params"]["max_new_tokens"] == 1 and fake.calls[0]["return_hidden_states"]
+        assert not fake.calls[0]["other"].get("return_logprob")
+        assert fake.shutdowns == 1 and FakeModelRunner.instances == []
     for s in samples:
         g, w = got[s.sample_id], want[s.sample_id]
         assert set(g) == set(w) == {"input_ids", "loss_mask", "aux_hidden_states", "final_hidden_states"}
@@ -372,15 +598,29 @@ def test_engine_kwargs_are_the_config(fake_sglang, tiny_target_dir, tmp_path):
     assert ours[-1]["config"] == {"layers": [0, 1, 2], "prefix": "model.layers"}
     assert "dist_init_addr" not in kw and "quantization" not in kw   # null = SGLang's own default
 
-    # what the engine really hands to sgl.Engine: the same, with its own free ports
+    # what the engine really hands to SGLang: the same, with its own free ports; the in-process path builds
+    # ServerArgs from the same keywords sgl.Engine takes, and ModelRunner gets the nccl_port among them
     cfg.inference.sglang.extra_args = {"watchdog_timeout": 1800}
     store = LocalStore(root=tmp_path / "store")
+    engine = sgl_engine.build_engine(cfg, store, "cpu")
+    runner = FakeModelRunner.instances[-1]
+    passed = {k: v for k, v in vars(runner.server_args).items() if v is not None and k != "page_size"}
+    expect = sgl_engine.build_engine_kwargs(cfg, "cpu", [0, 1, 2])
+    assert isinstance(passed["nccl_port"], int) and runner.gpu_id == 0
+    for k in ("port", "nccl_port"):
+        passed.pop(k), expect.pop(k)
+    expect.pop("mem_fraction_static", None), passed.pop("mem_fraction_static")   # ServerArgs fills its default
+    assert passed == expect and passed["base_gpu_id"] == 0 and passed["dtype"] == "float32"
+    engine.close()
+    engine.close()   # idempotent
+    assert engine.runner is None
+    cfg.inference.sglang.tp_size = 2   # the sgl.Engine path: the same keywords to sgl.Engine
     engine = sgl_engine.build_engine(cfg, store, "cpu")
     passed = FakeEngine.instances[-1].kwargs
     expect = sgl_engine.build_engine_kwargs(cfg, "cpu", [0, 1, 2])
     for k in ("port", "nccl_port"):
         passed.pop(k), expect.pop(k)
-    assert passed == expect and passed["base_gpu_id"] == 0 and passed["dtype"] == "float32"
+    assert passed == expect and passed["tp_size"] == 2
     engine.close()
     engine.close()   # idempotent
     assert FakeEngine.instances[-1].shutdowns == 1
@@ -416,8 +656,11 @@ def test_refused_placements(fake_sglang, tiny_target_dir, tmp_path, monkeypatch)
         sgl_engine.build_engine(cfg, store, "cpu")
     monkeypatch.setattr(sgl_engine.multiprocessing, "current_process", lambda: types.SimpleNamespace(daemon=True))
     with pytest.raises(sgl_engine.SGLangEngineError, match=r"child processes, which a daemonic process may not do"):
-        sgl_engine.build_engine(_cfg(tiny_target_dir), store, "cpu")
-    assert FakeEngine.instances == []   # refused before sgl.Engine started
+        sgl_engine.build_engine(_cfg(tiny_target_dir, tp_size=2), store, "cpu")
+    assert FakeEngine.instances == [] and FakeModelRunner.instances == []   # refused before SGLang started
+    # the in-process ModelRunner starts no child process: a daemonic engine process may run it
+    sgl_engine.build_engine(_cfg(tiny_target_dir), store, "cpu").close()
+    assert len(FakeModelRunner.instances) == 1
 
 
 def test_bad_target_path_is_one_line(fake_sglang, tmp_path):
@@ -493,7 +736,7 @@ def test_enable_metrics_reaches_sgl_engine_and_its_metrics(fake_sglang, tiny_tar
     tests/test_engine_metrics.py for the read itself)."""
     from torchspec.inference.factory import build_engine
 
-    cfg = _cfg(tiny_target_dir)
+    cfg = _cfg(tiny_target_dir, tp_size=2)
     cfg.inference.sglang.enable_metrics = on
     engine = build_engine(cfg, LocalStore(root=tmp_path / "store"), "cpu")
     try:
@@ -550,7 +793,7 @@ def test_multimodal_wrapper_records_equal_hf_engine(fake_sglang, tiny_target_dir
     want = _hf_records(tiny_target_dir, tmp_path, aux, samples)
     monkeypatch.setattr(sgl_engine, "decoder_layers_prefix", lambda cfg: "language_model.model.layers")
     got, fake = _sgl_records(_cfg(tiny_target_dir, aux), tmp_path, samples)
-    hooks = fake.kwargs["forward_hooks"]
+    hooks = fake.server_args.forward_hooks
     assert [h["target_modules"] for h in hooks] == [[f"language_model.model.layers.{k}", f"model.layers.{k}"]
                                                     for k in aux] + \
         [["language_model.logits_processor", "logits_processor"]]
@@ -560,5 +803,135 @@ def test_multimodal_wrapper_records_equal_hf_engine(fake_sglang, tiny_target_dir
     # the old fixed names (model.layers.<k>, logits_processor) match no module of the wrapper: nothing is hooked,
     # SGLang returns its final states alone
     monkeypatch.setattr(sgl_engine, "decoder_layers_prefix", lambda cfg: "model.layers")
-    with pytest.raises(RuntimeError, match=r"hidden states of shape \(5, 64\), expected \(5, 256\)"):
+    with pytest.raises(RuntimeError, match=r"hidden states of shape \(45, 64\), expected \(45, 256\)"):
         _sgl_records(_cfg(tiny_target_dir, aux), tmp_path / "old", samples)
+
+
+# -- the in-process ModelRunner path: tensors end to end, records put from the model's own process ------------
+
+def _float_tolist_spy(monkeypatch) -> list:
+    """Every Tensor.tolist() of a floating-point tensor from here on (a Python float list being built)."""
+    calls, real = [], torch.Tensor.tolist
+
+    def tolist(self):
+        if self.is_floating_point():
+            calls.append(tuple(self.shape))
+        return real(self)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    return calls
+
+
+def _put_spy(store) -> list:
+    """(pid, aux, final) of every record put in `store`."""
+    puts, real = [], store.put
+
+    def put(key, record):
+        puts.append((os.getpid(), record["aux_hidden_states"], record["final_hidden_states"]))
+        return real(key, record)
+    store.put = put
+    return puts
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_in_process_path_never_builds_float_lists(fake_sglang, tiny_target_dir, tmp_path, monkeypatch, tp_size):
+    """tp 1: the states reach put_record as torch tensors of the engine's dtype and no float list is ever built;
+    the sgl.Engine path (tp 2) builds one per request in SGLang's scheduler, which the same spy sees."""
+    samples = _samples(512)
+    store = LocalStore(root=tmp_path / "store")
+    puts = _put_spy(store)
+    engine = sgl_engine.build_engine(_cfg(tiny_target_dir, tp_size=tp_size), store, "cpu")
+    lists = _float_tolist_spy(monkeypatch)
+    engine.generate(samples)
+    engine.close()
+    assert len(puts) == len(samples)
+    assert all(isinstance(t, torch.Tensor) and t.dtype == engine.dtype for _, a, f in puts for t in (a, f))
+    if tp_size == 1:
+        assert lists == [] and FakeEngine.list_rows == 0 and FakeEngine.instances == []
+    else:
+        assert FakeEngine.list_rows == len(samples) and len(lists) == len(samples)
+
+
+def test_in_process_path_frees_the_kv_pool_after_each_batch(fake_sglang, tiny_target_dir, tmp_path):
+    """The stand-in's pool holds one test batch (148 tokens of 200): a second batch fits only if the first one's
+    slots were freed (req_to_token_pool.clear / token_to_kv_pool_allocator.clear)."""
+    samples = _samples(512)
+    engine = sgl_engine.build_engine(_cfg(tiny_target_dir), LocalStore(root=tmp_path / "store"), "cpu")
+    engine.generate(samples)
+    engine.generate([Sample(f"again-{s.sample_id}", s.input_ids, s.loss_mask) for s in samples])
+    runner = FakeModelRunner.instances[-1]
+    assert len(runner.forwards) == 2 and runner.token_to_kv_pool_allocator.used == 0
+    engine.close()
+
+
+def test_in_process_path_without_full_capture_is_one_clear_error(fake_sglang, tiny_target_dir, tmp_path,
+                                                                  monkeypatch):
+    """The logits processor keeps every token's state only under CaptureHiddenMode.FULL."""
+    real = FakeModelRunner.forward
+
+    def forward_in_batch_mode(self, forward_batch):   # as if the batch kept its own mode (NULL)
+        forward_batch.capture_hidden_mode = FakeCaptureHiddenMode.NULL
+        return real(self, forward_batch)
+    monkeypatch.setattr(FakeModelRunner, "forward", forward_in_batch_mode)
+    engine = sgl_engine.build_engine(_cfg(tiny_target_dir), LocalStore(root=tmp_path / "store"), "cpu")
+    with pytest.raises(RuntimeError, match=r"ModelRunner returned no hidden states .*CaptureHiddenMode.FULL"):
+        engine.generate(_samples(512)[:2])
+    assert FakeModelRunner.instances[-1].token_to_kv_pool_allocator.used == 0   # freed on failure too
+    engine.close()
+
+
+def test_path_choice_and_its_warnings(fake_sglang, tiny_target_dir, tmp_path, caplog):
+    """TP engines take sgl.Engine (and say what that costs); enable_metrics on the in-process path says that no
+    SGLang metrics exist there (no scheduler writes them) instead of being silently ignored."""
+    store = LocalStore(root=tmp_path / "store")
+    cfg = _cfg(tiny_target_dir, tp_size=4)
+    with caplog.at_level("WARNING", logger="torchspec.inference.sglang"):
+        engine = sgl_engine.build_engine(cfg, store, "cpu")
+    assert engine.llm is not None and engine.runner is None
+    assert "tp_size=4, nnodes=1: runs through sgl.Engine, whose hidden states come back as Python float lists" \
+        in caplog.text
+    engine.close()
+    caplog.clear()
+    cfg = _cfg(tiny_target_dir)
+    cfg.inference.sglang.enable_metrics = True
+    with caplog.at_level("WARNING", logger="torchspec.inference.sglang"):
+        engine = sgl_engine.build_engine(cfg, store, "cpu")
+    assert engine.runner is not None and engine.llm is None and engine.enable_metrics is False
+    assert engine.metrics() == {}
+    assert "enable_metrics: the in-process ModelRunner path has no SGLang scheduler" in caplog.text
+    assert FakeModelRunner.instances[-1].server_args.enable_metrics is False
+    engine.close()
+
+
+def _child_engine(target_dir: str, store, out) -> None:
+    """In a spawned engine process: the stand-in installed, the engine built and run over the test samples;
+    reports its pid, the ModelRunner's pid and the pid of every put."""
+    sys.modules["sglang"] = types.ModuleType("sglang")
+    sys.modules["sglang"].Engine = FakeEngine
+    sys.modules.update(_srt_modules())
+    puts = _put_spy(store)
+    engine = sgl_engine.build_engine(_cfg(target_dir), store, "cpu")
+    engine.generate(_samples(512))
+    engine.close()
+    out.put((os.getpid(), FakeModelRunner.instances[-1].pid, [p for p, _, _ in puts], FakeEngine.list_rows))
+
+
+def test_records_are_put_from_the_engine_process(tiny_target_dir, tmp_path):
+    """The engine in its own (spawned) process: the model forward and every put happen in that process, and the
+    launcher's process reads records equal to the hf engine's from the store."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    store = LocalStore(root=tmp_path / "store")   # owned here, as the launcher's; the engine process gets it
+    proc = ctx.Process(target=_child_engine, args=(str(tiny_target_dir), store, out))
+    proc.start()
+    child, runner_pid, put_pids, list_rows = out.get(timeout=300)
+    proc.join(60)
+    assert proc.exitcode == 0
+    samples = _samples(512)
+    assert child != os.getpid() and runner_pid == child and put_pids == [child] * len(samples) and list_rows == 0
+    want = _hf_records(tiny_target_dir, tmp_path, [0, 1, 2], samples)
+    for s in samples:
+        g = store.get(s.sample_id)
+        for key in ("aux_hidden_states", "final_hidden_states"):
+            torch.testing.assert_close(g[key], want[s.sample_id][key], **TOL)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_sglang_engine import TOL, FakeEngine, _cfg  # noqa: E402
+from test_sglang_engine import TOL, FakeEngine, FakeModelRunner, _cfg, _srt_modules  # noqa: E402
 
 from torchspec.data import build_dataset  # noqa: E402
 from torchspec.data.errors import DataError  # noqa: E402
@@ -92,7 +92,10 @@ def fake_sglang_vlm(monkeypatch):
     module = types.ModuleType("sglang")
     module.Engine = FakeVLMEngine
     monkeypatch.setitem(sys.modules, "sglang", module)
+    for name, sub in _srt_modules().items():
+        monkeypatch.setitem(sys.modules, name, sub)
     FakeEngine.instances = []
+    FakeModelRunner.instances = []
     FakeVLMEngine.rescale = 1
     yield module
     sgl_engine._captured.clear()
@@ -194,14 +197,15 @@ def test_a_different_image_token_count_is_an_error_not_a_misaligned_record(fake_
     engine.close()
 
 
-def test_a_text_target_refuses_image_samples(fake_sglang_vlm, tiny_target_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tp_size", [1, 2])   # the in-process ModelRunner path and the sgl.Engine path
+def test_a_text_target_refuses_image_samples(fake_sglang_vlm, tiny_target_dir, tmp_path, monkeypatch, tp_size):
     monkeypatch.setattr(sys.modules["sglang"], "Engine", FakeEngine)
     from torchspec.inference.factory import build_engine
 
-    engine = build_engine(_cfg(tiny_target_dir), LocalStore(root=tmp_path / "s"), "cpu")
+    engine = build_engine(_cfg(tiny_target_dir, tp_size=tp_size), LocalStore(root=tmp_path / "s"), "cpu")
     s = Sample("s0", torch.tensor([1, 2, 3]), torch.tensor([0, 1, 1], dtype=torch.uint8), images=("/x.png",))
     with pytest.raises(DataError, match=r"sample s0 has 1 image\(s\), but the target \(qwen3\) is not a "
                                         r"vision-language model"):
         engine.generate([s])
-    assert FakeEngine.instances[-1].calls == []
+    assert (FakeModelRunner.instances[-1].forwards if tp_size == 1 else FakeEngine.instances[-1].calls) == []
     engine.close()

@@ -1,5 +1,12 @@
-"""The `sgl` engine: the target runs in SGLang (``sgl.Engine``); hidden states leave through SGLang's
-public ``return_hidden_states`` API, with the aux layers added by SGLang's ``forward_hooks`` option.
+"""The `sgl` engine: the target runs in SGLang, its aux layers captured by SGLang's ``forward_hooks`` option.
+
+Two paths (``uses_model_runner``):
+- one GPU and a text target (tp_size 1, nnodes 1): SGLang's ``ModelRunner`` in this process
+  (inference/sglang_runner.py): one extend forward per batch, the hidden states stay a torch tensor and
+  each record is put in the store from here -- never a Python list, never another process. Not run against
+  a real SGLang (tested against a stand-in of the sglang.srt classes it calls, tests/test_sglang_engine.py);
+- otherwise (tensor parallel, several nodes, an image target): ``sgl.Engine`` with ``return_hidden_states``,
+  described below; its states come back as Python float lists (Cost, at the end). A warning at start says so.
 
 Written against SGLang v0.5.10.post1 (the PyPI wheel ``sglang-0.5.10.post1-py3-none-any.whl``, the
 release the original TorchSpec patches at commit 94f03a39db), UNPATCHED. Paths below are under
@@ -106,12 +113,13 @@ as the hf engine); a row count that differs from it (SGLang counted an image's t
 misalignment. Other VLMs (Kimi-K2.5 included) are refused: their expansion rule is not built here.
 Not run against a real SGLang: tests/test_sglang_engine.py's stand-in expands the pads as cited above.
 
-Cost: unpatched SGLang turns the returned hidden states into Python float lists in its scheduler
-(``.cpu().clone().tolist()``) and ships them through ZMQ; this engine cannot avoid that copy through the
-public API (it turns them back into one tensor per sample at once). Writing the records from inside SGLang's
-scheduler process (a hook on the logits processor putting each request's rows in the store, with no
-return_hidden_states) would avoid it, but needs each request's id and length inside that hook and a store
-client in every scheduler process: NOT built (issue 13, item 9).
+Cost (sgl.Engine path only): unpatched SGLang turns the returned hidden states into Python float lists in its
+scheduler (``.cpu().clone().tolist()``) and ships them through ZMQ; through that public API the copy cannot be
+avoided (the engine turns them back into one tensor per sample at once). The in-process ModelRunner path avoids
+it for one-GPU text engines. For TP engines, writing the records from inside SGLang's scheduler process (a hook
+on the logits processor putting each request's rows in the store) would avoid it too, but needs each request's
+id inside that hook and a store client in every scheduler process: NOT built. TP inside this process is not
+built either: each TP rank's ModelRunner needs its own process and the same batch (SGLang's schedulers do that).
 """
 
 from __future__ import annotations
@@ -311,17 +319,26 @@ def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
         raise SGLangEngineError(
             "inference.colocate=true: sgl.Engine.shutdown() kills every child process of the trainer process it "
             "would run in; use inference.colocate=false with inference.launcher: ray")
-    if multiprocessing.current_process().daemon:
+    if not uses_model_runner(cfg) and multiprocessing.current_process().daemon:
         raise SGLangEngineError(
             "inference.inference_engine_type='sgl': sgl.Engine starts scheduler/detokenizer child processes, which "
             "a daemonic process may not do (the launchers start sgl engines in non-daemonic processes; a custom "
             "engine_factory must too)")
 
 
+def uses_model_runner(cfg, vision=None) -> bool:
+    """Whether the engine runs SGLang's ModelRunner in its own process (inference/sglang_runner.py: states stay
+    tensors, records are put where they are computed) rather than sgl.Engine (states come back as Python lists):
+    one GPU (tp_size 1, nnodes 1) and a text target; TP engines and image targets need sgl.Engine."""
+    sg = cfg.inference.sglang
+    return int(sg.tp_size) == 1 and int(sg.nnodes) == 1 and vision is None
+
+
 class SGLangEngine:
     def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu",
                  enable_metrics: bool = False,
-                 vision=None, target_config=None):
+                 vision=None, target_config=None, runner=None):
+        self.runner = runner                 # SGLangModelRunnerTarget (in-process path) or None (llm: sgl.Engine)
         self.vision = vision                 # a VLM target's expansion rule (inference/vlm.py); None: text only
         self.target_config = target_config   # names the target when a text target refuses images
         self.llm = llm
@@ -381,14 +398,29 @@ class SGLangEngine:
             # else sgl.Engine never returns: it serves a health check and joins its schedulers (engine.py:686-707)
             os.environ[NONZERO_RANK_RETURNS] = "0"
             return SGLangNodeEngine(sgl.Engine(**kwargs), node_rank)
-        llm = sgl.Engine(**kwargs)
-        logger.info("sgl engine: aux layers %s (hooks on %s), final = %s output", aux_layers,
-                    aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
         from torchspec.inference.vlm import vision_expansion
 
         vision = vision_expansion(target.config, cfg.model.target_model_path, bool(cfg.model.trust_remote_code))
+        llm = runner = None
+        if uses_model_runner(cfg, vision):
+            from torchspec.inference.sglang_runner import SGLangModelRunnerTarget
+
+            if kwargs.get("enable_metrics"):
+                logger.warning("inference.sglang.enable_metrics: the in-process ModelRunner path has no SGLang "
+                               "scheduler or tokenizer manager, which are what write sglang:* metrics; none are logged")
+                kwargs["enable_metrics"] = False
+            runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"])
+        else:
+            logger.warning("sgl engine: tp_size=%s, nnodes=%s%s: runs through sgl.Engine, whose hidden states come "
+                           "back as Python float lists (the in-process ModelRunner path takes one GPU and text only)",
+                           cfg.inference.sglang.tp_size, cfg.inference.sglang.nnodes,
+                           ", an image target" if vision is not None else "")
+            llm = sgl.Engine(**kwargs)
+        logger.info("sgl engine (%s): aux layers %s (hooks on %s), final = %s output",
+                    "in-process ModelRunner" if runner else "sgl.Engine", aux_layers,
+                    aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
         return cls(llm, store, aux_layers, hidden, device, enable_metrics=bool(kwargs.get("enable_metrics")),
-                   vision=vision, target_config=target.config)
+                   vision=vision, target_config=target.config, runner=runner)
 
     def _rows(self, out: dict, n: int, sample_id: str) -> torch.Tensor:
         """The prompt's [n, (len(aux) + 1) * H] rows of one `generate` output."""
@@ -411,6 +443,8 @@ class SGLangEngine:
 
         if not samples:
             return []
+        if self.runner is not None:
+            return self._generate_in_process(samples)
         # the records: placeholders expanded as SGLang expands them; the request: the ids as tokenized + images
         records, images = expand_for_engine(samples, self.vision, self.target_config)
         outs = self.llm.generate(input_ids=[s.input_ids.tolist() for s in samples],
@@ -424,7 +458,27 @@ class SGLangEngine:
             stored.append(put_record(self.store, s, hs[:, :split].contiguous(), hs[:, split:].contiguous()))
         return stored
 
+    def _generate_in_process(self, samples: Sequence) -> list[StoredSample]:
+        """One ModelRunner extend forward; each sample's rows cut from the packed tensor and put from here."""
+        from torchspec.inference.vlm import refuse_images
+
+        refuse_images(samples, self.target_config)   # this path runs text targets only (uses_model_runner)
+        lengths = [int(s.input_ids.numel()) for s in samples]
+        states = self.runner.forward([s.input_ids.tolist() for s in samples])
+        width = (len(self.aux_layers) + 1) * self.hidden_size
+        if tuple(states.shape) != (sum(lengths), width):
+            raise RuntimeError(f"sgl engine: SGLang's ModelRunner returned hidden states of shape "
+                               f"{tuple(states.shape)}, expected ({sum(lengths)}, {width}) = (tokens of the batch, "
+                               f"{len(self.aux_layers)} aux layers + final, x H {self.hidden_size})")
+        states = states.to(device=self.device, dtype=self.dtype)
+        split = len(self.aux_layers) * self.hidden_size
+        return [put_record(self.store, s, rows[:, :split].contiguous(), rows[:, split:].contiguous())
+                for s, rows in zip(samples, torch.split(states, lengths))]
+
     def close(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            runner.close()
         llm, self.llm = self.llm, None
         if llm is not None:
             llm.shutdown()
