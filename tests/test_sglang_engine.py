@@ -405,9 +405,22 @@ class FakeModelRunner(_HFNumbers):
 
     def __init__(self, model_config, mem_fraction_static, gpu_id, tp_rank, tp_size, moe_ep_rank, moe_ep_size,
                  pp_rank, pp_size, nccl_port, server_args, dp_rank=None, is_draft_worker=False, **other):
-        assert isinstance(server_args, FakeServerArgs) and isinstance(nccl_port, int) and tp_size == 1
+        assert isinstance(server_args, FakeServerArgs) and isinstance(nccl_port, int)
+        # one TP rank per process, on its own GPU (base_gpu_id + tp_rank), all ranks of the engine's tp_size
+        assert tp_size == (server_args.tp_size or 1) and 0 <= tp_rank < tp_size and pp_size == 1, (tp_rank, tp_size)
+        assert gpu_id == (server_args.base_gpu_id or 0) + tp_rank, (gpu_id, server_args.base_gpu_id, tp_rank)
+        assert nccl_port == server_args.nccl_port
         self.model_config, self.server_args, self.gpu_id = model_config, server_args, gpu_id
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         self.pid = os.getpid()
+        _standin_fail(tp_rank, "start")
+        _standin_log(f"runner {self.pid} {tp_rank} {gpu_id}")
+        if tp_size > 1:   # init_torch_distributed: the ranks meet at tcp://127.0.0.1:<nccl_port> (gloo here, CPU)
+            import datetime
+
+            torch.distributed.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{nccl_port}", world_size=tp_size, rank=tp_rank,
+                timeout=datetime.timedelta(seconds=server_args.dist_timeout or 120))
         self.hf = self._load(model_config.model_path)
         self.model = self._build_model()
         _register_forward_hooks(self.model, server_args.forward_hooks or [])
@@ -425,8 +438,53 @@ class FakeModelRunner(_HFNumbers):
             prompts.append(ids[offset:offset + n])
             offset += n
         self.forwards.append(lens)
+        _standin_fail(self.tp_rank, "forward")
+        if self.tp_size > 1:   # a TP forward's collectives need every rank, each with the same batch
+            mine = torch.tensor([len(ids), sum(ids), len(lens)], dtype=torch.int64)
+            total = mine.clone()
+            torch.distributed.all_reduce(total)
+            assert torch.equal(total, mine * self.tp_size), f"TP rank {self.tp_rank}: the ranks got different batches"
         out = self._packed_forward(prompts, forward_batch.capture_hidden_mode == FakeCaptureHiddenMode.FULL)
         return FakeModelRunnerOutput(logits_output=out, can_run_graph=False)
+
+
+def _standin_log(line: str) -> None:
+    """One line to the file named by $STANDIN_TP_LOG (shared by the TP rank processes), if set."""
+    path = os.environ.get("STANDIN_TP_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def _standin_fail(rank: int, stage: str) -> None:
+    """$STANDIN_TP_FAIL = "rank:stage:raise|exit": that rank fails at that stage (start / forward)."""
+    spec = os.environ.get("STANDIN_TP_FAIL", "")
+    if spec and spec.split(":")[:2] == [str(rank), stage]:
+        if spec.endswith(":exit"):
+            os._exit(3)
+        raise ValueError(f"stand-in ModelRunner: rank {rank} fails at {stage}\n(second line of the message)")
+
+
+def _install_stand_in_rank() -> None:
+    """sglang_runner.rank_process_setup in the tests: each spawned TP rank gets the stand-in sglang modules, and
+    logs (to $STANDIN_TP_LOG) every record put and every float Tensor.tolist() in its process."""
+    from torchspec.transfer.local import LocalStore as _Store
+
+    sys.modules["sglang"] = types.ModuleType("sglang")
+    sys.modules["sglang"].Engine = FakeEngine
+    sys.modules.update(_srt_modules())
+    real_tolist, real_put = torch.Tensor.tolist, _Store.put
+
+    def tolist(self):
+        if self.is_floating_point():
+            _standin_log(f"tolist {os.getpid()} {tuple(self.shape)}")
+        return real_tolist(self)
+
+    def put(self, key, record):
+        _standin_log(f"put {os.getpid()} {key} {record['aux_hidden_states'].dtype}")
+        return real_put(self, key, record)
+    torch.Tensor.tolist = tolist
+    _Store.put = put
 
 
 def _srt_modules() -> dict:
@@ -476,7 +534,8 @@ def fake_sglang(monkeypatch):
 # -- helpers ---------------------------------------------------------------------------------------------
 
 def _cfg(target_dir, aux=(0, 1, 2), tp_size=1) -> Config:
-    """tp_size 1: the in-process ModelRunner path; > 1 (the stand-in needs no GPUs): the sgl.Engine path."""
+    """tp_size 1: the in-process ModelRunner path; > 1 (the stand-in needs no GPUs): one process per TP rank, or
+    the sgl.Engine path with `_sgl_engine_path`."""
     cfg = Config()
     cfg.model.target_model_path = str(target_dir)
     cfg.inference.inference_engine_type = "sgl"
@@ -499,6 +558,11 @@ def _hf_records(target_dir, tmp_path, aux, samples):
     return {s.sample_id: store.get(s.sample_id) for s in samples}
 
 
+def _sgl_engine_path(monkeypatch) -> None:
+    """Take the sgl.Engine path (what image targets and engines spanning nodes run) for a text target."""
+    monkeypatch.setattr(sgl_engine, "uses_model_runner", lambda cfg, vision=None: False)
+
+
 def _sgl_records(cfg, tmp_path, samples):
     from torchspec.inference.factory import build_engine
 
@@ -516,7 +580,9 @@ def _sgl_records(cfg, tmp_path, samples):
 
 @pytest.mark.parametrize("tp_size", [1, 2])   # 1: in-process ModelRunner; 2: sgl.Engine
 @pytest.mark.parametrize("aux", [[0, 1, 2], [1, 2, 3]])   # 3 = L - 1: the last layer, pre-norm
-def test_records_equal_hf_engine(fake_sglang, tiny_target_dir, tmp_path, aux, tp_size):
+def test_records_equal_hf_engine(fake_sglang, tiny_target_dir, tmp_path, aux, tp_size, monkeypatch):
+    if tp_size > 1:
+        _sgl_engine_path(monkeypatch)
     samples = _samples(512)
     want = _hf_records(tiny_target_dir, tmp_path, aux, samples)
     got, fake = _sgl_records(_cfg(tiny_target_dir, aux, tp_size), tmp_path, samples)
@@ -560,7 +626,7 @@ def test_hook_must_find_the_layer_modules(fake_sglang, tiny_target_dir, tmp_path
         _sgl_records(_cfg(tiny_target_dir), tmp_path, _samples(512)[:2])
 
 
-def test_engine_kwargs_are_the_config(fake_sglang, tiny_target_dir, tmp_path):
+def test_engine_kwargs_are_the_config(fake_sglang, tiny_target_dir, tmp_path, monkeypatch):
     cfg = _cfg(tiny_target_dir, [0, 1, 2])
     sg = cfg.inference.sglang
     sg.mem_fraction_static = 0.55
@@ -614,7 +680,8 @@ def test_engine_kwargs_are_the_config(fake_sglang, tiny_target_dir, tmp_path):
     engine.close()
     engine.close()   # idempotent
     assert engine.runner is None
-    cfg.inference.sglang.tp_size = 2   # the sgl.Engine path: the same keywords to sgl.Engine
+    cfg.inference.sglang.tp_size = 2   # the sgl.Engine path (image targets, several nodes): the same keywords
+    monkeypatch.setattr(sgl_engine, "uses_model_runner", lambda cfg, vision=None: False)
     engine = sgl_engine.build_engine(cfg, store, "cpu")
     passed = FakeEngine.instances[-1].kwargs
     expect = sgl_engine.build_engine_kwargs(cfg, "cpu", [0, 1, 2])
@@ -655,7 +722,8 @@ def test_refused_placements(fake_sglang, tiny_target_dir, tmp_path, monkeypatch)
     with pytest.raises(sgl_engine.SGLangEngineError, match=r"inference.colocate=true"):
         sgl_engine.build_engine(cfg, store, "cpu")
     monkeypatch.setattr(sgl_engine.multiprocessing, "current_process", lambda: types.SimpleNamespace(daemon=True))
-    with pytest.raises(sgl_engine.SGLangEngineError, match=r"child processes, which a daemonic process may not do"):
+    with pytest.raises(sgl_engine.SGLangEngineError, match=r"inference.sglang.tp_size=2: the sgl engine starts child "
+                                                           r"processes .*which a daemonic process may not do"):
         sgl_engine.build_engine(_cfg(tiny_target_dir, tp_size=2), store, "cpu")
     assert FakeEngine.instances == [] and FakeModelRunner.instances == []   # refused before SGLang started
     # the in-process ModelRunner starts no child process: a daemonic engine process may run it
@@ -730,13 +798,14 @@ def test_output_without_hidden_states_is_one_clear_error():
 
 
 @pytest.mark.parametrize("on", [False, True])
-def test_enable_metrics_reaches_sgl_engine_and_its_metrics(fake_sglang, tiny_target_dir, tmp_path, on):
+def test_enable_metrics_reaches_sgl_engine_and_its_metrics(fake_sglang, tiny_target_dir, tmp_path, on, monkeypatch):
     """inference.sglang.enable_metrics goes to sgl.Engine and decides whether the engine reads SGLang's metrics
     (off: metrics() is {} without reading anything; on: read from SGLang's Prometheus files, see
     tests/test_engine_metrics.py for the read itself)."""
     from torchspec.inference.factory import build_engine
 
     cfg = _cfg(tiny_target_dir, tp_size=2)
+    _sgl_engine_path(monkeypatch)
     cfg.inference.sglang.enable_metrics = on
     engine = build_engine(cfg, LocalStore(root=tmp_path / "store"), "cpu")
     try:
@@ -835,7 +904,10 @@ def _put_spy(store) -> list:
 @pytest.mark.parametrize("tp_size", [1, 2])
 def test_in_process_path_never_builds_float_lists(fake_sglang, tiny_target_dir, tmp_path, monkeypatch, tp_size):
     """tp 1: the states reach put_record as torch tensors of the engine's dtype and no float list is ever built;
-    the sgl.Engine path (tp 2) builds one per request in SGLang's scheduler, which the same spy sees."""
+    the sgl.Engine path (here at tp 2) builds one per request in SGLang's scheduler, which the same spy sees.
+    (The TP rank processes: test_tp_engine_records_equal_hf_engine.)"""
+    if tp_size > 1:
+        _sgl_engine_path(monkeypatch)
     samples = _samples(512)
     store = LocalStore(root=tmp_path / "store")
     puts = _put_spy(store)
@@ -880,14 +952,17 @@ def test_in_process_path_without_full_capture_is_one_clear_error(fake_sglang, ti
 
 
 def test_path_choice_and_its_warnings(fake_sglang, tiny_target_dir, tmp_path, caplog):
-    """TP engines take sgl.Engine (and say what that costs); enable_metrics on the in-process path says that no
-    SGLang metrics exist there (no scheduler writes them) instead of being silently ignored."""
+    """Engines spanning nodes (and image targets) take sgl.Engine, and say what that costs; enable_metrics on the
+    in-process path says that no SGLang metrics exist there (no scheduler writes them) instead of being silently
+    ignored."""
     store = LocalStore(root=tmp_path / "store")
     cfg = _cfg(tiny_target_dir, tp_size=4)
+    cfg.inference.sglang.nnodes = 2
+    assert not sgl_engine.uses_model_runner(cfg) and sgl_engine.uses_model_runner(_cfg(tiny_target_dir, tp_size=4))
     with caplog.at_level("WARNING", logger="torchspec.inference.sglang"):
-        engine = sgl_engine.build_engine(cfg, store, "cpu")
+        engine = sgl_engine.SGLangEngine.from_config(cfg, store, "cpu", dist_init_addr="127.0.0.1:1")
     assert engine.llm is not None and engine.runner is None
-    assert "tp_size=4, nnodes=1: runs through sgl.Engine, whose hidden states come back as Python float lists" \
+    assert "tp_size=4, nnodes=2: runs through sgl.Engine, whose hidden states come back as Python float lists" \
         in caplog.text
     engine.close()
     caplog.clear()
@@ -935,3 +1010,94 @@ def test_records_are_put_from_the_engine_process(tiny_target_dir, tmp_path):
         g = store.get(s.sample_id)
         for key in ("aux_hidden_states", "final_hidden_states"):
             torch.testing.assert_close(g[key], want[s.sample_id][key], **TOL)
+
+
+# -- tensor parallel on one node: one process per TP rank, rank 0 puts the records -------------------------------
+
+@pytest.fixture
+def tp_ranks(fake_sglang, tmp_path, monkeypatch):
+    """The spawned TP ranks get the stand-in (sglang_runner.rank_process_setup) and log to a file; -> read it."""
+    from torchspec.inference import sglang_runner
+
+    log = tmp_path / "ranks.log"
+    monkeypatch.setenv("STANDIN_TP_LOG", str(log))
+    monkeypatch.setattr(sglang_runner, "rank_process_setup", _install_stand_in_rank)
+    return lambda: [ln.split() for ln in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_tp_engine_records_equal_hf_engine(tp_ranks, tiny_target_dir, tmp_path, monkeypatch):
+    """tp_size 2: two rank processes, each its own ModelRunner (tp_rank 0/1, GPU base + rank, one nccl_port: they
+    meet through torch.distributed and check every forward got the same batch); the records, put by rank 0 alone,
+    equal the hf engine's; no process builds a float list; sgl.Engine never starts."""
+    samples = _samples(512)
+    want = _hf_records(tiny_target_dir, tmp_path, [0, 1, 2], samples)
+    store = LocalStore(root=tmp_path / "store")
+    engine_lists = _float_tolist_spy(monkeypatch)
+    engine = sgl_engine.build_engine(_cfg(tiny_target_dir, tp_size=2), store, "cpu")
+    group = engine.runner
+    try:
+        stored = engine.generate(samples[:4])
+        stored += engine.generate(samples[4:])   # a second batch: the ranks loop
+    finally:
+        engine.close()
+    assert [(s.key, s.sample_id, s.length) for s in stored] == [(s.sample_id, s.sample_id, len(s)) for s in samples]
+    assert [p.exitcode for p in group.procs] == [0, 0]   # asked to stop, both ended cleanly
+    log = tp_ranks()
+    runners = {int(pid): (int(rank), int(gpu)) for kind, pid, rank, gpu in (ln for ln in log if ln[0] == "runner")}
+    assert sorted(runners.values()) == [(0, 0), (1, 1)] and os.getpid() not in runners
+    rank0 = next(pid for pid, (rank, _) in runners.items() if rank == 0)
+    puts = [ln for ln in log if ln[0] == "put"]
+    assert [ln[2] for ln in puts] == [s.sample_id for s in samples]
+    assert {int(ln[1]) for ln in puts} == {rank0} and all(ln[3] == "torch.float32" for ln in puts)
+    assert [ln for ln in log if ln[0] == "tolist"] == [] and engine_lists == []
+    assert FakeEngine.instances == [] and FakeModelRunner.instances == []   # nothing ran in this process
+    for s in samples:
+        g, w = store.get(s.sample_id), want[s.sample_id]
+        assert torch.equal(g["input_ids"], w["input_ids"]) and torch.equal(g["loss_mask"], w["loss_mask"])
+        for key in ("aux_hidden_states", "final_hidden_states"):
+            assert g[key].dtype == w[key].dtype and g[key].shape == w[key].shape
+            torch.testing.assert_close(g[key], w[key], **TOL)
+
+
+@pytest.mark.parametrize("rank,stage,how", [(1, "forward", "raise"), (1, "forward", "exit"), (1, "start", "raise"),
+                                            (0, "forward", "raise")])
+def test_tp_rank_failure_is_one_error_and_stops_the_group(tp_ranks, tiny_target_dir, tmp_path, monkeypatch,
+                                                          rank, stage, how):
+    """A rank that raises (at start or in a forward) or dies: one error line in the engine's caller naming the rank,
+    the other rank (left waiting in a collective) is stopped, nothing hangs and nothing is put."""
+    import time
+
+    from torchspec.inference import sglang_runner
+
+    monkeypatch.setenv("STANDIN_TP_FAIL", f"{rank}:{stage}:{how}")
+    monkeypatch.setattr(sglang_runner, "ERROR_GRACE_S", 2.0)
+    started = []
+    real_start = sglang_runner.SGLangTPGroup.start.__func__
+
+    def start(cls, *a, **k):   # keep the group to look at its processes afterwards, even when start fails
+        real_init = cls.__init__
+
+        def init(self, *ia):
+            real_init(self, *ia)
+            started.append(self)
+        monkeypatch.setattr(cls, "__init__", init)
+        return real_start(cls, *a, **k)
+    monkeypatch.setattr(sglang_runner.SGLangTPGroup, "start", classmethod(start))
+    store = LocalStore(root=tmp_path / "store")
+    t0 = time.monotonic()
+    other = 1 - rank   # its collective breaks when this rank goes: named after the cause, if it failed in time
+    then = fr"( \(then rank {other} of 2 failed too: see their logs\))?$"
+    expect = (fr"^sgl engine: TP rank {rank} of 2 \(process \d+\) exited with code 3{then}" if how == "exit" else
+              fr"^sgl engine: TP rank {rank} of 2 failed: ValueError: stand-in ModelRunner: rank {rank} fails at "
+              fr"{stage}{then}")
+    with pytest.raises(RuntimeError, match=expect) as e:
+        engine = sgl_engine.build_engine(_cfg(tiny_target_dir, tp_size=2), store, "cpu")
+        try:
+            engine.generate(_samples(512))
+        finally:
+            engine.close()
+    assert "\n" not in str(e.value)
+    assert time.monotonic() - t0 < 120   # no hang (the other rank waits in a collective until terminated)
+    group = started[-1]
+    assert group._closed and all(not p.is_alive() for p in group.procs)
+    assert [ln for ln in tp_ranks() if ln[0] == "put"] == []

@@ -200,6 +200,8 @@ def test_a_different_image_token_count_is_an_error_not_a_misaligned_record(fake_
 @pytest.mark.parametrize("tp_size", [1, 2])   # the in-process ModelRunner path and the sgl.Engine path
 def test_a_text_target_refuses_image_samples(fake_sglang_vlm, tiny_target_dir, tmp_path, monkeypatch, tp_size):
     monkeypatch.setattr(sys.modules["sglang"], "Engine", FakeEngine)
+    if tp_size > 1:   # the sgl.Engine path, as image targets and engines spanning nodes run it
+        monkeypatch.setattr(sgl_engine, "uses_model_runner", lambda cfg, vision=None: False)
     from torchspec.inference.factory import build_engine
 
     engine = build_engine(_cfg(tiny_target_dir, tp_size=tp_size), LocalStore(root=tmp_path / "s"), "cpu")

@@ -319,26 +319,26 @@ def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
         raise SGLangEngineError(
             "inference.colocate=true: sgl.Engine.shutdown() kills every child process of the trainer process it "
             "would run in; use inference.colocate=false with inference.launcher: ray")
-    if not uses_model_runner(cfg) and multiprocessing.current_process().daemon:
+    if (int(inf.sglang.tp_size) > 1 or not uses_model_runner(cfg)) and multiprocessing.current_process().daemon:
         raise SGLangEngineError(
-            "inference.inference_engine_type='sgl': sgl.Engine starts scheduler/detokenizer child processes, which "
-            "a daemonic process may not do (the launchers start sgl engines in non-daemonic processes; a custom "
-            "engine_factory must too)")
+            f"inference.sglang.tp_size={inf.sglang.tp_size}: the sgl engine starts child processes (one per TP "
+            "rank, or sgl.Engine's scheduler/detokenizer), which a daemonic process may not do (the launchers start "
+            "sgl engines in non-daemonic processes; a custom engine_factory must too)")
 
 
 def uses_model_runner(cfg, vision=None) -> bool:
-    """Whether the engine runs SGLang's ModelRunner in its own process (inference/sglang_runner.py: states stay
-    tensors, records are put where they are computed) rather than sgl.Engine (states come back as Python lists):
-    one GPU (tp_size 1, nnodes 1) and a text target; TP engines and image targets need sgl.Engine."""
-    sg = cfg.inference.sglang
-    return int(sg.tp_size) == 1 and int(sg.nnodes) == 1 and vision is None
+    """Whether the engine runs SGLang's ModelRunner itself (inference/sglang_runner.py: states stay tensors,
+    records are put where they are computed; tp_size 1 in the engine's process, tp_size > 1 in one process per
+    TP rank) rather than sgl.Engine (states come back as Python lists): one node and a text target; engines
+    spanning nodes and image targets need sgl.Engine."""
+    return int(cfg.inference.sglang.nnodes) == 1 and vision is None
 
 
 class SGLangEngine:
     def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu",
                  enable_metrics: bool = False,
                  vision=None, target_config=None, runner=None):
-        self.runner = runner                 # SGLangModelRunnerTarget (in-process path) or None (llm: sgl.Engine)
+        self.runner = runner                 # SGLangModelRunnerTarget (tp 1) or SGLangTPGroup; None: llm is sgl.Engine
         self.vision = vision                 # a VLM target's expansion rule (inference/vlm.py); None: text only
         self.target_config = target_config   # names the target when a text target refuses images
         self.llm = llm
@@ -403,21 +403,27 @@ class SGLangEngine:
         vision = vision_expansion(target.config, cfg.model.target_model_path, bool(cfg.model.trust_remote_code))
         llm = runner = None
         if uses_model_runner(cfg, vision):
-            from torchspec.inference.sglang_runner import SGLangModelRunnerTarget
+            from torchspec.inference.sglang_runner import SGLangModelRunnerTarget, SGLangTPGroup
 
             if kwargs.get("enable_metrics"):
                 logger.warning("inference.sglang.enable_metrics: the in-process ModelRunner path has no SGLang "
                                "scheduler or tokenizer manager, which are what write sglang:* metrics; none are logged")
                 kwargs["enable_metrics"] = False
-            runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"])
+            if int(kwargs["tp_size"]) == 1:
+                runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"])
+            else:
+                runner = SGLangTPGroup.start(kwargs, store, len(aux_layers), hidden, device,
+                                             start_timeout=float(cfg.inference.sglang.init_timeout),
+                                             timeout_key="inference.sglang.init_timeout")
         else:
             logger.warning("sgl engine: tp_size=%s, nnodes=%s%s: runs through sgl.Engine, whose hidden states come "
-                           "back as Python float lists (the in-process ModelRunner path takes one GPU and text only)",
+                           "back as Python float lists (the ModelRunner path takes one node and text only)",
                            cfg.inference.sglang.tp_size, cfg.inference.sglang.nnodes,
                            ", an image target" if vision is not None else "")
             llm = sgl.Engine(**kwargs)
         logger.info("sgl engine (%s): aux layers %s (hooks on %s), final = %s output",
-                    "in-process ModelRunner" if runner else "sgl.Engine", aux_layers,
+                    "sgl.Engine" if llm is not None else "ModelRunner in this process" if kwargs["tp_size"] == 1
+                    else f"ModelRunner in {kwargs['tp_size']} TP rank processes", aux_layers,
                     aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
         return cls(llm, store, aux_layers, hidden, device, enable_metrics=bool(kwargs.get("enable_metrics")),
                    vision=vision, target_config=target.config, runner=runner)
@@ -459,21 +465,16 @@ class SGLangEngine:
         return stored
 
     def _generate_in_process(self, samples: Sequence) -> list[StoredSample]:
-        """One ModelRunner extend forward; each sample's rows cut from the packed tensor and put from here."""
+        """One ModelRunner extend forward; each sample's rows cut from the packed tensor and put where they were
+        computed: in this process (tp 1), or in TP rank 0's process (SGLangTPGroup)."""
+        from torchspec.inference.sglang_runner import SGLangTPGroup, put_packed_rows
         from torchspec.inference.vlm import refuse_images
 
         refuse_images(samples, self.target_config)   # this path runs text targets only (uses_model_runner)
-        lengths = [int(s.input_ids.numel()) for s in samples]
+        if isinstance(self.runner, SGLangTPGroup):
+            return self.runner.generate(samples)
         states = self.runner.forward([s.input_ids.tolist() for s in samples])
-        width = (len(self.aux_layers) + 1) * self.hidden_size
-        if tuple(states.shape) != (sum(lengths), width):
-            raise RuntimeError(f"sgl engine: SGLang's ModelRunner returned hidden states of shape "
-                               f"{tuple(states.shape)}, expected ({sum(lengths)}, {width}) = (tokens of the batch, "
-                               f"{len(self.aux_layers)} aux layers + final, x H {self.hidden_size})")
-        states = states.to(device=self.device, dtype=self.dtype)
-        split = len(self.aux_layers) * self.hidden_size
-        return [put_record(self.store, s, rows[:, :split].contiguous(), rows[:, split:].contiguous())
-                for s, rows in zip(samples, torch.split(states, lengths))]
+        return put_packed_rows(self.store, samples, states, len(self.aux_layers), self.hidden_size, self.device)
 
     def close(self) -> None:
         runner, self.runner = self.runner, None

@@ -27,17 +27,59 @@ sglang 0.5.9, and the scheduler itself for a prefill batch):
   ``ModelRunnerOutput.logits_output.hidden_states`` [tokens of the batch, (aux + 1) x H], packed in request
   order; afterwards both pools are cleared (nothing of a batch is reused: no radix cache).
 
-Not built: tensor parallelism here (tp_size > 1 needs one ModelRunner per TP rank, each in its own process
-with the same batch on every rank, which is what sgl.Engine's schedulers do) and images (SGLang's tokenizer
-manager builds the multimodal inputs). Those run through ``sgl.Engine`` (sglang.py chooses, ``uses_model_runner``).
+Tensor parallel on one node (tp_size > 1, nnodes 1): ``SGLangTPGroup``. ModelRunner takes one TP rank per
+process, so the engine spawns tp_size rank processes (torch.multiprocessing "spawn", not daemonic), rank i with
+``gpu_id = base_gpu_id + i``, ``tp_rank=i``, the engine's ``tp_size`` and the same ``nccl_port``. Each builds its
+ModelRunner, whose constructor sets up torch.distributed itself (``init_torch_distributed``:
+``init_distributed_environment(world_size=tp_size * pp_size, rank=tp_size * pp_rank + tp_rank, local_rank=gpu_id,
+distributed_init_method="tcp://127.0.0.1:<nccl_port>")`` when no dist_init_addr is set, then
+``initialize_model_parallel(tensor_model_parallel_size=tp_size, ...)``), so the ranks meet at that port. Every
+batch goes to every rank (the same prompts: each rank builds the same ScheduleBatch, as SGLang's schedulers
+do after their broadcast), all run the forward (its collectives need every rank), and rank 0 alone cuts the
+rows and puts the records, from its own process.
+
+Why rank 0's rows are the whole record: without dp attention, with the all-reduce fusions off (sglang.py
+``ENGINE_MANAGED``), a decoder layer's attention and MLP outputs leave their RowParallelLinear (o_proj,
+down_proj; MoE layers all-reduce their output) already summed over the TP group, so the ``(hidden_states,
+residual)`` a layer returns -- what the aux hooks add up -- are [tokens, H], full width and the same on every
+rank; the final norm's output that the logits processor keeps is full width too (only the vocab-parallel
+lm_head's logits are gathered). Nothing is gathered here; a width that is not (aux + 1) x H is one error.
+
+Errors: a rank that raises sends its one-line error and the engine raises it ("TP rank i of n: ..."); a rank
+that dies (killed, out of memory) is seen by polling the processes every ``ALIVE_CHECK_S``. Either way the
+other ranks are stopped (asked, then terminated after ``CLOSE_GRACE_S``: they may be blocked in a collective
+that will never complete), so nothing hangs.
+
+Not built: images (SGLang's tokenizer manager builds the multimodal inputs) and engines spanning nodes. Those
+run through ``sgl.Engine`` (sglang.py chooses, ``uses_model_runner``). NOT RUN against a real SGLang or on a GPU:
+tests/test_sglang_engine.py runs it against a stand-in ModelRunner whose ranks meet through torch.distributed
+(gloo, CPU) at the nccl_port and check they got the same batch.
 """
 
 from __future__ import annotations
 
+import os
+import queue as queue_mod
+import sys
+import time
+import traceback
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from torchspec.inference.base import StoredSample, compute_dtype, put_record
+from torchspec.utils.procs import exit_text
+
+ALIVE_CHECK_S = 0.2    # how often the engine, while it waits for its TP ranks, checks that they live
+PARENT_CHECK_S = 2.0   # how often an idle rank checks that the engine process still exists
+CLOSE_GRACE_S = 30.0   # how long a stopping rank may take before it is terminated (after an error: ERROR_GRACE_S)
+ERROR_GRACE_S = 5.0
+SETTLE_S = 1.0         # after a rank's failure, how long to wait for the others' before naming the first
+
+# Called first in every TP rank process (before SGLang is imported), e.g. to register out-of-tree SGLang models;
+# must be picklable (a module-level function). None: nothing.
+rank_process_setup: Optional[Callable[[], None]] = None
 
 
 def sglang_api() -> SimpleNamespace:
@@ -69,13 +111,15 @@ class SGLangModelRunnerTarget:
         self.runner, self.api = runner, api
 
     @classmethod
-    def start(cls, engine_kwargs: dict[str, Any], gpu_id: int) -> "SGLangModelRunnerTarget":
+    def start(cls, engine_kwargs: dict[str, Any], gpu_id: int, tp_rank: int = 0,
+              tp_size: int = 1) -> "SGLangModelRunnerTarget":
+        """This process's ModelRunner: TP rank `tp_rank` of `tp_size` (engine_kwargs["tp_size"]) on GPU `gpu_id`."""
         api = sglang_api()
         server_args = api.ServerArgs(**engine_kwargs)
         runner = api.ModelRunner(
             model_config=api.ModelConfig.from_server_args(server_args),
             mem_fraction_static=server_args.mem_fraction_static, gpu_id=int(gpu_id),
-            tp_rank=0, tp_size=1, moe_ep_rank=0, moe_ep_size=1, pp_rank=0, pp_size=1,
+            tp_rank=int(tp_rank), tp_size=int(tp_size), moe_ep_rank=0, moe_ep_size=1, pp_rank=0, pp_size=1,
             nccl_port=int(engine_kwargs["nccl_port"]), server_args=server_args)
         return cls(runner, api)
 
@@ -119,3 +163,167 @@ class SGLangModelRunnerTarget:
 
     def close(self) -> None:
         self.runner = None
+
+
+def put_packed_rows(store, samples: Sequence, states: torch.Tensor, num_aux: int, hidden_size: int,
+                    device: torch.device | str) -> list[StoredSample]:
+    """Cut the packed rows of one forward ([tokens of the batch, (num_aux + 1) x H], samples in order) per sample
+    and put each record (aux | final), as tensors of the engine's device and dtype."""
+    lengths = [int(s.input_ids.numel()) for s in samples]
+    width = (num_aux + 1) * hidden_size
+    if tuple(states.shape) != (sum(lengths), width):
+        raise RuntimeError(f"sgl engine: SGLang's ModelRunner returned hidden states of shape "
+                           f"{tuple(states.shape)}, expected ({sum(lengths)}, {width}) = (tokens of the batch, "
+                           f"{num_aux} aux layers + final, x H {hidden_size})")
+    device = torch.device(device)
+    states = states.to(device=device, dtype=compute_dtype(device))
+    split = num_aux * hidden_size
+    return [put_record(store, s, rows[:, :split].contiguous(), rows[:, split:].contiguous())
+            for s, rows in zip(samples, torch.split(states, lengths))]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _rank_main(rank: int, tp_size: int, engine_kwargs: dict, gpu_id: int, store, record_layout: tuple,
+               setup: Optional[Callable[[], None]], inbox, outbox) -> None:
+    """One TP rank's process: its ModelRunner, then every batch the engine sends; rank 0 puts the records."""
+    target = None
+    try:
+        if setup is not None:
+            setup()
+        target = SGLangModelRunnerTarget.start(engine_kwargs, gpu_id, tp_rank=rank, tp_size=tp_size)
+        outbox.put(("ready", rank, None))
+        parent = os.getppid()
+        while True:
+            try:
+                job = inbox.get(timeout=PARENT_CHECK_S)
+            except queue_mod.Empty:
+                if os.getppid() != parent:   # the engine process is gone without a stop: do not outlive it
+                    break
+                continue
+            if job is None:
+                break
+            prompts, samples = job
+            states = target.forward(prompts)
+            stored = put_packed_rows(store, samples, states, *record_layout) if rank == 0 else None
+            outbox.put(("done", rank, stored))
+    except KeyboardInterrupt:
+        pass
+    except BaseException as e:
+        traceback.print_exc(file=sys.stderr)   # the whole story in the rank's log; one line to the engine
+        outbox.put(("error", rank, _one_line(e)))
+    finally:
+        if target is not None:
+            target.close()
+
+
+class SGLangTPGroup:
+    """An engine's tp_size TP rank processes (module docstring): the same batch to all, records put by rank 0."""
+
+    def __init__(self, procs, inboxes, outbox):
+        self.procs, self.inboxes, self.outbox = procs, inboxes, outbox
+        self.tp_size = len(procs)
+        self._closed = False
+
+    @classmethod
+    def start(cls, engine_kwargs: dict[str, Any], store, num_aux: int, hidden_size: int,
+              device: torch.device | str, start_timeout: float, timeout_key: str = "") -> "SGLangTPGroup":
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        tp_size, base = int(engine_kwargs["tp_size"]), int(engine_kwargs.get("base_gpu_id") or 0)
+        layout = (int(num_aux), int(hidden_size), str(device))
+        outbox, inboxes = ctx.Queue(), [ctx.Queue() for _ in range(tp_size)]
+        procs = [ctx.Process(target=_rank_main, name=f"torchspec-sgl-tp{r}", daemon=False,
+                             args=(r, tp_size, engine_kwargs, base + r, store if r == 0 else None, layout,
+                                   rank_process_setup, inboxes[r], outbox))
+                 for r in range(tp_size)]
+        group = cls(procs, inboxes, outbox)
+        try:   # a rank that fails or dies while loading is reported at once; the others are stopped
+            for p in procs:
+                p.start()
+            group._wait("ready", start_timeout, f"sgl engine: the {tp_size} TP ranks were not ready within "
+                        f"{start_timeout:.0f} s" + (f" ({timeout_key})" if timeout_key else ""))
+        except BaseException:
+            group.close(ERROR_GRACE_S)
+            raise
+        return group
+
+    def _wait(self, expect: str, timeout: Optional[float], timeout_text: str = "") -> dict[int, Any]:
+        """{rank: payload} of one `expect` message from every rank; a rank's error or death raises (one line)."""
+        got: dict[int, Any] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(got) < self.tp_size:
+            try:
+                kind, rank, payload = self.outbox.get(timeout=ALIVE_CHECK_S)
+            except queue_mod.Empty:
+                if any(not p.is_alive() for r, p in enumerate(self.procs) if r not in got):
+                    raise self._failure({})
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RuntimeError(timeout_text)
+                continue
+            if kind == "error":
+                raise self._failure({rank: payload})
+            if kind != expect:
+                raise RuntimeError(f"sgl engine: TP rank {rank}: unexpected message {kind!r}")
+            got[rank] = payload
+        return got
+
+    def _failure(self, errors: dict[int, str]) -> RuntimeError:
+        """One line for the first failure: a rank's death or error. A rank whose collective broke because another
+        rank died or raised fails too, a moment later; those are named after the cause, their messages left to
+        their logs. The ranks are given SETTLE_S to show which came first."""
+        deadline = time.monotonic() + SETTLE_S
+        while time.monotonic() < deadline:
+            try:
+                kind, rank, payload = self.outbox.get(timeout=ALIVE_CHECK_S)
+                if kind == "error":
+                    errors.setdefault(rank, payload)
+            except queue_mod.Empty:
+                pass
+        causes = [f"TP rank {r} of {self.tp_size} (process {p.pid}) {exit_text(p.exitcode)}"
+                  for r, p in enumerate(self.procs) if not p.is_alive() and p.exitcode != 0 and r not in errors]
+        causes += [f"TP rank {r} of {self.tp_size} failed: {text}" for r, text in errors.items()]
+        causes = causes or [f"TP rank {r} of {self.tp_size} (process {p.pid}) {exit_text(p.exitcode)} unasked"
+                            for r, p in enumerate(self.procs) if not p.is_alive()]
+        line = "sgl engine: " + causes[0]
+        if len(causes) > 1:
+            others = [c.split(" (process")[0].split(" failed:")[0].removeprefix("TP ") for c in causes[1:]]
+            line += f" (then {', '.join(others)} failed too: see their logs)"
+        return RuntimeError(line)
+
+    def generate(self, samples: Sequence) -> list[StoredSample]:
+        """One forward of `samples` on every rank; rank 0's puts. Any rank's failure stops the group."""
+        if self._closed:
+            raise RuntimeError("sgl engine: its TP ranks were stopped after an earlier failure")
+        prompts = [s.input_ids.tolist() for s in samples]
+        try:
+            for r, q in enumerate(self.inboxes):
+                q.put((prompts, list(samples) if r == 0 else None))
+            return self._wait("done", None)[0]
+        except BaseException:
+            self.close(ERROR_GRACE_S)
+            raise
+
+    def close(self, grace: float = CLOSE_GRACE_S) -> None:
+        """Ask every rank to stop; terminate those still running after `grace` s (stuck in a collective)."""
+        if self._closed:
+            return
+        self._closed = True
+        for q, p in zip(self.inboxes, self.procs):
+            if p.is_alive():
+                q.put(None)
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            if p.pid is None:   # never started
+                continue
+            p.join(timeout=max(deadline - time.monotonic(), 0.01))
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        for q in self.inboxes:   # nothing queued is wanted any more (see launcher_local.ProcessEngines.close)
+            q.cancel_join_thread()
+            q.close()

@@ -4,26 +4,12 @@ they see it, so a run stops within seconds instead of at training.distributed_ti
 
 from __future__ import annotations
 
-import signal
-
 from torchspec.transfer.base import StoreUnavailable
+from torchspec.utils.procs import exit_text  # noqa: F401  (re-exported: the launchers import it from here)
 
 
 class WorkerFailure(RuntimeError):
     """A trainer rank or inference engine died (crash, kill, out of memory) or raised."""
-
-
-def exit_text(code: int | None) -> str:
-    """How a process ended, from its exit code (negative = killed by that signal)."""
-    if code is None:
-        return "is gone"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name} (exit code {code})"
-    return f"exited with code {code}"
 
 
 def ray_death_text(error) -> str:
