@@ -1,12 +1,15 @@
 """The `sgl` engine: the target runs in SGLang, its aux layers captured by SGLang's ``forward_hooks`` option.
 
 Two paths (``uses_model_runner``):
-- one GPU and a text target (tp_size 1, nnodes 1): SGLang's ``ModelRunner`` in this process
+- a text target on one node (nnodes 1): SGLang's ``ModelRunner`` driven by this engine
   (inference/sglang_runner.py): one extend forward per batch, the hidden states stay a torch tensor and
-  each record is put in the store from here -- never a Python list, never another process. Not run against
-  a real SGLang (tested against a stand-in of the sglang.srt classes it calls, tests/test_sglang_engine.py);
-- otherwise (tensor parallel, several nodes, an image target): ``sgl.Engine`` with ``return_hidden_states``,
-  described below; its states come back as Python float lists (Cost, at the end). A warning at start says so.
+  each record is put in the store by the process that computed it -- never a Python list. tp_size 1: in this
+  process; tp_size N > 1: N spawned rank processes, the same batch to each, rank 0 puts the records
+  (``SGLangTPGroup``). Not run against a real SGLang or a GPU (tested against a stand-in of the sglang.srt
+  classes it calls, whose TP ranks meet through torch.distributed on CPU, tests/test_sglang_engine.py);
+- otherwise (several nodes, an image target -- the shipped Kimi-K2.5 configs are both): ``sgl.Engine`` with
+  ``return_hidden_states``, described below; its states come back as Python float lists (Cost, at the end). A
+  warning at start says so.
 
 Written against SGLang v0.5.10.post1 (the PyPI wheel ``sglang-0.5.10.post1-py3-none-any.whl``, the
 release the original TorchSpec patches at commit 94f03a39db), UNPATCHED. Paths below are under
@@ -115,11 +118,11 @@ Not run against a real SGLang: tests/test_sglang_engine.py's stand-in expands th
 
 Cost (sgl.Engine path only): unpatched SGLang turns the returned hidden states into Python float lists in its
 scheduler (``.cpu().clone().tolist()``) and ships them through ZMQ; through that public API the copy cannot be
-avoided (the engine turns them back into one tensor per sample at once). The in-process ModelRunner path avoids
-it for one-GPU text engines. For TP engines, writing the records from inside SGLang's scheduler process (a hook
-on the logits processor putting each request's rows in the store) would avoid it too, but needs each request's
-id inside that hook and a store client in every scheduler process: NOT built. TP inside this process is not
-built either: each TP rank's ModelRunner needs its own process and the same batch (SGLang's schedulers do that).
+avoided (the engine turns them back into one tensor per sample at once). The ModelRunner path avoids
+it for text targets on one node, at any tp_size. For engines spanning nodes and image targets, writing the
+records from inside SGLang's scheduler process (a hook on the logits processor putting each request's rows in
+the store) would avoid it too, but needs each request's id inside that hook and a store client in every
+scheduler process: NOT built.
 """
 
 from __future__ import annotations
