@@ -94,6 +94,52 @@ def tau(name: str, work: Path, cache: Path, args) -> dict:
     return json.loads(out.read_text())
 
 
+def vllm_python(arg: str | None) -> Path:
+    """The vLLM venv's interpreter: --vllm-python, else VLLM_PYTHON, else VLLM_VENV/bin/python, else .venv-vllm
+    (scripts/setup_vllm.sh), as tests/test_vllm_eagle3.py finds it."""
+    return Path(arg or os.environ.get("VLLM_PYTHON")
+                or Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm")) / "bin" / "python")
+
+
+def vllm_check(runs: dict, work: Path, cache: Path, args) -> dict:
+    """Both drafts' tau measured by vLLM itself (tests/vllm_scripts/run_vllm.py: its spec-decode counters,
+    1 + accepted / drafts), on the prompt token ids our evaluator used, greedy, the same k, max tokens and EOS
+    stop; one vLLM process serves both drafts. Returns per draft vLLM's counters, tau, and how its outputs
+    compare with ours token for token."""
+    py = vllm_python(args.vllm_python)
+    if not py.exists():
+        raise SystemExit(f"--vllm: no vLLM venv python at {py} (create it: bash scripts/setup_vllm.sh, "
+                         "or pass --vllm-python)")
+    prompts = runs["answers"]["eval"]["prompt_token_ids"]
+    for name in runs:
+        if runs[name]["eval"]["prompt_token_ids"] != prompts:
+            raise SystemExit(f"{name}: our evaluator used other prompts than for 'answers'")
+    spec_path, out_path = work / "vllm_spec.json", work / "vllm_out.json"
+    spec_path.write_text(json.dumps({
+        "target": str(cache / "target"), "prompts": prompts, "max_tokens": args.eval_max_new_tokens,
+        "ignore_eos": False, "max_model_len": max(map(len, prompts)) + args.eval_max_new_tokens + args.k + 8,
+        "runs": [{"draft": str(work / name / "export"), "num_speculative_tokens": args.k} for name in runs]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
+    cmd = [str(py), str(REPO / "tests" / "vllm_scripts" / "run_vllm.py"), str(spec_path), str(out_path)]
+    log("vllm: " + " ".join(cmd))
+    t0 = time.perf_counter()
+    with open(work / "vllm.log", "w") as out:
+        rc = subprocess.call(cmd, cwd=str(REPO), env=env, stdout=out, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"vLLM run failed (exit code {rc}); see {work / 'vllm.log'}")
+    result = {"seconds": time.perf_counter() - t0}
+    for name, r in zip(runs, json.loads(out_path.read_text())["runs"]):
+        v, ours = r["spec_decode"], runs[name]["eval"]
+        tv = 1 + v["num_accepted_tokens"] / v["num_drafts"]
+        same = sum(a == b for a, b in zip(r["outputs"], ours["outputs"]))
+        result[name] = {**v, "tau": tv, "tau_ours": ours["tau"], "relative_difference": ours["tau"] / tv - 1,
+                        "identical_outputs": same, "num_prompts": len(prompts),
+                        "tokens_generated": sum(map(len, r["outputs"]))}
+        log(f"{name}: tau vLLM {tv:.4f} ({v['num_drafts']} drafts, accepted per position {v['accepted_per_pos']}), "
+            f"ours {ours['tau']:.4f}; {same}/{len(prompts)} outputs identical to ours")
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/bench_regenerate.py", description=__doc__.split("\n")[0])
     p.add_argument("--cache-dir", default=str(REPO / ".cache" / "quickstart"), help="quickstart target + data")
@@ -103,6 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts for tau")
     p.add_argument("--eval-max-new-tokens", type=int, default=32)
     p.add_argument("-k", type=int, default=3, help="draft tokens per verification")
+    p.add_argument("--vllm", action="store_true",
+                   help="also measure both drafts' tau with vLLM (CPU, its own venv) on the same prompts")
+    p.add_argument("--vllm-python", default=None, help="the vLLM venv's python (default: .venv-vllm/bin/python)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for both runs")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -128,6 +177,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"unequal steps: {runs['answers']['steps']} vs {runs['regenerated']['steps']}")
     for name in runs:
         runs[name]["eval"] = tau(name, work, cache, args)
+    check = vllm_check(runs, work, cache, args) if args.vllm else None
 
     gen = runs["regenerated"]["generation"]
     rate = gen["generated_tokens"] / gen["seconds"]
@@ -139,7 +189,11 @@ def main(argv=None) -> int:
                "generated_tokens": gen["generated_tokens"], "truncated_replies": gen["truncated"],
                "generation_s": gen["seconds"], "generation_tokens_per_s": rate,
                "regenerated_run_s": runs["regenerated"]["process_s"], "generation_share": share,
-               "answers_run_s": runs["answers"]["process_s"], "total_s": time.perf_counter() - t0, "runs": runs}
+               "answers_run_s": runs["answers"]["process_s"], "runs": runs}
+    if check:
+        summary["vllm"] = check
+        summary["tau_ratio_vllm"] = check["regenerated"]["tau"] / check["answers"]["tau"]
+    summary["total_s"] = time.perf_counter() - t0
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n".join([
         "", "=" * 72,
@@ -148,6 +202,13 @@ def main(argv=None) -> int:
         f"  tau, draft trained on the dataset's answers   {ta:.4f}",
         f"  tau, draft trained on regenerated replies     {tr:.4f}",
         f"  ratio regenerated / answers                   {tr / ta:.3f}  ({(tr / ta - 1) * 100:+.1f}%)",
+        *([] if not check else [
+            "tau measured by vLLM (its spec-decode counters; same prompts, k, greedy, max tokens, EOS stop):",
+            *(f"  {name:<12} vLLM {check[name]['tau']:.4f}  ours {check[name]['tau_ours']:.4f}  "
+              f"(ours/vLLM - 1 = {check[name]['relative_difference'] * 100:+.2f}%; "
+              f"{check[name]['identical_outputs']}/{check[name]['num_prompts']} outputs identical)" for name in runs),
+            f"  ratio regenerated / answers under vLLM        {summary['tau_ratio_vllm']:.3f}  "
+            f"({(summary['tau_ratio_vllm'] - 1) * 100:+.1f}%)"]),
         f"generation: {gen['generated_tokens']} tokens in {gen['seconds']:.1f}s = {rate:.0f} tokens/s "
         f"({gen['truncated']} replies cut at {args.max_new_tokens}); {share * 100:.0f}% of the regenerated run's "
         f"{runs['regenerated']['process_s']:.0f}s (answers run: {runs['answers']['process_s']:.0f}s)",
