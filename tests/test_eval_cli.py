@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_tiny_draft import trained_setup  # noqa: E402
@@ -39,10 +40,13 @@ def test_trained_beats_untrained_and_is_lossless(setup, tmp_path, capsys):
     trained = _run(paths, data, "trained", tmp_path, "--speedup")
     untrained = _run(paths, data, "untrained", tmp_path)
     printed = capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(str(paths["target"]))
     assert "tau (mean acceptance length)" in printed and "ESTIMATED speedup" in printed
     for r in (trained, untrained):
         assert r["num_prompts"] == 6 and r["tokens_generated"] == 6 * 32
         assert r["greedy_match_rate"] == 1.0 and r["identical_outputs"] == 6
+        assert len(r["prompt_token_ids"]) == 6 and all(len(o) == 32 for o in r["outputs"])  # --output's ids
+        assert "def parse(self, text):" in tokenizer.decode(r["prompt_token_ids"][0])
         assert r["num_draft_tokens"] == 3 * r["num_drafts"]
         assert r["tau"] == pytest.approx(1 + r["num_accepted_tokens"] / r["num_drafts"])
         rates = r["acceptance_rate_per_pos"]

@@ -4,8 +4,9 @@ Greedy generation of token-id prompts with vLLM on CPU, optionally with EAGLE-3 
 writing the generated token ids and vLLM's spec_decode counters as JSON.
 
   python run_vllm.py SPEC.json OUT.json
-SPEC: {"target": DIR, "prompts": [[ids]...], "max_tokens": N, "max_model_len": M,
+SPEC: {"target": DIR, "prompts": [[ids]...], "max_tokens": N, "max_model_len": M, "ignore_eos": true,
        "runs": [{"draft": DIR or null, "num_speculative_tokens": k}, ...]}
+       ("ignore_eos": false stops a reply at the target's EOS, as `python -m torchspec.eval` does by default)
 OUT:  {"runs": [{"outputs": [[ids]...], "spec_decode": {num_drafts, num_draft_tokens,
        num_accepted_tokens, accepted_per_pos} (speculative runs only)}, ...]}
 One process runs every engine in turn (vLLM's import and start-up dominate the time on CPU).
@@ -48,7 +49,7 @@ def run_one(spec: dict, run: dict) -> dict:
         kwargs["speculative_config"] = {"method": "eagle3", "model": run["draft"],
                                         "num_speculative_tokens": run["num_speculative_tokens"]}
     llm = LLM(**kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=spec.get("ignore_eos", True))
     outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
     result = {"outputs": [list(o.outputs[0].token_ids) for o in outs]}
     if run.get("draft"):

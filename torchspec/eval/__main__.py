@@ -119,7 +119,9 @@ def run(args, say=print) -> dict:
                              compare_greedy=not args.no_greedy_check, progress=sys.stderr.isatty())
     out = {"target": str(args.target), "draft": str(args.draft), "data": str(args.data),
            "num_draft_steps": args.num_draft_steps, "max_new_tokens": args.max_new_tokens, "device": device,
-           "dtype": str(dtype).replace("torch.", ""), "prompt_selection": selection.as_dict(), **res.as_dict()}
+           "dtype": str(dtype).replace("torch.", ""), "prompt_selection": selection.as_dict(), **res.as_dict(),
+           # what was asked and answered, token ids per prompt (another engine can be run on the same prompts)
+           "prompt_token_ids": [list(p) for p in prompts], "outputs": res.outputs}
     if args.speedup:
         from torchspec.eval.speedup import estimate_speedup, measure_costs
 
