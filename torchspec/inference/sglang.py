@@ -334,7 +334,7 @@ def uses_model_runner(cfg, vision=None) -> bool:
     records are put where they are computed; tp_size 1 in the engine's process, tp_size > 1 in one process per
     TP rank) rather than sgl.Engine (states come back as Python lists): one node and a text target; engines
     spanning nodes and image targets need sgl.Engine."""
-    return int(cfg.inference.sglang.nnodes) == 1 and vision is None
+    return int(cfg.inference.sglang.nnodes) == 1 and (vision is None or int(cfg.inference.sglang.tp_size) == 1)
 
 
 class SGLangEngine:
@@ -413,14 +413,15 @@ class SGLangEngine:
                                "scheduler or tokenizer manager, which are what write sglang:* metrics; none are logged")
                 kwargs["enable_metrics"] = False
             if int(kwargs["tp_size"]) == 1:
-                runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"])
+                runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"],
+                                                       images=vision is not None)
             else:
                 runner = SGLangTPGroup.start(kwargs, store, len(aux_layers), hidden, device,
                                              start_timeout=float(cfg.inference.sglang.init_timeout),
                                              timeout_key="inference.sglang.init_timeout")
         else:
             logger.warning("sgl engine: tp_size=%s, nnodes=%s%s: runs through sgl.Engine, whose hidden states come "
-                           "back as Python float lists (the ModelRunner path takes one node and text only)",
+                           "back as Python float lists (the ModelRunner path takes one node, and image targets at tp_size 1 only)",
                            cfg.inference.sglang.tp_size, cfg.inference.sglang.nnodes,
                            ", an image target" if vision is not None else "")
             llm = sgl.Engine(**kwargs)
@@ -471,13 +472,24 @@ class SGLangEngine:
         """One ModelRunner extend forward; each sample's rows cut from the packed tensor and put where they were
         computed: in this process (tp 1), or in TP rank 0's process (SGLangTPGroup)."""
         from torchspec.inference.sglang_runner import SGLangTPGroup, put_packed_rows
-        from torchspec.inference.vlm import refuse_images
+        from torchspec.inference.vlm import expand_for_engine, refuse_images
 
-        refuse_images(samples, self.target_config)   # this path runs text targets only (uses_model_runner)
         if isinstance(self.runner, SGLangTPGroup):
+            refuse_images(samples, self.target_config)   # tp > 1 runs text targets only (uses_model_runner)
             return self.runner.generate(samples)
-        states = self.runner.forward([s.input_ids.tolist() for s in samples])
-        return put_packed_rows(self.store, samples, states, len(self.aux_layers), self.hidden_size, self.device)
+        # the records: placeholders expanded by the target's image processor, as the hf engine expands them
+        records, images = expand_for_engine(samples, self.vision, self.target_config)
+        ran: list = []
+        states = self.runner.forward([s.input_ids.tolist() for s in samples], images, expanded=ran)
+        for r, ids in zip(records if images is not None else (), ran):
+            want = r.input_ids.tolist()
+            if ids != want:
+                raise RuntimeError(f"sgl engine: sample {r.sample_id}: SGLang's multimodal processor expanded the "
+                                   f"image placeholders to {len(ids)} tokens, the target's image processor (the hf "
+                                   f"engine's expansion, which the record holds) to {len(want)}"
+                                   + ("" if len(ids) != len(want) else " with other token ids")
+                                   + ": the hidden states would not match the record's tokens")
+        return put_packed_rows(self.store, records, states, len(self.aux_layers), self.hidden_size, self.device)
 
     def close(self) -> None:
         runner, self.runner = self.runner, None
