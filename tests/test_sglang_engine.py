@@ -810,7 +810,8 @@ def test_engine_kwargs_are_the_config(fake_sglang, tiny_target_dir, tmp_path, mo
     store = LocalStore(root=tmp_path / "store")
     engine = sgl_engine.build_engine(cfg, store, "cpu")
     runner = FakeModelRunner.instances[-1]
-    passed = {k: v for k, v in vars(runner.server_args).items() if v is not None and k != "page_size"}
+    defaults = ("page_size", "tokenizer_path", "tokenizer_mode", "disable_fast_image_processor", "mm_process_config")
+    passed = {k: v for k, v in vars(runner.server_args).items() if v is not None and k not in defaults}
     expect = sgl_engine.build_engine_kwargs(cfg, "cpu", [0, 1, 2])
     assert isinstance(passed["nccl_port"], int) and runner.gpu_id == 0
     for k in ("port", "nccl_port"):
