@@ -1,13 +1,15 @@
 """The `sgl` engine: the target runs in SGLang, its aux layers captured by SGLang's ``forward_hooks`` option.
 
 Two paths (``uses_model_runner``):
-- a text target on one node (nnodes 1): SGLang's ``ModelRunner`` driven by this engine
+- a text target on one node (nnodes 1), or a Qwen-VL image target on one node at tp_size 1 (SGLang's own
+  multimodal processor runs in this process, its MultimodalInputs attached to each Req as SGLang's scheduler
+  attaches them; records are our expansion of the sample, checked token for token against SGLang's): SGLang's ``ModelRunner`` driven by this engine
   (inference/sglang_runner.py): one extend forward per batch, the hidden states stay a torch tensor and
   each record is put in the store by the process that computed it -- never a Python list. tp_size 1: in this
   process; tp_size N > 1: N spawned rank processes, the same batch to each, rank 0 puts the records
   (``SGLangTPGroup``). Not run against a real SGLang or a GPU (tested against a stand-in of the sglang.srt
   classes it calls, whose TP ranks meet through torch.distributed on CPU, tests/test_sglang_engine.py);
-- otherwise (several nodes, an image target -- the shipped Kimi-K2.5 configs are both): ``sgl.Engine`` with
+- otherwise (several nodes -- the shipped Kimi-K2.5 configs --, an image target at tp_size > 1): ``sgl.Engine`` with
   ``return_hidden_states``, described below; its states come back as Python float lists (Cost, at the end). A
   warning at start says so.
 
@@ -119,7 +121,8 @@ Not run against a real SGLang: tests/test_sglang_engine.py's stand-in expands th
 Cost (sgl.Engine path only): unpatched SGLang turns the returned hidden states into Python float lists in its
 scheduler (``.cpu().clone().tolist()``) and ships them through ZMQ; through that public API the copy cannot be
 avoided (the engine turns them back into one tensor per sample at once). The ModelRunner path avoids
-it for text targets on one node, at any tp_size. For engines spanning nodes and image targets, writing the
+it for text targets on one node at any tp_size and image targets on one node at tp_size 1. For engines spanning
+nodes and image targets at tp_size > 1, writing the
 records from inside SGLang's scheduler process (a hook on the logits processor putting each request's rows in
 the store) would avoid it too, but needs each request's id inside that hook and a store client in every
 scheduler process: NOT built.
@@ -332,8 +335,9 @@ def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
 def uses_model_runner(cfg, vision=None) -> bool:
     """Whether the engine runs SGLang's ModelRunner itself (inference/sglang_runner.py: states stay tensors,
     records are put where they are computed; tp_size 1 in the engine's process, tp_size > 1 in one process per
-    TP rank) rather than sgl.Engine (states come back as Python lists): one node and a text target; engines
-    spanning nodes and image targets need sgl.Engine."""
+    TP rank) rather than sgl.Engine (states come back as Python lists): one node, and for an image target
+    tp_size 1 (its image inputs are made in this process); engines spanning nodes and image targets at
+    tp_size > 1 need sgl.Engine."""
     return int(cfg.inference.sglang.nnodes) == 1 and (vision is None or int(cfg.inference.sglang.tp_size) == 1)
 
 

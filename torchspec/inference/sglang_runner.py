@@ -50,10 +50,20 @@ that dies (killed, out of memory) is seen by polling the processes every ``ALIVE
 other ranks are stopped (asked, then terminated after ``CLOSE_GRACE_S``: they may be blocked in a collective
 that will never complete), so nothing hangs.
 
-Not built: images (SGLang's tokenizer manager builds the multimodal inputs) and engines spanning nodes. Those
-run through ``sgl.Engine`` (sglang.py chooses, ``uses_model_runner``). NOT RUN against a real SGLang or on a GPU:
+Images (a Qwen-VL target, tp_size 1 only): ``start_mm_processor`` builds SGLang's multimodal processor as its
+tokenizer manager does (``import_processors``, ``get_processor``, ``get_mm_processor`` with transport "default":
+the tensors stay in this process); per image request ``process_mm_data_async(image_data=, input_text=<ids>,
+request_obj=GenerateReqInput)`` gives the expanded ids and items, ``MultimodalInputs.from_processor_output``
+their pad values, and ``_attach_images`` does what the scheduler's ``handle_generate_request`` does (the model's
+``pad_input_ids``, ``req.extend_image_inputs``, M-RoPE positions when missing). ScheduleBatch carries
+``req.multimodal_inputs`` to ``ForwardBatch.mm_inputs``, which the model's forward embeds.
+
+Not built: images at tp_size > 1 (the processor's image inputs would have to reach every rank process, as
+SGLang's scheduler broadcasts them) and engines spanning nodes. Those run through ``sgl.Engine`` (sglang.py
+chooses, ``uses_model_runner``). NOT RUN against a real SGLang or on a GPU:
 tests/test_sglang_engine.py runs it against a stand-in ModelRunner whose ranks meet through torch.distributed
-(gloo, CPU) at the nccl_port and check they got the same batch.
+(gloo, CPU) at the nccl_port and check they got the same batch; tests/test_sglang_multimodal.py runs image
+samples against stand-ins of the processor and multimodal classes above.
 """
 
 from __future__ import annotations
