@@ -257,7 +257,9 @@ class FakeEngine(_HFNumbers):
 
 class FakeServerArgs:
     """sglang.srt.server_args.ServerArgs: a dataclass of the fields above (others refused); its __post_init__
-    fills mem_fraction_static when None; page_size defaults to 1."""
+    fills mem_fraction_static when None and tokenizer_path from model_path; page_size defaults to 1; the
+    processor fields the tokenizer manager reads keep their defaults (tokenizer_mode "auto", revision None,
+    disable_fast_image_processor False, mm_process_config {})."""
 
     def __init__(self, **kwargs):
         unknown = sorted(set(kwargs) - set(SERVER_ARGS_FIELDS))
@@ -266,15 +268,21 @@ class FakeServerArgs:
         self.__dict__.update({k: None for k in SERVER_ARGS_FIELDS})
         self.__dict__.update(kwargs)
         self.page_size = 1
+        self.tokenizer_path, self.tokenizer_mode, self.revision = self.model_path, "auto", None
+        self.disable_fast_image_processor, self.mm_process_config = False, {}
         if self.mem_fraction_static is None:
             self.mem_fraction_static = 0.8
 
 
 class FakeModelConfig:
-    """sglang.srt.configs.model_config.ModelConfig (from_server_args reads model_path)."""
+    """sglang.srt.configs.model_config.ModelConfig (from_server_args reads model_path; hf_config: the target's
+    transformers config)."""
 
     def __init__(self, model_path):
+        from transformers import AutoConfig
+
         self.model_path = model_path
+        self.hf_config = AutoConfig.from_pretrained(model_path)
 
     @classmethod
     def from_server_args(cls, server_args):
@@ -295,15 +303,126 @@ class FakeSamplingParams:
 
 class FakeReq:
     """sglang.srt.managers.schedule_batch.Req: rid, origin_input_text, origin_input_ids, sampling_params;
-    prefix_indices empty (nothing cached); fill_ids / extend_input_len set by whoever schedules it."""
+    prefix_indices empty (nothing cached); fill_ids / extend_input_len set by whoever schedules it;
+    origin_input_ids_unpadded = the ids as given (before image pad values); multimodal_inputs None until
+    extend_image_inputs."""
 
     def __init__(self, rid, origin_input_text, origin_input_ids, sampling_params, **other):
         assert isinstance(origin_input_ids, list) and all(isinstance(t, int) for t in origin_input_ids)
         self.rid, self.origin_input_text, self.origin_input_ids = rid, origin_input_text, origin_input_ids
+        self.origin_input_ids_unpadded = origin_input_ids
+        self.multimodal_inputs = None
         self.sampling_params = sampling_params
         self.prefix_indices = torch.empty(0, dtype=torch.int64)
         self.fill_ids = None
         self.extend_input_len = None
+
+    def extend_image_inputs(self, image_inputs):
+        assert self.multimodal_inputs is None, "stand-in: merging multimodal inputs is not modelled"
+        self.multimodal_inputs = image_inputs
+
+
+class FakeModality:
+    """sglang.srt.managers.schedule_batch.Modality."""
+    IMAGE, VIDEO, AUDIO = "IMAGE", "VIDEO", "AUDIO"
+
+
+@dataclass
+class FakeMultimodalDataItem:
+    """sglang.srt.managers.schedule_batch.MultimodalDataItem: one image; feature = pixel_values,
+    model_specific_data["image_grid_thw"], offsets [(first, last)] of its tokens in the expanded ids; hash and
+    pad_value set by set_pad_value (the real one hashes the feature; any value above the vocabulary will do)."""
+    modality: str
+    hash: Optional[int] = None
+    pad_value: Optional[int] = None
+    offsets: Optional[list] = None
+    feature: Optional[torch.Tensor] = None
+    model_specific_data: Optional[dict] = None
+
+    def set_pad_value(self):
+        if self.pad_value is None:
+            self.hash = int(torch.randint(1 << 20, 1 << 30, ()).item())
+            self.pad_value = self.hash % (1 << 30)
+
+    def is_image(self):
+        return self.modality == FakeModality.IMAGE
+
+    def is_valid(self):
+        return self.modality in (FakeModality.IMAGE, FakeModality.VIDEO, FakeModality.AUDIO)
+
+
+@dataclass
+class FakeMultimodalProcessorOutput:
+    """sglang.srt.managers.schedule_batch.MultimodalProcessorOutput (what process_mm_data_async returns)."""
+    mm_items: list
+    input_ids: Optional[list] = None
+    im_token_id: Optional[int] = None
+    im_start_id: Optional[int] = None
+    im_end_id: Optional[int] = None
+    mrope_positions: Optional[torch.Tensor] = None
+    mrope_position_delta: Optional[torch.Tensor] = None
+
+
+@dataclass
+class FakeMultimodalInputs:
+    """sglang.srt.managers.schedule_batch.MultimodalInputs: from_processor_output(out) keeps the valid items,
+    gives each its pad value (set_pad_value) and copies the processor's token ids and M-RoPE fields."""
+    mm_items: list
+    im_token_id: Optional[int] = None
+    im_start_id: Optional[int] = None
+    im_end_id: Optional[int] = None
+    mrope_positions: Optional[torch.Tensor] = None
+    mrope_position_delta: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def from_processor_output(obj):
+        ret = FakeMultimodalInputs(mm_items=[i for i in obj.mm_items if i.is_valid()])
+        for item in ret.mm_items:
+            item.set_pad_value()
+        for arg in ("mrope_positions", "mrope_position_delta", "im_token_id", "im_start_id", "im_end_id"):
+            if getattr(obj, arg, None) is not None:
+                setattr(ret, arg, getattr(obj, arg))
+        return ret
+
+
+@dataclass
+class FakeGenerateReqInput:
+    """sglang.srt.managers.io_struct.GenerateReqInput (the fields a multimodal processor reads)."""
+    input_ids: Optional[list] = None
+    image_data: Optional[list] = None
+    video_data: Optional[list] = None
+    audio_data: Optional[list] = None
+    rid: Optional[str] = None
+
+
+MM_PROCESSORS: dict = {}   # stand-in PROCESSOR_MAPPING: architecture name -> processor class (tests register)
+
+
+def _import_processors(package_name, overwrite=False):
+    """sglang.srt.managers.multimodal_processor.import_processors (the stand-in's processors are registered by
+    the tests in MM_PROCESSORS)."""
+    assert package_name == "sglang.srt.multimodal.processors"
+
+
+def _get_mm_processor(hf_config, server_args, processor, transport_mode, model_config=None, **kwargs):
+    """sglang.srt.managers.multimodal_processor.get_mm_processor: the processor class registered for one of the
+    config's architectures, built as cls(hf_config, server_args, processor, transport_mode)."""
+    for arch, cls in MM_PROCESSORS.items():
+        if arch in hf_config.architectures:
+            return cls(hf_config, server_args, processor, transport_mode, **kwargs)
+    raise ValueError(f"No processor registered for architecture: {hf_config.architectures}.")
+
+
+def _get_processor(tokenizer_name, tokenizer_mode="auto", trust_remote_code=False, revision=None, use_fast=True,
+                   **kwargs):
+    """sglang.srt.utils.hf_transformers_utils.get_processor: transformers' AutoProcessor of the model. Here its two
+    parts a Qwen-VL processor wraps, tokenizer and image_processor (AutoProcessor would also build the video
+    processor, which needs torchvision, not installed here)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    return types.SimpleNamespace(
+        tokenizer=AutoTokenizer.from_pretrained(tokenizer_name, trust_remote_code=trust_remote_code),
+        image_processor=AutoImageProcessor.from_pretrained(tokenizer_name, trust_remote_code=trust_remote_code))
 
 
 class FakeTokenPool:
@@ -346,6 +465,7 @@ class FakeModelWorkerBatch:
     input_ids: torch.Tensor
     extend_seq_lens: list
     rids: list
+    multimodal_inputs: Optional[list] = None   # per request: its MultimodalInputs or None
 
 
 class FakeScheduleBatch:
@@ -360,6 +480,7 @@ class FakeScheduleBatch:
         b = cls()
         b.reqs, b.pool, b.kv = reqs, req_to_token_pool, token_to_kv_pool_allocator
         b.prepared = False
+        b.multimodal_inputs = None
         return b
 
     def prepare_for_extend(self):
@@ -367,21 +488,25 @@ class FakeScheduleBatch:
             assert r.fill_ids is not None and r.extend_input_len == len(r.fill_ids) - len(r.prefix_indices)
             self.pool.alloc(1)
             self.kv.alloc(r.extend_input_len)
+        self.multimodal_inputs = [r.multimodal_inputs for r in self.reqs]
         self.prepared = True
 
     def get_model_worker_batch(self):
         assert self.prepared, "ScheduleBatch: get_model_worker_batch before prepare_for_extend"
         return FakeModelWorkerBatch(torch.tensor([t for r in self.reqs for t in r.fill_ids]),
-                                    [r.extend_input_len for r in self.reqs], [r.rid for r in self.reqs])
+                                    [r.extend_input_len for r in self.reqs], [r.rid for r in self.reqs],
+                                    self.multimodal_inputs)
 
 
 class FakeForwardBatch:
     """sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new(model_worker_batch, model_runner);
-    capture_hidden_mode starts NULL (the batch's own mode), set by the caller."""
+    capture_hidden_mode starts NULL (the batch's own mode), set by the caller; mm_inputs = the batch's
+    multimodal_inputs."""
 
     @classmethod
     def init_new(cls, batch, model_runner):
         fb = cls()
+        fb.mm_inputs = batch.multimodal_inputs
         fb.input_ids, fb.extend_seq_lens_cpu = batch.input_ids, list(batch.extend_seq_lens)
         fb.capture_hidden_mode = FakeCaptureHiddenMode.NULL
         return fb
@@ -438,6 +563,7 @@ class FakeModelRunner(_HFNumbers):
             prompts.append(ids[offset:offset + n])
             offset += n
         self.forwards.append(lens)
+        prompts = self._embed_routine(prompts, forward_batch.mm_inputs)
         _standin_fail(self.tp_rank, "forward")
         if self.tp_size > 1:   # a TP forward's collectives need every rank, each with the same batch
             mine = torch.tensor([len(ids), sum(ids), len(lens)], dtype=torch.int64)
@@ -446,6 +572,11 @@ class FakeModelRunner(_HFNumbers):
             assert torch.equal(total, mine * self.tp_size), f"TP rank {self.tp_rank}: the ranks got different batches"
         out = self._packed_forward(prompts, forward_batch.capture_hidden_mode == FakeCaptureHiddenMode.FULL)
         return FakeModelRunnerOutput(logits_output=out, can_run_graph=False)
+
+    def _embed_routine(self, prompts, mm_inputs):
+        """A text model: no request carries multimodal inputs (the VLM stand-in overrides this)."""
+        assert not mm_inputs or all(m is None for m in mm_inputs), "stand-in: a text model got multimodal inputs"
+        return prompts
 
 
 def _standin_log(line: str) -> None:
@@ -496,7 +627,16 @@ def _srt_modules() -> dict:
         "sglang.srt.configs": {},
         "sglang.srt.configs.model_config": {"ModelConfig": FakeModelConfig},
         "sglang.srt.managers": {},
-        "sglang.srt.managers.schedule_batch": {"Req": FakeReq, "ScheduleBatch": FakeScheduleBatch},
+        "sglang.srt.managers.schedule_batch": {"Req": FakeReq, "ScheduleBatch": FakeScheduleBatch,
+                                               "MultimodalInputs": FakeMultimodalInputs,
+                                               "MultimodalDataItem": FakeMultimodalDataItem,
+                                               "MultimodalProcessorOutput": FakeMultimodalProcessorOutput,
+                                               "Modality": FakeModality},
+        "sglang.srt.managers.io_struct": {"GenerateReqInput": FakeGenerateReqInput},
+        "sglang.srt.managers.multimodal_processor": {"get_mm_processor": _get_mm_processor,
+                                                     "import_processors": _import_processors},
+        "sglang.srt.utils": {},
+        "sglang.srt.utils.hf_transformers_utils": {"get_processor": _get_processor},
         "sglang.srt.mem_cache": {},
         "sglang.srt.mem_cache.cache_init_params": {"CacheInitParams": FakeCacheInitParams},
         "sglang.srt.mem_cache.radix_cache": {"RadixCache": FakeRadixCache},
@@ -670,7 +810,8 @@ def test_engine_kwargs_are_the_config(fake_sglang, tiny_target_dir, tmp_path, mo
     store = LocalStore(root=tmp_path / "store")
     engine = sgl_engine.build_engine(cfg, store, "cpu")
     runner = FakeModelRunner.instances[-1]
-    passed = {k: v for k, v in vars(runner.server_args).items() if v is not None and k != "page_size"}
+    defaults = ("page_size", "tokenizer_path", "tokenizer_mode", "disable_fast_image_processor", "mm_process_config")
+    passed = {k: v for k, v in vars(runner.server_args).items() if v is not None and k not in defaults}
     expect = sgl_engine.build_engine_kwargs(cfg, "cpu", [0, 1, 2])
     assert isinstance(passed["nccl_port"], int) and runner.gpu_id == 0
     for k in ("port", "nccl_port"):

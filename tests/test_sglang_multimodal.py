@@ -22,7 +22,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_sglang_engine import TOL, FakeEngine, FakeModelRunner, _cfg, _srt_modules  # noqa: E402
+from test_sglang_engine import (MM_PROCESSORS, TOL, FakeEngine, FakeModality, FakeModelRunner,  # noqa: E402
+                                FakeMultimodalDataItem, FakeMultimodalProcessorOutput, _CausalLM, _cfg,
+                                _float_tolist_spy, _put_spy, _sgl_engine_path, _srt_modules)
 
 from torchspec.data import build_dataset  # noqa: E402
 from torchspec.data.errors import DataError  # noqa: E402
@@ -48,12 +50,34 @@ def _sglang_load_image(ref: str):
     return Image.open(src).convert("RGB")
 
 
-class FakeVLMEngine(FakeEngine):
-    rescale = 1   # != 1: images resized before the processor (as SGLang's own resize could): other token counts
+RESCALE = {"factor": 1}   # != 1: images resized before the processor (as SGLang's own resize could): other counts
+
+
+def _expand_request(tok, image_processor, ids, images):
+    """The qwen_vl processor's work on one request, as cited: (the expanded ids, pixel_values, image_grid_thw)."""
+    text = tok.decode(ids)
+    parts = VISION.split(text)
+    assert len(parts) - 1 == len(images), (len(parts) - 1, len(images))
+    pil = [_sglang_load_image(r) for r in images]
+    pil = [im.resize((im.width * RESCALE["factor"], im.height * RESCALE["factor"])) for im in pil]
+    pix = image_processor(images=pil, return_tensors="pt")
+    counts = (pix["image_grid_thw"].prod(-1) // image_processor.merge_size ** 2).tolist()
+    text = parts[0] + "".join("<|vision_start|>" + "<|image_pad|>" * c + "<|vision_end|>" + p
+                              for c, p in zip(counts, parts[1:]))
+    return tok(text, add_special_tokens=False)["input_ids"], pix["pixel_values"], pix["image_grid_thw"]
+
+
+class _VLMNumbers:
+    """transformers' numbers of the tiny Qwen-VL target (a text target: the parent's), for the stand-ins."""
 
     def _load(self, path):
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+        from torchspec.inference.vlm import is_vlm_dir
+
+        self.vlm = is_vlm_dir(path)
+        if not self.vlm:
+            return super()._load(path)
         self.tok = AutoTokenizer.from_pretrained(path)
         self.proc = AutoImageProcessor.from_pretrained(path)
         self.pad = self.tok.convert_tokens_to_ids("<|image_pad|>")
@@ -61,30 +85,100 @@ class FakeVLMEngine(FakeEngine):
         return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
 
     def _text_base(self):
-        return self.hf.model.language_model
+        return self.hf.model.language_model if self.vlm else super()._text_base()
 
     def _run_base(self, ids):
+        if not self.vlm:
+            return super()._run_base(ids)
         ids_t = torch.tensor([ids])
         extra = dict(self.extra.get(tuple(ids), {}))
         if extra:
             extra["mm_token_type_ids"] = (ids_t == self.pad).to(torch.int32)
         self.hf.model(input_ids=ids_t, use_cache=False, **extra)
 
+
+class FakeVLMEngine(_VLMNumbers, FakeEngine):
     def _tokenize_request(self, ids, images):
         if not images:
             return ids
-        text = self.tok.decode(ids)
-        parts = VISION.split(text)
-        assert len(parts) - 1 == len(images), (len(parts) - 1, len(images))
-        pil = [_sglang_load_image(r) for r in images]
-        pil = [im.resize((im.width * self.rescale, im.height * self.rescale)) for im in pil]
-        pix = self.proc(images=pil, return_tensors="pt")
-        counts = (pix["image_grid_thw"].prod(-1) // self.proc.merge_size ** 2).tolist()
-        text = parts[0] + "".join("<|vision_start|>" + "<|image_pad|>" * c + "<|vision_end|>" + p
-                                  for c, p in zip(counts, parts[1:]))
-        new = self.tok(text, add_special_tokens=False)["input_ids"]
-        self.extra[tuple(new)] = {"pixel_values": pix["pixel_values"], "image_grid_thw": pix["image_grid_thw"]}
+        new, pixels, grid = _expand_request(self.tok, self.proc, ids, images)
+        self.extra[tuple(new)] = {"pixel_values": pixels, "image_grid_thw": grid}
         return new
+
+
+class FakeQwenVLImageProcessor:
+    """sglang.srt.multimodal.processors.qwen_vl.QwenVLImageProcessor(hf_config, server_args, _processor,
+    transport_mode): process_mm_data_async(image_data, input_text=<ids>, request_obj) decodes the ids, expands
+    each <|vision_start|><|image_pad|>+<|vision_end|> by the HF processor's count and returns a
+    MultimodalProcessorOutput: the expanded input_ids, one MultimodalDataItem per image (feature = its
+    pixel_values rows, model_specific_data image_grid_thw, offsets = its token run), im_token_id. The real one
+    also returns M-RoPE positions; this one leaves them to compute_mrope_positions (as the scheduler does when
+    they are missing), which the transformers numbers below do not need: it returns none."""
+    instances: list = []
+
+    def __init__(self, hf_config, server_args, _processor, transport_mode, *args, **kwargs):
+        assert transport_mode == "default", transport_mode   # in-process: no CUDA IPC handles
+        self.hf_config, self.server_args, self._processor = hf_config, server_args, _processor
+        self.requests = []
+        FakeQwenVLImageProcessor.instances.append(self)
+
+    async def process_mm_data_async(self, image_data, input_text, request_obj, *args, **kwargs):
+        assert isinstance(input_text, list) and request_obj.video_data is None and request_obj.audio_data is None
+        self.requests.append(list(image_data))
+        ids, pixels, grid = _expand_request(self._processor.tokenizer, self._processor.image_processor,
+                                            input_text, image_data)
+        pad = self.hf_config.image_token_id
+        t = torch.tensor(ids)
+        starts = [i for i in range(len(ids)) if ids[i] == pad and (i == 0 or ids[i - 1] != pad)]
+        rows = grid.prod(-1).tolist()
+        items, at = [], 0
+        for k, start in enumerate(starts):
+            n = int(rows[k] // self._processor.image_processor.merge_size ** 2)
+            assert torch.all(t[start:start + n] == pad)
+            items.append(FakeMultimodalDataItem(FakeModality.IMAGE, offsets=[(start, start + n - 1)],
+                                                feature=pixels[at:at + rows[k]],
+                                                model_specific_data={"image_grid_thw": grid[k:k + 1]}))
+            at += rows[k]
+        return FakeMultimodalProcessorOutput(mm_items=items, input_ids=ids, im_token_id=pad)
+
+    def compute_mrope_positions(self, input_ids, mm_items):
+        return None, None
+
+
+class _QwenVLLike(_CausalLM):
+    """SGLang's Qwen2VLForConditionalGeneration shape: model.layers.<k>, logits_processor, and pad_input_ids
+    (mm_utils MultiModalityDataPaddingPatternMultimodalTokens: each item's offsets get its pad_value)."""
+
+    def pad_input_ids(self, input_ids, mm_inputs):
+        t = torch.as_tensor(input_ids)
+        for item in mm_inputs.mm_items:
+            for first, last in item.offsets:
+                t[first:last + 1] = item.pad_value
+        return t.tolist()
+
+
+class FakeVLMModelRunner(_VLMNumbers, FakeModelRunner):
+    """ModelRunner of a Qwen-VL target: its forward finds each image's tokens by their pad value
+    (general_mm_embed_routine over forward_batch.mm_inputs) and embeds the items' pixel_values there; here:
+    transformers' numbers for the ids with the image token back in place and the items' pixels."""
+
+    def _build_model(self):
+        return (_QwenVLLike(self._text_base(), self.hf.lm_head) if self.vlm else super()._build_model()).eval()
+
+    def _embed_routine(self, prompts, mm_inputs):
+        if not self.vlm:
+            return super()._embed_routine(prompts, mm_inputs)
+        out = []
+        for ids, mm in zip(prompts, mm_inputs or [None] * len(prompts)):
+            if mm is not None:
+                pads = {item.pad_value for item in mm.mm_items}
+                assert not any(t == mm.im_token_id for t in ids), "image tokens left without their pad value"
+                ids = [mm.im_token_id if t in pads else t for t in ids]
+                self.extra[tuple(ids)] = {
+                    "pixel_values": torch.cat([item.feature for item in mm.mm_items]),
+                    "image_grid_thw": torch.cat([item.model_specific_data["image_grid_thw"] for item in mm.mm_items])}
+            out.append(ids)
+        return out
 
 
 @pytest.fixture
@@ -94,9 +188,14 @@ def fake_sglang_vlm(monkeypatch):
     monkeypatch.setitem(sys.modules, "sglang", module)
     for name, sub in _srt_modules().items():
         monkeypatch.setitem(sys.modules, name, sub)
+    sys.modules["sglang.srt.model_executor.model_runner"].ModelRunner = FakeVLMModelRunner
+    monkeypatch.setitem(MM_PROCESSORS, "Qwen2VLForConditionalGeneration", FakeQwenVLImageProcessor)
+    monkeypatch.setitem(MM_PROCESSORS, "Qwen2_5_VLForConditionalGeneration", FakeQwenVLImageProcessor)
+    monkeypatch.setitem(MM_PROCESSORS, "Qwen3VLForConditionalGeneration", FakeQwenVLImageProcessor)
     FakeEngine.instances = []
     FakeModelRunner.instances = []
-    FakeVLMEngine.rescale = 1
+    FakeQwenVLImageProcessor.instances = []
+    RESCALE["factor"] = 1
     yield module
     sgl_engine._captured.clear()
 
@@ -157,7 +256,9 @@ def _sgl(vlm_dir, tmp_path):
 
 
 def test_image_samples_send_image_data_and_records_are_the_expanded_sequence(fake_sglang_vlm, vlm_dir, samples,
-                                                                             tmp_path):
+                                                                             tmp_path, monkeypatch):
+    """The sgl.Engine path (image targets at tp_size > 1)."""
+    _sgl_engine_path(monkeypatch)
     want = _hf_records(vlm_dir, tmp_path, samples)
     engine, store = _sgl(vlm_dir, tmp_path)
     stored = engine.generate(samples)
@@ -180,7 +281,8 @@ def test_image_samples_send_image_data_and_records_are_the_expanded_sequence(fak
     engine.close()
 
 
-def test_text_only_batch_sends_no_image_data(fake_sglang_vlm, vlm_dir, samples, tmp_path):
+def test_text_only_batch_sends_no_image_data(fake_sglang_vlm, vlm_dir, samples, tmp_path, monkeypatch):
+    _sgl_engine_path(monkeypatch)
     engine, _ = _sgl(vlm_dir, tmp_path)
     engine.generate([samples[1]])
     assert FakeEngine.instances[-1].calls[0]["image_data"] is None
@@ -188,8 +290,9 @@ def test_text_only_batch_sends_no_image_data(fake_sglang_vlm, vlm_dir, samples, 
 
 
 def test_a_different_image_token_count_is_an_error_not_a_misaligned_record(fake_sglang_vlm, vlm_dir, samples,
-                                                                          tmp_path):
-    FakeVLMEngine.rescale = 2   # e.g. SGLang resizing within other bounds than the processor's
+                                                                          tmp_path, monkeypatch):
+    _sgl_engine_path(monkeypatch)
+    RESCALE["factor"] = 2   # e.g. SGLang resizing within other bounds than the processor's
     engine, _ = _sgl(vlm_dir, tmp_path)
     with pytest.raises(RuntimeError, match=rf"sample {samples[0].sample_id}: SGLang returned hidden states of shape "
                                            r"\(\d+, 256\), expected \(\d+, 256\) = \(prompt tokens, image placeholders"):
@@ -210,4 +313,60 @@ def test_a_text_target_refuses_image_samples(fake_sglang_vlm, tiny_target_dir, t
                                         r"vision-language model"):
         engine.generate([s])
     assert (FakeModelRunner.instances[-1].forwards if tp_size == 1 else FakeEngine.instances[-1].calls) == []
+    engine.close()
+
+
+# -- image targets through SGLang's ModelRunner in the engine's process (one node, tp_size 1) ---------------
+
+def test_image_samples_through_the_model_runner_equal_the_hf_records_without_float_lists(fake_sglang_vlm, vlm_dir,
+                                                                                          samples, tmp_path,
+                                                                                          monkeypatch, caplog):
+    """SGLang's multimodal processor expands the placeholders, the request carries its MultimodalInputs, one
+    extend forward: the records are the hf engine's (expanded sequence, same states), put as tensors; no float
+    list is built, sgl.Engine never starts, and the float-list warning does not fire."""
+    want = _hf_records(vlm_dir, tmp_path, samples)
+    store = LocalStore(root=tmp_path / "mr")
+    puts = _put_spy(store)
+    from torchspec.inference.factory import build_engine
+
+    with caplog.at_level("WARNING", logger="torchspec.inference.sglang"):
+        engine = build_engine(_cfg(vlm_dir), store, "cpu")
+    assert "Python float lists" not in caplog.text and engine.runner is not None and engine.llm is None
+    lists = _float_tolist_spy(monkeypatch)
+    stored = engine.generate(samples)
+    runner, proc = FakeModelRunner.instances[-1], FakeQwenVLImageProcessor.instances[-1]
+    assert isinstance(runner, FakeVLMModelRunner) and FakeEngine.instances == []
+    assert [len(i) for i in proc.requests] == [1, 2, 1]   # the image samples' requests, images as URIs
+    assert all(u.startswith(("file://", "data:image/png;base64,")) for r in proc.requests for u in r)
+    assert runner.forwards == [[len(w["input_ids"]) for w in want.values()]]   # one forward, expanded lengths
+    assert lists == [] and len(puts) == len(samples)
+    assert all(isinstance(t, torch.Tensor) and t.dtype == engine.dtype for _, a, f in puts for t in (a, f))
+    for s, st in zip(samples, stored):
+        g, w = store.get(s.sample_id), want[s.sample_id]
+        assert st.length == len(w["input_ids"]) and torch.equal(g["input_ids"], w["input_ids"])
+        assert torch.equal(g["loss_mask"], w["loss_mask"])
+        if s.images:
+            assert len(g["input_ids"]) > len(s.input_ids)   # expanded
+        torch.testing.assert_close(g["aux_hidden_states"], w["aux_hidden_states"], **TOL)
+        torch.testing.assert_close(g["final_hidden_states"], w["final_hidden_states"], **TOL)
+    engine.close()
+
+
+def test_model_runner_image_expansion_that_differs_from_the_record_is_an_error(fake_sglang_vlm, vlm_dir, samples,
+                                                                               tmp_path):
+    RESCALE["factor"] = 2   # SGLang's processor counting an image's tokens differently from the target's
+    engine, _ = _sgl(vlm_dir, tmp_path)
+    with pytest.raises(RuntimeError, match=rf"sample {samples[0].sample_id}: SGLang's multimodal processor expanded "
+                                           r"the image placeholders to \d+ tokens, the target's image processor"):
+        engine.generate([samples[0]])
+    engine.close()
+
+
+def test_image_target_at_tp_above_1_keeps_sgl_engine_and_warns(fake_sglang_vlm, vlm_dir, tmp_path, caplog):
+    cfg = _cfg(vlm_dir, tp_size=2)
+    with caplog.at_level("WARNING", logger="torchspec.inference.sglang"):
+        engine = sgl_engine.build_engine(cfg, LocalStore(root=tmp_path / "s"), "cpu")
+    assert engine.llm is not None and engine.runner is None
+    assert "an image target: runs through sgl.Engine, whose hidden states come back as Python float lists" \
+        in caplog.text
     engine.close()

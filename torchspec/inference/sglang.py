@@ -1,13 +1,15 @@
 """The `sgl` engine: the target runs in SGLang, its aux layers captured by SGLang's ``forward_hooks`` option.
 
 Two paths (``uses_model_runner``):
-- a text target on one node (nnodes 1): SGLang's ``ModelRunner`` driven by this engine
+- a text target on one node (nnodes 1), or a Qwen-VL image target on one node at tp_size 1 (SGLang's own
+  multimodal processor runs in this process, its MultimodalInputs attached to each Req as SGLang's scheduler
+  attaches them; records are our expansion of the sample, checked token for token against SGLang's): SGLang's ``ModelRunner`` driven by this engine
   (inference/sglang_runner.py): one extend forward per batch, the hidden states stay a torch tensor and
   each record is put in the store by the process that computed it -- never a Python list. tp_size 1: in this
   process; tp_size N > 1: N spawned rank processes, the same batch to each, rank 0 puts the records
   (``SGLangTPGroup``). Not run against a real SGLang or a GPU (tested against a stand-in of the sglang.srt
   classes it calls, whose TP ranks meet through torch.distributed on CPU, tests/test_sglang_engine.py);
-- otherwise (several nodes, an image target -- the shipped Kimi-K2.5 configs are both): ``sgl.Engine`` with
+- otherwise (several nodes -- the shipped Kimi-K2.5 configs --, an image target at tp_size > 1): ``sgl.Engine`` with
   ``return_hidden_states``, described below; its states come back as Python float lists (Cost, at the end). A
   warning at start says so.
 
@@ -119,7 +121,8 @@ Not run against a real SGLang: tests/test_sglang_engine.py's stand-in expands th
 Cost (sgl.Engine path only): unpatched SGLang turns the returned hidden states into Python float lists in its
 scheduler (``.cpu().clone().tolist()``) and ships them through ZMQ; through that public API the copy cannot be
 avoided (the engine turns them back into one tensor per sample at once). The ModelRunner path avoids
-it for text targets on one node, at any tp_size. For engines spanning nodes and image targets, writing the
+it for text targets on one node at any tp_size and image targets on one node at tp_size 1. For engines spanning
+nodes and image targets at tp_size > 1, writing the
 records from inside SGLang's scheduler process (a hook on the logits processor putting each request's rows in
 the store) would avoid it too, but needs each request's id inside that hook and a store client in every
 scheduler process: NOT built.
@@ -332,9 +335,10 @@ def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
 def uses_model_runner(cfg, vision=None) -> bool:
     """Whether the engine runs SGLang's ModelRunner itself (inference/sglang_runner.py: states stay tensors,
     records are put where they are computed; tp_size 1 in the engine's process, tp_size > 1 in one process per
-    TP rank) rather than sgl.Engine (states come back as Python lists): one node and a text target; engines
-    spanning nodes and image targets need sgl.Engine."""
-    return int(cfg.inference.sglang.nnodes) == 1 and vision is None
+    TP rank) rather than sgl.Engine (states come back as Python lists): one node, and for an image target
+    tp_size 1 (its image inputs are made in this process); engines spanning nodes and image targets at
+    tp_size > 1 need sgl.Engine."""
+    return int(cfg.inference.sglang.nnodes) == 1 and (vision is None or int(cfg.inference.sglang.tp_size) == 1)
 
 
 class SGLangEngine:
@@ -413,14 +417,15 @@ class SGLangEngine:
                                "scheduler or tokenizer manager, which are what write sglang:* metrics; none are logged")
                 kwargs["enable_metrics"] = False
             if int(kwargs["tp_size"]) == 1:
-                runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"])
+                runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"],
+                                                       images=vision is not None)
             else:
                 runner = SGLangTPGroup.start(kwargs, store, len(aux_layers), hidden, device,
                                              start_timeout=float(cfg.inference.sglang.init_timeout),
                                              timeout_key="inference.sglang.init_timeout")
         else:
             logger.warning("sgl engine: tp_size=%s, nnodes=%s%s: runs through sgl.Engine, whose hidden states come "
-                           "back as Python float lists (the ModelRunner path takes one node and text only)",
+                           "back as Python float lists (the ModelRunner path takes one node, and image targets at tp_size 1 only)",
                            cfg.inference.sglang.tp_size, cfg.inference.sglang.nnodes,
                            ", an image target" if vision is not None else "")
             llm = sgl.Engine(**kwargs)
@@ -471,13 +476,24 @@ class SGLangEngine:
         """One ModelRunner extend forward; each sample's rows cut from the packed tensor and put where they were
         computed: in this process (tp 1), or in TP rank 0's process (SGLangTPGroup)."""
         from torchspec.inference.sglang_runner import SGLangTPGroup, put_packed_rows
-        from torchspec.inference.vlm import refuse_images
+        from torchspec.inference.vlm import expand_for_engine, refuse_images
 
-        refuse_images(samples, self.target_config)   # this path runs text targets only (uses_model_runner)
         if isinstance(self.runner, SGLangTPGroup):
+            refuse_images(samples, self.target_config)   # tp > 1 runs text targets only (uses_model_runner)
             return self.runner.generate(samples)
-        states = self.runner.forward([s.input_ids.tolist() for s in samples])
-        return put_packed_rows(self.store, samples, states, len(self.aux_layers), self.hidden_size, self.device)
+        # the records: placeholders expanded by the target's image processor, as the hf engine expands them
+        records, images = expand_for_engine(samples, self.vision, self.target_config)
+        ran: list = []
+        states = self.runner.forward([s.input_ids.tolist() for s in samples], images, expanded=ran)
+        for r, ids in zip(records if images is not None else (), ran):
+            want = r.input_ids.tolist()
+            if ids != want:
+                raise RuntimeError(f"sgl engine: sample {r.sample_id}: SGLang's multimodal processor expanded the "
+                                   f"image placeholders to {len(ids)} tokens, the target's image processor (the hf "
+                                   f"engine's expansion, which the record holds) to {len(want)}"
+                                   + ("" if len(ids) != len(want) else " with other token ids")
+                                   + ": the hidden states would not match the record's tokens")
+        return put_packed_rows(self.store, records, states, len(self.aux_layers), self.hidden_size, self.device)
 
     def close(self) -> None:
         runner, self.runner = self.runner, None

@@ -50,10 +50,20 @@ that dies (killed, out of memory) is seen by polling the processes every ``ALIVE
 other ranks are stopped (asked, then terminated after ``CLOSE_GRACE_S``: they may be blocked in a collective
 that will never complete), so nothing hangs.
 
-Not built: images (SGLang's tokenizer manager builds the multimodal inputs) and engines spanning nodes. Those
-run through ``sgl.Engine`` (sglang.py chooses, ``uses_model_runner``). NOT RUN against a real SGLang or on a GPU:
+Images (a Qwen-VL target, tp_size 1 only): ``start_mm_processor`` builds SGLang's multimodal processor as its
+tokenizer manager does (``import_processors``, ``get_processor``, ``get_mm_processor`` with transport "default":
+the tensors stay in this process); per image request ``process_mm_data_async(image_data=, input_text=<ids>,
+request_obj=GenerateReqInput)`` gives the expanded ids and items, ``MultimodalInputs.from_processor_output``
+their pad values, and ``_attach_images`` does what the scheduler's ``handle_generate_request`` does (the model's
+``pad_input_ids``, ``req.extend_image_inputs``, M-RoPE positions when missing). ScheduleBatch carries
+``req.multimodal_inputs`` to ``ForwardBatch.mm_inputs``, which the model's forward embeds.
+
+Not built: images at tp_size > 1 (the processor's image inputs would have to reach every rank process, as
+SGLang's scheduler broadcasts them) and engines spanning nodes. Those run through ``sgl.Engine`` (sglang.py
+chooses, ``uses_model_runner``). NOT RUN against a real SGLang or on a GPU:
 tests/test_sglang_engine.py runs it against a stand-in ModelRunner whose ranks meet through torch.distributed
-(gloo, CPU) at the nccl_port and check they got the same batch.
+(gloo, CPU) at the nccl_port and check they got the same batch; tests/test_sglang_multimodal.py runs image
+samples against stand-ins of the processor and multimodal classes above.
 """
 
 from __future__ import annotations
@@ -88,7 +98,7 @@ def sglang_api() -> SimpleNamespace:
 
     require("sglang", "sglang")   # one-line install hint when missing
     from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+    from sglang.srt.managers.schedule_batch import MultimodalInputs, Req, ScheduleBatch
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.radix_cache import RadixCache
     from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch
@@ -101,19 +111,46 @@ def sglang_api() -> SimpleNamespace:
                            CacheInitParams=CacheInitParams, RadixCache=RadixCache,
                            CaptureHiddenMode=CaptureHiddenMode, ForwardBatch=ForwardBatch, ModelRunner=ModelRunner,
                            SamplingParams=SamplingParams, ServerArgs=ServerArgs,
-                           SpeculativeAlgorithm=SpeculativeAlgorithm)
+                           SpeculativeAlgorithm=SpeculativeAlgorithm, MultimodalInputs=MultimodalInputs)
+
+
+def sglang_mm_api() -> SimpleNamespace:
+    """The SGLang pieces of its tokenizer manager's image path (only imported for an image target)."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+    from sglang.srt.managers.multimodal_processor import get_mm_processor, import_processors
+    from sglang.srt.utils.hf_transformers_utils import get_processor
+
+    return SimpleNamespace(GenerateReqInput=GenerateReqInput, get_mm_processor=get_mm_processor,
+                           import_processors=import_processors, get_processor=get_processor)
+
+
+def start_mm_processor(runner, server_args):
+    """SGLang's own multimodal processor for the target, built as its tokenizer manager builds it
+    (``init_tokenizer_and_processor``): the processors registered from ``sglang.srt.multimodal.processors``,
+    the target's HF processor by ``get_processor``, ``get_mm_processor(hf_config, server_args, processor,
+    transport_mode, model_config=)``. Transport "default": the processor's tensors stay in this process (the
+    tokenizer manager picks CUDA IPC only to hand them to scheduler processes)."""
+    mm = sglang_mm_api()
+    mm.import_processors("sglang.srt.multimodal.processors")
+    processor = mm.get_processor(server_args.tokenizer_path, tokenizer_mode=server_args.tokenizer_mode,
+                                 trust_remote_code=server_args.trust_remote_code, revision=server_args.revision,
+                                 use_fast=not server_args.disable_fast_image_processor)
+    return mm.get_mm_processor(runner.model_config.hf_config, server_args, processor, "default",
+                               model_config=runner.model_config), mm
 
 
 class SGLangModelRunnerTarget:
     """The target as SGLang's ModelRunner in this process; `forward` gives the packed hidden-state rows."""
 
-    def __init__(self, runner, api: SimpleNamespace):
+    def __init__(self, runner, api: SimpleNamespace, mm_processor=None, mm_api: Optional[SimpleNamespace] = None):
         self.runner, self.api = runner, api
+        self.mm_processor, self.mm_api = mm_processor, mm_api   # an image target's (start_mm_processor)
 
     @classmethod
-    def start(cls, engine_kwargs: dict[str, Any], gpu_id: int, tp_rank: int = 0,
-              tp_size: int = 1) -> "SGLangModelRunnerTarget":
-        """This process's ModelRunner: TP rank `tp_rank` of `tp_size` (engine_kwargs["tp_size"]) on GPU `gpu_id`."""
+    def start(cls, engine_kwargs: dict[str, Any], gpu_id: int, tp_rank: int = 0, tp_size: int = 1,
+              images: bool = False) -> "SGLangModelRunnerTarget":
+        """This process's ModelRunner: TP rank `tp_rank` of `tp_size` (engine_kwargs["tp_size"]) on GPU `gpu_id`;
+        images: also SGLang's multimodal processor of the target (an image target)."""
         api = sglang_api()
         server_args = api.ServerArgs(**engine_kwargs)
         runner = api.ModelRunner(
@@ -121,17 +158,64 @@ class SGLangModelRunnerTarget:
             mem_fraction_static=server_args.mem_fraction_static, gpu_id=int(gpu_id),
             tp_rank=int(tp_rank), tp_size=int(tp_size), moe_ep_rank=0, moe_ep_size=1, pp_rank=0, pp_size=1,
             nccl_port=int(engine_kwargs["nccl_port"]), server_args=server_args)
-        return cls(runner, api)
+        if not images:
+            return cls(runner, api)
+        return cls(runner, api, *start_mm_processor(runner, server_args))
+
+    def _image_inputs(self, rid: str, ids: list[int], uris: list[str]):
+        """(the expanded input ids, MultimodalInputs) of one image request, as SGLang makes them: its tokenizer
+        manager runs the multimodal processor on the request's ids and images (``process_mm_data_async(
+        image_data=, input_text=<the ids>, request_obj=GenerateReqInput)``) and takes the processor's input_ids
+        (each image pad repeated as many times as the image has merged patches); the scheduler turns the
+        processor output into ``MultimodalInputs.from_processor_output`` (hash and pad value per image)."""
+        import asyncio
+
+        if self.mm_processor is None:
+            raise RuntimeError("sgl engine: an image request, but the ModelRunner was started for a text target")
+        request = self.mm_api.GenerateReqInput(input_ids=list(ids), image_data=list(uris), rid=rid)
+        loop = asyncio.new_event_loop()   # the processor's API is async; nothing else runs on this loop
+        try:
+            out = loop.run_until_complete(self.mm_processor.process_mm_data_async(
+                image_data=list(uris), input_text=list(ids), request_obj=request))
+        finally:
+            loop.close()
+        return list(out.input_ids), self.api.MultimodalInputs.from_processor_output(out)
+
+    def _attach_images(self, req, mm_inputs) -> None:
+        """What SGLang's scheduler does to a request with multimodal inputs (``handle_generate_request``): the
+        model's ``pad_input_ids`` puts each image's pad value on its tokens (the embedding routine finds the
+        image positions by them), ``req.extend_image_inputs``, and the M-RoPE positions computed when the
+        processor gave none (``_maybe_compute_mrope_positions``). The forward then reads them from
+        ``forward_batch.mm_inputs`` (ScheduleBatch -> ModelWorkerBatch.multimodal_inputs)."""
+        pad = getattr(self.runner.model, "pad_input_ids", None)
+        if pad is not None:
+            req.origin_input_ids = pad(req.origin_input_ids, mm_inputs)
+        req.extend_image_inputs(mm_inputs)
+        mm = req.multimodal_inputs
+        if mm.mrope_positions is None:
+            positions, delta = self.mm_processor.compute_mrope_positions(req.origin_input_ids, mm.mm_items)
+            if positions is not None:
+                mm.mrope_positions, mm.mrope_position_delta = positions, delta
 
     @torch.no_grad()
-    def forward(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """One extend forward over `prompts` (token id lists): the hidden-state rows of every token, packed
-        in prompt order, as the tensor the model produced (its device and dtype)."""
+    def forward(self, prompts: Sequence[Sequence[int]], images: Optional[Sequence[Sequence[str]]] = None,
+                expanded: Optional[list] = None) -> torch.Tensor:
+        """One extend forward over `prompts` (token id lists; images: per prompt its image URIs, [] for text):
+        the hidden-state rows of every token, packed in prompt order, as the tensor the model produced (its
+        device and dtype). expanded: a list that receives each prompt's ids as SGLang ran them (an image
+        prompt's placeholders expanded by SGLang's processor), before the pad values."""
         api, runner = self.api, self.runner
         params = api.SamplingParams(max_new_tokens=1, temperature=0.0)
         reqs = []
         for i, ids in enumerate(prompts):
-            req = api.Req(rid=str(i), origin_input_text="", origin_input_ids=list(ids), sampling_params=params)
+            ids, mm_inputs = list(ids), None
+            if images and images[i]:
+                ids, mm_inputs = self._image_inputs(str(i), ids, images[i])
+            if expanded is not None:
+                expanded.append(ids)
+            req = api.Req(rid=str(i), origin_input_text="", origin_input_ids=ids, sampling_params=params)
+            if mm_inputs is not None:
+                self._attach_images(req, mm_inputs)
             req.fill_ids = req.origin_input_ids   # the whole prompt is extended: no cached prefix
             req.extend_input_len = len(req.fill_ids) - len(req.prefix_indices)
             req.logprob_start_len = len(req.origin_input_ids) - 1
@@ -163,6 +247,11 @@ class SGLangModelRunnerTarget:
 
     def close(self) -> None:
         self.runner = None
+        processor, self.mm_processor = self.mm_processor, None
+        for pool in ("io_executor", "cpu_executor"):   # BaseMultimodalProcessor's worker pools
+            executor = getattr(processor, pool, None)
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
 
 
 def put_packed_rows(store, samples: Sequence, states: torch.Tensor, num_aux: int, hidden_size: int,
