@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -136,6 +137,13 @@ def _index_piece(piece: Piece):
     return np.asarray(rows, np.int64).reshape(-1, len(ROW_COLUMNS)), b"".join(spill), bad.count, bad.named
 
 
+def _tokenize_piece_into(folder: str, piece: Piece):
+    """Tokenize one piece (in a worker) and write its tokens to piece files in the build's folder `folder`;
+    what comes back to the driver is the piece's lengths, record indices, counts and Stats."""
+    return cache.store_piece(os.path.join(folder, f"piece-{piece.file}-{piece.first_record}"),
+                             _process_piece(piece))
+
+
 def _build_index(files, prefixes, template, opts, prompt_key, num_proc, folder: Path, tokenizer):
     """Index every good record into folder/index.i64 (rows of ROW_COLUMNS, written as `num_proc` workers find
     them, so this process holds one piece at a time) and the spill file; then index.json, the mark of a
@@ -254,8 +262,9 @@ def build_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike], tokeni
 
     writer = cache.TableWriter(folder)
     try:
-        stats, counts = tokenize_stream(_process_piece, plan_pieces(files, prefixes), tokenizer, template, opts,
-                                        prompt_key, num_proc, writer.append, progress)
+        stats, counts = tokenize_stream(functools.partial(_tokenize_piece_into, str(writer.tmp)),
+                                        plan_pieces(files, prefixes), tokenizer, template, opts, prompt_key,
+                                        num_proc, writer.append, progress)
     except BaseException:
         writer.abort()
         raise

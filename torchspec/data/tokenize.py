@@ -166,9 +166,11 @@ def render_all(template: ChatTemplate, convs: list[Conversation], opts: Tokenize
 class Chunk:
     """One worker task's samples: flat ids/mask, per-sample lengths and where each came from, the
     supervised-token counts (bincount by token id), the task's Stats and the image references of its
-    samples that have images (sample id -> references; empty for text)."""
-    ids: np.ndarray
-    mask: np.ndarray
+    samples that have images (sample id -> references; empty for text). A chunk whose worker wrote its
+    tokens to piece files itself (cache.store_piece) carries ids/mask None and `stored`, those files' path
+    without suffix: only these few numbers travel back to the driver."""
+    ids: np.ndarray | None
+    mask: np.ndarray | None
     lengths: np.ndarray
     records: np.ndarray           # record index of each sample in its file
     file: int                     # the file's index (-1 for a chunk of in-memory conversations)
@@ -176,6 +178,7 @@ class Chunk:
     counts: np.ndarray
     stats: Stats
     images: dict = field(default_factory=dict)
+    stored: str | None = None
 
 
 def add_counts(total: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
@@ -237,7 +240,8 @@ def _process_piece(piece: Piece) -> Chunk:
 
 
 def _process_refs(refs: list[tuple]) -> Chunk:
-    """Tokenize deferred samples named by (path, offset, length, line, sample id, prompt key) (in a worker)."""
+    """Supervised-token counts and Stats of the deferred samples named by (path, offset, length, line, sample id,
+    prompt key) (in a worker): their tokens are not sent back."""
     handles: dict = {}
     try:
         convs = [read_record(*r, handles) for r in refs]
@@ -245,8 +249,10 @@ def _process_refs(refs: list[tuple]) -> Chunk:
         for fh in handles.values():
             fh.close()
     opts = _WORKER[2]
-    return _tokenize_chunk(convs, list(range(len(convs))), -1, Stats(conversations=len(convs)),
-                           BadRecords(opts.on_bad_record))
+    chunk = _tokenize_chunk(convs, list(range(len(convs))), -1, Stats(conversations=len(convs)),
+                            BadRecords(opts.on_bad_record))
+    chunk.ids = chunk.mask = None
+    return chunk
 
 
 def parallel_map(fn, items: Iterable, num_proc: int, initargs: tuple) -> Iterator:
