@@ -101,7 +101,7 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path, tiny_tokenizer, de
     Python objects, as before, cost ~1.5 KB each), and the peaks are within 1.5x."""
     tok_dir = tmp_path / "tok"
     tiny_tokenizer.save_pretrained(str(tok_dir))
-    small, big = 4_000, 40_000
+    small, big = 2_000, 20_000
     a = _probe(tmp_path, tok_dir, small_conversations(tmp_path / "small.jsonl", small), defer)
     b = _probe(tmp_path, tok_dir, small_conversations(tmp_path / "big.jsonl", big), defer)
     assert (a["samples"], b["samples"]) == (small, big)
@@ -113,10 +113,10 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path, tiny_tokenizer, de
 
 
 def test_peak_memory_of_realistic_conversations_does_not_grow_with_the_dataset(tmp_path, tiny_tokenizer):
-    """4k vs 40k conversations with a ShareGPT-like length spread (median ~300 tokens, tail past 4k; the
+    """2k vs 20k conversations with a ShareGPT-like length spread (median ~300 tokens, tail past 4k; the
     generator of benchmarks/e2e_setup.py), tokenized up front: the driver's peak RSS above its start grows by
     at most 128 B per sample + 4 MiB (the few integers it keeps per sample), and the peaks are within 1.5x.
-    A guard at CI scale (measured: +9 MiB at 4k, +16 MiB at 40k); the code before the workers wrote their own
+    A guard at CI scale (measured at 4k vs 40k: +9 MiB, +16 MiB; 100k vs 500k: docs/data.md); the code before the workers wrote their own
     pieces passed it too at this scale (+18 / +19 MiB): test_token_arrays_do_not_travel_through_the_driver is
     the one that tells the two apart."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -124,7 +124,7 @@ def test_peak_memory_of_realistic_conversations_does_not_grow_with_the_dataset(t
 
     tok_dir = tmp_path / "tok"
     tiny_tokenizer.save_pretrained(str(tok_dir))
-    small, big = 4_000, 40_000
+    small, big = 2_000, 20_000
     runs = []
     for n in (small, big):
         build_conversations(tmp_path / f"chat{n}.jsonl", n, tiny_tokenizer)
