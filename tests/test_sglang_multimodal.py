@@ -259,7 +259,7 @@ def _sgl(vlm_dir, tmp_path):
 
 def test_image_samples_send_image_data_and_records_are_the_expanded_sequence(fake_sglang_vlm, vlm_dir, samples,
                                                                              tmp_path, monkeypatch):
-    """The sgl.Engine path (image targets at tp_size > 1)."""
+    """The sgl.Engine path (engines spanning nodes)."""
     _sgl_engine_path(monkeypatch)
     want = _hf_records(vlm_dir, tmp_path, samples)
     engine, store = _sgl(vlm_dir, tmp_path)
@@ -305,7 +305,7 @@ def test_a_different_image_token_count_is_an_error_not_a_misaligned_record(fake_
 @pytest.mark.parametrize("tp_size", [1, 2])   # the in-process ModelRunner path and the sgl.Engine path
 def test_a_text_target_refuses_image_samples(fake_sglang_vlm, tiny_target_dir, tmp_path, monkeypatch, tp_size):
     monkeypatch.setattr(sys.modules["sglang"], "Engine", FakeEngine)
-    if tp_size > 1:   # the sgl.Engine path, as image targets and engines spanning nodes run it
+    if tp_size > 1:   # the sgl.Engine path, as engines spanning nodes run it
         monkeypatch.setattr(sgl_engine, "uses_model_runner", lambda cfg, vision=None: False)
     from torchspec.inference.factory import build_engine
 

@@ -1,15 +1,16 @@
 """The `sgl` engine: the target runs in SGLang, its aux layers captured by SGLang's ``forward_hooks`` option.
 
 Two paths (``uses_model_runner``):
-- a text target on one node (nnodes 1), or a Qwen-VL image target on one node at tp_size 1 (SGLang's own
-  multimodal processor runs in this process, its MultimodalInputs attached to each Req as SGLang's scheduler
-  attaches them; records are our expansion of the sample, checked token for token against SGLang's): SGLang's ``ModelRunner`` driven by this engine
+- any target on one node (nnodes 1): text targets, and Qwen-VL image targets (SGLang's own multimodal
+  processor runs once per image request in this process, its MultimodalInputs attached to each Req -- in
+  every TP rank process at tp_size > 1 -- as SGLang's scheduler attaches them; records are our expansion of
+  the sample, checked token for token against SGLang's before the forward): SGLang's ``ModelRunner`` driven by this engine
   (inference/sglang_runner.py): one extend forward per batch, the hidden states stay a torch tensor and
   each record is put in the store by the process that computed it -- never a Python list. tp_size 1: in this
   process; tp_size N > 1: N spawned rank processes, the same batch to each, rank 0 puts the records
   (``SGLangTPGroup``). Not run against a real SGLang or a GPU (tested against a stand-in of the sglang.srt
   classes it calls, whose TP ranks meet through torch.distributed on CPU, tests/test_sglang_engine.py);
-- otherwise (several nodes -- the shipped Kimi-K2.5 configs --, an image target at tp_size > 1): ``sgl.Engine`` with
+- several nodes (the shipped Kimi-K2.5 configs): ``sgl.Engine`` with
   ``return_hidden_states``, described below; its states come back as Python float lists (Cost, at the end). A
   warning at start says so.
 
@@ -121,8 +122,7 @@ Not run against a real SGLang: tests/test_sglang_engine.py's stand-in expands th
 Cost (sgl.Engine path only): unpatched SGLang turns the returned hidden states into Python float lists in its
 scheduler (``.cpu().clone().tolist()``) and ships them through ZMQ; through that public API the copy cannot be
 avoided (the engine turns them back into one tensor per sample at once). The ModelRunner path avoids
-it for text targets on one node at any tp_size and image targets on one node at tp_size 1. For engines spanning
-nodes and image targets at tp_size > 1, writing the
+it for every target on one node, at any tp_size. For engines spanning nodes, writing the
 records from inside SGLang's scheduler process (a hook on the logits processor putting each request's rows in
 the store) would avoid it too, but needs each request's id inside that hook and a store client in every
 scheduler process: NOT built.

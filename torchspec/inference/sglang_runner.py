@@ -50,20 +50,26 @@ that dies (killed, out of memory) is seen by polling the processes every ``ALIVE
 other ranks are stopped (asked, then terminated after ``CLOSE_GRACE_S``: they may be blocked in a collective
 that will never complete), so nothing hangs.
 
-Images (a Qwen-VL target, tp_size 1 only): ``start_mm_processor`` builds SGLang's multimodal processor as its
-tokenizer manager does (``import_processors``, ``get_processor``, ``get_mm_processor`` with transport "default":
-the tensors stay in this process); per image request ``process_mm_data_async(image_data=, input_text=<ids>,
-request_obj=GenerateReqInput)`` gives the expanded ids and items, ``MultimodalInputs.from_processor_output``
-their pad values, and ``_attach_images`` does what the scheduler's ``handle_generate_request`` does (the model's
-``pad_input_ids``, ``req.extend_image_inputs``, M-RoPE positions when missing). ScheduleBatch carries
+Images (a Qwen-VL target, any tp_size): ``SGLangImageInputs`` is the tokenizer manager's half, in the engine
+process: SGLang's multimodal processor built as its tokenizer manager builds it (``import_processors``,
+``get_processor``, ``get_mm_processor`` with transport "default": the tensors stay in this process); per image
+request ``process_mm_data_async(image_data=, input_text=<ids>, request_obj=GenerateReqInput)`` gives the expanded
+ids and items, ``MultimodalInputs.from_processor_output`` their pad values. Those requests -- (ids,
+MultimodalInputs) per prompt, made once -- are what every rank runs: in this process at tp_size 1, sent with the
+batch to every rank process at tp_size > 1 (SGLang's rank-0 scheduler receives a tokenized request and
+``broadcast_pyobj``s it over the TP cpu group to the other ranks, managers/scheduler.py ``recv_requests``; here
+the engine process is the sender and a multiprocessing queue per rank the channel; made once, every rank has
+the same pad values). ``_attach_images`` then does on each rank what the scheduler's ``handle_generate_request``
+does (the model's ``pad_input_ids``, ``req.extend_image_inputs``, M-RoPE positions when missing, from a
+processor each rank keeps as the scheduler keeps its ``_mm_processor``). ScheduleBatch carries
 ``req.multimodal_inputs`` to ``ForwardBatch.mm_inputs``, which the model's forward embeds.
 
-Not built: images at tp_size > 1 (the processor's image inputs would have to reach every rank process, as
-SGLang's scheduler broadcasts them) and engines spanning nodes. Those run through ``sgl.Engine`` (sglang.py
-chooses, ``uses_model_runner``). NOT RUN against a real SGLang or on a GPU:
+Not built: engines spanning nodes (they run through ``sgl.Engine``; sglang.py chooses, ``uses_model_runner``).
+NOT RUN against a real SGLang or on a GPU:
 tests/test_sglang_engine.py runs it against a stand-in ModelRunner whose ranks meet through torch.distributed
 (gloo, CPU) at the nccl_port and check they got the same batch; tests/test_sglang_multimodal.py runs image
-samples against stand-ins of the processor and multimodal classes above.
+samples against stand-ins of the processor and multimodal classes above, at tp_size 1 and 2 (the two stand-in
+ranks check through gloo that they got the same ids, image pad values included).
 """
 
 from __future__ import annotations
