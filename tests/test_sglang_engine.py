@@ -699,7 +699,7 @@ def _hf_records(target_dir, tmp_path, aux, samples):
 
 
 def _sgl_engine_path(monkeypatch) -> None:
-    """Take the sgl.Engine path (what image targets and engines spanning nodes run) for a text target."""
+    """Take the sgl.Engine path (what engines spanning nodes run) on one node."""
     monkeypatch.setattr(sgl_engine, "uses_model_runner", lambda cfg, vision=None: False)
 
 
@@ -821,7 +821,7 @@ def test_engine_kwargs_are_the_config(fake_sglang, tiny_target_dir, tmp_path, mo
     engine.close()
     engine.close()   # idempotent
     assert engine.runner is None
-    cfg.inference.sglang.tp_size = 2   # the sgl.Engine path (image targets, several nodes): the same keywords
+    cfg.inference.sglang.tp_size = 2   # the sgl.Engine path (several nodes): the same keywords
     monkeypatch.setattr(sgl_engine, "uses_model_runner", lambda cfg, vision=None: False)
     engine = sgl_engine.build_engine(cfg, store, "cpu")
     passed = FakeEngine.instances[-1].kwargs
@@ -1093,7 +1093,7 @@ def test_in_process_path_without_full_capture_is_one_clear_error(fake_sglang, ti
 
 
 def test_path_choice_and_its_warnings(fake_sglang, tiny_target_dir, tmp_path, caplog):
-    """Engines spanning nodes (and image targets) take sgl.Engine, and say what that costs; enable_metrics on the
+    """Engines spanning nodes take sgl.Engine, and say what that costs; enable_metrics on the
     in-process path says that no SGLang metrics exist there (no scheduler writes them) instead of being silently
     ignored."""
     store = LocalStore(root=tmp_path / "store")

@@ -12,6 +12,7 @@ What this cannot show: that a real SGLang build behaves as cited (not run here: 
 
 import base64
 import io
+import os
 import re
 import sys
 import types
@@ -24,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_sglang_engine import (MM_PROCESSORS, TOL, FakeEngine, FakeModality, FakeModelRunner,  # noqa: E402
                                 FakeMultimodalDataItem, FakeMultimodalProcessorOutput, _CausalLM, _cfg,
-                                _float_tolist_spy, _put_spy, _sgl_engine_path, _srt_modules)
+                                _float_tolist_spy, _install_stand_in_rank, _put_spy, _sgl_engine_path,
+                                _srt_modules)
 
 from torchspec.data import build_dataset  # noqa: E402
 from torchspec.data.errors import DataError  # noqa: E402
@@ -257,7 +259,7 @@ def _sgl(vlm_dir, tmp_path):
 
 def test_image_samples_send_image_data_and_records_are_the_expanded_sequence(fake_sglang_vlm, vlm_dir, samples,
                                                                              tmp_path, monkeypatch):
-    """The sgl.Engine path (image targets at tp_size > 1)."""
+    """The sgl.Engine path (engines spanning nodes)."""
     _sgl_engine_path(monkeypatch)
     want = _hf_records(vlm_dir, tmp_path, samples)
     engine, store = _sgl(vlm_dir, tmp_path)
@@ -303,7 +305,7 @@ def test_a_different_image_token_count_is_an_error_not_a_misaligned_record(fake_
 @pytest.mark.parametrize("tp_size", [1, 2])   # the in-process ModelRunner path and the sgl.Engine path
 def test_a_text_target_refuses_image_samples(fake_sglang_vlm, tiny_target_dir, tmp_path, monkeypatch, tp_size):
     monkeypatch.setattr(sys.modules["sglang"], "Engine", FakeEngine)
-    if tp_size > 1:   # the sgl.Engine path, as image targets and engines spanning nodes run it
+    if tp_size > 1:   # the sgl.Engine path, as engines spanning nodes run it
         monkeypatch.setattr(sgl_engine, "uses_model_runner", lambda cfg, vision=None: False)
     from torchspec.inference.factory import build_engine
 
@@ -362,11 +364,75 @@ def test_model_runner_image_expansion_that_differs_from_the_record_is_an_error(f
     engine.close()
 
 
-def test_image_target_at_tp_above_1_keeps_sgl_engine_and_warns(fake_sglang_vlm, vlm_dir, tmp_path, caplog):
-    cfg = _cfg(vlm_dir, tp_size=2)
+# -- image targets at tp_size > 1: one process per TP rank, the image inputs made once and sent to every rank --------
+
+def _install_vlm_stand_in_rank() -> None:
+    """sglang_runner.rank_process_setup: the stand-in with the Qwen-VL ModelRunner and processor, in a TP rank."""
+    _install_stand_in_rank()
+    sys.modules["sglang.srt.model_executor.model_runner"].ModelRunner = FakeVLMModelRunner
+    for arch in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                 "Qwen3VLForConditionalGeneration"):
+        MM_PROCESSORS[arch] = FakeQwenVLImageProcessor
+
+
+def test_image_samples_at_tp_2_equal_the_hf_records_without_float_lists(fake_sglang_vlm, vlm_dir, samples, tmp_path,
+                                                                        monkeypatch, caplog):
+    """tp_size 2: SGLang's processor runs once per image request in the engine process (as the tokenizer manager
+    does) and the same requests -- expanded ids and MultimodalInputs, pad values included -- go to both rank
+    processes (as rank 0's scheduler broadcasts them); the stand-in ranks check through torch.distributed that
+    their batches (ids with pad values) are equal. Records = the hf engine's, put by rank 0 as tensors; no float
+    list in any process; sgl.Engine never starts; no warning."""
+    from torchspec.inference import sglang_runner
+
+    log = tmp_path / "ranks.log"
+    monkeypatch.setenv("STANDIN_TP_LOG", str(log))
+    monkeypatch.setattr(sglang_runner, "rank_process_setup", _install_vlm_stand_in_rank)
+    want = _hf_records(vlm_dir, tmp_path, samples)
+    store = LocalStore(root=tmp_path / "tp")
+    engine_lists = _float_tolist_spy(monkeypatch)
     with caplog.at_level("WARNING", logger="torchspec.inference.sglang"):
-        engine = sgl_engine.build_engine(cfg, LocalStore(root=tmp_path / "s"), "cpu")
-    assert engine.llm is not None and engine.runner is None
-    assert "an image target: runs through sgl.Engine, whose hidden states come back as Python float lists" \
-        in caplog.text
-    engine.close()
+        engine = sgl_engine.build_engine(_cfg(vlm_dir, tp_size=2), store, "cpu")
+    group = engine.runner
+    try:
+        assert isinstance(group, sglang_runner.SGLangTPGroup) and engine.llm is None
+        stored = engine.generate(samples[:3])
+        stored += engine.generate(samples[3:])   # a second batch: the ranks loop
+    finally:
+        engine.close()
+    assert "Python float lists" not in caplog.text and FakeEngine.instances == []
+    assert [p.exitcode for p in group.procs] == [0, 0]
+    assert FakeModelRunner.instances == []   # no model in the engine process: only the processor
+    proc = FakeQwenVLImageProcessor.instances[0]   # the engine's: each image request once
+    assert [len(i) for i in proc.requests] == [1, 2, 1]
+    lines = [ln.split() for ln in log.read_text().splitlines()]
+    runners = {int(pid): int(rank) for kind, pid, rank, gpu in (ln for ln in lines if ln[0] == "runner")}
+    assert sorted(runners.values()) == [0, 1] and os.getpid() not in runners
+    rank0 = next(pid for pid, rank in runners.items() if rank == 0)
+    puts = [ln for ln in lines if ln[0] == "put"]
+    assert [ln[2] for ln in puts] == [s.sample_id for s in samples] and {int(ln[1]) for ln in puts} == {rank0}
+    assert [ln for ln in lines if ln[0] == "tolist"] == [] and engine_lists == []
+    for s, st in zip(samples, stored):
+        g, w = store.get(s.sample_id), want[s.sample_id]
+        assert st.length == len(w["input_ids"]) and torch.equal(g["input_ids"], w["input_ids"])
+        assert torch.equal(g["loss_mask"], w["loss_mask"])
+        if s.images:
+            assert len(g["input_ids"]) > len(s.input_ids)   # expanded
+        torch.testing.assert_close(g["aux_hidden_states"], w["aux_hidden_states"], **TOL)
+        torch.testing.assert_close(g["final_hidden_states"], w["final_hidden_states"], **TOL)
+
+
+def test_tp_2_image_expansion_that_differs_from_the_record_is_an_error_before_any_rank_runs(
+        fake_sglang_vlm, vlm_dir, samples, tmp_path, monkeypatch):
+    from torchspec.inference import sglang_runner
+
+    monkeypatch.setattr(sglang_runner, "rank_process_setup", _install_vlm_stand_in_rank)
+    RESCALE["factor"] = 2   # in the engine process: SGLang's processor counting an image's tokens differently
+    engine = sgl_engine.build_engine(_cfg(vlm_dir, tp_size=2), LocalStore(root=tmp_path / "s"), "cpu")
+    try:
+        with pytest.raises(RuntimeError, match=rf"sample {samples[0].sample_id}: SGLang's multimodal processor "
+                                               r"expanded the image placeholders to \d+ tokens"):
+            engine.generate([samples[0]])
+        text = [s for s in samples if not s.images]
+        assert [st.sample_id for st in engine.generate(text)] == [s.sample_id for s in text]   # the group lives on
+    finally:
+        engine.close()

@@ -1,15 +1,16 @@
 """The `sgl` engine: the target runs in SGLang, its aux layers captured by SGLang's ``forward_hooks`` option.
 
 Two paths (``uses_model_runner``):
-- a text target on one node (nnodes 1), or a Qwen-VL image target on one node at tp_size 1 (SGLang's own
-  multimodal processor runs in this process, its MultimodalInputs attached to each Req as SGLang's scheduler
-  attaches them; records are our expansion of the sample, checked token for token against SGLang's): SGLang's ``ModelRunner`` driven by this engine
+- any target on one node (nnodes 1): text targets, and Qwen-VL image targets (SGLang's own multimodal
+  processor runs once per image request in this process, its MultimodalInputs attached to each Req -- in
+  every TP rank process at tp_size > 1 -- as SGLang's scheduler attaches them; records are our expansion of
+  the sample, checked token for token against SGLang's before the forward): SGLang's ``ModelRunner`` driven by this engine
   (inference/sglang_runner.py): one extend forward per batch, the hidden states stay a torch tensor and
   each record is put in the store by the process that computed it -- never a Python list. tp_size 1: in this
   process; tp_size N > 1: N spawned rank processes, the same batch to each, rank 0 puts the records
   (``SGLangTPGroup``). Not run against a real SGLang or a GPU (tested against a stand-in of the sglang.srt
   classes it calls, whose TP ranks meet through torch.distributed on CPU, tests/test_sglang_engine.py);
-- otherwise (several nodes -- the shipped Kimi-K2.5 configs --, an image target at tp_size > 1): ``sgl.Engine`` with
+- several nodes (the shipped Kimi-K2.5 configs): ``sgl.Engine`` with
   ``return_hidden_states``, described below; its states come back as Python float lists (Cost, at the end). A
   warning at start says so.
 
@@ -121,8 +122,7 @@ Not run against a real SGLang: tests/test_sglang_engine.py's stand-in expands th
 Cost (sgl.Engine path only): unpatched SGLang turns the returned hidden states into Python float lists in its
 scheduler (``.cpu().clone().tolist()``) and ships them through ZMQ; through that public API the copy cannot be
 avoided (the engine turns them back into one tensor per sample at once). The ModelRunner path avoids
-it for text targets on one node at any tp_size and image targets on one node at tp_size 1. For engines spanning
-nodes and image targets at tp_size > 1, writing the
+it for every target on one node, at any tp_size. For engines spanning nodes, writing the
 records from inside SGLang's scheduler process (a hook on the logits processor putting each request's rows in
 the store) would avoid it too, but needs each request's id inside that hook and a store client in every
 scheduler process: NOT built.
@@ -332,20 +332,20 @@ def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
             "sgl engines in non-daemonic processes; a custom engine_factory must too)")
 
 
-def uses_model_runner(cfg, vision=None) -> bool:
+def uses_model_runner(cfg) -> bool:
     """Whether the engine runs SGLang's ModelRunner itself (inference/sglang_runner.py: states stay tensors,
     records are put where they are computed; tp_size 1 in the engine's process, tp_size > 1 in one process per
-    TP rank) rather than sgl.Engine (states come back as Python lists): one node, and for an image target
-    tp_size 1 (its image inputs are made in this process); engines spanning nodes and image targets at
-    tp_size > 1 need sgl.Engine."""
-    return int(cfg.inference.sglang.nnodes) == 1 and (vision is None or int(cfg.inference.sglang.tp_size) == 1)
+    TP rank, text and Qwen-VL image targets alike) rather than sgl.Engine (states come back as Python lists):
+    one node; engines spanning nodes need sgl.Engine."""
+    return int(cfg.inference.sglang.nnodes) == 1
 
 
 class SGLangEngine:
     def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu",
                  enable_metrics: bool = False,
-                 vision=None, target_config=None, runner=None):
+                 vision=None, target_config=None, runner=None, image_inputs=None):
         self.runner = runner                 # SGLangModelRunnerTarget (tp 1) or SGLangTPGroup; None: llm is sgl.Engine
+        self.image_inputs = image_inputs     # SGLangImageInputs of an image target on the ModelRunner path
         self.vision = vision                 # a VLM target's expansion rule (inference/vlm.py); None: text only
         self.target_config = target_config   # names the target when a text target refuses images
         self.llm = llm
@@ -408,24 +408,32 @@ class SGLangEngine:
         from torchspec.inference.vlm import vision_expansion
 
         vision = vision_expansion(target.config, cfg.model.target_model_path, bool(cfg.model.trust_remote_code))
-        llm = runner = None
-        if uses_model_runner(cfg, vision):
-            from torchspec.inference.sglang_runner import SGLangModelRunnerTarget, SGLangTPGroup
+        llm = runner = image_inputs = None
+        if uses_model_runner(cfg):
+            from torchspec.inference.sglang_runner import SGLangImageInputs, SGLangModelRunnerTarget, SGLangTPGroup
 
             if kwargs.get("enable_metrics"):
                 logger.warning("inference.sglang.enable_metrics: the in-process ModelRunner path has no SGLang "
                                "scheduler or tokenizer manager, which are what write sglang:* metrics; none are logged")
                 kwargs["enable_metrics"] = False
             if int(kwargs["tp_size"]) == 1:
-                runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"],
-                                                       images=vision is not None)
+                runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"])
+                if vision is not None:   # the runner's ModelConfig; the processor also serves M-RoPE positions
+                    image_inputs = SGLangImageInputs.start(kwargs, model_config=runner.runner.model_config)
+                    runner.mm_processor = image_inputs.processor
             else:
                 runner = SGLangTPGroup.start(kwargs, store, len(aux_layers), hidden, device,
                                              start_timeout=float(cfg.inference.sglang.init_timeout),
-                                             timeout_key="inference.sglang.init_timeout")
+                                             timeout_key="inference.sglang.init_timeout", images=vision is not None)
+                if vision is not None:   # the tokenizer manager's half, in this process (no model loaded here)
+                    try:
+                        image_inputs = SGLangImageInputs.start(kwargs)
+                    except BaseException:
+                        runner.close()
+                        raise
         else:
             logger.warning("sgl engine: tp_size=%s, nnodes=%s%s: runs through sgl.Engine, whose hidden states come "
-                           "back as Python float lists (the ModelRunner path takes one node, and image targets at tp_size 1 only)",
+                           "back as Python float lists (the ModelRunner path takes one node)",
                            cfg.inference.sglang.tp_size, cfg.inference.sglang.nnodes,
                            ", an image target" if vision is not None else "")
             llm = sgl.Engine(**kwargs)
@@ -434,7 +442,7 @@ class SGLangEngine:
                     else f"ModelRunner in {kwargs['tp_size']} TP rank processes", aux_layers,
                     aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
         return cls(llm, store, aux_layers, hidden, device, enable_metrics=bool(kwargs.get("enable_metrics")),
-                   vision=vision, target_config=target.config, runner=runner)
+                   vision=vision, target_config=target.config, runner=runner, image_inputs=image_inputs)
 
     def _rows(self, out: dict, n: int, sample_id: str) -> torch.Tensor:
         """The prompt's [n, (len(aux) + 1) * H] rows of one `generate` output."""
@@ -474,31 +482,38 @@ class SGLangEngine:
 
     def _generate_in_process(self, samples: Sequence) -> list[StoredSample]:
         """One ModelRunner extend forward; each sample's rows cut from the packed tensor and put where they were
-        computed: in this process (tp 1), or in TP rank 0's process (SGLangTPGroup)."""
-        from torchspec.inference.sglang_runner import SGLangTPGroup, put_packed_rows
-        from torchspec.inference.vlm import expand_for_engine, refuse_images
+        computed: in this process (tp 1), or in TP rank 0's process (SGLangTPGroup). An image request's inputs
+        are made here, once (SGLang's processor), and the same go to every rank."""
+        from torchspec.inference.sglang_runner import SGLangTPGroup, put_packed_rows, text_requests
+        from torchspec.inference.vlm import expand_for_engine
 
-        if isinstance(self.runner, SGLangTPGroup):
-            refuse_images(samples, self.target_config)   # tp > 1 runs text targets only (uses_model_runner)
-            return self.runner.generate(samples)
         # the records: placeholders expanded by the target's image processor, as the hf engine expands them
         records, images = expand_for_engine(samples, self.vision, self.target_config)
-        ran: list = []
-        states = self.runner.forward([s.input_ids.tolist() for s in samples], images, expanded=ran)
-        for r, ids in zip(records if images is not None else (), ran):
-            want = r.input_ids.tolist()
-            if ids != want:
-                raise RuntimeError(f"sgl engine: sample {r.sample_id}: SGLang's multimodal processor expanded the "
-                                   f"image placeholders to {len(ids)} tokens, the target's image processor (the hf "
-                                   f"engine's expansion, which the record holds) to {len(want)}"
-                                   + ("" if len(ids) != len(want) else " with other token ids")
-                                   + ": the hidden states would not match the record's tokens")
+        prompts = [s.input_ids.tolist() for s in samples]
+        if images is None:
+            requests = text_requests(prompts)
+        else:
+            requests = self.image_inputs.requests(prompts, images)
+            for r, (ids, _) in zip(records, requests):
+                want = r.input_ids.tolist()
+                if ids != want:
+                    raise RuntimeError(f"sgl engine: sample {r.sample_id}: SGLang's multimodal processor expanded "
+                                       f"the image placeholders to {len(ids)} tokens, the target's image processor "
+                                       f"(the hf engine's expansion, which the record holds) to {len(want)}"
+                                       + ("" if len(ids) != len(want) else " with other token ids")
+                                       + ": the hidden states would not match the record's tokens")
+        if isinstance(self.runner, SGLangTPGroup):
+            return self.runner.generate(records, requests)
+        states = self.runner.forward(requests)
         return put_packed_rows(self.store, records, states, len(self.aux_layers), self.hidden_size, self.device)
 
     def close(self) -> None:
         runner, self.runner = self.runner, None
         if runner is not None:
             runner.close()
+        image_inputs, self.image_inputs = self.image_inputs, None
+        if image_inputs is not None:
+            image_inputs.close()
         llm, self.llm = self.llm, None
         if llm is not None:
             llm.shutdown()

@@ -50,20 +50,26 @@ that dies (killed, out of memory) is seen by polling the processes every ``ALIVE
 other ranks are stopped (asked, then terminated after ``CLOSE_GRACE_S``: they may be blocked in a collective
 that will never complete), so nothing hangs.
 
-Images (a Qwen-VL target, tp_size 1 only): ``start_mm_processor`` builds SGLang's multimodal processor as its
-tokenizer manager does (``import_processors``, ``get_processor``, ``get_mm_processor`` with transport "default":
-the tensors stay in this process); per image request ``process_mm_data_async(image_data=, input_text=<ids>,
-request_obj=GenerateReqInput)`` gives the expanded ids and items, ``MultimodalInputs.from_processor_output``
-their pad values, and ``_attach_images`` does what the scheduler's ``handle_generate_request`` does (the model's
-``pad_input_ids``, ``req.extend_image_inputs``, M-RoPE positions when missing). ScheduleBatch carries
+Images (a Qwen-VL target, any tp_size): ``SGLangImageInputs`` is the tokenizer manager's half, in the engine
+process: SGLang's multimodal processor built as its tokenizer manager builds it (``import_processors``,
+``get_processor``, ``get_mm_processor`` with transport "default": the tensors stay in this process); per image
+request ``process_mm_data_async(image_data=, input_text=<ids>, request_obj=GenerateReqInput)`` gives the expanded
+ids and items, ``MultimodalInputs.from_processor_output`` their pad values. Those requests -- (ids,
+MultimodalInputs) per prompt, made once -- are what every rank runs: in this process at tp_size 1, sent with the
+batch to every rank process at tp_size > 1 (SGLang's rank-0 scheduler receives a tokenized request and
+``broadcast_pyobj``s it over the TP cpu group to the other ranks, managers/scheduler.py ``recv_requests``; here
+the engine process is the sender and a multiprocessing queue per rank the channel; made once, every rank has
+the same pad values). ``_attach_images`` then does on each rank what the scheduler's ``handle_generate_request``
+does (the model's ``pad_input_ids``, ``req.extend_image_inputs``, M-RoPE positions when missing, from a
+processor each rank keeps as the scheduler keeps its ``_mm_processor``). ScheduleBatch carries
 ``req.multimodal_inputs`` to ``ForwardBatch.mm_inputs``, which the model's forward embeds.
 
-Not built: images at tp_size > 1 (the processor's image inputs would have to reach every rank process, as
-SGLang's scheduler broadcasts them) and engines spanning nodes. Those run through ``sgl.Engine`` (sglang.py
-chooses, ``uses_model_runner``). NOT RUN against a real SGLang or on a GPU:
+Not built: engines spanning nodes (they run through ``sgl.Engine``; sglang.py chooses, ``uses_model_runner``).
+NOT RUN against a real SGLang or on a GPU:
 tests/test_sglang_engine.py runs it against a stand-in ModelRunner whose ranks meet through torch.distributed
 (gloo, CPU) at the nccl_port and check they got the same batch; tests/test_sglang_multimodal.py runs image
-samples against stand-ins of the processor and multimodal classes above.
+samples against stand-ins of the processor and multimodal classes above, at tp_size 1 and 2 (the two stand-in
+ranks check through gloo that they got the same ids, image pad values included).
 """
 
 from __future__ import annotations
@@ -124,45 +130,44 @@ def sglang_mm_api() -> SimpleNamespace:
                            import_processors=import_processors, get_processor=get_processor)
 
 
-def start_mm_processor(runner, server_args):
+def start_mm_processor(model_config, server_args):
     """SGLang's own multimodal processor for the target, built as its tokenizer manager builds it
     (``init_tokenizer_and_processor``): the processors registered from ``sglang.srt.multimodal.processors``,
     the target's HF processor by ``get_processor``, ``get_mm_processor(hf_config, server_args, processor,
     transport_mode, model_config=)``. Transport "default": the processor's tensors stay in this process (the
-    tokenizer manager picks CUDA IPC only to hand them to scheduler processes)."""
+    tokenizer manager picks CUDA IPC only to hand them to scheduler processes). -> (processor, its API)."""
     mm = sglang_mm_api()
     mm.import_processors("sglang.srt.multimodal.processors")
     processor = mm.get_processor(server_args.tokenizer_path, tokenizer_mode=server_args.tokenizer_mode,
                                  trust_remote_code=server_args.trust_remote_code, revision=server_args.revision,
                                  use_fast=not server_args.disable_fast_image_processor)
-    return mm.get_mm_processor(runner.model_config.hf_config, server_args, processor, "default",
-                               model_config=runner.model_config), mm
+    return mm.get_mm_processor(model_config.hf_config, server_args, processor, "default",
+                               model_config=model_config), mm
 
 
-class SGLangModelRunnerTarget:
-    """The target as SGLang's ModelRunner in this process; `forward` gives the packed hidden-state rows."""
+class SGLangImageInputs:
+    """The tokenizer manager's half of an image request, in the engine process: SGLang's multimodal processor
+    run once per image request, its output turned into the request's MultimodalInputs. What it gives (the
+    expanded ids and MultimodalInputs per prompt) is what every TP rank attaches to its Req: SGLang's rank-0
+    scheduler receives the tokenized request and ``broadcast_pyobj``s it over the TP cpu group to the other
+    ranks' schedulers; here the engine sends it to every rank process (SGLangTPGroup.generate). Made once, so
+    every rank gets the same pad values (SGLang's ``enable_broadcast_mm_inputs_process`` makes them on the
+    entry rank and broadcasts them for the same reason)."""
 
-    def __init__(self, runner, api: SimpleNamespace, mm_processor=None, mm_api: Optional[SimpleNamespace] = None):
-        self.runner, self.api = runner, api
-        self.mm_processor, self.mm_api = mm_processor, mm_api   # an image target's (start_mm_processor)
+    def __init__(self, processor, mm_api: SimpleNamespace, api: SimpleNamespace):
+        self.processor, self.mm_api, self.api = processor, mm_api, api
 
     @classmethod
-    def start(cls, engine_kwargs: dict[str, Any], gpu_id: int, tp_rank: int = 0, tp_size: int = 1,
-              images: bool = False) -> "SGLangModelRunnerTarget":
-        """This process's ModelRunner: TP rank `tp_rank` of `tp_size` (engine_kwargs["tp_size"]) on GPU `gpu_id`;
-        images: also SGLang's multimodal processor of the target (an image target)."""
+    def start(cls, engine_kwargs: dict[str, Any], model_config=None) -> "SGLangImageInputs":
+        """model_config: a ModelRunner's (in a rank process); None: ``ModelConfig.from_server_args``, as the
+        tokenizer manager makes its own (no model is loaded)."""
         api = sglang_api()
         server_args = api.ServerArgs(**engine_kwargs)
-        runner = api.ModelRunner(
-            model_config=api.ModelConfig.from_server_args(server_args),
-            mem_fraction_static=server_args.mem_fraction_static, gpu_id=int(gpu_id),
-            tp_rank=int(tp_rank), tp_size=int(tp_size), moe_ep_rank=0, moe_ep_size=1, pp_rank=0, pp_size=1,
-            nccl_port=int(engine_kwargs["nccl_port"]), server_args=server_args)
-        if not images:
-            return cls(runner, api)
-        return cls(runner, api, *start_mm_processor(runner, server_args))
+        if model_config is None:
+            model_config = api.ModelConfig.from_server_args(server_args)
+        return cls(*start_mm_processor(model_config, server_args), api)
 
-    def _image_inputs(self, rid: str, ids: list[int], uris: list[str]):
+    def _one(self, rid: str, ids: list[int], uris: list[str]):
         """(the expanded input ids, MultimodalInputs) of one image request, as SGLang makes them: its tokenizer
         manager runs the multimodal processor on the request's ids and images (``process_mm_data_async(
         image_data=, input_text=<the ids>, request_obj=GenerateReqInput)``) and takes the processor's input_ids
@@ -170,16 +175,53 @@ class SGLangModelRunnerTarget:
         processor output into ``MultimodalInputs.from_processor_output`` (hash and pad value per image)."""
         import asyncio
 
-        if self.mm_processor is None:
-            raise RuntimeError("sgl engine: an image request, but the ModelRunner was started for a text target")
         request = self.mm_api.GenerateReqInput(input_ids=list(ids), image_data=list(uris), rid=rid)
         loop = asyncio.new_event_loop()   # the processor's API is async; nothing else runs on this loop
         try:
-            out = loop.run_until_complete(self.mm_processor.process_mm_data_async(
+            out = loop.run_until_complete(self.processor.process_mm_data_async(
                 image_data=list(uris), input_text=list(ids), request_obj=request))
         finally:
             loop.close()
         return list(out.input_ids), self.api.MultimodalInputs.from_processor_output(out)
+
+    def requests(self, prompts: Sequence[Sequence[int]], images: Optional[Sequence[Sequence[str]]]) -> list[tuple]:
+        """Per prompt (token ids; images: its image URIs, [] for text) the request a rank runs: (ids as SGLang
+        runs them, MultimodalInputs or None)."""
+        return [self._one(str(i), list(ids), list(images[i])) if images and images[i] else (list(ids), None)
+                for i, ids in enumerate(prompts)]
+
+    def close(self) -> None:
+        processor, self.processor = self.processor, None
+        for pool in ("io_executor", "cpu_executor"):   # BaseMultimodalProcessor's worker pools
+            executor = getattr(processor, pool, None)
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+
+
+def text_requests(prompts: Sequence[Sequence[int]]) -> list[tuple]:
+    """The requests of text prompts (no image inputs), as SGLangImageInputs.requests gives them."""
+    return [(list(ids), None) for ids in prompts]
+
+
+class SGLangModelRunnerTarget:
+    """The target as SGLang's ModelRunner in this process; `forward` gives the packed hidden-state rows."""
+
+    def __init__(self, runner, api: SimpleNamespace, mm_processor=None):
+        self.runner, self.api = runner, api
+        self.mm_processor = mm_processor   # an image target's (for M-RoPE positions the processor left out)
+
+    @classmethod
+    def start(cls, engine_kwargs: dict[str, Any], gpu_id: int, tp_rank: int = 0,
+              tp_size: int = 1) -> "SGLangModelRunnerTarget":
+        """This process's ModelRunner: TP rank `tp_rank` of `tp_size` (engine_kwargs["tp_size"]) on GPU `gpu_id`."""
+        api = sglang_api()
+        server_args = api.ServerArgs(**engine_kwargs)
+        runner = api.ModelRunner(
+            model_config=api.ModelConfig.from_server_args(server_args),
+            mem_fraction_static=server_args.mem_fraction_static, gpu_id=int(gpu_id),
+            tp_rank=int(tp_rank), tp_size=int(tp_size), moe_ep_rank=0, moe_ep_size=1, pp_rank=0, pp_size=1,
+            nccl_port=int(engine_kwargs["nccl_port"]), server_args=server_args)
+        return cls(runner, api)
 
     def _attach_images(self, req, mm_inputs) -> None:
         """What SGLang's scheduler does to a request with multimodal inputs (``handle_generate_request``): the
@@ -192,28 +234,21 @@ class SGLangModelRunnerTarget:
             req.origin_input_ids = pad(req.origin_input_ids, mm_inputs)
         req.extend_image_inputs(mm_inputs)
         mm = req.multimodal_inputs
-        if mm.mrope_positions is None:
+        if mm.mrope_positions is None and self.mm_processor is not None:   # (the scheduler's check too)
             positions, delta = self.mm_processor.compute_mrope_positions(req.origin_input_ids, mm.mm_items)
             if positions is not None:
                 mm.mrope_positions, mm.mrope_position_delta = positions, delta
 
     @torch.no_grad()
-    def forward(self, prompts: Sequence[Sequence[int]], images: Optional[Sequence[Sequence[str]]] = None,
-                expanded: Optional[list] = None) -> torch.Tensor:
-        """One extend forward over `prompts` (token id lists; images: per prompt its image URIs, [] for text):
-        the hidden-state rows of every token, packed in prompt order, as the tensor the model produced (its
-        device and dtype). expanded: a list that receives each prompt's ids as SGLang ran them (an image
-        prompt's placeholders expanded by SGLang's processor), before the pad values."""
+    def forward(self, requests: Sequence[tuple]) -> torch.Tensor:
+        """One extend forward over `requests` ((token ids, MultimodalInputs or None) each: SGLangImageInputs.
+        requests / text_requests): the hidden-state rows of every token, packed in request order, as the tensor
+        the model produced (its device and dtype)."""
         api, runner = self.api, self.runner
         params = api.SamplingParams(max_new_tokens=1, temperature=0.0)
         reqs = []
-        for i, ids in enumerate(prompts):
-            ids, mm_inputs = list(ids), None
-            if images and images[i]:
-                ids, mm_inputs = self._image_inputs(str(i), ids, images[i])
-            if expanded is not None:
-                expanded.append(ids)
-            req = api.Req(rid=str(i), origin_input_text="", origin_input_ids=ids, sampling_params=params)
+        for i, (ids, mm_inputs) in enumerate(requests):
+            req = api.Req(rid=str(i), origin_input_text="", origin_input_ids=list(ids), sampling_params=params)
             if mm_inputs is not None:
                 self._attach_images(req, mm_inputs)
             req.fill_ids = req.origin_input_ids   # the whole prompt is extended: no cached prefix
@@ -246,12 +281,7 @@ class SGLangModelRunnerTarget:
         return states
 
     def close(self) -> None:
-        self.runner = None
-        processor, self.mm_processor = self.mm_processor, None
-        for pool in ("io_executor", "cpu_executor"):   # BaseMultimodalProcessor's worker pools
-            executor = getattr(processor, pool, None)
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
+        self.runner = self.mm_processor = None
 
 
 def put_packed_rows(store, samples: Sequence, states: torch.Tensor, num_aux: int, hidden_size: int,
@@ -277,13 +307,18 @@ def _one_line(e: BaseException) -> str:
 
 
 def _rank_main(rank: int, tp_size: int, engine_kwargs: dict, gpu_id: int, store, record_layout: tuple,
-               setup: Optional[Callable[[], None]], inbox, outbox) -> None:
-    """One TP rank's process: its ModelRunner, then every batch the engine sends; rank 0 puts the records."""
-    target = None
+               images: bool, setup: Optional[Callable[[], None]], inbox, outbox) -> None:
+    """One TP rank's process: its ModelRunner, then every batch the engine sends; rank 0 puts the records.
+    images: an image target; the rank keeps SGLang's multimodal processor as its scheduler does (M-RoPE
+    positions a request arrives without); the requests' image inputs come made, with the batch."""
+    target = processor = None
     try:
         if setup is not None:
             setup()
         target = SGLangModelRunnerTarget.start(engine_kwargs, gpu_id, tp_rank=rank, tp_size=tp_size)
+        if images:
+            processor = SGLangImageInputs.start(engine_kwargs, model_config=target.runner.model_config)
+            target.mm_processor = processor.processor
         outbox.put(("ready", rank, None))
         parent = os.getppid()
         while True:
@@ -295,9 +330,9 @@ def _rank_main(rank: int, tp_size: int, engine_kwargs: dict, gpu_id: int, store,
                 continue
             if job is None:
                 break
-            prompts, samples = job
-            states = target.forward(prompts)
-            stored = put_packed_rows(store, samples, states, *record_layout) if rank == 0 else None
+            requests, records = job
+            states = target.forward(requests)
+            stored = put_packed_rows(store, records, states, *record_layout) if rank == 0 else None
             outbox.put(("done", rank, stored))
     except KeyboardInterrupt:
         pass
@@ -307,6 +342,8 @@ def _rank_main(rank: int, tp_size: int, engine_kwargs: dict, gpu_id: int, store,
     finally:
         if target is not None:
             target.close()
+        if processor is not None:
+            processor.close()
 
 
 class SGLangTPGroup:
@@ -319,7 +356,9 @@ class SGLangTPGroup:
 
     @classmethod
     def start(cls, engine_kwargs: dict[str, Any], store, num_aux: int, hidden_size: int,
-              device: torch.device | str, start_timeout: float, timeout_key: str = "") -> "SGLangTPGroup":
+              device: torch.device | str, start_timeout: float, timeout_key: str = "",
+              images: bool = False) -> "SGLangTPGroup":
+        """images: an image target (each rank also keeps SGLang's multimodal processor, _rank_main)."""
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
@@ -328,7 +367,7 @@ class SGLangTPGroup:
         outbox, inboxes = ctx.Queue(), [ctx.Queue() for _ in range(tp_size)]
         procs = [ctx.Process(target=_rank_main, name=f"torchspec-sgl-tp{r}", daemon=False,
                              args=(r, tp_size, engine_kwargs, base + r, store if r == 0 else None, layout,
-                                   rank_process_setup, inboxes[r], outbox))
+                                   bool(images), rank_process_setup, inboxes[r], outbox))
                  for r in range(tp_size)]
         group = cls(procs, inboxes, outbox)
         try:   # a rank that fails or dies while loading is reported at once; the others are stopped
@@ -384,14 +423,17 @@ class SGLangTPGroup:
             line += f" (then {', '.join(others)} failed too: see their logs)"
         return RuntimeError(line)
 
-    def generate(self, samples: Sequence) -> list[StoredSample]:
-        """One forward of `samples` on every rank; rank 0's puts. Any rank's failure stops the group."""
+    def generate(self, records: Sequence, requests: Sequence[tuple]) -> list[StoredSample]:
+        """One forward of `requests` (SGLangImageInputs.requests / text_requests, made once in the engine
+        process) on every rank, each getting the same requests as SGLang's schedulers get them from their
+        broadcast; rank 0 cuts the rows by `records` (the samples as stored) and puts them. Any rank's failure
+        stops the group."""
         if self._closed:
             raise RuntimeError("sgl engine: its TP ranks were stopped after an earlier failure")
-        prompts = [s.input_ids.tolist() for s in samples]
+        requests = list(requests)
         try:
             for r, q in enumerate(self.inboxes):
-                q.put((prompts, list(samples) if r == 0 else None))
+                q.put((requests, list(records) if r == 0 else None))
             return self._wait("done", None)[0]
         except BaseException:
             self.close(ERROR_GRACE_S)
