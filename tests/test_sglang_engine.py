@@ -533,18 +533,23 @@ class FakeModelRunner(_HFNumbers):
         assert isinstance(server_args, FakeServerArgs) and isinstance(nccl_port, int)
         # one TP rank per process, on its own GPU (base_gpu_id + tp_rank), all ranks of the engine's tp_size
         assert tp_size == (server_args.tp_size or 1) and 0 <= tp_rank < tp_size and pp_size == 1, (tp_rank, tp_size)
-        assert gpu_id == (server_args.base_gpu_id or 0) + tp_rank, (gpu_id, server_args.base_gpu_id, tp_rank)
+        # node r of N runs TP ranks r*tp/N ..; GPU base_gpu_id + tp_rank % (tp/N) (entrypoints/engine.py)
+        per_node = tp_size // (server_args.nnodes or 1)
+        assert tp_rank // per_node == (server_args.node_rank or 0), (tp_rank, server_args.node_rank)
+        assert gpu_id == (server_args.base_gpu_id or 0) + tp_rank % per_node, (gpu_id, server_args.base_gpu_id, tp_rank)
         assert nccl_port == server_args.nccl_port
         self.model_config, self.server_args, self.gpu_id = model_config, server_args, gpu_id
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.pid = os.getpid()
-        _standin_fail(tp_rank, "start")
+        _standin_fail(tp_rank, "start", server_args.log_level)
         _standin_log(f"runner {self.pid} {tp_rank} {gpu_id}")
-        if tp_size > 1:   # init_torch_distributed: the ranks meet at tcp://127.0.0.1:<nccl_port> (gloo here, CPU)
-            import datetime
+        if tp_size > 1:   # init_torch_distributed: the ranks meet at tcp://<dist_init_addr>, when set (several
+            import datetime   # nodes), else tcp://127.0.0.1:<nccl_port> (gloo here, CPU); rank = global tp_rank
 
+            meet = server_args.dist_init_addr or f"127.0.0.1:{nccl_port}"
+            _standin_log(f"meet {self.pid} {tp_rank} {meet}")
             torch.distributed.init_process_group(
-                "gloo", init_method=f"tcp://127.0.0.1:{nccl_port}", world_size=tp_size, rank=tp_rank,
+                "gloo", init_method=f"tcp://{meet}", world_size=tp_size, rank=tp_rank,
                 timeout=datetime.timedelta(seconds=server_args.dist_timeout or 120))
         self.hf = self._load(model_config.model_path)
         self.model = self._build_model()
@@ -564,7 +569,7 @@ class FakeModelRunner(_HFNumbers):
             offset += n
         self.forwards.append(lens)
         prompts = self._embed_routine(prompts, forward_batch.mm_inputs)
-        _standin_fail(self.tp_rank, "forward")
+        _standin_fail(self.tp_rank, "forward", self.server_args.log_level)
         if self.tp_size > 1:   # a TP forward's collectives need every rank, each with the same batch
             mine = torch.tensor([len(ids), sum(ids), len(lens)], dtype=torch.int64)
             total = mine.clone()
@@ -587,9 +592,12 @@ def _standin_log(line: str) -> None:
             f.write(line + "\n")
 
 
-def _standin_fail(rank: int, stage: str) -> None:
-    """$STANDIN_TP_FAIL = "rank:stage:raise|exit": that rank fails at that stage (start / forward)."""
+def _standin_fail(rank: int, stage: str, log_level: Optional[str] = None) -> None:
+    """$STANDIN_TP_FAIL (or ServerArgs.log_level "standin-fail:<spec>", which reaches ranks started by Ray actors)
+    = "rank:stage:raise|exit": that rank fails at that stage (start / forward)."""
     spec = os.environ.get("STANDIN_TP_FAIL", "")
+    if not spec and (log_level or "").startswith("standin-fail:"):
+        spec = log_level.removeprefix("standin-fail:")
     if spec and spec.split(":")[:2] == [str(rank), stage]:
         if spec.endswith(":exit"):
             os._exit(3)
@@ -599,11 +607,16 @@ def _standin_fail(rank: int, stage: str) -> None:
 def _install_stand_in_rank() -> None:
     """sglang_runner.rank_process_setup in the tests: each spawned TP rank gets the stand-in sglang modules, and
     logs (to $STANDIN_TP_LOG) every record put and every float Tensor.tolist() in its process."""
-    from torchspec.transfer.local import LocalStore as _Store
-
     sys.modules["sglang"] = types.ModuleType("sglang")
     sys.modules["sglang"].Engine = FakeEngine
     sys.modules.update(_srt_modules())
+    install_rank_spies()
+
+
+def install_rank_spies() -> None:
+    """Log (to $STANDIN_TP_LOG) every record put and every float Tensor.tolist() in this process."""
+    from torchspec.transfer.local import LocalStore as _Store
+
     real_tolist, real_put = torch.Tensor.tolist, _Store.put
 
     def tolist(self):

@@ -1,19 +1,23 @@
-"""An sgl engine spanning nodes (inference.sglang.nnodes > 1): one sgl.Engine per node, node_rank r on node r,
-all meeting at node 0's dist_init_addr; only node 0 serves. Run against the stand-in `sglang` of
-tests/test_sglang_engine.py (which follows SGLang v0.5.10.post1's multi-node start as cited there), never a
-real SGLang: what this cannot show is that real TP ranks on real nodes meet and agree."""
+"""An sgl engine spanning nodes (inference.sglang.nnodes > 1): on every node, the engine runs that node's TP ranks
+of SGLang's ModelRunner (global rank node_rank * tp/N + i on GPU base + i), all meeting at node 0's
+dist_init_addr; every batch reaches every node; global rank 0 (node 0) alone puts the records, as tensors. Run
+against the stand-in sglang.srt classes of tests/test_sglang_engine.py (its ranks meet through torch.distributed,
+gloo on CPU, at 127.0.0.1:<port> as dist_init_addr), never a real SGLang, a GPU or a real second node."""
 
-import json
+import logging
 import os
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_sglang_engine import FakeEngine, _cfg, _hf_records, _samples, fake_sglang  # noqa: F401 (fixture)
+from test_sglang_engine import (TOL, FakeEngine, FakeModelRunner, _cfg, _float_tolist_spy, _hf_records,  # noqa: F401
+                                _samples, fake_sglang, tp_ranks)
 from torchspec.inference import sglang as sgl_engine
 from torchspec.transfer.local import LocalStore
+from torchspec.utils.net import free_port
 
 TESTS = Path(__file__).resolve().parent
 
@@ -26,39 +30,48 @@ def _two_node_cfg(target_dir):
     return cfg
 
 
-def test_each_node_gets_its_rank_and_the_same_address(fake_sglang, tiny_target_dir, tmp_path, monkeypatch):
-    monkeypatch.delenv(sgl_engine.NONZERO_RANK_RETURNS, raising=False)   # restored afterwards
-    cfg, addr = _two_node_cfg(tiny_target_dir), "10.1.2.3:41234"
+def _both_nodes(fn, *per_node):
+    """fn(node 0's args), fn(node 1's args) at once (each node's TP rank waits for the other's in a collective)."""
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(fn, *args) for args in per_node]
+        return [f.result() for f in futures]
+
+
+def test_each_node_runs_its_tp_ranks_and_rank_0_puts(tp_ranks, tiny_target_dir, tmp_path, monkeypatch, caplog):
+    """Node r starts only its TP rank (global rank r of 2, GPU base + 0), both meet at the same dist_init_addr; a
+    batch run on both nodes gives records equal to the hf engine's, put by global rank 0 alone, as tensors; no
+    process builds a float list; sgl.Engine never starts; no warning."""
+    cfg, addr = _two_node_cfg(tiny_target_dir), f"127.0.0.1:{free_port()}"
     store = LocalStore(root=tmp_path / "store")
     samples = _samples(512)
     want = _hf_records(tiny_target_dir, tmp_path, [0, 1, 2], samples)
-
-    head = sgl_engine.build_node_engine(cfg, 0, addr, store, "cpu")
-    assert os.environ.get(sgl_engine.NONZERO_RANK_RETURNS) is None   # node 0's sgl.Engine returns by itself
-    other = sgl_engine.build_node_engine(cfg, 1, addr, store, "cpu")
-    assert os.environ[sgl_engine.NONZERO_RANK_RETURNS] == "0"        # else node 1's would never return
-    assert isinstance(head, sgl_engine.SGLangEngine) and isinstance(other, sgl_engine.SGLangNodeEngine)
-    k0, k1 = (e.kwargs for e in FakeEngine.instances)
-    for k, rank in ((k0, 0), (k1, 1)):
-        assert (k["node_rank"], k["nnodes"], k["dist_init_addr"], k["tp_size"], k["base_gpu_id"]) == (rank, 2, addr,
-                                                                                                      2, 0)
-    # the rest is the same engine on both nodes (ports are each node's own)
-    strip = lambda k: {n: v for n, v in k.items() if n not in ("node_rank", "port", "nccl_port")}  # noqa: E731
-    assert strip(k0) == strip(k1) and k0["forward_hooks"] == sgl_engine.forward_hook_specs([0, 1, 2], "model.layers")
-
-    # only node 0 serves; its records are the single-node engine's
-    with pytest.raises(RuntimeError, match="only node_rank 0 of an engine serves generate"):
-        other.generate(samples)
-    stored = head.generate(samples)
-    assert [s.key for s in stored] == [s.sample_id for s in samples]
+    lists = _float_tolist_spy(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="torchspec"):
+        head, other = _both_nodes(sgl_engine.build_node_engine, *[(cfg, r, addr, store, "cpu") for r in (0, 1)])
+        try:
+            assert isinstance(head, sgl_engine.SGLangEngine) and isinstance(other, sgl_engine.SGLangNodeEngine)
+            assert [head.runner.ranks, other.engine.runner.ranks] == [[0], [1]]
+            stored, nothing = _both_nodes(lambda e, b: e.generate(b), (head, samples[:4]), (other, samples[:4]))
+            more, _ = _both_nodes(lambda e, b: e.generate(b), (head, samples[4:]), (other, samples[4:]))
+        finally:
+            _both_nodes(lambda e: e.close(), (head,), (other,))
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert nothing == [] and [s.key for s in stored + more] == [s.sample_id for s in samples]
+    log = tp_ranks()
+    runners = {int(ln[1]): (int(ln[2]), int(ln[3])) for ln in log if ln[0] == "runner"}
+    assert sorted(runners.values()) == [(0, 0), (1, 0)] and os.getpid() not in runners   # (rank, gpu)
+    assert sorted((int(ln[2]), ln[3]) for ln in log if ln[0] == "meet") == [(0, addr), (1, addr)]
+    rank0 = next(pid for pid, (rank, _) in runners.items() if rank == 0)
+    puts = [ln for ln in log if ln[0] == "put"]
+    assert [ln[2] for ln in puts] == [s.sample_id for s in samples] and {int(ln[1]) for ln in puts} == {rank0}
+    assert [ln for ln in log if ln[0] == "tolist"] == [] and lists == []
+    assert FakeEngine.instances == [] and FakeModelRunner.instances == []   # nothing ran in this process
     for s in samples:
-        got = store.get(s.sample_id)
-        torch.testing.assert_close(got["aux_hidden_states"], want[s.sample_id]["aux_hidden_states"], rtol=1e-5,
-                                   atol=1e-5)
-        torch.testing.assert_close(got["final_hidden_states"], want[s.sample_id]["final_hidden_states"], rtol=1e-5,
-                                   atol=1e-5)
-    head.close(), other.close(), other.close()
-    assert [e.shutdowns for e in FakeEngine.instances] == [1, 1]
+        g, w = store.get(s.sample_id), want[s.sample_id]
+        assert torch.equal(g["input_ids"], w["input_ids"])
+        for key in ("aux_hidden_states", "final_hidden_states"):
+            assert g[key].dtype == w[key].dtype and g[key].shape == w[key].shape
+            torch.testing.assert_close(g[key], w[key], **TOL)
 
 
 def test_spanning_nodes_without_the_ray_launcher_is_refused(fake_sglang, tiny_target_dir, tmp_path):
@@ -104,26 +117,27 @@ try:
 except ImportError:
     ray = None
 
-# A `sglang` package for Ray's worker processes: the stand-in engine, logging the kwargs of each node's engine.
+# A `sglang` package for Ray's worker processes and the TP rank processes they spawn: the stand-in's sglang.srt
+# classes, the put / float-tolist spies logging to $STANDIN_TP_LOG, and an sgl.Engine that must never start.
 STAND_IN = textwrap.dedent('''
-    import json, os, sys
+    import sys
     sys.path.insert(0, {tests!r})
     import test_sglang_engine
 
-    class Engine(test_sglang_engine.FakeEngine):
+    sys.modules.update(test_sglang_engine._srt_modules())
+    test_sglang_engine.install_rank_spies()
+    test_sglang_engine.FakeModelRunner.POOL_TOKENS = 4096   # the pipeline's batches are larger than the unit tests'
+
+    class Engine:
         def __init__(self, **kwargs):
-            if kwargs.get("log_level") == f"fail-node-{{kwargs.get('node_rank')}}":
-                raise RuntimeError("stand-in: this node's schedulers died")
-            super().__init__(**kwargs)
-            log = os.path.join(os.environ["STAND_IN_LOG"], f"{{kwargs['node_rank']}}.{{os.getpid()}}.json")
-            with open(log, "w") as f:
-                json.dump({{"kwargs": kwargs, "node": __import__("ray").get_runtime_context().get_node_id()}}, f)
+            raise AssertionError("stand-in: sgl.Engine started for training records")
 ''')
 
 
 @pytest.fixture
 def stand_in_cluster(tmp_path, monkeypatch):
-    """A simulated 2-node Ray cluster whose workers import the stand-in `sglang` (PYTHONPATH)."""
+    """A simulated 2-node Ray cluster whose workers import the stand-in `sglang` (PYTHONPATH) -> (nodes, read the
+    rank log)."""
     if ray is None:
         pytest.skip("ray is not installed (pip install -e '.[ray]')")
     if ray.is_initialized():
@@ -133,12 +147,11 @@ def stand_in_cluster(tmp_path, monkeypatch):
     pkg = tmp_path / "stand_in" / "sglang"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(STAND_IN.format(tests=str(TESTS)))
-    (tmp_path / "log").mkdir()
+    log = tmp_path / "ranks.log"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(pkg.parent), os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("STAND_IN_LOG", str(tmp_path / "log"))
-    monkeypatch.delenv(sgl_engine.NONZERO_RANK_RETURNS, raising=False)
+    monkeypatch.setenv("STANDIN_TP_LOG", str(log))
     with two_node_cluster(2, 1) as nodes:   # head: engine node 0 or 1 + trainer rank 0; second: the other
-        yield nodes, tmp_path / "log"
+        yield nodes, lambda: [ln.split() for ln in log.read_text().splitlines()] if log.exists() else []
 
 
 def _ray_cfg(tmp_path, target_dir):
@@ -155,35 +168,44 @@ def _ray_cfg(tmp_path, target_dir):
     return cfg
 
 
-def test_ray_launcher_runs_a_two_node_sgl_engine(stand_in_cluster, tmp_path, tiny_target_dir, monkeypatch, cpu_only):
-    """One sgl engine over both nodes (node 0 and node 1 actors on distinct Ray nodes, one address), training
-    every sample once; then a node 1 that fails to start is one line naming the engine and the node."""
+def test_ray_launcher_runs_a_two_node_sgl_engine(stand_in_cluster, tmp_path, tiny_target_dir, caplog, cpu_only):
+    """One sgl engine over both nodes (a node 0 and a node 1 actor on distinct Ray nodes, one address): every batch
+    reaches both nodes' TP ranks, which meet at that address; global rank 0 alone puts, no float list anywhere, every
+    sample trained once, no warning. Then a TP rank of node 1 failing in a forward is one line naming the engine and
+    the node, and nothing hangs."""
+    import time
+
     from pipeline_helpers import ids_by_epoch
     from torchspec.data.dataset import from_config, load_tokenizer
+    from torchspec.pipeline.failures import WorkerFailure
     from torchspec.pipeline.runner import run_training
 
-    (head, second), log = stand_in_cluster
+    _, ranks_log = stand_in_cluster
     cfg = _ray_cfg(tmp_path, tiny_target_dir)
-    run = run_training(cfg, progress=False)
+    with caplog.at_level(logging.WARNING, logger="torchspec"):
+        run = run_training(cfg, progress=False)
+    assert [r.getMessage() for r in caplog.records if "sgl" in r.getMessage()] == []
 
-    logs = [json.loads(p.read_text()) for p in sorted(log.glob("*.json"))]
-    assert sorted(r["kwargs"]["node_rank"] for r in logs) == [0, 1]
-    assert {r["node"] for r in logs} == {head, second}                       # STRICT_SPREAD: one actor a node
-    addrs = {r["kwargs"]["dist_init_addr"] for r in logs}
-    assert len(addrs) == 1 and addrs.pop().startswith("127.0.0.1:")
-    assert all((r["kwargs"]["nnodes"], r["kwargs"]["tp_size"], r["kwargs"]["base_gpu_id"]) == (2, 2, 0) for r in logs)
+    log = ranks_log()
+    runners = {int(ln[1]): (int(ln[2]), int(ln[3])) for ln in log if ln[0] == "runner"}
+    assert sorted(runners.values()) == [(0, 0), (1, 0)]   # (global rank, gpu): one rank a node
+    meets = {ln[3] for ln in log if ln[0] == "meet"}
+    assert len(meets) == 1 and meets.pop().startswith("127.0.0.1:")
+    rank0 = next(pid for pid, (rank, _) in runners.items() if rank == 0)
+    puts = [ln for ln in log if ln[0] == "put"]
+    assert puts and {int(ln[1]) for ln in puts} == {rank0} and [ln for ln in log if ln[0] == "tolist"] == []
     all_ids = sorted(s.sample_id for s in from_config(cfg, load_tokenizer(cfg), progress=False))
-    assert sorted(ids_by_epoch(run.trained)[0]) == all_ids
+    assert sorted(ids_by_epoch(run.trained)[0]) == all_ids and sorted(ln[2] for ln in puts) == all_ids
     assert run.store_put_bytes > 0 and run.store_bytes_end == 0
     assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
 
-    from torchspec.pipeline.launcher_ray import plan_ray_connected, start_ray_engines
-
     cfg2 = _ray_cfg(tmp_path / "2", tiny_target_dir)
-    cfg2.inference.sglang.extra_args = {"log_level": "fail-node-1"}
-    placement = plan_ray_connected(cfg2)
-    with pytest.raises(RuntimeError) as e:
-        start_ray_engines(cfg2, LocalStore(root=tmp_path / "store2"), placement)
-    assert str(e.value).startswith("inference engine 0: its node 1 of 2 (sgl node_rank 1) failed to start: ")
-    assert str(e.value).endswith("RuntimeError: stand-in: this node's schedulers died") and "\n" not in str(e.value)
+    cfg2.inference.sglang.extra_args = {"log_level": "standin-fail:1:forward:raise"}
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailure) as e:
+        run_training(cfg2, progress=False)
+    assert str(e.value) == ("inference engine 0: its node 1 of 2 (sgl node_rank 1) failed: RuntimeError: sgl engine: "
+                            "TP rank 1 of 2 failed: ValueError: stand-in ModelRunner: rank 1 fails at forward; no checkpoint had "
+                            "been written")
+    assert time.monotonic() - t0 < 240
     assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())

@@ -146,7 +146,6 @@ logger = logging.getLogger(__name__)
 HOOK_MODULE = __name__   # the scheduler processes import the hook factories below by this path
 LAYERS_PREFIX = "model.layers"   # SGLang's decoder-layer list of a text model (llama, qwen2/3, deepseek, ...)
 FINAL_MODULE = "logits_processor"
-NONZERO_RANK_RETURNS = "SGLANG_BLOCK_NONZERO_RANK_CHILDREN"   # "0": sgl.Engine on node_rank >= 1 returns
 
 # Set by this engine on every sgl.Engine, next to sglang_args.SPEC_TRAINING_INVARIANTS: key -> (value, why).
 ENGINE_MANAGED: dict[str, tuple[Any, str]] = {
@@ -319,8 +318,8 @@ def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
     inf = cfg.inference
     if inf.sglang.nnodes > 1 and not dist_init_addr:
         raise SGLangEngineError(
-            f"inference.sglang.nnodes={inf.sglang.nnodes}: an sgl engine spanning nodes needs an sgl.Engine with "
-            "node_rank r on every node, which only the Ray launcher starts (inference.launcher=ray)")
+            f"inference.sglang.nnodes={inf.sglang.nnodes}: an sgl engine spanning nodes needs its TP ranks started "
+            "on every node, one engine actor per node, which only the Ray launcher does (inference.launcher=ray)")
     if inf.colocate:
         raise SGLangEngineError(
             "inference.colocate=true: sgl.Engine.shutdown() kills every child process of the trainer process it "
@@ -334,10 +333,10 @@ def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
 
 def uses_model_runner(cfg) -> bool:
     """Whether the engine runs SGLang's ModelRunner itself (inference/sglang_runner.py: states stay tensors,
-    records are put where they are computed; tp_size 1 in the engine's process, tp_size > 1 in one process per
-    TP rank, text and Qwen-VL image targets alike) rather than sgl.Engine (states come back as Python lists):
-    one node; engines spanning nodes need sgl.Engine."""
-    return int(cfg.inference.sglang.nnodes) == 1
+    records are put where they are computed; tp_size 1 in the engine's process, else one process per TP rank of
+    this node, text and Qwen-VL image targets alike) rather than sgl.Engine (states come back as Python lists):
+    every config, on one node or several. The sgl.Engine path stays for its tests (tests monkeypatch this)."""
+    return True
 
 
 class SGLangEngine:
@@ -401,10 +400,6 @@ class SGLangEngine:
         prefix = decoder_layers_prefix(cfg)
         kwargs = build_engine_kwargs(cfg, device, aux_layers, node_rank=node_rank, dist_init_addr=dist_init_addr,
                                      layers_prefix=prefix)
-        if node_rank >= 1:
-            # else sgl.Engine never returns: it serves a health check and joins its schedulers (engine.py:686-707)
-            os.environ[NONZERO_RANK_RETURNS] = "0"
-            return SGLangNodeEngine(sgl.Engine(**kwargs), node_rank)
         from torchspec.inference.vlm import vision_expansion
 
         vision = vision_expansion(target.config, cfg.model.target_model_path, bool(cfg.model.trust_remote_code))
@@ -421,9 +416,9 @@ class SGLangEngine:
                 if vision is not None:   # the runner's ModelConfig; the processor also serves M-RoPE positions
                     image_inputs = SGLangImageInputs.start(kwargs, model_config=runner.runner.model_config)
                     runner.mm_processor = image_inputs.processor
-            else:
-                runner = SGLangTPGroup.start(kwargs, store, len(aux_layers), hidden, device,
-                                             start_timeout=float(cfg.inference.sglang.init_timeout),
+            else:   # this node's TP ranks (all of them on one node); the store only reaches global rank 0
+                runner = SGLangTPGroup.start(kwargs, store if node_rank == 0 else None, len(aux_layers), hidden,
+                                             device, start_timeout=float(cfg.inference.sglang.init_timeout),
                                              timeout_key="inference.sglang.init_timeout", images=vision is not None)
                 if vision is not None:   # the tokenizer manager's half, in this process (no model loaded here)
                     try:
@@ -431,18 +426,16 @@ class SGLangEngine:
                     except BaseException:
                         runner.close()
                         raise
-        else:
-            logger.warning("sgl engine: tp_size=%s, nnodes=%s%s: runs through sgl.Engine, whose hidden states come "
-                           "back as Python float lists (the ModelRunner path takes one node)",
-                           cfg.inference.sglang.tp_size, cfg.inference.sglang.nnodes,
-                           ", an image target" if vision is not None else "")
+        else:   # sgl.Engine (one node; kept for tests of that API, no config takes it: uses_model_runner)
             llm = sgl.Engine(**kwargs)
         logger.info("sgl engine (%s): aux layers %s (hooks on %s), final = %s output",
                     "sgl.Engine" if llm is not None else "ModelRunner in this process" if kwargs["tp_size"] == 1
                     else f"ModelRunner in {kwargs['tp_size']} TP rank processes", aux_layers,
                     aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
-        return cls(llm, store, aux_layers, hidden, device, enable_metrics=bool(kwargs.get("enable_metrics")),
-                   vision=vision, target_config=target.config, runner=runner, image_inputs=image_inputs)
+        engine = cls(llm, store if node_rank == 0 else None, aux_layers, hidden, device,
+                     enable_metrics=bool(kwargs.get("enable_metrics")), vision=vision, target_config=target.config,
+                     runner=runner, image_inputs=image_inputs)
+        return SGLangNodeEngine(engine, node_rank) if node_rank >= 1 else engine
 
     def _rows(self, out: dict, n: int, sample_id: str) -> torch.Tensor:
         """The prompt's [n, (len(aux) + 1) * H] rows of one `generate` output."""
@@ -520,19 +513,28 @@ class SGLangEngine:
 
 
 class SGLangNodeEngine:
-    """Node `node_rank` >= 1 of an sgl engine spanning nodes: its sgl.Engine only hosts this node's
-    scheduler (TP rank) processes; requests enter at node 0's engine, which puts every record."""
+    """Node `node_rank` >= 1 of an sgl engine spanning nodes: an SGLangEngine whose TP rank processes are this
+    node's (global rank 0 is on node 0). Every batch must reach every node (each rank's forward joins the TP
+    collectives); here it runs the same forward -- image requests made by this node's engine process, as node
+    0's makes them -- and puts nothing: node 0's rank 0 puts every record."""
 
-    def __init__(self, llm, node_rank: int):
-        self.llm, self.node_rank = llm, int(node_rank)
+    def __init__(self, engine: SGLangEngine, node_rank: int):
+        self.engine, self.node_rank = engine, int(node_rank)
 
     def generate(self, samples: Sequence) -> list[StoredSample]:
-        raise RuntimeError(f"sgl engine node_rank {self.node_rank}: only node_rank 0 of an engine serves generate()")
+        stored = self.engine.generate(samples)
+        if stored:
+            raise RuntimeError(f"sgl engine node_rank {self.node_rank}: its TP ranks put records (only global TP "
+                               "rank 0, on node 0, may)")
+        return []
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def close(self) -> None:
-        llm, self.llm = self.llm, None
-        if llm is not None:
-            llm.shutdown()   # kills this node's scheduler processes (entrypoints/engine.py:756-763)
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()
 
 
 def build_engine(cfg, store, device: str | torch.device = "cpu") -> SGLangEngine:

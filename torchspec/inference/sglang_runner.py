@@ -346,35 +346,48 @@ def _rank_main(rank: int, tp_size: int, engine_kwargs: dict, gpu_id: int, store,
             processor.close()
 
 
+def node_ranks(engine_kwargs: dict[str, Any]) -> list[tuple[int, int]]:
+    """(global TP rank, GPU id) of each TP rank this node runs: node r of N runs ranks r * tp/N .. (r + 1) * tp/N - 1
+    on GPUs base_gpu_id + 0 .. tp/N - 1, as sgl.Engine places its schedulers (entrypoints/engine.py,
+    ``_calculate_rank_ranges``; gpu_id = base_gpu_id + tp_rank % tp_size_per_node)."""
+    tp_size, nnodes = int(engine_kwargs["tp_size"]), int(engine_kwargs.get("nnodes") or 1)
+    node, base = int(engine_kwargs.get("node_rank") or 0), int(engine_kwargs.get("base_gpu_id") or 0)
+    per_node = tp_size // nnodes
+    return [(node * per_node + i, base + i) for i in range(per_node)]
+
+
 class SGLangTPGroup:
     """An engine's tp_size TP rank processes (module docstring): the same batch to all, records put by rank 0."""
 
-    def __init__(self, procs, inboxes, outbox):
+    def __init__(self, procs, inboxes, outbox, ranks: Optional[Sequence[int]] = None, tp_size: int = 0):
         self.procs, self.inboxes, self.outbox = procs, inboxes, outbox
-        self.tp_size = len(procs)
+        self.ranks = list(ranks) if ranks is not None else list(range(len(procs)))   # global TP rank of each
+        self.tp_size = int(tp_size) or len(procs)   # the whole engine's, over every node
         self._closed = False
 
     @classmethod
     def start(cls, engine_kwargs: dict[str, Any], store, num_aux: int, hidden_size: int,
               device: torch.device | str, start_timeout: float, timeout_key: str = "",
               images: bool = False) -> "SGLangTPGroup":
-        """images: an image target (each rank also keeps SGLang's multimodal processor, _rank_main)."""
+        """This node's TP ranks (``node_ranks``); images: an image target (each rank also keeps SGLang's
+        multimodal processor, _rank_main)."""
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        tp_size, base = int(engine_kwargs["tp_size"]), int(engine_kwargs.get("base_gpu_id") or 0)
+        tp_size, ranks = int(engine_kwargs["tp_size"]), node_ranks(engine_kwargs)
         layout = (int(num_aux), int(hidden_size), str(device))
-        outbox, inboxes = ctx.Queue(), [ctx.Queue() for _ in range(tp_size)]
+        outbox, inboxes = ctx.Queue(), [ctx.Queue() for _ in ranks]
         procs = [ctx.Process(target=_rank_main, name=f"torchspec-sgl-tp{r}", daemon=False,
-                             args=(r, tp_size, engine_kwargs, base + r, store if r == 0 else None, layout,
-                                   bool(images), rank_process_setup, inboxes[r], outbox))
-                 for r in range(tp_size)]
-        group = cls(procs, inboxes, outbox)
+                             args=(r, tp_size, engine_kwargs, gpu, store if r == 0 else None, layout,
+                                   bool(images), rank_process_setup, inbox, outbox))
+                 for (r, gpu), inbox in zip(ranks, inboxes)]
+        group = cls(procs, inboxes, outbox, [r for r, _ in ranks], tp_size)
         try:   # a rank that fails or dies while loading is reported at once; the others are stopped
             for p in procs:
                 p.start()
-            group._wait("ready", start_timeout, f"sgl engine: the {tp_size} TP ranks were not ready within "
-                        f"{start_timeout:.0f} s" + (f" ({timeout_key})" if timeout_key else ""))
+            group._wait("ready", start_timeout, f"sgl engine: the {len(procs)} TP ranks"
+                        + (f" of node {engine_kwargs.get('node_rank') or 0}" if len(procs) < tp_size else "")
+                        + f" were not ready within {start_timeout:.0f} s" + (f" ({timeout_key})" if timeout_key else ""))
         except BaseException:
             group.close(ERROR_GRACE_S)
             raise
@@ -384,11 +397,11 @@ class SGLangTPGroup:
         """{rank: payload} of one `expect` message from every rank; a rank's error or death raises (one line)."""
         got: dict[int, Any] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
-        while len(got) < self.tp_size:
+        while len(got) < len(self.procs):
             try:
                 kind, rank, payload = self.outbox.get(timeout=ALIVE_CHECK_S)
             except queue_mod.Empty:
-                if any(not p.is_alive() for r, p in enumerate(self.procs) if r not in got):
+                if any(not p.is_alive() for r, p in zip(self.ranks, self.procs) if r not in got):
                     raise self._failure({})
                 if deadline is not None and time.monotonic() > deadline:
                     raise RuntimeError(timeout_text)
@@ -413,10 +426,10 @@ class SGLangTPGroup:
             except queue_mod.Empty:
                 pass
         causes = [f"TP rank {r} of {self.tp_size} (process {p.pid}) {exit_text(p.exitcode)}"
-                  for r, p in enumerate(self.procs) if not p.is_alive() and p.exitcode != 0 and r not in errors]
+                  for r, p in zip(self.ranks, self.procs) if not p.is_alive() and p.exitcode != 0 and r not in errors]
         causes += [f"TP rank {r} of {self.tp_size} failed: {text}" for r, text in errors.items()]
         causes = causes or [f"TP rank {r} of {self.tp_size} (process {p.pid}) {exit_text(p.exitcode)} unasked"
-                            for r, p in enumerate(self.procs) if not p.is_alive()]
+                            for r, p in zip(self.ranks, self.procs) if not p.is_alive()]
         line = "sgl engine: " + causes[0]
         if len(causes) > 1:
             others = [c.split(" (process")[0].split(" failed:")[0].removeprefix("TP ") for c in causes[1:]]
@@ -432,9 +445,10 @@ class SGLangTPGroup:
             raise RuntimeError("sgl engine: its TP ranks were stopped after an earlier failure")
         requests = list(requests)
         try:
-            for r, q in enumerate(self.inboxes):
+            for r, q in zip(self.ranks, self.inboxes):
                 q.put((requests, list(records) if r == 0 else None))
-            return self._wait("done", None)[0]
+            done = self._wait("done", None)
+            return done[0] if 0 in done else []   # a node >= 1 of an engine spanning nodes puts nothing
         except BaseException:
             self.close(ERROR_GRACE_S)
             raise

@@ -33,6 +33,8 @@ from torchspec.utils.net import free_port
 
 log = logging.getLogger("torchspec.pipeline")
 
+NODE_SETTLE_S = 10.0   # node 0's share failed: how long its other nodes' shares may take to show a failure of theirs
+
 
 # -- the engine actor -------------------------------------------------------------------------------
 
@@ -118,6 +120,9 @@ class RayEngines:
         self.hold = None   # a Ray this launcher started, released on close
         self.nodes: list[str] = []   # the node id of each engine actor
         self.node_actors: list = []  # (engine, node r >= 1, actor) of engines spanning nodes
+        self.node_pending: dict = {}  # ObjectRef of a node r >= 1's share of a submission -> (worker, r)
+        self.actor_nodes: dict = {}   # (engine, node r) -> the Ray node id its actor runs on
+        self.n_nodes = len(placement.bundles)
         self.node_watch = NodeWatch()
         if len(placement.bundles) > 1 and node_factory is None:
             raise PlacementError(f"an engine spanning {len(placement.bundles)} nodes needs one actor per node; "
@@ -145,8 +150,8 @@ class RayEngines:
                         num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0)).remote(),
                         timeout=pg_timeout)
                     factories = [node_factory(r, addr) for r in range(n_nodes)]
-                # the engine's worker actor (node 0) tokenizes deferred records (dataset.defer_tokenization)
-                factories[0] = tokenizing_factory(factories[0], record_tokenizer)
+                # every node's actor tokenizes deferred records (dataset.defer_tokenization): each runs the batch
+                factories = [tokenizing_factory(f, record_tokenizer) for f in factories]
                 for r, factory in enumerate(factories):
                     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
                     actor = actor_cls.options(scheduling_strategy=strategy, max_restarts=0,
@@ -186,6 +191,7 @@ class RayEngines:
                 raise RuntimeError(f"inference engine {w}: its node {r} of {n_nodes} (sgl node_rank {r}) failed to "
                                    f"start: {_cause(e)}") from None
         check_local_store(self._store, "an inference engine actor", [i["node"] for i in results.values()])
+        self.actor_nodes = {key: info["node"] for key, info in results.items()}
         for (w, r), info in results.items():
             if r and info["config_error"]:
                 from torchspec.config.errors import ConfigError
@@ -204,24 +210,62 @@ class RayEngines:
         log.info("engine actors on Ray nodes %s", ", ".join(f"{w}: {n[:8]}" for w, n in enumerate(self.nodes)))
 
     def submit(self, worker: int, samples: list) -> None:
-        self.pending[self.actors[worker].generate.remote(to_wire(samples))] = worker
+        """The batch to the engine's node-0 actor (its records come back) and, for an engine spanning nodes, to
+        every other node's actor too: each node's TP ranks must run the same forward (its collectives span
+        the nodes); those put nothing and are only watched for failure."""
+        wire = to_wire(samples)
+        self.pending[self.actors[worker].generate.remote(wire)] = worker
+        for w, r, actor in self.node_actors:
+            if w == worker:
+                self.node_pending[actor.generate.remote(wire)] = (w, r)
+
+    def _node_failure(self, ref, e) -> WorkerFailure:
+        """One line for node r >= 1's failed share of a submission (its actor died, or its engine raised)."""
+        w, r = self.node_pending.pop(ref)
+        return WorkerFailure(f"inference engine {w}: its node {r} of {self.n_nodes} (sgl node_rank {r}) failed: "
+                             f"{_cause(e)}")
+
+    def _check_node_shares(self, refs, settle: float = 0.0) -> None:
+        """Drop the finished node shares among `refs`; raise the first that failed (after waiting up to `settle` s
+        for them: when node 0 fails because a remote rank broke the collective, the remote failure is the cause)."""
+        ray = self._ray
+        refs = [ref for ref in refs if ref in self.node_pending]
+        if settle > 0 and refs:
+            refs, _ = ray.wait(refs, num_returns=len(refs), timeout=settle)
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=0)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                failure = self._node_failure(ref, e)
+                self.close()
+                raise failure from None
+            except ray.exceptions.GetTimeoutError:
+                continue
+            self.node_pending.pop(ref, None)
 
     def wait(self, timeout: float) -> list[tuple[int, list[StoredSample]]]:
         ray = self._ray
         if not self.pending:
             return []
         refs = list(self.pending)
-        done, _ = ray.wait(refs, num_returns=1, timeout=max(timeout, 0.0))
+        watch = refs + list(self.node_pending)
+        done, _ = ray.wait(watch, num_returns=1, timeout=max(timeout, 0.0))
         if not done:
             self._check_nodes()
         if done:   # then everything else already finished, without waiting
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            done, _ = ray.wait(watch, num_returns=len(watch), timeout=0)
+        self._check_node_shares(done)
         finished = set(done)
         out = []
         for ref in (r for r in refs if r in finished):   # in submission order
             worker = self.pending.pop(ref)
             try:
-                stored, seconds, metrics = ray.get(ref)
+                try:
+                    stored, seconds, metrics = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+                    # a remote node's failure is the cause when it broke node 0's collectives: named first
+                    self._check_node_shares(list(self.node_pending), settle=NODE_SETTLE_S)
+                    raise
             except ray.exceptions.RayActorError as e:
                 node = self.nodes[worker] if worker < len(self.nodes) else "?"
                 self.close()
@@ -245,12 +289,14 @@ class RayEngines:
 
     def _check_nodes(self) -> None:
         """Raise a WorkerFailure naming the node and its engines when Ray reports an engine's node dead."""
-        dead = self.node_watch.dead(self.nodes)
+        dead = self.node_watch.dead(list(dict.fromkeys([*self.nodes, *self.actor_nodes.values()])))
         if dead:
             node, ip = next(iter(dead.items()))
+            on_it = [f"inference engine {w} (pid {self.pids[w]})" for w, n in enumerate(self.nodes) if n == node]
+            on_it += [f"inference engine {w}'s node {r} of {self.n_nodes}" for (w, r), n in self.actor_nodes.items()
+                      if r and n == node]
             self.close()
-            raise WorkerFailure(dead_node_text(node, ip, [f"inference engine {w} (pid {self.pids[w]})"
-                                                          for w, n in enumerate(self.nodes) if n == node]))
+            raise WorkerFailure(dead_node_text(node, ip, on_it))
 
     def close(self) -> None:
         if self._closed:
@@ -258,6 +304,7 @@ class RayEngines:
         self._closed = True
         ray = self._ray
         self.pending.clear()
+        self.node_pending.clear()
         everyone = self.actors + [a for _, _, a in self.node_actors]
         if everyone:
             try:   # let each engine finish its current submission and release its resources
