@@ -1106,19 +1106,13 @@ def test_in_process_path_without_full_capture_is_one_clear_error(fake_sglang, ti
 
 
 def test_path_choice_and_its_warnings(fake_sglang, tiny_target_dir, tmp_path, caplog):
-    """Engines spanning nodes take sgl.Engine, and say what that costs; enable_metrics on the
-    in-process path says that no SGLang metrics exist there (no scheduler writes them) instead of being silently
-    ignored."""
+    """Every config takes the ModelRunner path, engines spanning nodes included (their run, with no warning:
+    test_sglang_multinode.py); enable_metrics on it says that no SGLang metrics exist there (no scheduler writes
+    them) instead of being silently ignored."""
     store = LocalStore(root=tmp_path / "store")
     cfg = _cfg(tiny_target_dir, tp_size=4)
     cfg.inference.sglang.nnodes = 2
-    assert not sgl_engine.uses_model_runner(cfg) and sgl_engine.uses_model_runner(_cfg(tiny_target_dir, tp_size=4))
-    with caplog.at_level("WARNING", logger="torchspec.inference.sglang"):
-        engine = sgl_engine.SGLangEngine.from_config(cfg, store, "cpu", dist_init_addr="127.0.0.1:1")
-    assert engine.llm is not None and engine.runner is None
-    assert "tp_size=4, nnodes=2: runs through sgl.Engine, whose hidden states come back as Python float lists" \
-        in caplog.text
-    engine.close()
+    assert sgl_engine.uses_model_runner(cfg) and sgl_engine.uses_model_runner(_cfg(tiny_target_dir, tp_size=4))
     caplog.clear()
     cfg = _cfg(tiny_target_dir)
     cfg.inference.sglang.enable_metrics = True
