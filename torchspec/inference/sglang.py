@@ -1,18 +1,16 @@
 """The `sgl` engine: the target runs in SGLang, its aux layers captured by SGLang's ``forward_hooks`` option.
 
-Two paths (``uses_model_runner``):
-- any target on one node (nnodes 1): text targets, and Qwen-VL image targets (SGLang's own multimodal
-  processor runs once per image request in this process, its MultimodalInputs attached to each Req -- in
-  every TP rank process at tp_size > 1 -- as SGLang's scheduler attaches them; records are our expansion of
-  the sample, checked token for token against SGLang's before the forward): SGLang's ``ModelRunner`` driven by this engine
-  (inference/sglang_runner.py): one extend forward per batch, the hidden states stay a torch tensor and
-  each record is put in the store by the process that computed it -- never a Python list. tp_size 1: in this
-  process; tp_size N > 1: N spawned rank processes, the same batch to each, rank 0 puts the records
-  (``SGLangTPGroup``). Not run against a real SGLang or a GPU (tested against a stand-in of the sglang.srt
-  classes it calls, whose TP ranks meet through torch.distributed on CPU, tests/test_sglang_engine.py);
-- several nodes (the shipped Kimi-K2.5 configs): ``sgl.Engine`` with
-  ``return_hidden_states``, described below; its states come back as Python float lists (Cost, at the end). A
-  warning at start says so.
+Every config runs SGLang's ``ModelRunner`` driven by this engine (inference/sglang_runner.py; text targets and
+Qwen-VL image targets, whose requests are made by SGLang's own multimodal processor in this process and
+checked token for token against our expansion of the sample before the forward): one extend forward per batch,
+the hidden states stay a torch tensor and each record is put in the store by the process that computed it --
+never a Python list. tp_size 1: in this process; tp_size N > 1: one spawned process per TP rank, the same batch
+to each, global rank 0 puts the records (``SGLangTPGroup``); an engine spanning nodes (nnodes > 1): each node's
+engine runs only its own ranks, all meeting at ``dist_init_addr`` (Engines spanning nodes, below). Not run
+against a real SGLang, a GPU or a real second node (tested against a stand-in of the sglang.srt classes it
+calls, whose TP ranks meet through torch.distributed on CPU, tests/test_sglang_engine.py,
+tests/test_sglang_multinode.py). The ``sgl.Engine`` path described next (``return_hidden_states``, states as
+Python float lists) is no config's any more; it stays, tested, behind ``uses_model_runner``.
 
 Written against SGLang v0.5.10.post1 (the PyPI wheel ``sglang-0.5.10.post1-py3-none-any.whl``, the
 release the original TorchSpec patches at commit 94f03a39db), UNPATCHED. Paths below are under
@@ -79,28 +77,17 @@ dtype (bf16 on GPU), ``disable_piecewise_cuda_graph`` keeps prefill eager so the
 off so a hooked layer output is complete on every TP rank (``ENGINE_MANAGED``).
 
 Engines spanning nodes (``inference.sglang.nnodes`` N > 1; only under the Ray launcher, which starts one
-actor per node and calls ``build_node_engine(cfg, r, dist_init_addr)`` in actor r; refused elsewhere).
-Every node gets ``sgl.Engine(nnodes=N, node_rank=r, tp_size=<the engine's total>, base_gpu_id=0,
-dist_init_addr="<node 0 ip>:<free port on node 0>")``, the same address on all. What that does in
-v0.5.10.post1 (entrypoints/engine.py):
-- every node starts the schedulers of its own TP ranks, ``tp_size // nnodes * r`` to ``* (r + 1)``, on GPUs
-  ``base_gpu_id + tp_rank % tp_size_per_node`` (engine.py:529-575, ``_calculate_rank_ranges`` 1225-1257);
-  their torch process group meets at ``tcp://dist_init_addr`` (model_executor/model_runner.py:924-930; TP
-  rank 0, on node 0, hosts it), so no node's schedulers are ready before all nodes joined;
-- node_rank >= 1 (engine.py:681-707): after its schedulers are ready it starts no detokenizer and no
-  tokenizer manager; with env ``SGLANG_BLOCK_NONZERO_RANK_CHILDREN=0`` (engine.py:686, "when using Engine as
-  a Python API") ``_launch_subprocesses`` returns ``(None, None, port_args, ...)`` and the constructor
-  returns with ``tokenizer_manager = None`` (engine.py:190-205; its rpc socket is None, engine.py:217-222).
-  WITHOUT that variable the constructor never returns: it serves a dummy health check on ``port`` and joins
-  its schedulers (``wait_for_completion``). So ``from_config`` sets it before building node r >= 1, and
-  returns an ``SGLangNodeEngine``: it only has to stay alive (its scheduler children live in its process)
-  until ``close()`` -> ``shutdown()`` kills them (engine.py:756-763; no watchdog on these nodes);
-- node_rank 0 starts detokenizer and tokenizer manager as on one node, and its constructor returns once
-  its own schedulers are ready, i.e. after every node joined (engine.py:709-754). It alone serves
-  ``generate()``; requests reach the other nodes' TP ranks through SGLang's own broadcast.
-This path was NOT run against a real SGLang (tests/test_sglang_multinode.py uses the stand-in, on a simulated
-2-node CPU Ray cluster): real multi-node TP, the NCCL meeting and a node dying mid-run (not detected by the
-launcher: node 0's engine would stall or fail its collectives) are unchecked.
+actor per node and calls ``build_node_engine(cfg, r, dist_init_addr)`` in actor r; refused elsewhere). Node r's
+engine starts the TP ranks ``r * tp_size/N + i`` on GPUs ``base_gpu_id + i`` (sglang_runner.node_ranks, the
+placement sgl.Engine gives its schedulers: entrypoints/engine.py ``_calculate_rank_ranges``), each a ModelRunner
+with the engine's total tp_size whose ``init_torch_distributed`` meets at ``tcp://<dist_init_addr>`` (it uses
+127.0.0.1:<nccl_port> only when no dist_init_addr is set), so global rank 0, on node 0, hosts the meeting
+point picked there. Every batch goes to every node's actor (pipeline/ray_engines.py ``submit``); node 0's
+engine returns the records, put by rank 0; nodes r >= 1 are ``SGLangNodeEngine``s: the same forward, nothing
+put, nothing returned. Image requests are made by each node's engine process from the same samples (SGLang's
+processor output, pad values included, depends only on the sample), rather than shipped from node 0.
+NOT run over real nodes (tests/test_sglang_multinode.py: a simulated 2-node CPU Ray cluster, the stand-in
+ranks meeting over gloo at 127.0.0.1:<port>).
 
 Images (a Qwen-VL target, inference/vlm.py). ``generate(input_ids=[...], image_data=[[uri, ...], ...])``:
 one list of images per request, ``[]`` for a text request (io_struct.py:423-462, ``_normalize_image_data``;
@@ -119,13 +106,9 @@ as the hf engine); a row count that differs from it (SGLang counted an image's t
 misalignment. Other VLMs (Kimi-K2.5 included) are refused: their expansion rule is not built here.
 Not run against a real SGLang: tests/test_sglang_engine.py's stand-in expands the pads as cited above.
 
-Cost (sgl.Engine path only): unpatched SGLang turns the returned hidden states into Python float lists in its
-scheduler (``.cpu().clone().tolist()``) and ships them through ZMQ; through that public API the copy cannot be
-avoided (the engine turns them back into one tensor per sample at once). The ModelRunner path avoids
-it for every target on one node, at any tp_size. For engines spanning nodes, writing the
-records from inside SGLang's scheduler process (a hook on the logits processor putting each request's rows in
-the store) would avoid it too, but needs each request's id inside that hook and a store client in every
-scheduler process: NOT built.
+Cost (sgl.Engine path only, which no config takes): unpatched SGLang turns the returned hidden states into
+Python float lists in its scheduler (``.cpu().clone().tolist()``) and ships them through ZMQ; through that
+public API the copy cannot be avoided. The ModelRunner path avoids it for every config.
 """
 
 from __future__ import annotations
@@ -430,7 +413,8 @@ class SGLangEngine:
             llm = sgl.Engine(**kwargs)
         logger.info("sgl engine (%s): aux layers %s (hooks on %s), final = %s output",
                     "sgl.Engine" if llm is not None else "ModelRunner in this process" if kwargs["tp_size"] == 1
-                    else f"ModelRunner in {kwargs['tp_size']} TP rank processes", aux_layers,
+                    else f"ModelRunner in TP rank processes {runner.ranks} of {kwargs['tp_size']}"
+                    + (f", node {node_rank} of {kwargs.get('nnodes')}" if node_rank else ""), aux_layers,
                     aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
         engine = cls(llm, store if node_rank == 0 else None, aux_layers, hidden, device,
                      enable_metrics=bool(kwargs.get("enable_metrics")), vision=vision, target_config=target.config,

@@ -27,7 +27,7 @@ sglang 0.5.9, and the scheduler itself for a prefill batch):
   ``ModelRunnerOutput.logits_output.hidden_states`` [tokens of the batch, (aux + 1) x H], packed in request
   order; afterwards both pools are cleared (nothing of a batch is reused: no radix cache).
 
-Tensor parallel on one node (tp_size > 1, nnodes 1): ``SGLangTPGroup``. ModelRunner takes one TP rank per
+Tensor parallel (tp_size > 1): ``SGLangTPGroup``. ModelRunner takes one TP rank per
 process, so the engine spawns tp_size rank processes (torch.multiprocessing "spawn", not daemonic), rank i with
 ``gpu_id = base_gpu_id + i``, ``tp_rank=i``, the engine's ``tp_size`` and the same ``nccl_port``. Each builds its
 ModelRunner, whose constructor sets up torch.distributed itself (``init_torch_distributed``:
@@ -64,8 +64,11 @@ does (the model's ``pad_input_ids``, ``req.extend_image_inputs``, M-RoPE positio
 processor each rank keeps as the scheduler keeps its ``_mm_processor``). ScheduleBatch carries
 ``req.multimodal_inputs`` to ``ForwardBatch.mm_inputs``, which the model's forward embeds.
 
-Not built: engines spanning nodes (they run through ``sgl.Engine``; sglang.py chooses, ``uses_model_runner``).
-NOT RUN against a real SGLang or on a GPU:
+Engines spanning nodes (nnodes N > 1): ``SGLangTPGroup`` on node r starts only that node's ranks
+(``node_ranks``: global tp_rank r * tp_size/N + i on GPU base_gpu_id + i); ``server_args.dist_init_addr`` is set,
+so every ModelRunner meets at ``tcp://<dist_init_addr>``; only global rank 0 (node 0) gets the store and puts;
+the other nodes' groups return no records (sglang.py, Engines spanning nodes).
+NOT RUN against a real SGLang, on a GPU or over real nodes:
 tests/test_sglang_engine.py runs it against a stand-in ModelRunner whose ranks meet through torch.distributed
 (gloo, CPU) at the nccl_port and check they got the same batch; tests/test_sglang_multimodal.py runs image
 samples against stand-ins of the processor and multimodal classes above, at tp_size 1 and 2 (the two stand-in

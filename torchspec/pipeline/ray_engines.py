@@ -5,10 +5,10 @@ placement group (`ray_placement.plan_ray`); an engine of one node runs in bundle
 
 An engine spanning N nodes (only sgl) is N actors, actor r in bundle r on its own node: each builds
 `sglang.build_node_engine(cfg, r, dist_init_addr)`, all with the same "ip:port" picked on bundle 0's node
-before any starts (sgl.Engine with node_rank r; see torchspec/inference/sglang.py, Placement). Only the
-node-0 actor is the engine's worker (generate, records); the others host their node's SGLang scheduler
-processes until close. Their start is awaited together (node 0's engine starts only once every node
-joined); a node that fails is one line naming the engine and the node.
+before any starts: node r's TP rank processes of SGLang's ModelRunner, meeting there (see
+torchspec/inference/sglang.py, Engines spanning nodes). Every submission goes to all N actors (every rank's
+forward joins the collectives); node 0's answer carries the records, the others' (empty) are only watched:
+a node's failure, at start or mid-run, is one line naming the engine and the node.
 """
 
 from __future__ import annotations
