@@ -115,7 +115,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import torch
