@@ -1107,8 +1107,8 @@ def test_in_process_path_without_full_capture_is_one_clear_error(fake_sglang, ti
 
 def test_path_choice_and_its_warnings(fake_sglang, tiny_target_dir, tmp_path, caplog):
     """Every config takes the ModelRunner path, engines spanning nodes included (their run, with no warning:
-    test_sglang_multinode.py); enable_metrics on it says that no SGLang metrics exist there (no scheduler writes
-    them) instead of being silently ignored."""
+    test_sglang_multinode.py). enable_metrics on it: no SGLang scheduler runs there to keep sglang:* metrics, so
+    a warning says so and the engine reports its own forward counters (sgl:forward_*) instead; off, none."""
     store = LocalStore(root=tmp_path / "store")
     cfg = _cfg(tiny_target_dir, tp_size=4)
     cfg.inference.sglang.nnodes = 2
@@ -1118,11 +1118,22 @@ def test_path_choice_and_its_warnings(fake_sglang, tiny_target_dir, tmp_path, ca
     cfg.inference.sglang.enable_metrics = True
     with caplog.at_level("WARNING", logger="torchspec.inference.sglang"):
         engine = sgl_engine.build_engine(cfg, store, "cpu")
-    assert engine.runner is not None and engine.llm is None and engine.enable_metrics is False
-    assert engine.metrics() == {}
-    assert "enable_metrics: the in-process ModelRunner path has no SGLang scheduler" in caplog.text
-    assert FakeModelRunner.instances[-1].server_args.enable_metrics is False
+    assert engine.runner is not None and engine.llm is None and engine.enable_metrics is True
+    assert "enable_metrics: the ModelRunner path runs no SGLang scheduler" in caplog.text
+    assert FakeModelRunner.instances[-1].server_args.enable_metrics is False   # SGLang's switch: nothing to serve
+    samples = _samples(512)[:3]
+    engine.generate(samples[:2])
+    engine.generate(samples[2:])
+    m = engine.metrics()
+    assert m["sgl:forward_batches"] == 2.0
+    assert m["sgl:forward_tokens"] == float(sum(len(s.input_ids) for s in samples))
+    assert m["sgl:forward_s"] > 0
+    assert m["sgl:forward_tokens_per_s"] == pytest.approx(m["sgl:forward_tokens"] / m["sgl:forward_s"])
     engine.close()
+    off = sgl_engine.build_engine(_cfg(tiny_target_dir), LocalStore(root=tmp_path / "store_off"), "cpu")
+    off.generate(samples[:1])
+    assert off.metrics() == {}
+    off.close()
 
 
 def _child_engine(target_dir: str, store, out) -> None:

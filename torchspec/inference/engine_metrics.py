@@ -68,6 +68,30 @@ def flatten_prometheus(families: Iterable, prefix: str) -> dict[str, float]:
     return out
 
 
+class ForwardCounters:
+    """Running totals of an engine's own target forwards, as ``<engine>:<name>`` metrics: forward batches,
+    real tokens, (with `padded`) tokens computed including padding, seconds in the forward, and real tokens
+    per forward second. The engines whose forward we drive (hf; sgl's ModelRunner path) report these."""
+
+    def __init__(self, engine: str, padded: bool = False):
+        self.engine = engine
+        self.totals = {"forward_batches": 0, "forward_tokens": 0, **({"padded_tokens": 0} if padded else {}),
+                       "forward_s": 0.0}
+
+    def add(self, tokens: int, seconds: float, padded_tokens: int | None = None) -> None:
+        t = self.totals
+        t["forward_batches"] += 1
+        t["forward_tokens"] += int(tokens)
+        if "padded_tokens" in t:
+            t["padded_tokens"] += int(tokens if padded_tokens is None else padded_tokens)
+        t["forward_s"] += float(seconds)
+
+    def metrics(self) -> dict[str, float]:
+        t, e = self.totals, self.engine
+        rate = t["forward_tokens"] / t["forward_s"] if t["forward_s"] else 0.0
+        return {**{f"{e}:{k}": float(v) for k, v in t.items()}, f"{e}:forward_tokens_per_s": rate}
+
+
 def engine_metrics(engine) -> dict[str, float]:
     """The engine's metrics, or {} for an engine without any."""
     read = getattr(engine, "metrics", None)

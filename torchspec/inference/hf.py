@@ -21,6 +21,7 @@ import torch
 from torchspec.config.target import TargetInfo, TargetLoadError, resolve_aux_layers  # noqa: F401
 from torchspec.inference import vlm
 from torchspec.inference.base import StoredSample, compute_dtype, put_record
+from torchspec.inference.engine_metrics import ForwardCounters
 from torchspec.models.attention import varlen_sdpa
 
 
@@ -113,7 +114,7 @@ class HFEngine:
         self.capture = AuxCapture(self.base, self.aux_layers)
         self.free_tokens = launch_bound_tokens(model, self.device)
         self.vision = vision   # a VLM target's image side (None: text only)
-        self.counts = {"hf:forward_batches": 0, "hf:forward_tokens": 0, "hf:padded_tokens": 0, "hf:forward_s": 0.0}
+        self.counts = ForwardCounters("hf", padded=True)
 
     @classmethod
     def from_config(cls, cfg, store, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
@@ -171,25 +172,17 @@ class HFEngine:
         for chunk in self.chunks(samples):
             t0 = time.perf_counter()
             aux, final = self._forward(chunk)
-            self._count(chunk, aux.shape[1], time.perf_counter() - t0)
+            self.counts.add(sum(int(s.input_ids.numel()) for s in chunk), time.perf_counter() - t0,
+                            padded_tokens=len(chunk) * int(aux.shape[1]))
             for j, s in enumerate(chunk):
                 n = int(s.input_ids.numel())
                 done[s.sample_id] = put_record(self.store, s, aux[j, :n], final[j, :n])
         return [done[s.sample_id] for s in samples]
 
-    def _count(self, chunk, padded_len: int, seconds: float) -> None:
-        c = self.counts
-        c["hf:forward_batches"] += 1
-        c["hf:forward_tokens"] += sum(int(s.input_ids.numel()) for s in chunk)
-        c["hf:padded_tokens"] += len(chunk) * int(padded_len)
-        c["hf:forward_s"] += seconds
-
     def metrics(self) -> dict[str, float]:
         """Since the engine started: forward batches, real and padded tokens, seconds in the target's forward,
         and real tokens per forward second."""
-        c = self.counts
-        rate = c["hf:forward_tokens"] / c["hf:forward_s"] if c["hf:forward_s"] else 0.0
-        return {**{k: float(v) for k, v in c.items()}, "hf:forward_tokens_per_s": rate}
+        return self.counts.metrics()
 
     def close(self) -> None:
         self.capture.close()

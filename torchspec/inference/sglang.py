@@ -115,12 +115,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from torchspec.config.errors import ConfigError
 from torchspec.inference.base import StoredSample, compute_dtype, put_record
+from torchspec.inference.engine_metrics import ForwardCounters
 from torchspec.utils.net import free_ports
 
 logger = logging.getLogger(__name__)
@@ -337,9 +339,13 @@ class SGLangEngine:
         self.dtype = compute_dtype(self.device)
         self.enable_metrics = bool(enable_metrics)
         self._registry = None   # prometheus_client registry over SGLang's multiprocess metric files
+        self.counts = ForwardCounters("sgl")   # the ModelRunner path's own forwards (metrics() with enable_metrics)
 
     def metrics(self) -> dict[str, float]:
-        """SGLang's Prometheus metrics (``sglang:*``), when sgl.Engine runs with enable_metrics; else {}.
+        """With enable_metrics: on the ModelRunner path (every config) the engine's own forward counters
+        (``sgl:forward_batches``, ``sgl:forward_tokens``, ``sgl:forward_s``, ``sgl:forward_tokens_per_s``: no
+        SGLang scheduler runs there to keep ``sglang:*`` metrics); on the sgl.Engine path SGLang's Prometheus
+        metrics (``sglang:*``). Without enable_metrics: {}.
 
         With enable_metrics, sgl.Engine points PROMETHEUS_MULTIPROC_DIR of its process at a temporary directory
         before starting its scheduler processes (``set_prometheus_multiproc_dir``, called from the engine's
@@ -351,8 +357,10 @@ class SGLangEngine:
         (engine_metrics.flatten_prometheus names them)."""
         from torchspec.inference.engine_metrics import flatten_prometheus
 
-        if not self.enable_metrics or self.llm is None:
+        if not self.enable_metrics:
             return {}
+        if self.llm is None:
+            return self.counts.metrics()
         if self._registry is None:
             try:
                 from prometheus_client import CollectorRegistry, multiprocess
@@ -386,13 +394,15 @@ class SGLangEngine:
 
         vision = vision_expansion(target.config, cfg.model.target_model_path, bool(cfg.model.trust_remote_code))
         llm = runner = image_inputs = None
+        metrics_on = bool(kwargs.get("enable_metrics"))
         if uses_model_runner(cfg):
             from torchspec.inference.sglang_runner import SGLangImageInputs, SGLangModelRunnerTarget, SGLangTPGroup
 
-            if kwargs.get("enable_metrics"):
-                logger.warning("inference.sglang.enable_metrics: the in-process ModelRunner path has no SGLang "
-                               "scheduler or tokenizer manager, which are what write sglang:* metrics; none are logged")
-                kwargs["enable_metrics"] = False
+            if metrics_on:
+                logger.warning("inference.sglang.enable_metrics: the ModelRunner path runs no SGLang scheduler or "
+                               "tokenizer manager (what keeps sglang:* metrics); the engine logs its own forward "
+                               "counters, engine<i>/sgl:forward_*, instead")
+                kwargs["enable_metrics"] = False   # SGLang's own switch: nothing of SGLang's would serve it here
             if int(kwargs["tp_size"]) == 1:
                 runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"])
                 if vision is not None:   # the runner's ModelConfig; the processor also serves M-RoPE positions
@@ -416,7 +426,7 @@ class SGLangEngine:
                     + (f", node {node_rank} of {kwargs.get('nnodes')}" if node_rank else ""), aux_layers,
                     aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
         engine = cls(llm, store if node_rank == 0 else None, aux_layers, hidden, device,
-                     enable_metrics=bool(kwargs.get("enable_metrics")), vision=vision, target_config=target.config,
+                     enable_metrics=metrics_on, vision=vision, target_config=target.config,
                      runner=runner, image_inputs=image_inputs)
         return SGLangNodeEngine(engine, node_rank) if node_rank >= 1 else engine
 
@@ -478,10 +488,14 @@ class SGLangEngine:
                                        f"(the hf engine's expansion, which the record holds) to {len(want)}"
                                        + ("" if len(ids) != len(want) else " with other token ids")
                                        + ": the hidden states would not match the record's tokens")
+        t0 = time.perf_counter()
         if isinstance(self.runner, SGLangTPGroup):
-            return self.runner.generate(records, requests)
-        states = self.runner.forward(requests)
-        return put_packed_rows(self.store, records, states, len(self.aux_layers), self.hidden_size, self.device)
+            stored = self.runner.generate(records, requests)
+        else:
+            states = self.runner.forward(requests)
+            stored = put_packed_rows(self.store, records, states, len(self.aux_layers), self.hidden_size, self.device)
+        self.counts.add(sum(len(ids) for ids, _ in requests), time.perf_counter() - t0)   # the forward + its puts
+        return stored
 
     def close(self) -> None:
         runner, self.runner = self.runner, None
