@@ -244,7 +244,7 @@ def test_non_daemonic_engine_stops_when_the_driver_is_gone(tmp_path):
     import sys
     from pathlib import Path
 
-    from torchspec.pipeline.launcher_local import PARENT_CHECK_S
+    from torchspec.utils.procs import PARENT_CHECK_S
 
     tests = Path(__file__).resolve().parent
     script = tmp_path / "driver.py"

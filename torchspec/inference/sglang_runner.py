@@ -77,7 +77,6 @@ ranks check through gloo that they got the same ids, image pad values included).
 
 from __future__ import annotations
 
-import os
 import queue as queue_mod
 import sys
 import time
@@ -88,10 +87,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from torchspec.inference.base import StoredSample, compute_dtype, put_record
-from torchspec.utils.procs import exit_text
+from torchspec.utils.procs import exit_text, inbox_jobs
 
 ALIVE_CHECK_S = 0.2    # how often the engine, while it waits for its TP ranks, checks that they live
-PARENT_CHECK_S = 2.0   # how often an idle rank checks that the engine process still exists
 CLOSE_GRACE_S = 30.0   # how long a stopping rank may take before it is terminated (after an error: ERROR_GRACE_S)
 ERROR_GRACE_S = 5.0
 SETTLE_S = 1.0         # after a rank's failure, how long to wait for the others' before naming the first
@@ -323,16 +321,7 @@ def _rank_main(rank: int, tp_size: int, engine_kwargs: dict, gpu_id: int, store,
             processor = SGLangImageInputs.start(engine_kwargs, model_config=target.runner.model_config)
             target.mm_processor = processor.processor
         outbox.put(("ready", rank, None))
-        parent = os.getppid()
-        while True:
-            try:
-                job = inbox.get(timeout=PARENT_CHECK_S)
-            except queue_mod.Empty:
-                if os.getppid() != parent:   # the engine process is gone without a stop: do not outlive it
-                    break
-                continue
-            if job is None:
-                break
+        for job in inbox_jobs(inbox):
             requests, records = job
             states = target.forward(requests)
             stored = put_packed_rows(store, records, states, *record_layout) if rank == 0 else None

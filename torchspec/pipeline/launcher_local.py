@@ -34,6 +34,7 @@ from torchspec.inference.engine_metrics import MetricsPoll, engine_metrics
 from torchspec.pipeline.failures import WorkerFailure, exit_text
 from torchspec.pipeline.wire import from_wire, to_wire
 from torchspec.pipeline.ranks import RankWorker, TrainerRanks, leave_dist  # noqa: F401  (TrainerRanks re-exported)
+from torchspec.utils.procs import inbox_jobs
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,6 @@ class InlineEngines:
         self.engine.close()
 
 
-PARENT_CHECK_S = 2.0  # how often an idle engine process checks that the driver still exists
 ALIVE_CHECK_S = 0.1   # how often the driver, while it waits for results, checks that the engines live
 
 
@@ -137,16 +137,7 @@ def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbo
         engine = engine_factory(store, device)
         poll = MetricsPoll(engine)
         outbox.put(("ready", worker, None))
-        parent = os.getppid()
-        while True:
-            try:
-                items = inbox.get(timeout=PARENT_CHECK_S)
-            except queue_mod.Empty:
-                if os.getppid() != parent:  # the driver is gone without a stop (only non-daemonic engines
-                    break                   # outlive it): stop rather than wait forever
-                continue
-            if items is None:
-                break
+        for items in inbox_jobs(inbox):
             t0 = time.monotonic()
             stored = engine.generate(from_wire(items))
             outbox.put(("done", worker, (stored, time.monotonic() - t0, poll.due())))

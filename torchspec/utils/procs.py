@@ -1,8 +1,30 @@
-"""How a child process ended, in words (shared by the launchers and the engines that start processes)."""
+"""Child processes: how one ended, in words, and the job loop of a worker process (shared by the launchers and
+the engines that start processes)."""
 
 from __future__ import annotations
 
+import os
+import queue
 import signal
+from typing import Any, Iterator
+
+PARENT_CHECK_S = 2.0   # how often an idle worker process checks that its parent still exists
+
+
+def inbox_jobs(inbox, check_s: float = PARENT_CHECK_S) -> Iterator[Any]:
+    """A worker's jobs from `inbox` until a None (stop) arrives or its parent process is gone: a worker that
+    outlives its parent without a stop (only non-daemonic ones can) ends instead of waiting forever."""
+    parent = os.getppid()
+    while True:
+        try:
+            job = inbox.get(timeout=check_s)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if job is None:
+            return
+        yield job
 
 
 def exit_text(code: int | None) -> str:
