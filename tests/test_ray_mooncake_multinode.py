@@ -206,7 +206,11 @@ def test_master_lost_mid_run_is_one_line_naming_it_and_the_checkpoint(tmp_path, 
         assert peers[0].actors == {} and engines[0].actors == []
         assert live_actors(ray) == [] and cpus_free(ray, HEAD_CPUS + NODE_CPUS)
         assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
-        assert not any(alive(p) for p in engines[0].pids + list(peers[0].pids.values()))
+        pids = engines[0].pids + list(peers[0].pids.values())
+        deadline = time.monotonic() + 15   # Ray reports an actor dead before its worker process has exited
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in pids)
         assert child_pids() <= children
         print(f"master lost: error {took:.1f}s after the kill: {err.value}")
     finally:
