@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import queue as queue_mod
+import signal
 import time
 import traceback
 from collections import deque
@@ -129,6 +130,9 @@ ALIVE_CHECK_S = 0.1   # how often the driver, while it waits for results, checks
 
 def _engine_worker(worker: int, engine_factory, store, device: str, inbox, outbox, num_threads: int) -> None:
     engine = None
+    # Ctrl-C (SIGINT to the process group) closes the engine, also when the driver was started with SIGINT ignored
+    # (a background job of a non-interactive shell), which a spawned process would otherwise inherit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
