@@ -87,7 +87,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from torchspec.inference.base import StoredSample, compute_dtype, put_record
-from torchspec.utils.procs import exit_text, inbox_jobs
+from torchspec.utils.procs import exit_text, inbox_jobs, stop_workers
 
 ALIVE_CHECK_S = 0.2    # how often the engine, while it waits for its TP ranks, checks that they live
 CLOSE_GRACE_S = 30.0   # how long a stopping rank may take before it is terminated (after an error: ERROR_GRACE_S)
@@ -450,17 +450,4 @@ class SGLangTPGroup:
         if self._closed:
             return
         self._closed = True
-        for q, p in zip(self.inboxes, self.procs):
-            if p.is_alive():
-                q.put(None)
-        deadline = time.monotonic() + grace
-        for p in self.procs:
-            if p.pid is None:   # never started
-                continue
-            p.join(timeout=max(deadline - time.monotonic(), 0.01))
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-        for q in self.inboxes:   # nothing queued is wanted any more (see launcher_local.ProcessEngines.close)
-            q.cancel_join_thread()
-            q.close()
+        stop_workers(self.procs, self.inboxes, grace)

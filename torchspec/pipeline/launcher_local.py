@@ -35,7 +35,7 @@ from torchspec.inference.engine_metrics import MetricsPoll, engine_metrics
 from torchspec.pipeline.failures import WorkerFailure, exit_text
 from torchspec.pipeline.wire import from_wire, to_wire
 from torchspec.pipeline.ranks import RankWorker, TrainerRanks, leave_dist  # noqa: F401  (TrainerRanks re-exported)
-from torchspec.utils.procs import inbox_jobs
+from torchspec.utils.procs import inbox_jobs, stop_workers
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,7 @@ class InlineEngines:
         self.engine.close()
 
 
+CLOSE_GRACE_S = 30.0   # how long closing engine processes wait for them to end before terminating them
 ALIVE_CHECK_S = 0.1   # how often the driver, while it waits for results, checks that the engines live
 
 
@@ -251,22 +252,7 @@ class ProcessEngines:
         if self._closed:
             return
         self._closed = True
-        for q, p in zip(self.inboxes, self.procs):
-            if p.is_alive():
-                q.put(None)
-        for p in self.procs:
-            if p.pid is None:   # never started (a failed start)
-                continue
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-        # Every engine has ended. Prompts still queued for one that died (a full pipe nobody reads) keep
-        # the queue's feeder thread blocked for good, and multiprocessing joins that thread at exit:
-        # the driver would hang after its error. Nothing queued is wanted any more, so drop that join.
-        for q in self.inboxes:
-            q.cancel_join_thread()
-            q.close()
+        stop_workers(self.procs, self.inboxes, CLOSE_GRACE_S)
 
 
 def start_engines(cfg, store, placement: Placement, engine_factory=None, trainer_device: str | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import time
 from typing import Any, Iterator
 
 PARENT_CHECK_S = 2.0   # how often an idle worker process checks that its parent still exists
@@ -38,3 +39,24 @@ def exit_text(code: int | None) -> str:
             name = f"signal {-code}"
         return f"was killed by {name} (exit code {code})"
     return f"exited with code {code}"
+
+
+def stop_workers(procs, inboxes, grace: float) -> None:
+    """Ask each live worker to stop (a None job), wait up to `grace` s in all, terminate those still running
+    (e.g. stuck in a collective), then drop the inboxes' feeder-thread joins: jobs still queued for a worker
+    that died (a full pipe nobody reads) would block that thread for good, and multiprocessing joins it at
+    exit, hanging the caller after its error; nothing queued is wanted any more."""
+    for q, p in zip(inboxes, procs):
+        if p.is_alive():
+            q.put(None)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        if p.pid is None:   # never started (a failed start)
+            continue
+        p.join(timeout=max(deadline - time.monotonic(), 0.01))
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
+    for q in inboxes:
+        q.cancel_join_thread()
+        q.close()
