@@ -47,6 +47,17 @@ def percentiles(xs: list[float]) -> dict:
             "max": round(s[-1], 4), "mean": round(sum(s) / len(s), 4)}
 
 
+def outliers(pipeline: list[float], ceiling: list[float]) -> dict:
+    """Slow steps told apart from long batches. Steps over 2x the median step, in the pipeline and in the
+    ceiling (the same batches with zero overhead: with varying lengths a batch of long conversations is
+    simply more work), and pipeline steps over 2x the ceiling's time for the SAME batch (pipeline hiccups)."""
+    ratio = [a / b for a, b in zip(pipeline, ceiling)]
+    return {"pipeline_over_2x_median": sum(x > 2 * statistics.median(pipeline) for x in pipeline),
+            "ceiling_over_2x_median": sum(x > 2 * statistics.median(ceiling) for x in ceiling),
+            "pipeline_over_2x_same_batch_ceiling": sum(r > 2 for r in ratio),
+            "pipeline_to_same_batch_ceiling": percentiles(ratio)}
+
+
 def config_for(args, target: Path, data: Path, out: Path):
     from torchspec.config.schema import Config
 
@@ -263,7 +274,9 @@ def main(argv=None) -> int:
             report["ceiling_with_target_forward"] = {**rates(sum(both)), "target_forward": percentiles(tf)}
             report["torchspec_vs_ceiling_with_target_forward"] = round(
                 report["torchspec"]["tokens_per_s"] / report["ceiling_with_target_forward"]["tokens_per_s"], 3)
-        print("[bench] ceiling:", json.dumps(report["ceiling"]), flush=True)
+            report["step_outliers"] = outliers(step_times[lo:hi], both)
+        print("[bench] ceiling:", json.dumps({**report["ceiling"], "step_outliers": report.get("step_outliers")}),
+              flush=True)
     if not args.no_peer:
         peer = run_peer(cfg, warm + window, samples, args, device)
         if isinstance(peer, str):

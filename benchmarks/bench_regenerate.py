@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Does a draft trained on the target's own replies accept more? (issue 14, "Done when"), on CPU.
+"""Does a draft trained on the target's own replies accept more? Two drafts trained alike (CPU or one GPU), tau on CPU.
 
 The quickstart's target and conversations (`python scripts/quickstart.py --target-only` builds them, cached;
 nothing is downloaded). Two drafts, the same conversations, config (configs/quickstart.yaml), seed and number
@@ -17,7 +17,12 @@ tau is 1 + accepted / drafts from its spec-decode counters. Printed next to ours
 each and how many replies are identical token for token. (The quickstart target has head_dim 32, which vLLM's
 CPU attention runs.)
 
-    python benchmarks/bench_regenerate.py [--train 400] [--max-new-tokens 128] [--eval-prompts 24] [--vllm] [k=v ...]
+    python benchmarks/bench_regenerate.py [--train 400] [--max-new-tokens 128] [--eval-prompts 24] [--epochs 1]
+                                          [--vllm] [k=v ...]
+
+Training runs on CUDA when there is one (the evaluator stays on CPU). Also printed per run: the share of the
+training steps' wall time the trainer waited for data (metrics.jsonl's time/data_wait_s over time/step_s),
+and with --epochs 2 that the replies were generated once (settings.yaml's counts after both epochs).
 
 The defaults fit ~20 minutes on 2 busy CPU cores: a subset of the quickstart's 1200 training conversations,
 one epoch, no eval during training.
@@ -41,6 +46,12 @@ answers: 384 drafts, accepted per position [71, 8, 4], tau 1.2161 under both; re
 [121, 61, 49], tau 1.9240 under both; ratio 1.582 (+58.2%) under both; 24/24 replies identical. Generation
 33340 tokens in 369 s = 90 tokens/s (257 of 400 replies cut at 128), 70% of the regenerated run's 529 s (the
 answers run: 474 s); vLLM's part 66 s; 18.9 min in all.
+One H100 80GB (training and generation on the GPU, colocated as configs/quickstart.yaml; tau on CPU), two epochs:
+    python benchmarks/bench_regenerate.py --epochs 2
+400 conversations, 200 steps each: tau answers 1.5845, regenerated 2.2723, ratio 1.434 (+43.4%). Generation
+(hf engine) 32561 tokens in 46.4 s = 701 tokens/s (250 of 400 replies cut at 128), 38% of the regenerated
+run's 121 s (the answers run: 100 s), done once: one generation log line and counts of 400 written after both
+epochs. The trainer waited for data 0.2% of its 52.1 s of steps (answers run: 0.1% of 73.1 s).
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -80,26 +92,34 @@ def run(cmd: list[str], log_path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def train(name: str, work: Path, cache: Path, data: Path, steps: int, extra: list[str]) -> dict:
+def train(name: str, work: Path, cache: Path, data: Path, steps: int, extra: list[str], epochs: int = 1) -> dict:
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "torchspec.train_entry", "--config", str(CONFIG),
            f"model.target_model_path={cache / 'target'}", f"dataset.train_data_path={data}",
            "dataset.eval_data_path=null", f"output_dir={out}", f"cache_dir={work / (name + '-cache')}",
-           "training.num_epochs=1", f"training.num_train_steps={steps}", *extra]
+           f"training.num_epochs={epochs}", f"training.num_train_steps={steps * epochs}", *extra]
     log(f"{name}: " + " ".join(cmd[1:]))
     wall = run(cmd, work / f"{name}.log")
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps_done = [m for m in metrics if "loss" in m]
+    step_s = sum(m.get("time/step_s", 0.0) for m in steps_done)
     info = {"process_s": wall, "steps": len(steps_done), "final_loss": steps_done[-1]["loss"],
-            "final_acc_0": steps_done[-1].get("acc_0")}
+            "final_acc_0": steps_done[-1].get("acc_0"), "epochs": sorted({m.get("epoch", 0) for m in steps_done}),
+            # was the trainer fed? the share of the training steps' wall time spent waiting for hidden states
+            "train_s": step_s, "data_wait_s": sum(m.get("time/data_wait_s", 0.0) for m in steps_done),
+            "steps_over_2x_median": sum(m["time/step_s"] > 2 * statistics.median(
+                x["time/step_s"] for x in steps_done) for m in steps_done if "time/step_s" in m)}
+    info["data_wait_frac"] = info["data_wait_s"] / max(step_s, 1e-9)
     settings = out / "regenerated" / "settings.yaml"
     if settings.exists():
         import yaml
 
         counts = yaml.safe_load(settings.read_text())["counts"]
         info["generation"] = counts
-    log(f"{name}: {info['steps']} steps in {wall:.0f}s, final train loss {info['final_loss']:.3f}")
+    log(f"{name}: {info['steps']} steps (epochs {info['epochs']}) in {wall:.0f}s, final train loss "
+        f"{info['final_loss']:.3f}; trainer waited for data {100 * info['data_wait_frac']:.1f}% of its "
+        f"{step_s:.1f}s of steps, {info['steps_over_2x_median']} steps over 2x the median")
     return info
 
 
@@ -169,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts for tau")
     p.add_argument("--eval-max-new-tokens", type=int, default=32)
     p.add_argument("-k", type=int, default=3, help="draft tokens per verification")
+    p.add_argument("--epochs", type=int, default=1,
+                   help="training epochs of both runs (2 shows the regenerated run generating once)")
     p.add_argument("--vllm", action="store_true",
                    help="also measure both drafts' tau with vLLM (CPU, its own venv) on the same prompts")
     p.add_argument("--vllm-python", default=None, help="the vLLM venv's python (default: .venv-vllm/bin/python)")
@@ -189,10 +211,11 @@ def main(argv=None) -> int:
     steps = n // micro
     log(f"{n} training conversations, {steps} optimizer steps per draft; work dir {work}")
 
-    runs = {"answers": train("answers", work, cache, data, steps, args.overrides),
+    runs = {"answers": train("answers", work, cache, data, steps, args.overrides, args.epochs),
             "regenerated": train("regenerated", work, cache, data, steps,
                                  ["dataset.regenerate=true", "dataset.generation.temperature=0",
-                                  f"dataset.generation.max_new_tokens={args.max_new_tokens}", *args.overrides])}
+                                  f"dataset.generation.max_new_tokens={args.max_new_tokens}", *args.overrides],
+                                 args.epochs)}
     if runs["answers"]["steps"] != runs["regenerated"]["steps"]:
         raise SystemExit(f"unequal steps: {runs['answers']['steps']} vs {runs['regenerated']['steps']}")
     for name in runs:
@@ -203,8 +226,9 @@ def main(argv=None) -> int:
     rate = gen["generated_tokens"] / gen["seconds"]
     share = gen["seconds"] / runs["regenerated"]["process_s"]
     ta, tr = runs["answers"]["eval"]["tau"], runs["regenerated"]["eval"]["tau"]
-    summary = {"train_conversations": n, "steps": steps, "k": args.k, "eval_prompts": args.eval_prompts,
-               "eval_max_new_tokens": args.eval_max_new_tokens, "max_new_tokens": args.max_new_tokens,
+    summary = {"train_conversations": n, "steps": steps * args.epochs, "epochs": args.epochs, "k": args.k,
+               "eval_prompts": args.eval_prompts, "eval_max_new_tokens": args.eval_max_new_tokens,
+               "max_new_tokens": args.max_new_tokens,
                "tau_answers": ta, "tau_regenerated": tr, "tau_ratio": tr / ta,
                "generated_tokens": gen["generated_tokens"], "truncated_replies": gen["truncated"],
                "generation_s": gen["seconds"], "generation_tokens_per_s": rate,
@@ -217,8 +241,8 @@ def main(argv=None) -> int:
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n".join([
         "", "=" * 72,
-        f"{n} conversations, {steps} steps each, tau with k={args.k} on {args.eval_prompts} held-out prompts "
-        f"({args.eval_max_new_tokens} tokens each):",
+        f"{n} conversations, {steps * args.epochs} steps each ({args.epochs} epoch(s)), tau with k={args.k} on "
+        f"{args.eval_prompts} held-out prompts ({args.eval_max_new_tokens} tokens each):",
         f"  tau, draft trained on the dataset's answers   {ta:.4f}",
         f"  tau, draft trained on regenerated replies     {tr:.4f}",
         f"  ratio regenerated / answers                   {tr / ta:.3f}  ({(tr / ta - 1) * 100:+.1f}%)",
@@ -232,6 +256,11 @@ def main(argv=None) -> int:
         f"generation: {gen['generated_tokens']} tokens in {gen['seconds']:.1f}s = {rate:.0f} tokens/s "
         f"({gen['truncated']} replies cut at {args.max_new_tokens}); {share * 100:.0f}% of the regenerated run's "
         f"{runs['regenerated']['process_s']:.0f}s (answers run: {runs['answers']['process_s']:.0f}s)",
+        *(f"{name:<12} training: {r['steps']} steps over epochs {r['epochs']}, {r['train_s']:.1f}s of steps, "
+          f"trainer waited for data {100 * r['data_wait_frac']:.1f}% of it, {r['steps_over_2x_median']} steps "
+          "over 2x the median" for name, r in runs.items()),
+        f"regeneration job (settings.yaml after all {args.epochs} epoch(s)): {gen['written']} conversations "
+        f"written, {gen['already_written']} found already written",
         f"total {summary['total_s'] / 60:.1f} min; details in {work / 'summary.json'}",
         "=" * 72]))
     return 0

@@ -137,6 +137,18 @@ def varlen_sdpa():
     return sdpa_kernel([getattr(SDPBackend, name) for name in VARLEN_SDPA_BACKENDS])
 
 
+# The main Triton flex kernel, always. Inductor's default picks its decoding kernel for rows under 128
+# tokens, which finds no valid configuration when it must also train (NoValidChoicesError): a packed row of
+# a few short conversations stopped a run mid-way on an H100.
+@functools.lru_cache(maxsize=None)
+def flex_kernel_options() -> dict:
+    from torch.nn.attention.flex_attention import FlexKernelOptions
+
+    if "BACKEND" in FlexKernelOptions.__annotations__:
+        return {"BACKEND": "TRITON"}
+    return {"FORCE_USE_FLEX_ATTENTION": True}   # older PyTorch
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -152,9 +164,10 @@ def flex_with_lse(q, k, v, block_mask):
     gqa = q.shape[1] != k.shape[1]
     if hasattr(fa, "AuxRequest"):
         out, aux = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-                                    return_aux=fa.AuxRequest(lse=True))
+                                    kernel_options=flex_kernel_options(), return_aux=fa.AuxRequest(lse=True))
         return out, aux.lse
-    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
+    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                            kernel_options=flex_kernel_options(), return_lse=True)
 
 
 def _sdpa_ttt(q, keys, values):
