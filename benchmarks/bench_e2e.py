@@ -111,9 +111,11 @@ def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float]]:
     if args.profile:
         first, n = (int(x) for x in args.profile.split(":"))
         hook = StepProfiler(first, first + n, Path(args.trace or Path(args.work) / "trace.json"))
+    before = allocator_counts()
     t0 = time.time()
     r = run_training(cfg, progress=False, on_step=hook)
     wall = time.time() - t0
+    after = allocator_counts()
     lines = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
     by_step: dict[int, list[str]] = defaultdict(list)
@@ -130,8 +132,19 @@ def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float]]:
                    y["time/step_s"] for y in steady) for x in steady),
                "phases_pct": {k[5:-2]: round(100 * sum(x.get(k, 0.0) for x in steady) / step_total, 1)
                               for k in phases},
-               "final_loss": steps[-1]["loss"], "acc_0": steps[-1].get("acc_0")}
+               "final_loss": steps[-1]["loss"], "acc_0": steps[-1].get("acc_0"),
+               # colocated, target, draft and batches share one caching allocator: retries (a cudaFree of
+               # all cached blocks, then cudaMalloc again) would show a fragmented pool
+               "cuda_allocator": {k: after[k] - before.get(k, 0) for k in after}}
     return summary, ids, times
+
+
+def allocator_counts() -> dict:
+    """CUDA caching-allocator counters of this process (empty off CUDA)."""
+    if not torch.cuda.is_available():
+        return {}
+    st = torch.cuda.memory_stats()
+    return {k: int(st.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")}
 
 
 def sample_table(cfg):
