@@ -598,3 +598,44 @@ def test_launcher_and_store_agree_with_the_dry_run_plan(name):
     assert (multi_node_reason(cfg) is not None) == several
     assert store_type(cfg) == ("mooncake" if several else "memory" if cfg.inference.colocate else "local")
     assert several == (name in ("sglang_kimi_k25_2node", "sglang_kimi_k25_3node"))
+
+
+def test_dry_run_never_contacts_the_hub_for_an_uncached_hub_id(capsys, caplog, monkeypatch, tmp_path):
+    """An sgl config naming a hub id that is not cached: the dry run says the prefix is found at launch and
+    makes no hub request (it once spent ~23 s in the hub client's retries offline, printing its warnings)."""
+    import huggingface_hub.file_download as fd
+
+    asked = []
+
+    def no_network(*a, **k):   # recorded (a raise here could be caught along the way)
+        asked.append(a)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(fd, "get_hf_file_metadata", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    rc, out, err = dry_run(["--config", str(CONFIGS / "sglang_qwen3_8b.yaml"), f"model_download_dir={tmp_path}",
+                            "inference.aux_hidden_states_layers=[2,17,32]"], capsys, caplog)
+    assert rc == 0, err
+    hooks = next(line for line in out.splitlines() if line.startswith("  forward_hooks:"))
+    assert "<the target's decoder-layer list, found at launch>.2" in hooks
+    assert asked == [] and "huggingface.co" not in err
+
+
+def test_dry_run_reads_a_cached_hub_snapshot_for_the_hook_names(capsys, caplog, monkeypatch, tmp_path,
+                                                                tiny_target_dir):
+    """A hub id already in model_download_dir: the dry run reads the snapshot's config (no network) and names
+    the real decoder-layer modules."""
+    import shutil
+
+    import huggingface_hub.file_download as fd
+
+    monkeypatch.setattr(fd, "get_hf_file_metadata", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    repo = tmp_path / "models--acme--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    shutil.copytree(tiny_target_dir, repo / "snapshots" / "abc123")
+    rc, out, err = dry_run(["--config", str(CONFIGS / "sglang_qwen3_8b.yaml"), "model.target_model_path=acme/tiny",
+                            f"model_download_dir={tmp_path}", "inference.aux_hidden_states_layers=[0,1,2]"],
+                           capsys, caplog)
+    hooks = next(line for line in out.splitlines() if line.startswith("  forward_hooks:"))
+    assert "'model.layers.1'" in hooks and "found at launch" not in hooks, hooks

@@ -33,6 +33,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+def _target_readable_here(cfg):
+    """cfg with model.target_model_path readable without the network (a hub id: its cached snapshot), or None.
+    A dry run never downloads: an uncached hub id would cost the hub client's retries and print its warnings."""
+    import dataclasses
+
+    from torchspec.utils.hub import cached_snapshot, is_hub_id
+
+    path = cfg.model.target_model_path
+    if not is_hub_id(path):
+        return cfg
+    snap = cached_snapshot(path, cfg.model_download_dir)
+    if snap is None:
+        return None
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, target_model_path=str(snap)))
+
+
 def dry_run_report(cfg) -> str:
     """The text a dry run prints: redacted resolved config, engine kwargs, placement plan."""
     from torchspec.config.plan import format_plan, make_plan, target_aux_layers
@@ -43,10 +59,13 @@ def dry_run_report(cfg) -> str:
     parts = ["# resolved config (secrets redacted)", config_to_yaml(cfg).rstrip()]
     if cfg.inference.inference_engine_type == "sgl":
         aux = target_aux_layers(cfg)
-        try:   # the decoder-layer list the hooks target, from the target's module tree when it can be read here
-            prefix = decoder_layers_prefix(cfg)
-        except Exception:
-            prefix = "<the target's decoder-layer list, found at launch>"
+        prefix = "<the target's decoder-layer list, found at launch>"
+        readable = _target_readable_here(cfg)
+        if readable is not None:
+            try:   # the decoder-layer list the hooks target, from the target's module tree
+                prefix = decoder_layers_prefix(readable)
+            except Exception:
+                pass
         kwargs = build_engine_kwargs(cfg, "cuda:0", aux or [], layers_prefix=prefix)  # what engine 0 passes
         for key in ("port", "nccl_port"):
             kwargs[key] = "<a free port, picked at launch>"
