@@ -48,34 +48,3 @@ def test_clock_and_bar_summary():
     text = summary({"time/step_s": 0.2, "time/forward_s": 0.05, "time/backward_s": 0.1, "time/data_wait_s": 0.01})
     assert text == "step 0.200s: bwd 50% fwd 25% data 5%"
     assert progress_text({"loss": 1.0, "time/step_s": 0.2, "time/backward_s": 0.1}).endswith("step 0.200s: bwd 50%")
-
-
-def test_colocated_target_forward_waits_for_the_device(monkeypatch):
-    """Colocated on CUDA, the engine's kernels are only queued when generate returns: the inline engine group
-    synchronizes its device before it stops the clock, so the target_forward phase holds the GPU's time (it
-    spilled into the trainer's next phase before). Off CUDA nothing is synchronized."""
-    import time
-
-    import torch
-
-    from torchspec.pipeline.launcher_local import InlineEngines
-
-    class Engine:
-        def generate(self, samples):
-            return list(samples)
-
-    synced = []
-
-    def fake_sync(device=None):   # stands for the GPU finishing the queued forward
-        time.sleep(0.05)
-        synced.append(device)
-
-    monkeypatch.setattr(torch.cuda, "synchronize", fake_sync)
-    group = InlineEngines(Engine(), "cuda:0")
-    group.submit(0, ["a", "b"])
-    assert group.wait(1.0) == [(0, ["a", "b"])]
-    assert synced == [torch.device("cuda:0")] and group.busy_s >= 0.05
-    cpu = InlineEngines(Engine(), "cpu")
-    cpu.submit(0, ["c"])
-    cpu.wait(1.0)
-    assert len(synced) == 1

@@ -100,15 +100,10 @@ class InlineEngines:
     num_workers = 1
     tokenizes = False   # True: takes deferred records (dataset.defer_tokenization) and tokenizes them itself
 
-    def __init__(self, engine, device: torch.device | str | None = None):
+    def __init__(self, engine):
         self.engine = engine
         self.pending: deque[list] = deque()
         self.busy_s = 0.0   # seconds spent generating, over all workers
-        # on CUDA the forward's kernels are only queued when generate returns: wait for them, so busy_s (the
-        # step's target_forward phase) is the GPU's time and does not spill into the trainer's next phase
-        device = torch.device(device) if device is not None else None
-        self._sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" \
-            else (lambda: None)
 
     def metrics(self) -> dict[int, dict[str, float]]:
         """{engine: its metrics now} (engine_metrics.py)."""
@@ -122,7 +117,6 @@ class InlineEngines:
             return []
         t0 = time.monotonic()
         stored = self.engine.generate(self.pending.popleft())
-        self._sync()
         self.busy_s += time.monotonic() - t0
         return [(0, stored)]
 
@@ -271,8 +265,7 @@ def start_engines(cfg, store, placement: Placement, engine_factory=None, trainer
 
     factory = tokenizing_factory(engine_factory or functools.partial(build_engine, cfg), record_tokenizer)
     if placement.colocate:
-        device = trainer_device or placement.trainer_devices[0]
-        group = InlineEngines(factory(store, device), device)
+        group = InlineEngines(factory(store, trainer_device or placement.trainer_devices[0]))
     else:
         timeout, key = engine_start_timeout(cfg)
         group = ProcessEngines(factory, store, placement.engine_devices, start_timeout=timeout, timeout_key=key,
