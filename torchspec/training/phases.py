@@ -2,7 +2,9 @@
 
 Phases (the `time/<phase>_s` keys of metrics.jsonl, docs/interfaces.md):
   data_wait       the controller waiting for hidden states (engines behind the trainer)
-  target_forward  the target's forward, when it runs in the trainer process (inference.colocate)
+  target_forward  the target's forward, when it runs in the trainer process (inference.colocate); not
+                  synchronized, so the trainer's host work overlaps the queued forward: on CUDA the
+                  forward's GPU tail is counted in the next phase (read)
   read            store records -> one host batch (packing / padding)
   h2d             host -> device copy of the batch
   forward         target head probabilities + the draft's TTT forward and loss
