@@ -139,3 +139,23 @@ def assert_same_training(ray_run, local_run) -> None:
         assert all(torch.equal(ray_w[k], local_w[k]) for k in ray_w)
     first, last = weights(ray_run.checkpoints[0]), weights(ray_run.checkpoints[1])
     assert any(not torch.equal(first[k], last[k]) for k in first)
+
+
+def kill_after_step_2(monkeypatch, kill):
+    """Records the engine groups the run starts; the returned on_step calls kill(the first group) right after
+    step 2. Returns (on_step, the steps seen, [the kill's time], the groups)."""
+    import time
+
+    from torchspec.pipeline import runner
+
+    engines, start_engines = [], runner.start_engines
+    monkeypatch.setattr(runner, "start_engines", lambda *a: engines.append(start_engines(*a)) or engines[-1])
+    killed_at, steps = [], []
+
+    def on_step(step, _metrics):
+        steps.append(step)
+        if step == 2:
+            kill(engines[0])
+            killed_at.append(time.monotonic())
+
+    return on_step, steps, killed_at, engines

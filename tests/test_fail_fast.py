@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_helpers import child_pids, tiny_run_config
+from pipeline_helpers import child_pids, kill_after_step_2, tiny_run_config
 from torchspec.pipeline.failures import WorkerFailure
 
 BOUND_S = 20.0   # from the kill to the error, everything cleaned up
@@ -87,20 +87,9 @@ def _run_expecting_failure(cfg, match: str, monkeypatch, **kw):
 
 
 def _kill_engine_after_step_2(monkeypatch, pid_of):
-    """Records the engines the run starts; the returned on_step SIGKILLs engine 0 (`pid_of(engines)`) right
-    after step 2. Returns (on_step, the steps seen, [the kill's time])."""
-    from torchspec.pipeline import runner
-
-    engines, start_engines = [], runner.start_engines
-    monkeypatch.setattr(runner, "start_engines", lambda *a: engines.append(start_engines(*a)) or engines[-1])
-    killed_at, steps = [], []
-
-    def on_step(step, _metrics):
-        steps.append(step)
-        if step == 2:
-            os.kill(pid_of(engines[0]), signal.SIGKILL)
-            killed_at.append(time.monotonic())
-
+    """SIGKILLs engine 0 (`pid_of(engines)`) right after step 2: (on_step, the steps seen, [the kill's time])."""
+    on_step, steps, killed_at, _ = kill_after_step_2(
+        monkeypatch, lambda engines: os.kill(pid_of(engines), signal.SIGKILL))
     return on_step, steps, killed_at
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pipeline_helpers import child_pids, tiny_run_config
+from pipeline_helpers import child_pids, kill_after_step_2, tiny_run_config
 from store_helpers import alive
 
 try:
@@ -38,7 +38,6 @@ def cluster():
 def test_dead_node_stops_the_run_and_leaves_no_actor_process(tmp_path, tiny_target_dir, cluster, monkeypatch,
                                                                cpu_only):
     from ray_helpers import raylet_process
-    from torchspec.pipeline import runner
     from torchspec.pipeline.failures import WorkerFailure
     from torchspec.pipeline.runner import run_training
 
@@ -48,18 +47,13 @@ def test_dead_node_stops_the_run_and_leaves_no_actor_process(tmp_path, tiny_targ
     cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=2, num_epochs=60, save_interval=1)
     cfg.inference.launcher = "ray"
     cfg.inference.store = "local"   # every node is this machine
-    engines, start_engines = [], runner.start_engines
-    monkeypatch.setattr(runner, "start_engines", lambda *a: engines.append(start_engines(*a)) or engines[-1])
-    killed_at, steps = [], []
+    def kill_the_node(group):
+        assert group.nodes == [second.node_id] * 2   # both engines on the node we kill
+        raylet = raylet_process(second)
+        os.kill(raylet.pid, signal.SIGKILL)
+        raylet.wait()
 
-    def on_step(step, _metrics):
-        steps.append(step)
-        if step == 2:
-            assert engines[0].nodes == [second.node_id] * 2   # both engines on the node we kill
-            raylet = raylet_process(second)
-            os.kill(raylet.pid, signal.SIGKILL)
-            raylet.wait()
-            killed_at.append(time.monotonic())
+    on_step, steps, killed_at, engines = kill_after_step_2(monkeypatch, kill_the_node)
 
     children = child_pids()
     node = second.node_id[:8]

@@ -40,6 +40,18 @@ VISION = re.compile(r"<\|vision_start\|>(?:<\|image_pad\|>)+<\|vision_end\|>")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 
 
+def assert_records_equal(samples, stored, store, want) -> None:
+    """Each sample's stored record equals `want`'s (the expanded sequence for a sample with images)."""
+    for s, st in zip(samples, stored):
+        g, w = store.get(s.sample_id), want[s.sample_id]
+        assert st.length == len(w["input_ids"]) and torch.equal(g["input_ids"], w["input_ids"])
+        assert torch.equal(g["loss_mask"], w["loss_mask"])
+        if s.images:
+            assert len(g["input_ids"]) > len(s.input_ids)   # expanded
+        torch.testing.assert_close(g["aux_hidden_states"], w["aux_hidden_states"], **TOL)
+        torch.testing.assert_close(g["final_hidden_states"], w["final_hidden_states"], **TOL)
+
+
 def _sglang_load_image(ref: str):
     from PIL import Image
 
@@ -272,14 +284,7 @@ def test_image_samples_send_image_data_and_records_are_the_expanded_sequence(fak
     assert [len(i) for i in images] == [1, 0, 2, 1]
     assert images[0][0].startswith("file://") and images[2][0].startswith("file://")
     assert "%20" in images[2][0] and images[2][1].startswith("data:image/png;base64,")
-    for s, st in zip(samples, stored):
-        g, w = store.get(s.sample_id), want[s.sample_id]
-        assert st.length == len(w["input_ids"]) and torch.equal(g["input_ids"], w["input_ids"])
-        assert torch.equal(g["loss_mask"], w["loss_mask"])
-        if s.images:
-            assert len(g["input_ids"]) > len(s.input_ids)   # expanded
-        torch.testing.assert_close(g["aux_hidden_states"], w["aux_hidden_states"], **TOL)
-        torch.testing.assert_close(g["final_hidden_states"], w["final_hidden_states"], **TOL)
+    assert_records_equal(samples, stored, store, want)
     engine.close()
 
 
@@ -343,14 +348,7 @@ def test_image_samples_through_the_model_runner_equal_the_hf_records_without_flo
     assert runner.forwards == [[len(w["input_ids"]) for w in want.values()]]   # one forward, expanded lengths
     assert lists == [] and len(puts) == len(samples)
     assert all(isinstance(t, torch.Tensor) and t.dtype == engine.dtype for _, a, f in puts for t in (a, f))
-    for s, st in zip(samples, stored):
-        g, w = store.get(s.sample_id), want[s.sample_id]
-        assert st.length == len(w["input_ids"]) and torch.equal(g["input_ids"], w["input_ids"])
-        assert torch.equal(g["loss_mask"], w["loss_mask"])
-        if s.images:
-            assert len(g["input_ids"]) > len(s.input_ids)   # expanded
-        torch.testing.assert_close(g["aux_hidden_states"], w["aux_hidden_states"], **TOL)
-        torch.testing.assert_close(g["final_hidden_states"], w["final_hidden_states"], **TOL)
+    assert_records_equal(samples, stored, store, want)
     engine.close()
 
 
@@ -411,14 +409,7 @@ def test_image_samples_at_tp_2_equal_the_hf_records_without_float_lists(fake_sgl
     puts = [ln for ln in lines if ln[0] == "put"]
     assert [ln[2] for ln in puts] == [s.sample_id for s in samples] and {int(ln[1]) for ln in puts} == {rank0}
     assert [ln for ln in lines if ln[0] == "tolist"] == [] and engine_lists == []
-    for s, st in zip(samples, stored):
-        g, w = store.get(s.sample_id), want[s.sample_id]
-        assert st.length == len(w["input_ids"]) and torch.equal(g["input_ids"], w["input_ids"])
-        assert torch.equal(g["loss_mask"], w["loss_mask"])
-        if s.images:
-            assert len(g["input_ids"]) > len(s.input_ids)   # expanded
-        torch.testing.assert_close(g["aux_hidden_states"], w["aux_hidden_states"], **TOL)
-        torch.testing.assert_close(g["final_hidden_states"], w["final_hidden_states"], **TOL)
+    assert_records_equal(samples, stored, store, want)
 
 
 def test_tp_2_image_expansion_that_differs_from_the_record_is_an_error_before_any_rank_runs(
