@@ -16,6 +16,7 @@ tokens, tail past 4k), cut to --max-len.
 
     python benchmarks/bench_e2e.py --target small --steps 300
     python benchmarks/bench_e2e.py --target 8b --steps 120 --mbs 2 --max-len 4096 --draft-vocab 32000
+    python benchmarks/bench_e2e.py ... --repeats 2     (the pipeline twice: its run-to-run spread in one call)
 
 Prints tokens/s, supervised tokens/s, steps/s, step-time p50/p90/max and the phase breakdown of each, and
 the ratios torchspec / SpecForge and torchspec / ceiling over the same steps (after --warmup steps).
@@ -241,6 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--attention", default="auto")
     p.add_argument("--peer-attention", default="sdpa", help="SpecForge's attention backend")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the pipeline this many times in this call (each reported; ratios for each)")
     p.add_argument("--no-pack", action="store_true")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-ceiling", action="store_true")
@@ -262,6 +265,12 @@ def main(argv=None) -> int:
               "layout": args.layout, "micro_batch_size": args.mbs, "ttt_length": args.ttt,
               "max_seq_length": args.max_len, "packed": not args.no_pack, "attention": args.attention}
     ours, step_ids, step_times = run_pipeline(cfg, args)
+    again = []   # --repeats: the same pipeline run again in this process (run-to-run spread on one machine)
+    for _ in range(args.repeats - 1):
+        summary, ids, times = run_pipeline(cfg, args)
+        if ids != step_ids:
+            raise SystemExit("--repeats: a repeated run trained other batches than the first")
+        again.append((summary, times))
     report["torchspec"] = ours
     samples = sample_table(cfg)
     lo, hi = args.warmup, min(len(step_ids), args.warmup + args.compare_steps)
@@ -279,6 +288,10 @@ def main(argv=None) -> int:
     report["compared_tokens"], report["compared_supervised_tokens"] = tokens, supervised
     report["torchspec"].update(rates(ours_s))
     print("[bench] torchspec:", json.dumps(report["torchspec"]), flush=True)
+    if again:
+        report["torchspec_repeats"] = [{**summary, **rates(sum(times[lo:hi]))} for summary, times in again]
+        for r in report["torchspec_repeats"]:
+            print("[bench] torchspec (repeat):", json.dumps(r), flush=True)
     if not args.no_ceiling:
         t, tf = (x[len(warm):] for x in run_ceiling(cfg, warm + window, samples, device))
         report["ceiling"] = {**rates(sum(t)), "step_time": percentiles(t)}
@@ -289,6 +302,9 @@ def main(argv=None) -> int:
             report["torchspec_vs_ceiling_with_target_forward"] = round(
                 report["torchspec"]["tokens_per_s"] / report["ceiling_with_target_forward"]["tokens_per_s"], 3)
             report["step_outliers"] = outliers(step_times[lo:hi], both)
+            for r in report.get("torchspec_repeats", []):
+                r["vs_ceiling_with_target_forward"] = round(
+                    r["tokens_per_s"] / report["ceiling_with_target_forward"]["tokens_per_s"], 3)
         print("[bench] ceiling:", json.dumps({**report["ceiling"], "step_outliers": report.get("step_outliers")}),
               flush=True)
     if not args.no_peer:
@@ -301,6 +317,8 @@ def main(argv=None) -> int:
                                    "attention": args.peer_attention, "final_loss": peer["losses"][-1]}
             report["torchspec_vs_specforge"] = round(
                 report["torchspec"]["tokens_per_s"] / report["specforge"]["tokens_per_s"], 3)
+            for r in report.get("torchspec_repeats", []):
+                r["vs_specforge"] = round(r["tokens_per_s"] / report["specforge"]["tokens_per_s"], 3)
         print("[bench] specforge:", json.dumps(report["specforge"]), flush=True)
     print(json.dumps(report, indent=1), flush=True)
     return 0
