@@ -127,3 +127,27 @@ def test_a_run_with_hub_ids_trains_offline(tmp_path, tiny_target_dir, offline):
     cfg.output_dir = str(tmp_path / "out2")
     with pytest.raises(ConfigError, match="not in the hub cache"):
         run_training(cfg, progress=False)
+
+
+def test_the_offline_regeneration_job_reads_hub_ids_from_model_download_dir(tmp_path, tiny_target_dir, offline):
+    """`python -m torchspec.regenerate` resolves hub ids as a training run does: target and data found by hub id
+    in model_download_dir, no network; another model_download_dir is refused in one line."""
+    from tests.pipeline_helpers import tiny_run_config, write_conversations
+    from torchspec.inference.regenerate_job import run_regeneration
+
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, n_conversations=3)
+    _cache_repo(tmp_path / "hub", "acme/tiny", tiny_target_dir)
+    data = tmp_path / "data_src"
+    data.mkdir()
+    write_conversations(data / "train.jsonl", 3)
+    _cache_repo(tmp_path / "hub", "acme/chats", data, kind="datasets")
+    cfg.model.target_model_path, cfg.dataset.train_data_path = "acme/tiny", "acme/chats"
+    cfg.model_download_dir = str(tmp_path / "hub")
+    cfg.dataset.regenerate, cfg.dataset.generation.max_new_tokens = True, 4
+    counts = run_regeneration(cfg, device="cpu", progress=False)
+    assert counts["written"] == 3 and counts["generated_tokens"] > 0
+    assert cfg.model.target_model_path.startswith(str(tmp_path / "hub"))
+    cfg.model.target_model_path, cfg.dataset.train_data_path = "acme/tiny", "acme/chats"
+    cfg.model_download_dir, cfg.output_dir = str(tmp_path / "elsewhere"), str(tmp_path / "out2")
+    with pytest.raises(ConfigError, match="not in the hub cache"):
+        run_regeneration(cfg, device="cpu", progress=False)

@@ -129,7 +129,11 @@ def run_regeneration(cfg, tokenizer=None, generator=None, device: torch.device |
     from torchspec.data.formats import load_conversations, resolve_files
     from torchspec.data.regenerate import TurnPrompter, regenerate
     from torchspec.data.templates import get_template
+    from torchspec.utils.hub import resolve_hub_ids
 
+    # hub ids -> local snapshot folders in model_download_dir, as a training run does first (already done there);
+    # the generator loads the whole target
+    resolve_hub_ids(cfg, full_weights=True)
     ds, gen = cfg.dataset, cfg.dataset.generation
     files = resolve_files(ds.train_data_path)
     out_dir = regenerated_dir(cfg)
