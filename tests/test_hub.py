@@ -106,19 +106,27 @@ def test_config_hub_ids_become_local_paths(tmp_path, tiny_target_dir, offline):
     assert resolve_hub_ids(cfg) == {}
 
 
-def test_a_run_with_hub_ids_trains_offline(tmp_path, tiny_target_dir, offline):
-    """model_download_dir is read: the run finds the target and data there by hub id, with no network."""
+def _hub_run_config(tmp_path, tiny_target_dir, n_conversations: int, **kw):
+    """A tiny run's config naming its target `acme/tiny` and data `acme/chats`, both only in the hub cache
+    model_download_dir = tmp_path/hub."""
     from tests.pipeline_helpers import tiny_run_config, write_conversations
-    from torchspec.pipeline.runner import run_training
 
-    cfg = tiny_run_config(tmp_path, tiny_target_dir, n_conversations=4, num_epochs=1)
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, n_conversations=n_conversations, **kw)
     _cache_repo(tmp_path / "hub", "acme/tiny", tiny_target_dir)
     data = tmp_path / "data_src"
     data.mkdir()
-    write_conversations(data / "train.jsonl", 4)
+    write_conversations(data / "train.jsonl", n_conversations)
     _cache_repo(tmp_path / "hub", "acme/chats", data, kind="datasets")
     cfg.model.target_model_path, cfg.dataset.train_data_path = "acme/tiny", "acme/chats"
     cfg.model_download_dir = str(tmp_path / "hub")
+    return cfg
+
+
+def test_a_run_with_hub_ids_trains_offline(tmp_path, tiny_target_dir, offline):
+    """model_download_dir is read: the run finds the target and data there by hub id, with no network."""
+    from torchspec.pipeline.runner import run_training
+
+    cfg = _hub_run_config(tmp_path, tiny_target_dir, 4, num_epochs=1)
     result = run_training(cfg, progress=False)
     assert len(result.trained) == 4 and result.export_dir is not None
     assert cfg.model.target_model_path.startswith(str(tmp_path / "hub"))   # every component saw the local path
@@ -132,17 +140,9 @@ def test_a_run_with_hub_ids_trains_offline(tmp_path, tiny_target_dir, offline):
 def test_the_offline_regeneration_job_reads_hub_ids_from_model_download_dir(tmp_path, tiny_target_dir, offline):
     """`python -m torchspec.regenerate` resolves hub ids as a training run does: target and data found by hub id
     in model_download_dir, no network; another model_download_dir is refused in one line."""
-    from tests.pipeline_helpers import tiny_run_config, write_conversations
     from torchspec.inference.regenerate_job import run_regeneration
 
-    cfg = tiny_run_config(tmp_path, tiny_target_dir, n_conversations=3)
-    _cache_repo(tmp_path / "hub", "acme/tiny", tiny_target_dir)
-    data = tmp_path / "data_src"
-    data.mkdir()
-    write_conversations(data / "train.jsonl", 3)
-    _cache_repo(tmp_path / "hub", "acme/chats", data, kind="datasets")
-    cfg.model.target_model_path, cfg.dataset.train_data_path = "acme/tiny", "acme/chats"
-    cfg.model_download_dir = str(tmp_path / "hub")
+    cfg = _hub_run_config(tmp_path, tiny_target_dir, 3)
     cfg.dataset.regenerate, cfg.dataset.generation.max_new_tokens = True, 4
     counts = run_regeneration(cfg, device="cpu", progress=False)
     assert counts["written"] == 3 and counts["generated_tokens"] > 0
