@@ -48,13 +48,18 @@ def percentiles(xs: list[float]) -> dict:
             "max": round(s[-1], 4), "mean": round(sum(s) / len(s), 4)}
 
 
+def over_2x_median(xs: list[float]) -> int:
+    """How many of `xs` exceed twice their median."""
+    limit = 2 * statistics.median(xs)
+    return sum(x > limit for x in xs)
+
+
 def outliers(pipeline: list[float], ceiling: list[float]) -> dict:
     """Slow steps told apart from long batches. Steps over 2x the median step, in the pipeline and in the
     ceiling (the same batches with zero overhead: with varying lengths a batch of long conversations is
     simply more work), and pipeline steps over 2x the ceiling's time for the SAME batch (pipeline hiccups)."""
     ratio = [a / b for a, b in zip(pipeline, ceiling)]
-    return {"pipeline_over_2x_median": sum(x > 2 * statistics.median(pipeline) for x in pipeline),
-            "ceiling_over_2x_median": sum(x > 2 * statistics.median(ceiling) for x in ceiling),
+    return {"pipeline_over_2x_median": over_2x_median(pipeline), "ceiling_over_2x_median": over_2x_median(ceiling),
             "pipeline_over_2x_same_batch_ceiling": sum(r > 2 for r in ratio),
             "pipeline_to_same_batch_ceiling": percentiles(ratio)}
 
@@ -129,8 +134,7 @@ def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float]]:
     step_total = sum(x["time/step_s"] for x in steady)
     summary = {"steps": len(steps), "wall_s": round(wall, 1), "run_s": round(r.elapsed_s, 1),
                "step_time": percentiles([x["time/step_s"] for x in steady]),
-               "slow_steps_over_2x_median": sum(x["time/step_s"] > 2 * statistics.median(
-                   y["time/step_s"] for y in steady) for x in steady),
+               "slow_steps_over_2x_median": over_2x_median([x["time/step_s"] for x in steady]),
                "phases_pct": {k[5:-2]: round(100 * sum(x.get(k, 0.0) for x in steady) / step_total, 1)
                               for k in phases},
                "final_loss": steps[-1]["loss"], "acc_0": steps[-1].get("acc_0"),

@@ -103,13 +103,13 @@ def train(name: str, work: Path, cache: Path, data: Path, steps: int, extra: lis
     wall = run(cmd, work / f"{name}.log")
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps_done = [m for m in metrics if "loss" in m]
-    step_s = sum(m.get("time/step_s", 0.0) for m in steps_done)
+    step_times = [m["time/step_s"] for m in steps_done if "time/step_s" in m]
+    step_s, limit = sum(step_times), 2 * statistics.median(step_times)
     info = {"process_s": wall, "steps": len(steps_done), "final_loss": steps_done[-1]["loss"],
             "final_acc_0": steps_done[-1].get("acc_0"), "epochs": sorted({m.get("epoch", 0) for m in steps_done}),
             # was the trainer fed? the share of the training steps' wall time spent waiting for hidden states
             "train_s": step_s, "data_wait_s": sum(m.get("time/data_wait_s", 0.0) for m in steps_done),
-            "steps_over_2x_median": sum(m["time/step_s"] > 2 * statistics.median(
-                x["time/step_s"] for x in steps_done) for m in steps_done if "time/step_s" in m)}
+            "steps_over_2x_median": sum(t > limit for t in step_times)}
     info["data_wait_frac"] = info["data_wait_s"] / max(step_s, 1e-9)
     settings = out / "regenerated" / "settings.yaml"
     if settings.exists():

@@ -38,15 +38,12 @@ def _target_readable_here(cfg):
     A dry run never downloads: an uncached hub id would cost the hub client's retries and print its warnings."""
     import dataclasses
 
-    from torchspec.utils.hub import cached_snapshot, is_hub_id
+    from torchspec.utils.hub import local_copy
 
-    path = cfg.model.target_model_path
-    if not is_hub_id(path):
-        return cfg
-    snap = cached_snapshot(path, cfg.model_download_dir)
-    if snap is None:
+    path = local_copy(cfg.model.target_model_path, cfg.model_download_dir)
+    if path is None:
         return None
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, target_model_path=str(snap)))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, target_model_path=path))
 
 
 def dry_run_report(cfg) -> str:

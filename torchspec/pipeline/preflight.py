@@ -39,15 +39,12 @@ class Preflight:
 
 def _local_path(cfg, key: str, value, kind: str, out: Preflight):
     """The local path to check `value` at: itself, its cached snapshot (hub id), or None (pending/problem)."""
-    from torchspec.utils.hub import cached_snapshot, is_hub_id, offline
+    from torchspec.utils.hub import is_hub_id, local_copy, offline
 
-    if not is_hub_id(value):
-        return value
-    cache = cfg.model_download_dir
-    snap = cached_snapshot(value, cache, kind)
-    if snap is not None:
-        return str(snap)
-    where = cache or "the default hub cache"
+    path = local_copy(value, cfg.model_download_dir, kind)
+    if path is not None or not is_hub_id(value):   # a local path (or none given), or a cached hub id
+        return path
+    where = cfg.model_download_dir or "the default hub cache"
     if offline():
         out.problems.append(f"{key}={value!r}: not in the hub cache ({where}) and HF_HUB_OFFLINE=1: "
                             "nothing can be downloaded")

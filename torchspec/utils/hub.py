@@ -164,6 +164,15 @@ def resolve_hub_ids(cfg, full_weights: Optional[bool] = None) -> dict[str, str]:
     return done
 
 
+def local_copy(value: Optional[str], cache: Optional[str], repo_type: str = "model") -> Optional[str]:
+    """Where `value` can be read here without the network: itself when it is not a hub id, else its cached
+    snapshot folder, else None."""
+    if not is_hub_id(value):
+        return value
+    snap = cached_snapshot(value, cache, repo_type)
+    return None if snap is None else str(snap)
+
+
 def cached_snapshot(repo_id: str, cache: Optional[str], repo_type: str = "model") -> Optional[Path]:
     """The cached snapshot folder of `repo_id` at refs/main, or None; never touches the network."""
     from huggingface_hub import constants
