@@ -37,8 +37,8 @@ needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip in
 
 
 def _config(tmp_path: Path, tiny_target_dir, **training):
-    training = {"training_num_gpus_per_node": 2, **training}
-    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=1, num_epochs=1, save_interval=1, **training)
+    training = {"training_num_gpus_per_node": 2, "num_epochs": 1, **training}
+    cfg = tiny_run_config(tmp_path, tiny_target_dir, engines=1, save_interval=1, **training)
     cfg.training.distributed_timeout_minutes = 1   # a regression fails in about a minute, not ten
     return cfg
 
@@ -86,6 +86,12 @@ def _run_expecting_failure(cfg, match: str, monkeypatch, **kw):
     return err.value, store, time.monotonic() - t0
 
 
+# The engine tests run several epochs: the engine must still owe data when it is killed after step 2. In one
+# 3-step epoch the pool (plus the batch in flight) could already hold step 3, and the run would end cleanly
+# before the death is seen (a Ray engine's death is seen when a call pending on it fails; with none left, never).
+ENGINE_TEST_EPOCHS = 4
+
+
 def _kill_engine_after_step_2(monkeypatch, pid_of):
     """SIGKILLs engine 0 (`pid_of(engines)`) right after step 2: (on_step, the steps seen, [the kill's time])."""
     on_step, steps, killed_at, _ = kill_after_step_2(
@@ -129,7 +135,7 @@ def test_local_rank_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only, whe
 
 def test_local_engine_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only):
     on_step, steps, killed_at = _kill_engine_after_step_2(monkeypatch, lambda engines: engines.procs[0].pid)
-    cfg = _config(tmp_path, tiny_target_dir, training_num_gpus_per_node=1)
+    cfg = _config(tmp_path, tiny_target_dir, training_num_gpus_per_node=1, num_epochs=ENGINE_TEST_EPOCHS)
     children = child_pids()
     err, store, _ = _run_expecting_failure(cfg, rf"^inference engine 0 \(process \d+\) {SIGKILL}; the latest ",
                                            monkeypatch, on_step=on_step)
@@ -183,7 +189,8 @@ def test_ray_engine_killed(tmp_path, tiny_target_dir, monkeypatch, cpu_only, two
     from ray_helpers import cpus_free, live_actors
 
     on_step, steps, killed_at = _kill_engine_after_step_2(monkeypatch, lambda engines: engines.pids[0])
-    cfg = _config(tmp_path, tiny_target_dir, training_num_nodes=2, training_num_gpus_per_node=1)
+    cfg = _config(tmp_path, tiny_target_dir, training_num_nodes=2, training_num_gpus_per_node=1,
+                  num_epochs=ENGINE_TEST_EPOCHS)
     cfg.inference.launcher = "ray"
     cfg.inference.store = "local"
     children = child_pids()
