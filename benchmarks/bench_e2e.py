@@ -19,7 +19,9 @@ tokens, tail past 4k), cut to --max-len.
     python benchmarks/bench_e2e.py ... --repeats 2     (the pipeline twice: its run-to-run spread in one call)
 
 Prints tokens/s, supervised tokens/s, steps/s, step-time p50/p90/max and the phase breakdown of each, and
-the ratios torchspec / SpecForge and torchspec / ceiling over the same steps (after --warmup steps).
+the ratios torchspec / SpecForge and torchspec / ceiling over the same steps (after --warmup steps). Each run
+also reports what the GPU did meanwhile (benchmarks/gpu_state.py: SM clock, power, temperature, the driver's
+clock-lowering reasons, host load), so a run slowed by the machine is told apart from one slowed by the code.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from e2e_setup import TARGETS, build_conversations, build_target  # noqa: E402
+from gpu_state import GpuSampler  # noqa: E402
 
 
 def percentiles(xs: list[float]) -> dict:
@@ -119,7 +122,8 @@ def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float]]:
         hook = StepProfiler(first, first + n, Path(args.trace or Path(args.work) / "trace.json"))
     before = allocator_counts()
     t0 = time.time()
-    r = run_training(cfg, progress=False, on_step=hook)
+    with GpuSampler() as gpu:
+        r = run_training(cfg, progress=False, on_step=hook)
     wall = time.time() - t0
     after = allocator_counts()
     lines = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -140,7 +144,8 @@ def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float]]:
                "final_loss": steps[-1]["loss"], "acc_0": steps[-1].get("acc_0"),
                # colocated, target, draft and batches share one caching allocator: retries (a cudaFree of
                # all cached blocks, then cudaMalloc again) would show a fragmented pool
-               "cuda_allocator": {k: after[k] - before.get(k, 0) for k in after}}
+               "cuda_allocator": {k: after[k] - before.get(k, 0) for k in after},
+               "gpu": gpu.summary()}   # clocks, power, heat: a slow run on a held-down card is the machine
     return summary, ids, times
 
 
@@ -297,8 +302,9 @@ def main(argv=None) -> int:
         for r in report["torchspec_repeats"]:
             print("[bench] torchspec (repeat):", json.dumps(r), flush=True)
     if not args.no_ceiling:
-        t, tf = (x[len(warm):] for x in run_ceiling(cfg, warm + window, samples, device))
-        report["ceiling"] = {**rates(sum(t)), "step_time": percentiles(t)}
+        with GpuSampler() as gpu:
+            t, tf = (x[len(warm):] for x in run_ceiling(cfg, warm + window, samples, device))
+        report["ceiling"] = {**rates(sum(t)), "step_time": percentiles(t), "gpu": gpu.summary()}
         report["torchspec_vs_ceiling"] = round(report["torchspec"]["tokens_per_s"] / report["ceiling"]["tokens_per_s"], 3)
         if args.layout == "colocated":   # colocated, the target's forward is part of every step: add it alone
             both = [a + b for a, b in zip(t, tf)]
@@ -312,13 +318,15 @@ def main(argv=None) -> int:
         print("[bench] ceiling:", json.dumps({**report["ceiling"], "step_outliers": report.get("step_outliers")}),
               flush=True)
     if not args.no_peer:
-        peer = run_peer(cfg, warm + window, samples, args, device)
+        with GpuSampler() as gpu:
+            peer = run_peer(cfg, warm + window, samples, args, device)
         if isinstance(peer, str):
             report["specforge"] = peer
         else:
             t = peer["step_s"][len(warm):]
             report["specforge"] = {**rates(sum(t)), "step_time": percentiles(t),
-                                   "attention": args.peer_attention, "final_loss": peer["losses"][-1]}
+                                   "attention": args.peer_attention, "final_loss": peer["losses"][-1],
+                                   "gpu": gpu.summary()}
             report["torchspec_vs_specforge"] = round(
                 report["torchspec"]["tokens_per_s"] / report["specforge"]["tokens_per_s"], 3)
             for r in report.get("torchspec_repeats", []):
