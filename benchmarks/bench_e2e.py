@@ -111,8 +111,9 @@ class StepProfiler:
             self.prof = None
 
 
-def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float]]:
-    """(summary, sample ids of each optimizer step, per-step wall times) of the real pipeline."""
+def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float], list[float]]:
+    """(summary, sample ids of each optimizer step, per-step wall times, per-step target_forward phase times)
+    of the real pipeline."""
     from torchspec.pipeline.runner import run_training
 
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
@@ -133,6 +134,7 @@ def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float]]:
         by_step[step].append(sid)
     ids = [by_step[x["step"]] for x in steps]
     times = [x["time/step_s"] for x in steps]
+    target_forward = [x.get("time/target_forward_s", 0.0) for x in steps]
     steady = [x for x in steps[args.warmup:] if "time/eval_s" not in x and "time/checkpoint_s" not in x]
     phases = sorted({k for x in steady for k in x if k.startswith("time/") and k != "time/step_s"})
     step_total = sum(x["time/step_s"] for x in steady)
@@ -146,7 +148,7 @@ def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float]]:
                # all cached blocks, then cudaMalloc again) would show a fragmented pool
                "cuda_allocator": {k: after[k] - before.get(k, 0) for k in after},
                "gpu": gpu.summary()}   # clocks, power, heat: a slow run on a held-down card is the machine
-    return summary, ids, times
+    return summary, ids, times, target_forward
 
 
 def allocator_counts() -> dict:
@@ -273,10 +275,10 @@ def main(argv=None) -> int:
     report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "target": args.target,
               "layout": args.layout, "micro_batch_size": args.mbs, "ttt_length": args.ttt,
               "max_seq_length": args.max_len, "packed": not args.no_pack, "attention": args.attention}
-    ours, step_ids, step_times = run_pipeline(cfg, args)
+    ours, step_ids, step_times, step_target_s = run_pipeline(cfg, args)
     again = []   # --repeats: the same pipeline run again in this process (run-to-run spread on one machine)
     for _ in range(args.repeats - 1):
-        summary, ids, times = run_pipeline(cfg, args)
+        summary, ids, times, _ = run_pipeline(cfg, args)
         if ids != step_ids:
             raise SystemExit("--repeats: a repeated run trained other batches than the first")
         again.append((summary, times))
@@ -312,6 +314,10 @@ def main(argv=None) -> int:
             report["torchspec_vs_ceiling_with_target_forward"] = round(
                 report["torchspec"]["tokens_per_s"] / report["ceiling_with_target_forward"]["tokens_per_s"], 3)
             report["step_outliers"] = outliers(step_times[lo:hi], both)
+            # the colocated target's share of each step against the same batch's forward alone: uniformly
+            # slower (a card held under its clock) or in bursts (contention with the trainer's work)
+            report["step_outliers"]["target_forward_to_same_batch_alone"] = percentiles(
+                [a / b for a, b in zip(step_target_s[lo:hi], tf)])
             for r in report.get("torchspec_repeats", []):
                 r["vs_ceiling_with_target_forward"] = round(
                     r["tokens_per_s"] / report["ceiling_with_target_forward"]["tokens_per_s"], 3)
