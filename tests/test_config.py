@@ -259,6 +259,19 @@ def test_tp_nnodes_mismatch_fails(capsys, caplog):
             "(inference.sglang.nnodes=1, inference.inference_num_gpus_per_engine=8) (command line)") in err
 
 
+@pytest.mark.parametrize("per_engine", [3, 7, 8])
+def test_per_engine_gpus_must_match_an_engine_spanning_nodes(per_engine):
+    """nnodes > 1: the engine is nnodes x inference_num_gpus_per_node GPUs; any other per-engine value is refused
+    (it used to be replaced silently by the per-node count)."""
+    with pytest.raises(ConfigError) as e:
+        load_config([CONFIGS / "sglang_kimi_k25_3node.yaml"], [f"inference.inference_num_gpus_per_engine={per_engine}"])
+    assert str(e.value) == (
+        f"inference.inference_num_gpus_per_engine={per_engine}: with inference.sglang.nnodes=2 one engine spans 2 "
+        "nodes of inference.inference_num_gpus_per_node=8 GPUs, so it must be 2 x 8 = 16 (command line)")
+    cfg = load_config([CONFIGS / "sglang_kimi_k25_3node.yaml"], [])   # as shipped (and as the original writes it)
+    assert cfg.inference.inference_num_gpus_per_engine == 16
+
+
 def test_tp_check_only_for_the_engine_in_use():
     # hf run: the sglang defaults (tp_size 8) do not fail it
     cfg = load_config([], REQUIRED_SET)

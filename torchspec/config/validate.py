@@ -196,6 +196,16 @@ def _check_inference_topology(cfg: Config) -> None:
                 f"must equal nnodes x gpus_per_engine = {sg.nnodes} x {per} = {sg.nnodes * per} "
                 f"(inference.sglang.nnodes={sg.nnodes}, {per_key}={per})",
             )
+        if sg.nnodes > 1 and inf.inference_num_gpus_per_engine != sg.nnodes * per:
+            # an engine spanning nodes takes inference_num_gpus_per_node GPUs on each of them; this key then names
+            # the whole engine (as the original TorchSpec's multi-node configs write it), never anything else
+            _fail(
+                cfg,
+                "inference.inference_num_gpus_per_engine",
+                f"with inference.sglang.nnodes={sg.nnodes} one engine spans {sg.nnodes} nodes of "
+                f"inference.inference_num_gpus_per_node={per} GPUs, so it must be {sg.nnodes} x {per} = "
+                f"{sg.nnodes * per}",
+            )
     elif engine == "vllm":
         if inf.vllm.tp_size != inf.inference_num_gpus_per_engine:
             _fail(
