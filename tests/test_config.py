@@ -272,6 +272,16 @@ def test_per_engine_gpus_must_match_an_engine_spanning_nodes(per_engine):
     assert cfg.inference.inference_num_gpus_per_engine == 16
 
 
+def test_gradient_checkpointing_steps_range():
+    with pytest.raises(ConfigError) as e:
+        load_config([], [*REQUIRED_SET, "training.gradient_checkpointing=true",
+                         "training.gradient_checkpointing_steps=-1"])
+    assert str(e.value) == "training.gradient_checkpointing_steps=-1: must be >= 0 (or null) (command line)"
+    cfg = load_config([], [*REQUIRED_SET, "training.gradient_checkpointing=true",
+                           "training.gradient_checkpointing_steps=0"])   # 0: no step recomputed, a valid choice
+    assert cfg.training.gradient_checkpointing_steps == 0
+
+
 def test_tp_check_only_for_the_engine_in_use():
     # hf run: the sglang defaults (tp_size 8) do not fail it
     cfg = load_config([], REQUIRED_SET)
@@ -307,6 +317,13 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys, caplog):
         ("dataset.chat_template=qwen4", "dataset.chat_template='qwen4': unknown value"),
         ("model.target_model_path=null", "model.target_model_path: must be set, got null (command line)"),
         ("training", "override 'training' is not of the form section.key=value"),
+        # keys that depend on another one: refused when that one makes them do nothing
+        ("training.gradient_checkpointing_steps=2", "training.gradient_checkpointing_steps=2: limits the "
+         "checkpointing of training.gradient_checkpointing to the first N TTT steps, which is off; set "
+         "training.gradient_checkpointing=true, or leave this null (command line)"),
+        ("training.continual_training=true", "training.continual_training=True: starts from the weights of the "
+         "checkpoint in training.load_path, which is not set; set training.load_path, or leave this false "
+         "(command line)"),
         # GPU-direct Mooncake transfer is not built: the keys are refused, never silently ignored
         ("mooncake.enable_gpu_direct=true", "mooncake.enable_gpu_direct=True: GPU-direct transfer is not built in "
          "this store (records are copied to host memory before a put); set it to false (the default) (command line)"),

@@ -134,6 +134,7 @@ _POSITIVE_IF_SET = (
 )
 _NON_NEGATIVE = ("training.min_lr", "training.weight_decay", "training.seed", "training.prefetch_depth",
                  "dataset.generation.temperature", "dataset.generation.top_k", "dataset.generation.seed")
+_NON_NEGATIVE_IF_SET = ("training.gradient_checkpointing_steps",)
 
 
 def _check_positive(cfg: Config) -> None:
@@ -147,6 +148,10 @@ def _check_positive(cfg: Config) -> None:
     for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
             _fail(cfg, key, "must be >= 0")
+    for key in _NON_NEGATIVE_IF_SET:
+        value = _get(cfg, key)
+        if value is not None and value < 0:
+            _fail(cfg, key, "must be >= 0 (or null)")
 
 
 def _check_ranges(cfg: Config) -> None:
@@ -163,6 +168,12 @@ def _check_ranges(cfg: Config) -> None:
         _fail(cfg, "dataset.generation.top_p", "must be in (0, 1] (1 = off)")
     if cfg.debug.debug_inference_only and cfg.debug.debug_train_only:
         _fail(cfg, "debug.debug_train_only", "cannot be combined with debug.debug_inference_only")
+    if cfg.training.gradient_checkpointing_steps is not None and not cfg.training.gradient_checkpointing:
+        _fail(cfg, "training.gradient_checkpointing_steps", "limits the checkpointing of training.gradient_checkpointing"
+              " to the first N TTT steps, which is off; set training.gradient_checkpointing=true, or leave this null")
+    if cfg.training.continual_training and not cfg.training.load_path:
+        _fail(cfg, "training.continual_training", "starts from the weights of the checkpoint in training.load_path, "
+              "which is not set; set training.load_path, or leave this false")
     for mode in ("debug_inference_only", "debug_train_only"):
         if getattr(cfg.debug, mode) and not cfg.debug.save_debug_train_data:
             _fail(cfg, f"debug.{mode}", "needs debug.save_debug_train_data: the directory the hidden-state "
