@@ -447,6 +447,26 @@ def test_original_torchspec_style_config_loads_unchanged(tmp_path):
     assert kwargs["tp_size"] == 1 and kwargs["mem_fraction_static"] == 0.7
 
 
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_original_backend_default_with_another_engine_loads(tmp_path, caplog, engine):
+    """The original TorchSpec's target_model_backend defaults to sglang, and its configs/default.yaml writes
+    `sglang`, whatever engine the run uses; the config it saves for an hf or vllm run carries both. Such a file
+    must load: the disagreement is logged (naming both keys), not refused; the engine is inference_engine_type."""
+    f = write(tmp_path, "saved.yaml", f"model:\n  target_model_backend: sglang\n"
+                                      f"inference:\n  inference_engine_type: {engine}\n")
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config([f], REQUIRED_SET)
+    assert cfg.inference.inference_engine_type == engine
+    assert ("model.target_model_backend='sglang' is the original TorchSpec's field and is not used; the engine is "
+            f"inference.inference_engine_type='{engine}'") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):   # agreement, under either of its names: nothing to say
+        sgl = [*REQUIRED_SET, "inference.inference_engine_type=sgl", "inference.sglang.tp_size=1"]
+        load_config([f], sgl)
+        load_config([f], [*sgl, "model.target_model_backend=sgl"])
+    assert "target_model_backend" not in caplog.text
+
+
 # ---------------------------------------------------------------- sgl.Engine kwargs
 
 
