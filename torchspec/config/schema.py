@@ -174,9 +174,9 @@ class SGLangConfig:
     log_level: str = "warning"
     log_requests: bool = False
     log_requests_level: int = 0
-    # Accepted so configs of the original TorchSpec load; engine ports are picked by the launcher.
+    # null = free ports; N = each engine's ports from its block N + slot x (1 + additional_ports) (inference/sglang.py)
     port: Optional[int] = None
-    additional_ports: int = 4
+    additional_ports: int = 4  # ports of a block after its first
     # Any other sgl.Engine keyword, forwarded as-is (protected keys are dropped).
     extra_args: dict[str, Any] = field(default_factory=dict, metadata=FREE)
 

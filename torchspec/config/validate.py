@@ -133,6 +133,7 @@ _POSITIVE_IF_SET = (
     "mooncake.hidden_dim",
 )
 _NON_NEGATIVE = ("training.min_lr", "training.weight_decay", "training.seed", "training.prefetch_depth",
+                 "inference.sglang.additional_ports",
                  "dataset.generation.temperature", "dataset.generation.top_k", "dataset.generation.seed")
 _NON_NEGATIVE_IF_SET = ("training.gradient_checkpointing_steps",)
 
@@ -217,6 +218,18 @@ def _check_inference_topology(cfg: Config) -> None:
                 f"inference.inference_num_gpus_per_node={per} GPUs, so it must be {sg.nnodes} x {per} = "
                 f"{sg.nnodes * per}",
             )
+        if sg.port is not None:
+            from torchspec.config.topology import sglang_ports_needed
+
+            need = sglang_ports_needed(cfg)
+            if not 1 <= sg.port <= 65536 - need:
+                _fail(cfg, "inference.sglang.port", f"must be a TCP port, 1 to {65536 - need} (an engine takes "
+                      f"{need} ports from it), or null for free ports")
+            if sg.additional_ports < need - 1:
+                what = ("port, nccl_port and node 0's dist_init_addr port" if need == 3 else "port and nccl_port")
+                _fail(cfg, "inference.sglang.additional_ports", f"each engine's block of inference.sglang.port="
+                      f"{sg.port} holds 1 + additional_ports ports and an engine takes {need} ({what}): it must be "
+                      f">= {need - 1}")
     elif engine == "vllm":
         if inf.vllm.tp_size != inf.inference_num_gpus_per_engine:
             _fail(

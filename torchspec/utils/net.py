@@ -21,3 +21,15 @@ def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
 
 def free_port(host: str = LOOPBACK) -> int:
     return free_ports(1, host)[0]
+
+
+def taken_ports(ports, host: str = LOOPBACK) -> list[int]:
+    """Those of `ports` that cannot be bound on `host` now (in use by another process, or out of range)."""
+    taken = []
+    for port in ports:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, int(port)))
+            except (OSError, OverflowError):
+                taken.append(int(port))
+    return taken
