@@ -317,6 +317,10 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys, caplog):
         ("dataset.chat_template=qwen4", "dataset.chat_template='qwen4': unknown value"),
         ("model.target_model_path=null", "model.target_model_path: must be set, got null (command line)"),
         ("training", "override 'training' is not of the form section.key=value"),
+        ("inference.sglang.log_level=verbose", "inference.sglang.log_level='verbose': unknown level, expected one "
+         "of debug, info, warning, error, critical (command line)"),
+        ("inference.sglang.log_requests_level=4", "inference.sglang.log_requests_level=4: must be 0, 1, 2 or 3 "
+         "(detail of inference.sglang.log_requests' lines) (command line)"),
         # keys that depend on another one: refused when that one makes them do nothing
         ("training.gradient_checkpointing_steps=2", "training.gradient_checkpointing_steps=2: limits the "
          "checkpointing of training.gradient_checkpointing to the first N TTT steps, which is off; set "

@@ -62,6 +62,11 @@ STORE_CAPACITY_SHARE = {"local": 0.5, "memory": 0.25}
 # model.target_model_backend is the original TorchSpec's name for the engine type.
 TARGET_MODEL_BACKENDS = ("hf", "sglang", "sgl", "vllm")
 
+# inference.sglang.log_level (any case) and log_requests_level (torchspec/inference/sglang_logging.py says what
+# each request level logs)
+SGLANG_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SGLANG_REQUEST_LOG_LEVELS = (0, 1, 2, 3)
+
 # dataset.generation.on_truncated: what becomes of a regenerated reply cut at max_new_tokens.
 ON_TRUNCATED = ("keep", "drop")
 

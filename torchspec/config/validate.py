@@ -163,6 +163,12 @@ def _check_ranges(cfg: Config) -> None:
     for key in ("inference.sglang.mem_fraction_static", "inference.vllm.mem_fraction_static"):
         if not 0.0 < _get(cfg, key) <= 1.0:
             _fail(cfg, key, "must be in (0, 1]")
+    sg = cfg.inference.sglang
+    if str(sg.log_level).lower() not in S.SGLANG_LOG_LEVELS:
+        _fail(cfg, "inference.sglang.log_level", f"unknown level, expected one of {', '.join(S.SGLANG_LOG_LEVELS)}")
+    if sg.log_requests_level not in S.SGLANG_REQUEST_LOG_LEVELS:
+        _fail(cfg, "inference.sglang.log_requests_level", "must be 0, 1, 2 or 3 (detail of inference.sglang."
+              "log_requests' lines)")
     if cfg.inference.sglang.pp_size != 1:
         _fail(cfg, "inference.sglang.pp_size", "pipeline parallelism is not supported; it must be 1")
     if not 0.0 < cfg.dataset.generation.top_p <= 1.0:

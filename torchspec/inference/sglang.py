@@ -385,7 +385,8 @@ def uses_model_runner(cfg) -> bool:
 class SGLangEngine:
     def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu",
                  enable_metrics: bool = False,
-                 vision=None, target_config=None, runner=None, image_inputs=None):
+                 vision=None, target_config=None, runner=None, image_inputs=None,
+                 log_requests: bool = False, log_requests_level: int = 0):
         self.runner = runner                 # SGLangModelRunnerTarget (tp 1) or SGLangTPGroup; None: llm is sgl.Engine
         self.image_inputs = image_inputs     # SGLangImageInputs of an image target on the ModelRunner path
         self.vision = vision                 # a VLM target's expansion rule (inference/vlm.py); None: text only
@@ -399,6 +400,8 @@ class SGLangEngine:
         self.enable_metrics = bool(enable_metrics)
         self._registry = None   # prometheus_client registry over SGLang's multiprocess metric files
         self.counts = ForwardCounters("sgl")   # the ModelRunner path's own forwards (metrics() with enable_metrics)
+        # inference.sglang.log_requests on the ModelRunner path (sgl.Engine logs its requests itself)
+        self.log_requests, self.log_requests_level = bool(log_requests), int(log_requests_level)
 
     def metrics(self) -> dict[str, float]:
         """With enable_metrics: on the ModelRunner path (every config) the engine's own forward counters
@@ -462,7 +465,10 @@ class SGLangEngine:
                                "tokenizer manager (what keeps sglang:* metrics); the engine logs its own forward "
                                "counters, engine<i>/sgl:forward_*, instead")
                 kwargs["enable_metrics"] = False   # SGLang's own switch: nothing of SGLang's would serve it here
-            if int(kwargs["tp_size"]) == 1:
+            if int(kwargs["tp_size"]) == 1:   # SGLang's loggers in this process at inference.sglang.log_level
+                from torchspec.inference.sglang_logging import set_sglang_log_level
+
+                set_sglang_log_level(str(kwargs.get("log_level") or "warning"))
                 runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"])
                 if vision is not None:   # the runner's ModelConfig; the processor also serves M-RoPE positions
                     image_inputs = SGLangImageInputs.start(kwargs, model_config=runner.runner.model_config)
@@ -484,9 +490,12 @@ class SGLangEngine:
                     else f"ModelRunner in TP rank processes {runner.ranks} of {kwargs['tp_size']}"
                     + (f", node {node_rank} of {kwargs.get('nnodes')}" if node_rank else ""), aux_layers,
                     aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
+        sg = cfg.inference.sglang
         engine = cls(llm, store if node_rank == 0 else None, aux_layers, hidden, device,
                      enable_metrics=metrics_on, vision=vision, target_config=target.config,
-                     runner=runner, image_inputs=image_inputs)
+                     runner=runner, image_inputs=image_inputs,
+                     log_requests=bool(sg.log_requests) and llm is None and node_rank == 0,
+                     log_requests_level=int(sg.log_requests_level))
         return SGLangNodeEngine(engine, node_rank) if node_rank >= 1 else engine
 
     def _rows(self, out: dict, n: int, sample_id: str) -> torch.Tensor:
@@ -547,6 +556,12 @@ class SGLangEngine:
                                        f"(the hf engine's expansion, which the record holds) to {len(want)}"
                                        + ("" if len(ids) != len(want) else " with other token ids")
                                        + ": the hidden states would not match the record's tokens")
+        if self.log_requests:
+            from torchspec.inference.sglang_logging import request_log_lines, request_logger
+
+            log = request_logger()
+            for line in request_log_lines(records, requests, self.log_requests_level):
+                log.info("%s", line)
         t0 = time.perf_counter()
         if isinstance(self.runner, SGLangTPGroup):
             stored = self.runner.generate(records, requests)
