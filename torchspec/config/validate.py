@@ -176,8 +176,9 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.debug.debug_inference_only and cfg.debug.debug_train_only:
         _fail(cfg, "debug.debug_train_only", "cannot be combined with debug.debug_inference_only")
     if cfg.training.gradient_checkpointing_steps is not None and not cfg.training.gradient_checkpointing:
-        _fail(cfg, "training.gradient_checkpointing_steps", "limits the checkpointing of training.gradient_checkpointing"
-              " to the first N TTT steps, which is off; set training.gradient_checkpointing=true, or leave this null")
+        _fail(cfg, "training.gradient_checkpointing_steps", "limits the checkpointing of "
+              "training.gradient_checkpointing to the first N TTT steps, which is off; set "
+              "training.gradient_checkpointing=true, or leave this null")
     if cfg.training.continual_training and not cfg.training.load_path:
         _fail(cfg, "training.continual_training", "starts from the weights of the checkpoint in training.load_path, "
               "which is not set; set training.load_path, or leave this false")
