@@ -118,3 +118,31 @@ def test_dist_init_address_from_the_block(monkeypatch):
         assert _free_address(base) == (f"127.0.0.1:{base}", True)
     addr, taken = _free_address()
     assert not taken and int(addr.rpartition(":")[2]) > 0
+
+
+def test_a_port_left_in_time_wait_by_a_finished_run_is_free_one_listened_on_is_taken():
+    """The check binds as the servers that take the ports do (SO_REUSEADDR): a port whose last connection is in
+    TIME_WAIT (a run that just ended, the same config started again) is free; one a process listens on is not."""
+    import time
+
+    def reusing_socket():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return s
+
+    server = reusing_socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()          # the server side closes first: its end of the connection stays in TIME_WAIT
+    time.sleep(0.1)
+    client.close()
+    server.close()
+    time.sleep(0.1)
+    assert taken_ports([port]) == []
+    with reusing_socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen(1)
+        assert taken_ports([port]) == [port]
