@@ -259,6 +259,29 @@ def test_tp_nnodes_mismatch_fails(capsys, caplog):
             "(inference.sglang.nnodes=1, inference.inference_num_gpus_per_engine=8) (command line)") in err
 
 
+@pytest.mark.parametrize("per_engine", [3, 7, 8])
+def test_per_engine_gpus_must_match_an_engine_spanning_nodes(per_engine):
+    """nnodes > 1: the engine is nnodes x inference_num_gpus_per_node GPUs; any other per-engine value is refused
+    (it used to be replaced silently by the per-node count)."""
+    with pytest.raises(ConfigError) as e:
+        load_config([CONFIGS / "sglang_kimi_k25_3node.yaml"], [f"inference.inference_num_gpus_per_engine={per_engine}"])
+    assert str(e.value) == (
+        f"inference.inference_num_gpus_per_engine={per_engine}: with inference.sglang.nnodes=2 one engine spans 2 "
+        "nodes of inference.inference_num_gpus_per_node=8 GPUs, so it must be 2 x 8 = 16 (command line)")
+    cfg = load_config([CONFIGS / "sglang_kimi_k25_3node.yaml"], [])   # as shipped (and as the original writes it)
+    assert cfg.inference.inference_num_gpus_per_engine == 16
+
+
+def test_gradient_checkpointing_steps_range():
+    with pytest.raises(ConfigError) as e:
+        load_config([], [*REQUIRED_SET, "training.gradient_checkpointing=true",
+                         "training.gradient_checkpointing_steps=-1"])
+    assert str(e.value) == "training.gradient_checkpointing_steps=-1: must be >= 0 (or null) (command line)"
+    cfg = load_config([], [*REQUIRED_SET, "training.gradient_checkpointing=true",
+                           "training.gradient_checkpointing_steps=0"])   # 0: no step recomputed, a valid choice
+    assert cfg.training.gradient_checkpointing_steps == 0
+
+
 def test_tp_check_only_for_the_engine_in_use():
     # hf run: the sglang defaults (tp_size 8) do not fail it
     cfg = load_config([], REQUIRED_SET)
@@ -294,6 +317,17 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys, caplog):
         ("dataset.chat_template=qwen4", "dataset.chat_template='qwen4': unknown value"),
         ("model.target_model_path=null", "model.target_model_path: must be set, got null (command line)"),
         ("training", "override 'training' is not of the form section.key=value"),
+        ("inference.sglang.log_level=verbose", "inference.sglang.log_level='verbose': unknown level, expected one "
+         "of debug, info, warning, error, critical (command line)"),
+        ("inference.sglang.log_requests_level=4", "inference.sglang.log_requests_level=4: must be 0, 1, 2 or 3 "
+         "(detail of inference.sglang.log_requests' lines) (command line)"),
+        # keys that depend on another one: refused when that one makes them do nothing
+        ("training.gradient_checkpointing_steps=2", "training.gradient_checkpointing_steps=2: limits the "
+         "checkpointing of training.gradient_checkpointing to the first N TTT steps, which is off; set "
+         "training.gradient_checkpointing=true, or leave this null (command line)"),
+        ("training.continual_training=true", "training.continual_training=True: starts from the weights of the "
+         "checkpoint in training.load_path, which is not set; set training.load_path, or leave this false "
+         "(command line)"),
         # GPU-direct Mooncake transfer is not built: the keys are refused, never silently ignored
         ("mooncake.enable_gpu_direct=true", "mooncake.enable_gpu_direct=True: GPU-direct transfer is not built in "
          "this store (records are copied to host memory before a put); set it to false (the default) (command line)"),
@@ -415,6 +449,26 @@ def test_original_torchspec_style_config_loads_unchanged(tmp_path):
     assert kwargs["disable_flashinfer_autotune"] is True
     assert kwargs["model_loader_extra_config"] == '{"enable_multithread_load": true, "num_threads": 32}'
     assert kwargs["tp_size"] == 1 and kwargs["mem_fraction_static"] == 0.7
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_original_backend_default_with_another_engine_loads(tmp_path, caplog, engine):
+    """The original TorchSpec's target_model_backend defaults to sglang, and its configs/default.yaml writes
+    `sglang`, whatever engine the run uses; the config it saves for an hf or vllm run carries both. Such a file
+    must load: the disagreement is logged (naming both keys), not refused; the engine is inference_engine_type."""
+    f = write(tmp_path, "saved.yaml", f"model:\n  target_model_backend: sglang\n"
+                                      f"inference:\n  inference_engine_type: {engine}\n")
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config([f], REQUIRED_SET)
+    assert cfg.inference.inference_engine_type == engine
+    assert ("model.target_model_backend='sglang' is the original TorchSpec's field and is not used; the engine is "
+            f"inference.inference_engine_type='{engine}'") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):   # agreement, under either of its names: nothing to say
+        sgl = [*REQUIRED_SET, "inference.inference_engine_type=sgl", "inference.sglang.tp_size=1"]
+        load_config([f], sgl)
+        load_config([f], [*sgl, "model.target_model_backend=sgl"])
+    assert "target_model_backend" not in caplog.text
 
 
 # ---------------------------------------------------------------- sgl.Engine kwargs

@@ -1260,3 +1260,112 @@ def test_tp_rank_failure_is_one_error_and_stops_the_group(tp_ranks, tiny_target_
     group = started[-1]
     assert group._closed and all(not p.is_alive() for p in group.procs)
     assert [ln for ln in tp_ranks() if ln[0] == "put"] == []
+
+
+# -- inference.sglang.log_level / log_requests / log_requests_level on the ModelRunner path ------------------
+
+def _install_stand_in_rank_that_logs() -> None:
+    """rank_process_setup: the stand-in, whose ModelRunner logs one INFO and one DEBUG line through an sglang
+    logger when it starts (as SGLang's ModelRunner logs its loading)."""
+    _install_stand_in_rank()
+    import logging
+
+    runner_cls = sys.modules["sglang.srt.model_executor.model_runner"].ModelRunner
+    real_init = runner_cls.__init__
+
+    def init(self, *args, **kw):
+        log = logging.getLogger("sglang.srt.model_executor.model_runner")
+        log.info("stand-in runner loading")
+        log.debug("stand-in runner detail")
+        real_init(self, *args, **kw)
+    runner_cls.__init__ = init
+
+
+@pytest.mark.parametrize("level", ["info", "warning"])
+def test_log_level_configures_the_tp_rank_processes(fake_sglang, tiny_target_dir, tmp_path, monkeypatch, capfd,
+                                                    level):
+    """tp_size 2: each rank process logs at inference.sglang.log_level, in SGLang's scheduler line
+    ('[<time> TP<rank>] <message>'); at the default (warning) the ranks' INFO lines are not shown."""
+    import re
+
+    from torchspec.inference import sglang_runner
+
+    monkeypatch.setenv("STANDIN_TP_LOG", str(tmp_path / "ranks.log"))
+    monkeypatch.setattr(sglang_runner, "rank_process_setup", _install_stand_in_rank_that_logs)
+    cfg = _cfg(tiny_target_dir, tp_size=2)
+    cfg.inference.sglang.log_level = level
+    engine = sgl_engine.build_engine(cfg, LocalStore(root=tmp_path / "store"), "cpu")
+    engine.close()
+    err = capfd.readouterr().err
+    lines = sorted(re.findall(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (TP\d)\] (stand-in runner \w+)$", err, re.M))
+    assert lines == ([("TP0", "stand-in runner loading"), ("TP1", "stand-in runner loading")]
+                     if level == "info" else [])
+    assert "stand-in runner detail" not in err
+
+
+def test_log_level_in_the_engine_process_sets_sglang_loggers_only(fake_sglang, tiny_target_dir, tmp_path):
+    """tp_size 1: the ModelRunner runs in the engine's process; its sglang loggers take the level, torchspec's
+    logging there is left as it is."""
+    import logging
+
+    sglang_log, root = logging.getLogger("sglang"), logging.getLogger()
+    before = (sglang_log.level, root.level, list(root.handlers))
+    try:
+        cfg = _cfg(tiny_target_dir)
+        cfg.inference.sglang.log_level = "error"
+        sgl_engine.build_engine(cfg, LocalStore(root=tmp_path / "store"), "cpu").close()
+        assert sglang_log.level == logging.ERROR
+        assert (root.level, list(root.handlers)) == before[1:]
+    finally:
+        sglang_log.setLevel(before[0])
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_log_requests_logs_each_forward(fake_sglang, tiny_target_dir, tmp_path, monkeypatch, caplog, tp_size):
+    """log_requests: every forward the engine serves is logged at INFO (sample ids, token counts; more at
+    log_requests_level 1..3); off (the default): nothing."""
+    import logging
+
+    from torchspec.inference import sglang_runner
+
+    monkeypatch.setenv("STANDIN_TP_LOG", str(tmp_path / "ranks.log"))
+    monkeypatch.setattr(sglang_runner, "rank_process_setup", _install_stand_in_rank)
+    samples = _samples(512)[:2]
+    logged = {}
+    for on, level in ((False, 0), (True, 0), (True, 1)):
+        cfg = _cfg(tiny_target_dir, tp_size=tp_size)
+        cfg.inference.sglang.log_requests, cfg.inference.sglang.log_requests_level = on, level
+        engine = sgl_engine.build_engine(cfg, LocalStore(root=tmp_path / f"store{on}{level}"), "cpu")
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.INFO, logger="torchspec.inference.sglang.requests"):
+                engine.generate(samples)
+        finally:
+            engine.close()
+        logged[on, level] = [r.getMessage() for r in caplog.records
+                             if r.name == "torchspec.inference.sglang.requests" and r.levelno == logging.INFO]
+    first = "sgl engine: forward of 2 request(s), 42 tokens: s0 (5), s1 (37)"
+    assert logged == {
+        (False, 0): [],
+        (True, 0): [first],
+        (True, 1): [first, f"  s0: 5 tokens, {int(samples[0].loss_mask.sum())} loss-masked",
+                    f"  s1: 37 tokens, {int(samples[1].loss_mask.sum())} loss-masked"],
+    }
+
+
+def test_request_log_lines_per_level():
+    from torchspec.inference.sglang_logging import HEAD_IDS, request_log_lines
+
+    ids = list(range(100, 170))   # 70 ids: level 2 shows the first 64
+    recs = [Sample("a", torch.tensor(ids[:3]), torch.tensor([0, 1, 1], dtype=torch.uint8), images=("x.png",)),
+            Sample("b", torch.tensor(ids), torch.ones(70, dtype=torch.uint8))]
+    reqs = [(ids[:3], object()), (ids, None)]
+    head = "sgl engine: forward of 2 request(s), 73 tokens: a (3), b (70)"
+    assert request_log_lines(recs, reqs, 0) == [head]
+    assert request_log_lines(recs, reqs, 1) == [head, "  a: 3 tokens, 2 loss-masked, 1 image(s)",
+                                                "  b: 70 tokens, 70 loss-masked"]
+    assert HEAD_IDS == 64
+    assert request_log_lines(recs, reqs, 2) == [
+        head, f"  a: 3 tokens, 2 loss-masked, 1 image(s), input ids {ids[:3]}",
+        f"  b: 70 tokens, 70 loss-masked, input ids {ids[:64]} ... (6 more)"]
+    assert request_log_lines(recs, reqs, 3)[2] == f"  b: 70 tokens, 70 loss-masked, input ids {ids}"

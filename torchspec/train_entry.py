@@ -63,9 +63,11 @@ def dry_run_report(cfg) -> str:
                 prefix = decoder_layers_prefix(readable)
             except Exception:
                 pass
-        kwargs = build_engine_kwargs(cfg, "cuda:0", aux or [], layers_prefix=prefix)  # what engine 0 passes
-        for key in ("port", "nccl_port"):
-            kwargs[key] = "<a free port, picked at launch>"
+        kwargs = build_engine_kwargs(cfg, "cuda:0", aux or [], layers_prefix=prefix,  # what engine 0 passes
+                                     check_ports=False)
+        if cfg.inference.sglang.port is None:
+            for key in ("port", "nccl_port"):
+                kwargs[key] = "<a free port, picked at launch>"
         if aux is None:
             kwargs["forward_hooks"] = ("<one hook per aux layer + the final state; ids [1, L//2-1, L-4] from the "
                                        "target's config at launch>")

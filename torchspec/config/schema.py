@@ -62,6 +62,11 @@ STORE_CAPACITY_SHARE = {"local": 0.5, "memory": 0.25}
 # model.target_model_backend is the original TorchSpec's name for the engine type.
 TARGET_MODEL_BACKENDS = ("hf", "sglang", "sgl", "vllm")
 
+# inference.sglang.log_level (any case) and log_requests_level (torchspec/inference/sglang_logging.py says what
+# each request level logs)
+SGLANG_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SGLANG_REQUEST_LOG_LEVELS = (0, 1, 2, 3)
+
 # dataset.generation.on_truncated: what becomes of a regenerated reply cut at max_new_tokens.
 ON_TRUNCATED = ("keep", "drop")
 
@@ -174,9 +179,9 @@ class SGLangConfig:
     log_level: str = "warning"
     log_requests: bool = False
     log_requests_level: int = 0
-    # Accepted so configs of the original TorchSpec load; engine ports are picked by the launcher.
+    # null = free ports; N = each engine's ports from its block N + slot x (1 + additional_ports) (inference/sglang.py)
     port: Optional[int] = None
-    additional_ports: int = 4
+    additional_ports: int = 4  # ports of a block after its first
     # Any other sgl.Engine keyword, forwarded as-is (protected keys are dropped).
     extra_args: dict[str, Any] = field(default_factory=dict, metadata=FREE)
 

@@ -56,3 +56,11 @@ def gpus_per_engine(cfg) -> int:
     inf = cfg.inference
     nnodes = inf.sglang.nnodes if inf.inference_engine_type == "sgl" else 1
     return nnodes * gpus_per_engine_process(cfg)
+
+
+def sglang_ports_needed(cfg) -> int:
+    """Ports of one sgl engine's block when inference.sglang.port is set (inference/sglang.py PORT_NAMES): its
+    ServerArgs port and nccl_port, plus node 0's dist_init_addr port when it spans nodes and no
+    inference.sglang.dist_init_addr is given."""
+    sg = cfg.inference.sglang
+    return 3 if sg.nnodes > 1 and not sg.dist_init_addr else 2

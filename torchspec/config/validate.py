@@ -133,7 +133,9 @@ _POSITIVE_IF_SET = (
     "mooncake.hidden_dim",
 )
 _NON_NEGATIVE = ("training.min_lr", "training.weight_decay", "training.seed", "training.prefetch_depth",
+                 "inference.sglang.additional_ports",
                  "dataset.generation.temperature", "dataset.generation.top_k", "dataset.generation.seed")
+_NON_NEGATIVE_IF_SET = ("training.gradient_checkpointing_steps",)
 
 
 def _check_positive(cfg: Config) -> None:
@@ -147,6 +149,10 @@ def _check_positive(cfg: Config) -> None:
     for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
             _fail(cfg, key, "must be >= 0")
+    for key in _NON_NEGATIVE_IF_SET:
+        value = _get(cfg, key)
+        if value is not None and value < 0:
+            _fail(cfg, key, "must be >= 0 (or null)")
 
 
 def _check_ranges(cfg: Config) -> None:
@@ -157,12 +163,25 @@ def _check_ranges(cfg: Config) -> None:
     for key in ("inference.sglang.mem_fraction_static", "inference.vllm.mem_fraction_static"):
         if not 0.0 < _get(cfg, key) <= 1.0:
             _fail(cfg, key, "must be in (0, 1]")
+    sg = cfg.inference.sglang
+    if str(sg.log_level).lower() not in S.SGLANG_LOG_LEVELS:
+        _fail(cfg, "inference.sglang.log_level", f"unknown level, expected one of {', '.join(S.SGLANG_LOG_LEVELS)}")
+    if sg.log_requests_level not in S.SGLANG_REQUEST_LOG_LEVELS:
+        _fail(cfg, "inference.sglang.log_requests_level", "must be 0, 1, 2 or 3 (detail of inference.sglang."
+              "log_requests' lines)")
     if cfg.inference.sglang.pp_size != 1:
         _fail(cfg, "inference.sglang.pp_size", "pipeline parallelism is not supported; it must be 1")
     if not 0.0 < cfg.dataset.generation.top_p <= 1.0:
         _fail(cfg, "dataset.generation.top_p", "must be in (0, 1] (1 = off)")
     if cfg.debug.debug_inference_only and cfg.debug.debug_train_only:
         _fail(cfg, "debug.debug_train_only", "cannot be combined with debug.debug_inference_only")
+    if cfg.training.gradient_checkpointing_steps is not None and not cfg.training.gradient_checkpointing:
+        _fail(cfg, "training.gradient_checkpointing_steps", "limits the checkpointing of "
+              "training.gradient_checkpointing to the first N TTT steps, which is off; set "
+              "training.gradient_checkpointing=true, or leave this null")
+    if cfg.training.continual_training and not cfg.training.load_path:
+        _fail(cfg, "training.continual_training", "starts from the weights of the checkpoint in training.load_path, "
+              "which is not set; set training.load_path, or leave this false")
     for mode in ("debug_inference_only", "debug_train_only"):
         if getattr(cfg.debug, mode) and not cfg.debug.save_debug_train_data:
             _fail(cfg, f"debug.{mode}", "needs debug.save_debug_train_data: the directory the hidden-state "
@@ -196,6 +215,28 @@ def _check_inference_topology(cfg: Config) -> None:
                 f"must equal nnodes x gpus_per_engine = {sg.nnodes} x {per} = {sg.nnodes * per} "
                 f"(inference.sglang.nnodes={sg.nnodes}, {per_key}={per})",
             )
+        if sg.nnodes > 1 and inf.inference_num_gpus_per_engine != sg.nnodes * per:
+            # an engine spanning nodes takes inference_num_gpus_per_node GPUs on each of them; this key then names
+            # the whole engine (as the original TorchSpec's multi-node configs write it), never anything else
+            _fail(
+                cfg,
+                "inference.inference_num_gpus_per_engine",
+                f"with inference.sglang.nnodes={sg.nnodes} one engine spans {sg.nnodes} nodes of "
+                f"inference.inference_num_gpus_per_node={per} GPUs, so it must be {sg.nnodes} x {per} = "
+                f"{sg.nnodes * per}",
+            )
+        if sg.port is not None:
+            from torchspec.config.topology import sglang_ports_needed
+
+            need = sglang_ports_needed(cfg)
+            if not 1 <= sg.port <= 65536 - need:
+                _fail(cfg, "inference.sglang.port", f"must be a TCP port, 1 to {65536 - need} (an engine takes "
+                      f"{need} ports from it), or null for free ports")
+            if sg.additional_ports < need - 1:
+                what = ("port, nccl_port and node 0's dist_init_addr port" if need == 3 else "port and nccl_port")
+                _fail(cfg, "inference.sglang.additional_ports", f"each engine's block of inference.sglang.port="
+                      f"{sg.port} holds 1 + additional_ports ports and an engine takes {need} ({what}): it must be "
+                      f">= {need - 1}")
     elif engine == "vllm":
         if inf.vllm.tp_size != inf.inference_num_gpus_per_engine:
             _fail(

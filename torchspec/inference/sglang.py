@@ -121,6 +121,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from torchspec.config.errors import ConfigError
+from torchspec.config.topology import sglang_ports_needed
 from torchspec.inference.base import StoredSample, compute_dtype, put_record
 from torchspec.inference.engine_metrics import ForwardCounters
 from torchspec.utils.net import free_ports
@@ -270,10 +271,13 @@ def decoder_layers_prefix(cfg) -> str:
 
 def build_engine_kwargs(cfg, device: torch.device | str, aux_layers: Sequence[int],
                         warn: Optional[Callable[[str], None]] = None, node_rank: int = 0,
-                        dist_init_addr: Optional[str] = None, layers_prefix: Optional[str] = None) -> dict[str, Any]:
+                        dist_init_addr: Optional[str] = None, layers_prefix: Optional[str] = None,
+                        check_ports: bool = True) -> dict[str, Any]:
     """`sgl.Engine(**kwargs)` for one engine on `device` (no sglang import); for an engine spanning
     nodes, its part on node `node_rank`, all parts meeting at `dist_init_addr` ("ip:port" on node 0).
-    layers_prefix: the decoder-layer list the aux hooks target (None: ``decoder_layers_prefix(cfg)``)."""
+    layers_prefix: the decoder-layer list the aux hooks target (None: ``decoder_layers_prefix(cfg)``).
+    check_ports: with inference.sglang.port set, refuse a port of the engine's block that is in use here
+    (``engine_ports``; off for the dry run, which only shows them)."""
     if layers_prefix is None:
         layers_prefix = decoder_layers_prefix(cfg)
     from torchspec.inference.sglang_args import PROTECTED_EXTRA_ARGS, build_sglang_engine_kwargs
@@ -291,10 +295,65 @@ def build_engine_kwargs(cfg, device: torch.device | str, aux_layers: Sequence[in
         "base_gpu_id": device.index or 0,
         "node_rank": int(node_rank),
         **({"dist_init_addr": dist_init_addr} if dist_init_addr else {}),
-        **dict(zip(("port", "nccl_port"), free_ports(2))),
+        **engine_ports(cfg, device, check=check_ports),
         "forward_hooks": list(extra.get("forward_hooks") or []) + forward_hook_specs(aux_layers, layers_prefix),
     }
     return build_sglang_engine_kwargs(cfg, managed=managed, warn=warn)
+
+
+# The ports of one engine's block (inference.sglang.port): ServerArgs.port, then nccl_port (where its TP ranks meet),
+# then, for an engine spanning nodes, the dist_init_addr port on node 0 (pipeline/ray_engines.py).
+PORT_NAMES = ("port", "nccl_port", "dist_init_addr")
+
+
+def engine_slot(cfg, device: torch.device | str) -> int:
+    """Which block of inference.sglang.port an engine on `device` takes: the index of its first GPU among this
+    machine's GPUs (the physical one: CUDA_VISIBLE_DEVICES maps a Ray actor's cuda:0 to it), so engines of one
+    machine never share a block; 0 on CPU and for an engine spanning nodes (the only engine on each of them)."""
+    import os
+
+    device = torch.device(device)
+    if device.type != "cuda" or cfg.inference.sglang.nnodes > 1:
+        return 0
+    index = device.index or 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if index < len(visible) and visible[index].isdigit():
+        return int(visible[index])
+    return index
+
+
+def port_block(cfg, slot: int) -> list[int]:
+    """The ports of block `slot`: port + slot x (1 + additional_ports), the first sglang_ports_needed(cfg) of them."""
+    sg = cfg.inference.sglang
+    first = int(sg.port) + int(slot) * (1 + int(sg.additional_ports))
+    return [first + i for i in range(sglang_ports_needed(cfg))]
+
+
+def check_port_block(cfg, ports: Sequence[int], owner: str, host: str = "127.0.0.1") -> None:
+    """One SGLangEngineError line when a port of `ports` (a block of inference.sglang.port) is in use on `host`."""
+    from torchspec.utils.net import taken_ports
+
+    taken = taken_ports(ports, host)
+    if taken:
+        sg = cfg.inference.sglang
+        what = ", ".join(f"{p} ({PORT_NAMES[ports.index(p)]})" for p in taken)
+        raise SGLangEngineError(
+            f"inference.sglang.port={sg.port}: {owner} takes ports {ports[0]}-{ports[-1]} of its block "
+            f"(port + slot x (1 + inference.sglang.additional_ports={sg.additional_ports})), but {what} "
+            f"{'is' if len(taken) == 1 else 'are'} in use on {host}; choose another inference.sglang.port, or null "
+            "for free ports")
+
+
+def engine_ports(cfg, device: torch.device | str, check: bool = True) -> dict[str, int]:
+    """{"port", "nccl_port"} of one engine: free ports (inference.sglang.port null), else the engine's block
+    (``port_block`` at ``engine_slot``), refused in one line when one of it is in use here."""
+    if cfg.inference.sglang.port is None:
+        return dict(zip(PORT_NAMES[:2], free_ports(2)))
+    slot = engine_slot(cfg, device)
+    ports = port_block(cfg, slot)
+    if check:
+        check_port_block(cfg, ports, f"the engine on {torch.device(device)} (block {slot})")
+    return dict(zip(PORT_NAMES[:2], ports))
 
 
 def check_placement(cfg, dist_init_addr: Optional[str] = None) -> None:
@@ -326,7 +385,8 @@ def uses_model_runner(cfg) -> bool:
 class SGLangEngine:
     def __init__(self, llm, store, aux_layers: Sequence[int], hidden_size: int, device: torch.device | str = "cpu",
                  enable_metrics: bool = False,
-                 vision=None, target_config=None, runner=None, image_inputs=None):
+                 vision=None, target_config=None, runner=None, image_inputs=None,
+                 log_requests: bool = False, log_requests_level: int = 0):
         self.runner = runner                 # SGLangModelRunnerTarget (tp 1) or SGLangTPGroup; None: llm is sgl.Engine
         self.image_inputs = image_inputs     # SGLangImageInputs of an image target on the ModelRunner path
         self.vision = vision                 # a VLM target's expansion rule (inference/vlm.py); None: text only
@@ -340,6 +400,8 @@ class SGLangEngine:
         self.enable_metrics = bool(enable_metrics)
         self._registry = None   # prometheus_client registry over SGLang's multiprocess metric files
         self.counts = ForwardCounters("sgl")   # the ModelRunner path's own forwards (metrics() with enable_metrics)
+        # inference.sglang.log_requests on the ModelRunner path (sgl.Engine logs its requests itself)
+        self.log_requests, self.log_requests_level = bool(log_requests), int(log_requests_level)
 
     def metrics(self) -> dict[str, float]:
         """With enable_metrics: on the ModelRunner path (every config) the engine's own forward counters
@@ -403,7 +465,10 @@ class SGLangEngine:
                                "tokenizer manager (what keeps sglang:* metrics); the engine logs its own forward "
                                "counters, engine<i>/sgl:forward_*, instead")
                 kwargs["enable_metrics"] = False   # SGLang's own switch: nothing of SGLang's would serve it here
-            if int(kwargs["tp_size"]) == 1:
+            if int(kwargs["tp_size"]) == 1:   # SGLang's loggers in this process at inference.sglang.log_level
+                from torchspec.inference.sglang_logging import set_sglang_log_level
+
+                set_sglang_log_level(str(kwargs.get("log_level") or "warning"))
                 runner = SGLangModelRunnerTarget.start(kwargs, gpu_id=kwargs["base_gpu_id"])
                 if vision is not None:   # the runner's ModelConfig; the processor also serves M-RoPE positions
                     image_inputs = SGLangImageInputs.start(kwargs, model_config=runner.runner.model_config)
@@ -425,9 +490,12 @@ class SGLangEngine:
                     else f"ModelRunner in TP rank processes {runner.ranks} of {kwargs['tp_size']}"
                     + (f", node {node_rank} of {kwargs.get('nnodes')}" if node_rank else ""), aux_layers,
                     aux_hook_targets(aux_layers, prefix), FINAL_MODULE)
+        sg = cfg.inference.sglang
         engine = cls(llm, store if node_rank == 0 else None, aux_layers, hidden, device,
                      enable_metrics=metrics_on, vision=vision, target_config=target.config,
-                     runner=runner, image_inputs=image_inputs)
+                     runner=runner, image_inputs=image_inputs,
+                     log_requests=bool(sg.log_requests) and llm is None and node_rank == 0,
+                     log_requests_level=int(sg.log_requests_level))
         return SGLangNodeEngine(engine, node_rank) if node_rank >= 1 else engine
 
     def _rows(self, out: dict, n: int, sample_id: str) -> torch.Tensor:
@@ -488,6 +556,12 @@ class SGLangEngine:
                                        f"(the hf engine's expansion, which the record holds) to {len(want)}"
                                        + ("" if len(ids) != len(want) else " with other token ids")
                                        + ": the hidden states would not match the record's tokens")
+        if self.log_requests:
+            from torchspec.inference.sglang_logging import request_log_lines, request_logger
+
+            log = request_logger()
+            for line in request_log_lines(records, requests, self.log_requests_level):
+                log.info("%s", line)
         t0 = time.perf_counter()
         if isinstance(self.runner, SGLangTPGroup):
             stored = self.runner.generate(records, requests)

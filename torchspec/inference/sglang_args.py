@@ -27,9 +27,9 @@ PROTECTED_EXTRA_ARGS: dict[str, str] = {
     "base_gpu_id": "chosen by the launcher",
     "nnodes": "inference.sglang.nnodes",
     "node_rank": "chosen by the launcher",
-    # ports, picked free by us
-    "port": "chosen by the launcher",
-    "nccl_port": "chosen by the launcher",
+    # ports: free ones picked by us, or inference.sglang.port's block
+    "port": "inference.sglang.port (null: free ports)",
+    "nccl_port": "inference.sglang.port (null: free ports)",
     # networking
     "dist_init_addr": "inference.sglang.dist_init_addr",
     "dist_timeout": "inference.sglang.dist_timeout",

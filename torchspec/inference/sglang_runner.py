@@ -316,6 +316,9 @@ def _rank_main(rank: int, tp_size: int, engine_kwargs: dict, gpu_id: int, store,
     try:
         if setup is not None:
             setup()
+        from torchspec.inference.sglang_logging import configure_rank_logging
+
+        configure_rank_logging(str(engine_kwargs.get("log_level") or "warning"), rank)   # inference.sglang.log_level
         target = SGLangModelRunnerTarget.start(engine_kwargs, gpu_id, tp_rank=rank, tp_size=tp_size)
         if images:
             processor = SGLangImageInputs.start(engine_kwargs, model_config=target.runner.model_config)

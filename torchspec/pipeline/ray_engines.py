@@ -78,12 +78,27 @@ class _EngineActor:
             self.engine.close()
 
 
-def _free_address() -> str:
-    """"ip:port" with a free port on the node this runs on (a Ray task in an engine's bundle 0)."""
+def _free_address(port: int | None = None) -> tuple[str, bool]:
+    """("ip:port", in use) on the node this runs on (a Ray task in an engine's bundle 0): a free port, or `port`
+    (from inference.sglang.port's block) and whether it is in use there."""
     import ray
 
+    from torchspec.utils.net import taken_ports
+
     ip = ray.util.get_node_ip_address()
-    return f"{f'[{ip}]' if ':' in ip else ip}:{free_port(ip)}"
+    taken = port is not None and bool(taken_ports([port], ip))
+    return f"{f'[{ip}]' if ':' in ip else ip}:{free_port(ip) if port is None else port}", taken
+
+
+def dist_init_port(cfg) -> int | None:
+    """The dist_init_addr port of an engine spanning nodes: from inference.sglang.port's block (its third port,
+    inference/sglang.py PORT_NAMES) when that is set, else None (a free one)."""
+    from torchspec.config.topology import sglang_ports_needed
+    from torchspec.inference.sglang import port_block
+
+    if cfg.inference.sglang.port is None or sglang_ports_needed(cfg) < 3:
+        return None
+    return port_block(cfg, 0)[2]
 
 
 def _cause(error) -> str:
@@ -104,6 +119,7 @@ class RayEngines:
 
     def __init__(self, engine_factory, store, placement: RayPlacement, num_threads: int = 1,
                  start_timeout: float = 600.0, pg_timeout: float = 120.0, node_factory=None, timeout_key: str = "",
+                 dist_port: int | None = None,
                  record_tokenizer=None):
         import ray
         from ray.util.placement_group import placement_group, placement_group_table
@@ -146,9 +162,15 @@ class RayEngines:
             for w, pg in enumerate(self.pgs):
                 factories = [engine_factory]
                 if n_nodes > 1:   # one actor per node, meeting at an address of bundle 0's node
-                    addr = ray.get(ray.remote(_free_address).options(
-                        num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0)).remote(),
+                    addr, taken = ray.get(ray.remote(_free_address).options(
+                        num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0)).remote(dist_port),
                         timeout=pg_timeout)
+                    if taken:
+                        from torchspec.config.errors import ConfigError
+
+                        raise ConfigError(f"inference.sglang.port: port {dist_port} (the dist_init_addr port of "
+                                          f"inference engine {w}, the third of its block) is in use on its node 0 "
+                                          f"({addr}); choose another inference.sglang.port, or null for free ports")
                     factories = [node_factory(r, addr) for r in range(n_nodes)]
                 # every node's actor tokenizes deferred records (dataset.defer_tokenization): each runs the batch
                 factories = [tokenizing_factory(f, record_tokenizer) for f in factories]
@@ -356,7 +378,8 @@ def start_ray_engines(cfg, store, placement: RayPlacement, engine_factory=None, 
     timeout, key = engine_start_timeout(cfg)
     try:
         engines = RayEngines(factory, store, placement, node_factory=node_factory, start_timeout=timeout,
-                             timeout_key=key, record_tokenizer=record_tokenizer)
+                             timeout_key=key, record_tokenizer=record_tokenizer,
+                             dist_port=dist_init_port(cfg) if node_factory is not None else None)
     except BaseException:
         if hold is not None:
             hold.release()
