@@ -342,6 +342,19 @@ def test_one_line_errors(override, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_dist_init_addr_serves_one_sgl_engine():
+    """inference.sglang.dist_init_addr is where one engine's TP ranks meet: with several engines they would all
+    meet there (one would bind it, the others fail or join the wrong group), so it is refused then."""
+    base = [*REQUIRED_SET, "inference.inference_engine_type=sgl", "inference.sglang.tp_size=1",
+            "inference.sglang.dist_init_addr=10.0.0.5:29500"]
+    assert load_config([], [*base, "inference.inference_num_gpus=1"]).inference.sglang.dist_init_addr
+    with pytest.raises(ConfigError) as e:
+        load_config([], [*base, "inference.inference_num_gpus=2"])
+    assert str(e.value).startswith("inference.sglang.dist_init_addr='10.0.0.5:29500': is where the TP ranks of ONE "
+                                   "engine meet, but this config starts 2 engines (inference.inference_num_gpus=2, "
+                                   "1 per engine)")
+
+
 # ---------------------------------------------------------------- original TorchSpec configs
 
 

@@ -85,17 +85,23 @@ def test_spanning_nodes_without_the_ray_launcher_is_refused(fake_sglang, tiny_ta
     assert FakeEngine.instances == []
 
 
-def test_a_given_dist_init_addr_is_used_by_one_spanning_engine(tiny_target_dir, caplog):
+def test_a_given_dist_init_addr_is_used_by_one_spanning_engine(tiny_target_dir):
+    from torchspec.config import ConfigError
+    from torchspec.config.validate import validate_config
     from torchspec.pipeline.launcher_ray import plan_ray, sgl_node_factory
 
     cfg = _two_node_cfg(tiny_target_dir)
     cfg.inference.sglang.dist_init_addr = "10.0.0.5:29500"
     one = sgl_node_factory(cfg, plan_ray(cfg, cluster_gpus=0))
     assert [one(r, "10.0.0.9:1234").args[1:3] for r in (0, 1)] == [(0, "10.0.0.5:29500"), (1, "10.0.0.5:29500")]
-    cfg.inference.inference_num_gpus = 4   # two engines: one address cannot serve both
-    two = sgl_node_factory(cfg, plan_ray(cfg, cluster_gpus=0))
-    assert two(1, "10.0.0.9:1234").args[1:3] == (1, "10.0.0.9:1234")
-    assert "inference.sglang.dist_init_addr='10.0.0.5:29500' ignored: 2 engines span nodes" in caplog.text
+    cfg.inference.sglang.dist_init_addr = None   # none given: the address picked on node 0
+    assert sgl_node_factory(cfg, plan_ray(cfg, cluster_gpus=0))(1, "10.0.0.9:1234").args[1:3] == (1, "10.0.0.9:1234")
+    cfg.inference.inference_num_gpus, cfg.inference.inference_num_gpus_per_engine = 4, 2
+    validate_config(cfg)   # two engines spanning nodes, each meeting at its own address
+    cfg.inference.sglang.dist_init_addr = "10.0.0.5:29500"   # one address cannot serve both: refused at load
+    with pytest.raises(ConfigError, match=r"^inference.sglang.dist_init_addr=\S+: is where the TP ranks of ONE "
+                                          r"engine meet, but this config starts 2 engines"):
+        validate_config(cfg)
     cfg.inference.sglang.nnodes, cfg.inference.sglang.tp_size, cfg.inference.inference_num_gpus = 1, 1, 2
     assert sgl_node_factory(cfg, plan_ray(cfg, cluster_gpus=0)) is None   # engines of one node
 

@@ -225,6 +225,13 @@ def _check_inference_topology(cfg: Config) -> None:
                 f"inference.inference_num_gpus_per_node={per} GPUs, so it must be {sg.nnodes} x {per} = "
                 f"{sg.nnodes * per}",
             )
+        engines = inf.inference_num_gpus // max(gpus_per_engine(cfg), 1)
+        if sg.dist_init_addr and engines > 1:
+            _fail(cfg, "inference.sglang.dist_init_addr", f"is where the TP ranks of ONE engine meet, but this config "
+                  f"starts {engines} engines (inference.inference_num_gpus={inf.inference_num_gpus}, "
+                  f"{gpus_per_engine(cfg)} per engine), which would all try to meet there; leave it null: each engine "
+                  "then meets at an address of its own (127.0.0.1:<its nccl_port> on one node, a free port on its "
+                  "node 0 when it spans nodes)")
         if sg.port is not None:
             from torchspec.config.topology import sglang_ports_needed
 

@@ -356,11 +356,8 @@ def sgl_node_factory(cfg, placement: RayPlacement):
         return None
     from torchspec.inference.sglang import build_node_engine
 
-    given = cfg.inference.sglang.dist_init_addr   # null: an address picked on the engine's node 0
-    if given and placement.num_engines > 1:
-        log.warning("inference.sglang.dist_init_addr=%r ignored: %d engines span nodes and each needs its own "
-                    "address (picked on its node 0)", given, placement.num_engines)
-        given = None
+    # null: an address picked on the engine's node 0 (a given one serves one engine only: config validation)
+    given = cfg.inference.sglang.dist_init_addr
 
     def node_factory(node_rank: int, dist_init_addr: str):
         return functools.partial(build_node_engine, cfg, node_rank, given or dist_init_addr)
