@@ -101,6 +101,47 @@ def test_killed_engine_with_a_full_queue_ends_the_driver(tmp_path, tiny_target_d
     print(f"error line {at - killed_at:.1f} s, exit {exited_after:.1f} s after the kill")
 
 
+def test_a_failure_stops_the_surviving_engine_after_the_batch_it_is_on(tmp_path):
+    """Engine 1 has 20 batches queued (0.3 s each) when engine 0 dies: the failure's close drops engine 1's queue,
+    so engine 1 ends after the batch it is on (before: it read its stop only after its whole backlog, 6 s here,
+    up to 64 queued samples in a real run, all inside the driver's error path)."""
+    import functools
+
+    import pytest
+    import torch
+    from test_pipeline_controller import fake_factory
+
+    from torchspec.data.sample import Sample
+    from torchspec.pipeline.failures import WorkerFailure
+    from torchspec.pipeline.launcher_local import ProcessEngines
+    from torchspec.transfer.local import LocalStore
+
+    samples = [Sample(f"id{i}", torch.arange(3) + i, torch.ones(3, dtype=torch.uint8)) for i in range(20)]
+    store = LocalStore(root=tmp_path / "s")
+    engines = ProcessEngines(functools.partial(fake_factory, delay=0.3), store, ["cpu", "cpu"])
+    try:
+        for s in samples:
+            engines.submit(1, [s])
+        deadline = time.monotonic() + 30
+        while not engines.wait(0.5):   # engine 1 is working through its queue
+            assert time.monotonic() < deadline
+        victim = engines.procs[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+        before, t0 = len(store.keys()), time.monotonic()
+        with pytest.raises(WorkerFailure, match=r"^inference engine 0 "):
+            engines.wait(0.0)
+        took = time.monotonic() - t0
+        assert not engines.procs[1].is_alive()
+        done = len(store.keys())
+        # the batch it was on, and at most one it took while its queue was being emptied
+        assert done <= before + 2, f"engine 1 ran {done - before} more of its 20 queued batches before it stopped"
+        print(f"engine 1 stopped {took:.2f} s after the failure, {done} of 20 batches done ({before} before it)")
+    finally:
+        engines.close()
+        store.close()
+
+
 def test_a_dead_engine_gets_no_more_work_and_is_reported_at_once(tmp_path):
     """With engine 0 dead and engine 1 still delivering: a submission to either raises at once (before: it
     went into a queue nobody reads), and so does a wait(0) (before: results of engine 1 kept coming and

@@ -252,7 +252,7 @@ class ProcessEngines:
         if self._closed:
             return
         self._closed = True
-        stop_workers(self.procs, self.inboxes, CLOSE_GRACE_S)
+        stop_workers(self.procs, self.inboxes, CLOSE_GRACE_S, drop_jobs=True)   # results are no longer read
 
 
 def start_engines(cfg, store, placement: Placement, engine_factory=None, trainer_device: str | None = None,

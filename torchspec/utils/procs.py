@@ -41,11 +41,33 @@ def exit_text(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def stop_workers(procs, inboxes, grace: float) -> None:
+DRAIN_WAIT_S = 0.05   # how long dropping a worker's queued jobs waits for one more (the queue's feeder thread may
+                      # still be writing jobs the pipe had no room for)
+
+
+def drop_queued(inbox) -> int:
+    """Take every job still queued in `inbox` (one this process put there), so the worker reads the stop that
+    follows right after the job it is on; returns how many were dropped."""
+    dropped = 0
+    while True:
+        try:
+            inbox.get(timeout=DRAIN_WAIT_S)
+        except (queue.Empty, OSError, ValueError):
+            return dropped
+        dropped += 1
+
+
+def stop_workers(procs, inboxes, grace: float, drop_jobs: bool = False) -> None:
     """Ask each live worker to stop (a None job), wait up to `grace` s in all, terminate those still running
     (e.g. stuck in a collective), then drop the inboxes' feeder-thread joins: jobs still queued for a worker
     that died (a full pipe nobody reads) would block that thread for good, and multiprocessing joins it at
-    exit, hanging the caller after its error; nothing queued is wanted any more."""
+    exit, hanging the caller after its error; nothing queued is wanted any more. drop_jobs: first take the
+    jobs still queued (independent workers only: workers that must run the same jobs in lockstep, as tensor-
+    parallel ranks, could then stop at different jobs), so a live worker stops after the job it is on instead
+    of working through its backlog (up to a whole prompt queue) before it reads the stop."""
+    if drop_jobs:
+        for q in inboxes:
+            drop_queued(q)
     for q, p in zip(inboxes, procs):
         if p.is_alive():
             q.put(None)
