@@ -21,6 +21,7 @@ def test_phase_times_sum_to_the_step_time(tmp_path, tiny_target_dir, colocate):
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
     assert len(steps) == 6
+    gaps = []   # per step: its wall time the phases do not account for, beyond bookkeeping
     for x in steps:
         phases = {k: v for k, v in x.items() if k.startswith("time/") and k != "time/step_s"}
         for name in ("read", "h2d", "forward", "backward", "optimizer", "metrics", "data_wait"):
@@ -28,7 +29,13 @@ def test_phase_times_sum_to_the_step_time(tmp_path, tiny_target_dir, colocate):
         assert ("time/target_forward_s" in phases) == colocate
         assert all(v >= 0 for v in phases.values())
         total = sum(phases.values())
-        assert abs(total - x["time/step_s"]) <= 0.05 * x["time/step_s"] + 2e-3, (total, x["time/step_s"])
+        # the phases are disjoint spans of the step: never more than the step (whatever the machine's load)
+        assert total <= x["time/step_s"] + 1e-6, (total, x["time/step_s"])
+        gaps.append(x["time/step_s"] - total - (0.05 * x["time/step_s"] + 2e-3))
+    # and they cover it but for bookkeeping (5% + 2 ms), checked on the median step (3 of the 6): the untimed
+    # code of any step can be pre-empted on a loaded machine, but a part of the step left untimed (a
+    # regression) shows in every step
+    assert sorted(gaps)[len(gaps) // 2 - 1] <= 0, gaps
     # evaluation every 2 steps, checkpoints every 3: those steps (and only those) carry their time
     assert [x["step"] for x in steps if "time/eval_s" in x] == [2, 4, 6]
     assert [x["step"] for x in steps if "time/checkpoint_s" in x] == [3, 6]
