@@ -119,8 +119,8 @@ def check_capacity_wait(store, rec) -> None:
     store.put("k0", rec)
     store.put("k1", rec)
     assert store.bytes_used() == 2 * one
+    t0 = time.monotonic()                    # before the timer starts: the delete comes >= 0.3 s after t0
     threading.Timer(0.3, store.delete, args=("k0",)).start()
-    t0 = time.monotonic()
     store.put("k2", rec)                     # waits for the delete
     assert time.monotonic() - t0 >= 0.25
     assert store.bytes_used() == 2 * one and store.keys() == ["k1", "k2"]
