@@ -290,10 +290,9 @@ def test_rank0_own_error_is_raised_at_once_a_peer_error_waits_for_the_launcher(m
         raise exc
 
     for own in (RuntimeError("The size of tensor a (3) must match"), torch.OutOfMemoryError("CUDA out of memory")):
-        t0 = time.monotonic()
         with pytest.raises(type(own)):
             group._collective(fail, own)
-        assert Peers.watched == 0 and time.monotonic() - t0 < 0.1
+        assert Peers.watched == 0   # the grace loop's only wait is between watch() calls: none means no wait
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         group._collective(fail, RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
