@@ -114,6 +114,13 @@ def test_two_engine_processes_backpressure(tmp_path):
     engines.wait = counting_wait
 
     def slow(s, rec):
+        if not ctrl.pool_stats.sizes or max(ctrl.pool_stats.sizes) < 6:
+            # the trainer stalls until the engines delivered all they were given (pool + in flight = the bound
+            # once a set is taken): the pool reaches its bound whatever the machine's scheduling
+            deadline = time.monotonic() + 30
+            while any(ctrl.in_flight):
+                assert time.monotonic() < deadline, ctrl.in_flight
+                ctrl._collect(timeout=1.0)
         time.sleep(0.01)
         # while the trainer is slow, samples in the store = pool + in flight + this micro-batch
         assert len(store.keys()) <= 6 + 2
