@@ -4,6 +4,7 @@ that waits for room says so in the log."""
 
 import logging
 import re
+import time
 
 import pytest
 import torch
@@ -86,7 +87,29 @@ def test_the_issue_config_fails_at_start_in_one_line(tmp_path, tiny_target_dir, 
     assert not list((tmp_path / "out").glob("checkpoints/*"))
 
 
+class _FakeTime:
+    """The `time` module for the store's wait: monotonic() is a clock that only sleep() advances, so the wait's
+    log lines and its timeout do not depend on how the machine schedules this process."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
 def test_a_put_waiting_for_room_is_logged_then_fails_with_the_right_advice(tmp_path, monkeypatch, caplog):
+    from torchspec.transfer import local
+
+    clock = _FakeTime()
+    monkeypatch.setattr(local, "time", clock)
+    monkeypatch.setattr(base, "time", clock)
     monkeypatch.setattr(base, "FULL_LOG_AFTER_S", 0.05)
     monkeypatch.setattr(base, "FULL_LOG_EVERY_S", 0.2)
     rec = make_record(0)
@@ -99,7 +122,8 @@ def test_a_put_waiting_for_room_is_logged_then_fails_with_the_right_advice(tmp_p
                                             r"\(capacity \d+, in use \d+\): nothing was freed"):
             store.put("c", rec)
     waits = [r.getMessage() for r in caplog.records if "store full" in r.getMessage()]
-    assert 2 <= len(waits) <= 5        # the first after 0.05 s, then every 0.2 s until the 0.7 s timeout
+    assert len(waits) == 4             # the first after 0.05 s, then every 0.2 s until the 0.7 s timeout
+    assert 0.7 <= clock.now - 1000.0 < 0.71   # it failed at its timeout
     assert re.match(rf"local store full: a record of {one} bytes has waited 0 s for room \(inference.store_capacity "
                     rf"{2 * one} bytes, {2 * one} in use\); it waits for the trainer to take samples and free theirs, "
                     r"and fails with StoreFull after 1 s$", waits[0]), waits[0]
