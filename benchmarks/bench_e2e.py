@@ -314,10 +314,12 @@ def main(argv=None) -> int:
             report["torchspec_vs_ceiling_with_target_forward"] = round(
                 report["torchspec"]["tokens_per_s"] / report["ceiling_with_target_forward"]["tokens_per_s"], 3)
             report["step_outliers"] = outliers(step_times[lo:hi], both)
-            # the colocated target's share of each step against the same batch's forward alone: uniformly
-            # slower (a card held under its clock) or in bursts (contention with the trainer's work)
-            report["step_outliers"]["target_forward_to_same_batch_alone"] = percentiles(
-                [a / b for a, b in zip(step_target_s[lo:hi], tf)])
+            # the colocated target's forwards over the window against the same steps' forwards alone (a step's
+            # forwards in the pipeline serve the pool, not exactly that step's batch, so only the sums compare),
+            # and how they spread over the steps: even (a card held under its clock) or in bursts (contention)
+            report["step_outliers"]["target_forward_vs_alone"] = round(sum(step_target_s[lo:hi]) / sum(tf), 3)
+            report["step_outliers"]["target_forward_per_step"] = percentiles(step_target_s[lo:hi])
+            report["step_outliers"]["target_forward_alone_per_step"] = percentiles(tf)
             for r in report.get("torchspec_repeats", []):
                 r["vs_ceiling_with_target_forward"] = round(
                     r["tokens_per_s"] / report["ceiling_with_target_forward"]["tokens_per_s"], 3)
