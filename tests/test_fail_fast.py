@@ -22,7 +22,7 @@ BOUND_S = 20.0   # from the kill to the error, everything cleaned up
 SIGKILL = r"was killed by SIGKILL \(exit code -9\)"
 # How Ray words a killed actor: a call in flight gets the death report ("died ... Worker exit type") when it comes
 # within Ray's wait for it (timeout_ms_task_wait_for_death_info, 1 s), else "unavailable" (a loaded machine)
-RAY_DEATH = r"(The actor died .*Worker exit type.*|The actor .*is unavailable.*)"
+RAY_DEATH = r"(The actor died .*Worker exit type.*|its connection broke mid-call, before Ray reported why \(Ray: .*)"
 
 
 def _resume(completed: int) -> str:
@@ -224,6 +224,10 @@ def test_how_a_worker_ended_is_one_line():
                                         "SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a "
                                         "connection error code 2. End of file.")
     assert ray_death_text("The actor was killed by ray.kill. Nothing else.") == "The actor was killed by ray.kill."
+    unavailable = ("The actor 4594138cdd8a6f65350aa77401000000 is unavailable: The actor is temporarily unavailable: "
+                   "RpcError: RPC error: recvmsg:Connection reset by peer rpc_code: 14")
+    assert ray_death_text(unavailable) == ("its connection broke mid-call, before Ray reported why (Ray: " + unavailable
+                                           + ").")
 
 
 def _store_lost():

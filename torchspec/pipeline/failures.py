@@ -19,6 +19,11 @@ def ray_death_text(error) -> str:
     text = text.split(" Some common causes")[0]
     first = text.split(". ")[0].rstrip(".") + "."
     exit_at = text.find("Worker exit type:")
+    if exit_at < 0 and " is unavailable" in first:
+        # a call in flight when the actor died gets Ray's death report only if it comes within about a second
+        # (timeout_ms_task_wait_for_death_info); later (a loaded machine, a lost node) Ray calls the actor
+        # "temporarily unavailable", which, for a worker this run then stops on, would mislead
+        return f"its connection broke mid-call, before Ray reported why (Ray: {first.rstrip('.')})."
     return first + (" " + text[exit_at:] if exit_at >= 0 else "")
 
 
