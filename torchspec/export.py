@@ -139,29 +139,67 @@ def export_draft(draft: LlamaForCausalLMEagle3, out_dir, target_config=None,
 
 
 def check_export_tensors(written: dict[str, tuple[int, ...]], cfg: DraftConfig, with_embeddings: bool,
-                         where: str = "export") -> None:
+                         where: str = "export", error: type[Exception] = RuntimeError) -> None:
+    """`error` (RuntimeError: our own export is wrong) when the names/shapes are not what servers load."""
     want = expected_tensors(cfg, with_embeddings)
     missing, unknown = sorted(set(want) - set(written)), sorted(set(written) - set(want))
     wrong = {k: (written[k], want[k]) for k in set(want) & set(written) if tuple(written[k]) != want[k]}
     if missing or unknown or wrong:
-        raise RuntimeError(f"{where}: tensor names/shapes differ from what SGLang/vLLM load: missing {missing}, "
-                           f"unknown {unknown}, wrong shapes {wrong}")
+        raise error(f"{where}: tensor names/shapes differ from what SGLang/vLLM load: missing {missing}, "
+                    f"unknown {unknown}, wrong shapes {wrong}")
+
+
+def check_exported(path) -> tuple[dict, DraftConfig]:
+    """(config.json dict, DraftConfig) of an export dir, checked without loading the weights: config.json
+    parses and describes a draft, model.safetensors' header reads and holds the tensors that config needs.
+    Anything unusable is a FileError (or ConfigError) of one line naming the file."""
+    from safetensors import safe_open
+
+    from torchspec.config.errors import FileError
+
+    path = Path(path)
+    cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfg_path.is_file():
+        raise FileError(f"{cfg_path}: not an exported draft dir (no {CONFIG_FILE})")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise FileError(f"{cfg_path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FileError(f"{cfg_path}: cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(hf, dict):
+        raise FileError(f"{cfg_path}: must hold a JSON object (a draft config), not {type(hf).__name__}")
+    cfg = DraftConfig.from_dict(hf, source=str(cfg_path))
+    if not weights.is_file():
+        raise FileError(f"{weights}: missing; an export dir holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a bad header / truncated file
+        raise _corrupt(weights, e) from None
+    check_export_tensors(shapes, cfg, "embed_tokens.weight" in shapes, where=str(weights), error=FileError)
+    return hf, cfg
+
+
+def _corrupt(path: Path, e: Exception) -> Exception:
+    from torchspec.config.errors import FileError
+
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return FileError(f"{path}: corrupt, cannot be read ({type(e).__name__}: {first}); export the draft again")
 
 
 def load_exported(path, dtype: Optional[torch.dtype] = None) -> tuple[LlamaForCausalLMEagle3, dict]:
     """(draft, config.json dict) from an export dir. Without embed_tokens.weight in the file the
-    draft's embeddings stay at init: load the target's with `draft.load_embeddings`."""
+    draft's embeddings stay at init: load the target's with `draft.load_embeddings`. A dir that cannot
+    be used raises FileError / ConfigError (one line naming the file; see `check_exported`)."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    cfg_path = path / CONFIG_FILE
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path}: not an exported draft dir (no config.json)")
-    hf = json.loads(cfg_path.read_text())
-    cfg = DraftConfig.from_dict(hf, source=str(cfg_path))
-    sd = load_file(str(path / WEIGHTS_FILE))
-    check_export_tensors({k: tuple(v.shape) for k, v in sd.items()}, cfg, "embed_tokens.weight" in sd,
-                         where=str(path / WEIGHTS_FILE))
+    hf, cfg = check_exported(path)
+    try:
+        sd = load_file(str(path / WEIGHTS_FILE))
+    except Exception as e:  # the header read, but the tensor bytes do not
+        raise _corrupt(path / WEIGHTS_FILE, e) from None
     draft = LlamaForCausalLMEagle3(cfg)
     if dtype is None:
         dtype = sd["lm_head.weight"].dtype

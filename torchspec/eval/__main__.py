@@ -75,7 +75,7 @@ def run(args, say=print) -> dict:
     from torchspec.data.errors import DataError
     from torchspec.data.formats import load_conversations, resolve_files
     from torchspec.data.templates import get_template
-    from torchspec.eval.acceptance import EvalError, load_target_and_draft, measure_acceptance
+    from torchspec.eval.acceptance import EvalError, draft_export_dir, load_target_and_draft, measure_acceptance
     from torchspec.eval.prompts import select_prompts
     from torchspec.inference.hf import TargetLoadError
 
@@ -87,6 +87,7 @@ def run(args, say=print) -> dict:
         raise EvalError(f"--num-prompts {args.num_prompts}: must be >= 1 (leave it out to use every prompt)")
     if args.max_seq_length < 1:
         raise EvalError(f"--max-seq-length {args.max_seq_length}: must be >= 1")
+    draft_export_dir(args.draft)  # cheap, so before the prompts and the target: a bad dir is reported first
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
                                                            else torch.float32)

@@ -10,6 +10,7 @@ first supervised (assistant) token: the chat template's scaffolding up to and in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -72,19 +73,17 @@ def load_target_and_draft(target_path, draft_dir, device: str | torch.device = "
                           dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """(HFTarget with the export's aux layers hooked, draft in eval mode) from a target and an export dir
     (or a run's output_dir / a checkpoint dir, whose export/ is used)."""
-    from pathlib import Path
-
+    from torchspec.config.errors import ConfigError
     from torchspec.export import aux_layer_ids_of, load_exported
     from torchspec.inference.hf import load_target
     from torchspec.inference.vlm import vision_inputs
 
-    if not (Path(draft_dir) / "config.json").is_file() and (Path(draft_dir) / "export" / "config.json").is_file():
-        draft_dir = Path(draft_dir) / "export"  # a run's output_dir or a checkpoint dir: its export
-    if not (Path(draft_dir) / "config.json").is_file():
-        raise EvalError(f"--draft {draft_dir}: not an exported draft dir (no config.json); "
-                        "export one with tools/convert_to_hf.py or use a run's output_dir/export")
+    given, draft_dir = draft_dir, draft_export_dir(draft_dir)  # checked before the target is loaded
     model = load_target(str(target_path), dtype, device, trust_remote_code=trust_remote_code)
-    draft, cfg = load_exported(draft_dir, dtype=dtype)
+    try:
+        draft, cfg = load_exported(draft_dir, dtype=dtype)
+    except ConfigError as e:
+        raise EvalError(f"--draft {given}: {e}") from None
     if "embed_tokens.weight" not in _tensor_names(draft_dir):  # shared with the target, as servers do
         draft.load_embeddings(model.get_input_embeddings().weight.detach().to(dtype).cpu())
     draft = draft.to(device).eval()
@@ -95,9 +94,33 @@ def load_target_and_draft(target_path, draft_dir, device: str | torch.device = "
     return HFTarget(model, aux_layer_ids_of(cfg), vision_inputs(model, target_path, trust_remote_code)), draft
 
 
-def _tensor_names(draft_dir) -> set[str]:
-    from pathlib import Path
+def draft_export_dir(draft_dir) -> Path:
+    """The export dir `draft_dir` names (itself, or the export/ of a run's output_dir or a checkpoint dir),
+    checked without loading its weights (config.json, the weights' header, the aux-layer ids): a cheap
+    check to make before anything long. EvalError of one line naming the file otherwise."""
+    from torchspec.config.errors import ConfigError
+    from torchspec.export import CONFIG_FILE, aux_layer_ids_of, check_exported
 
+    path = Path(draft_dir)
+    if not (path / CONFIG_FILE).is_file() and (path / "export" / CONFIG_FILE).is_file():
+        path = path / "export"  # a run's output_dir or a checkpoint dir: its export
+    if not (path / CONFIG_FILE).is_file():
+        raise EvalError(f"--draft {draft_dir}: not an exported draft dir (no config.json); "
+                        "export one with tools/convert_to_hf.py or use a run's output_dir/export")
+    try:
+        hf, _ = check_exported(path)
+    except ConfigError as e:
+        raise EvalError(f"--draft {draft_dir}: {e}") from None
+    try:
+        aux_layer_ids_of(hf)
+    except (KeyError, TypeError, AttributeError):
+        raise EvalError(f"--draft {draft_dir}: {path / CONFIG_FILE}: no aux-layer ids (neither "
+                        "torchspec.aux_hidden_state_layer_ids nor eagle_config.eagle_aux_hidden_state_layer_ids)"
+                        ) from None
+    return path
+
+
+def _tensor_names(draft_dir) -> set[str]:
     from safetensors import safe_open
 
     with safe_open(str(Path(draft_dir) / "model.safetensors"), framework="pt") as f:

@@ -1,0 +1,101 @@
+"""`python -m torchspec.eval` on bad inputs: one `error:` line naming the file (exit code 2), never a
+traceback, and the checks that are cheap (the draft dir, the --output path) made before anything long."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_eval_prompts import export_dir  # noqa: E402,F401  (the tiny untrained export fixture)
+
+from torchspec.eval.__main__ import main  # noqa: E402
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"conversations": [{"role": "user", "content": "def parse(self, text):"}]}) + "\n")
+    return path
+
+
+def _eval(target, draft, data, *extra):
+    return main(["--target", str(target), "--draft", str(draft), "--data", str(data), "--max-new-tokens", "2",
+                 "-k", "2", "--ignore-eos", "--no-greedy-check", "--device", "cpu", *extra])
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _broken_copy(export_dir, tmp_path, name, files):
+    """A copy of the export with `files` (name -> text or bytes; None = removed) replaced."""
+    d = tmp_path / name
+    shutil.copytree(export_dir, d)
+    for fname, content in files.items():
+        if content is None:
+            (d / fname).unlink()
+        elif isinstance(content, bytes):
+            (d / fname).write_bytes(content)
+        else:
+            (d / fname).write_text(content)
+    return d
+
+
+def test_bad_draft_dir_is_one_line_naming_the_file(tiny_target_dir, export_dir, data, tmp_path, capsys):
+    d = _broken_copy(export_dir, tmp_path, "badcfg", {"config.json": '{"hidden_size":\n'})
+    assert _eval(tiny_target_dir, d, data) == 2
+    assert _one_error(capsys) == (f"error: --draft {d}: {d / 'config.json'}: not valid JSON "
+                                  "(line 2 column 1: Expecting value)")
+
+    d = _broken_copy(export_dir, tmp_path, "badw", {"model.safetensors": b"\xff" * 64})
+    assert _eval(tiny_target_dir, d, data) == 2
+    line = _one_error(capsys)
+    assert line.startswith(f"error: --draft {d}: {d / 'model.safetensors'}: corrupt, cannot be read (SafetensorError")
+
+    whole = (export_dir / "model.safetensors").read_bytes()
+    d = _broken_copy(export_dir, tmp_path, "truncated", {"model.safetensors": whole[:len(whole) // 2]})
+    assert _eval(tiny_target_dir, d, data) == 2
+    assert _one_error(capsys).startswith(f"error: --draft {d}: {d / 'model.safetensors'}: corrupt, cannot be read")
+
+    d = _broken_copy(export_dir, tmp_path, "noweights", {"model.safetensors": None})
+    assert _eval(tiny_target_dir, d, data) == 2
+    line = _one_error(capsys)  # was reported as a --target problem
+    assert line.startswith(f"error: --draft {d}: {d / 'model.safetensors'}: missing") and "--target" not in line
+
+    cfg = json.loads((export_dir / "config.json").read_text())
+    del cfg["hidden_size"]
+    d = _broken_copy(export_dir, tmp_path, "nokey", {"config.json": json.dumps(cfg)})
+    assert _eval(tiny_target_dir, d, data) == 2
+    assert _one_error(capsys) == f"error: --draft {d}: {d / 'config.json'}: missing required key 'hidden_size'"
+
+    cfg = json.loads((export_dir / "config.json").read_text())
+    cfg["intermediate_size"] += 1  # the weights no longer fit the config
+    d = _broken_copy(export_dir, tmp_path, "shapes", {"config.json": json.dumps(cfg)})
+    assert _eval(tiny_target_dir, d, data) == 2
+    assert _one_error(capsys).startswith(f"error: --draft {d}: {d / 'model.safetensors'}: tensor names/shapes differ")
+
+
+def test_bad_draft_dir_is_reported_before_the_target_and_data_are_read(export_dir, tmp_path, capsys):
+    d = _broken_copy(export_dir, tmp_path, "badcfg", {"config.json": "[1, 2"})
+    # neither the target nor the data exists: the draft is checked first, before either is opened
+    assert _eval(tmp_path / "no_target", d, tmp_path / "no_data.jsonl") == 2
+    assert _one_error(capsys).startswith(f"error: --draft {d}: {d / 'config.json'}: not valid JSON")
+
+
+def test_load_exported_raises_file_error_naming_the_file(export_dir, tmp_path):
+    from torchspec.config.errors import FileError
+    from torchspec.export import load_exported
+
+    d = _broken_copy(export_dir, tmp_path, "badw", {"model.safetensors": b"not a safetensors file"})
+    with pytest.raises(FileError, match=f"^{d / 'model.safetensors'}: corrupt, cannot be read"):
+        load_exported(d)
+    d = _broken_copy(export_dir, tmp_path, "nocfg", {"config.json": None})
+    with pytest.raises(FileError, match=f"^{d / 'config.json'}: not an exported draft dir"):
+        load_exported(d)
