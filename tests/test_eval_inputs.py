@@ -29,8 +29,8 @@ def _eval(target, draft, data, *extra):
 def _one_error(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]  # (a model load's progress bar aside)
+    assert len(lines) == 1, err
     return lines[0]
 
 
@@ -99,3 +99,33 @@ def test_load_exported_raises_file_error_naming_the_file(export_dir, tmp_path):
     d = _broken_copy(export_dir, tmp_path, "nocfg", {"config.json": None})
     with pytest.raises(FileError, match=f"^{d / 'config.json'}: not an exported draft dir"):
         load_exported(d)
+
+
+def test_unusable_output_path_is_reported_before_the_evaluation(export_dir, data, tmp_path, capsys):
+    a_dir = tmp_path / "results"
+    a_dir.mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    # the target does not exist: an --output error proves the check ran before the target was opened
+    for output, expected in ((a_dir, f"error: --output {a_dir}: is a directory; give a file path"),
+                             (a_file / "out.json", f"error: --output {a_file / 'out.json'}: {a_file} is a file, "
+                                                   "not a directory")):
+        assert _eval(tmp_path / "no_target", export_dir, data, "--output", str(output)) == 2
+        assert _one_error(capsys).startswith(expected)
+    assert a_file.read_text() == "x" and list(a_dir.iterdir()) == []
+
+
+def test_output_folder_is_made_and_a_failed_write_is_one_line(tiny_target_dir, export_dir, data, tmp_path, capsys,
+                                                              monkeypatch):
+    out = tmp_path / "new" / "folder" / "eval.json"
+    assert _eval(tiny_target_dir, export_dir, data, "--output", str(out)) == 0
+    assert json.loads(out.read_text())["num_prompts"] == 1
+    assert "tau (mean acceptance length)" in capsys.readouterr().out
+
+    def full(self, *a, **k):  # the disk fills up while the evaluation ran
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert _eval(tiny_target_dir, export_dir, data, "--output", str(tmp_path / "late.json")) == 2
+    assert _one_error(capsys) == (f"error: --output {tmp_path / 'late.json'}: not written (No space left on device); "
+                                  "only the summary above was kept")

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from torchspec.config.schema import DatasetConfig, TrainingConfig
 
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="None = bfloat16 on cuda, float32 on cpu")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--output", default=None, help="also write the results as JSON here")
+    p.add_argument("--output", default=None,
+                   help="also write the results as JSON to this file (its folder is made if missing)")
     return p
 
 
@@ -68,6 +71,34 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return [ids] if isinstance(ids, int) else list(ids)
 
 
+def check_output(path) -> None:
+    """--output can be written when the evaluation ends: not a directory, and its folder exists or can be
+    made (the nearest part of it that exists is a directory this process may write in)."""
+    from torchspec.eval.acceptance import EvalError
+
+    out = Path(path)
+    if out.is_dir():
+        raise EvalError(f"--output {path}: is a directory; give a file path (e.g. {out / 'eval.json'})")
+    there = out.parent
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise EvalError(f"--output {path}: {there} is a file, not a directory")
+    if not os.access(there, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise EvalError(f"--output {path}: {out if out.exists() else there} is not writable")
+
+
+def write_output(path, result: dict) -> None:
+    from torchspec.eval.acceptance import EvalError
+
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    except OSError as e:
+        raise EvalError(f"--output {path}: not written ({e.strerror or e}); only the summary above was kept") from None
+
+
 def run(args, say=print) -> dict:
     """The evaluation `args` ask for, as a dict; `say` gets the prompt selection line before it starts."""
     import torch
@@ -87,6 +118,8 @@ def run(args, say=print) -> dict:
         raise EvalError(f"--num-prompts {args.num_prompts}: must be >= 1 (leave it out to use every prompt)")
     if args.max_seq_length < 1:
         raise EvalError(f"--max-seq-length {args.max_seq_length}: must be >= 1")
+    if args.output:
+        check_output(args.output)
     draft_export_dir(args.draft)  # cheap, so before the prompts and the target: a bad dir is reported first
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
@@ -160,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_result(result))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+        try:
+            write_output(args.output, result)
+        except EvalError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
