@@ -129,3 +129,20 @@ def test_output_folder_is_made_and_a_failed_write_is_one_line(tiny_target_dir, e
     assert _eval(tiny_target_dir, export_dir, data, "--output", str(tmp_path / "late.json")) == 2
     assert _one_error(capsys) == (f"error: --output {tmp_path / 'late.json'}: not written (No space left on device); "
                                   "only the summary above was kept")
+
+
+def test_bad_target_path_is_one_clear_line_before_the_data_is_read(export_dir, tmp_path, capsys):
+    no_data = tmp_path / "no_data.jsonl"  # never reached: the target is checked first
+    missing = tmp_path / "no_target"
+    assert _eval(missing, export_dir, no_data) == 2  # was huggingface_hub's "Repo id must be in the form ..."
+    assert _one_error(capsys) == (f"error: --target {missing}: no such directory (give a local model dir or a hub "
+                                  "id org/name)")
+    a_file = tmp_path / "weights.bin"
+    a_file.write_text("x")
+    assert _eval(a_file, export_dir, no_data) == 2
+    assert _one_error(capsys) == f"error: --target {a_file}: is a file; give the target's model dir"
+    no_config = tmp_path / "tokenizer_only"
+    no_config.mkdir()
+    (no_config / "tokenizer.json").write_text("{}")
+    assert _eval(no_config, export_dir, no_data) == 2
+    assert _one_error(capsys).startswith(f"error: --target {no_config}: {no_config / 'config.json'} is missing")

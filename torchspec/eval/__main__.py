@@ -88,6 +88,24 @@ def check_output(path) -> None:
         raise EvalError(f"--output {path}: {out if out.exists() else there} is not writable")
 
 
+def check_target(target) -> None:
+    """--target is a local model dir (with its config.json) or a hub id: the cheap part of loading it, made
+    before the prompts are read (a bad config.json is reported, naming the file, by the tokenizer's load)."""
+    from torchspec.eval.acceptance import EvalError
+    from torchspec.utils.hub import is_hub_id
+
+    path = Path(target).expanduser()
+    if not path.exists():
+        if is_hub_id(target):
+            return
+        raise EvalError(f"--target {target}: no such directory (give a local model dir or a hub id org/name)")
+    if not path.is_dir():
+        raise EvalError(f"--target {target}: is a file; give the target's model dir")
+    if not (path / "config.json").is_file():
+        raise EvalError(f"--target {target}: {path / 'config.json'} is missing (a model dir holds config.json, "
+                        "the tokenizer files and the weights)")
+
+
 def write_output(path, result: dict) -> None:
     from torchspec.eval.acceptance import EvalError
 
@@ -96,7 +114,8 @@ def write_output(path, result: dict) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
     except OSError as e:
-        raise EvalError(f"--output {path}: not written ({e.strerror or e}); only the summary above was kept") from None
+        raise EvalError(f"--output {path}: not written ({e.strerror or e}); only the summary above was kept"
+                        ) from None
 
 
 def run(args, say=print) -> dict:
@@ -121,6 +140,7 @@ def run(args, say=print) -> dict:
     if args.output:
         check_output(args.output)
     draft_export_dir(args.draft)  # cheap, so before the prompts and the target: a bad dir is reported first
+    check_target(args.target)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
                                                            else torch.float32)
