@@ -106,6 +106,30 @@ def test_corrupt_trainer_state_is_named(tmp_path, tiny_target_dir, capsys):
     assert "resume from another checkpoint (training.load_path=<a step_N dir>)" in line
 
 
+@pytest.mark.parametrize("what", ["missing", "not_a_checkpoint", "truncated"])
+def test_a_load_path_without_a_usable_checkpoint_is_one_line_and_fails_the_dry_run(tmp_path, tiny_target_dir,
+                                                                                   capsys, what):
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    load = tmp_path / "prev"
+    if what == "not_a_checkpoint":
+        load.mkdir()
+        (load / "notes.txt").write_text("hi")
+    elif what == "truncated":   # a checkpoint copied by hand and cut short
+        step = ck.CheckpointManager(load).save(3, {"global_step": 3}, {}, torch.nn.Linear(2, 2), {})
+        with open(step / "trainer_state.pt", "r+b") as f:
+            f.truncate(100)
+    expected = {"missing": f"training.load_path={load}: does not exist",
+                "not_a_checkpoint": f"training.load_path={load}: no complete checkpoint there (expected step_N/",
+                "truncated": f"training.load_path={load}: no complete checkpoint there (incomplete: step_00000003: "
+                             "trainer_state.pt has 100 bytes, meta.json says "}[what]
+    line = _one_error_line(capsys, main(_cli(cfg, f"training.load_path={load}")))
+    assert line.startswith(f"file error: {expected}")
+    assert not (tmp_path / "out" / "resolved_config.yaml").exists()
+    rc = main(_cli(cfg, f"training.load_path={load}", "--dry-run"))
+    out = capsys.readouterr().out
+    assert rc == 2 and f"dry run: 1 problem(s) a real start would reject:\n  - {expected}" in out
+
+
 def test_target_dir_without_config_json(tmp_path, tiny_target_dir, capsys):
     import shutil
 

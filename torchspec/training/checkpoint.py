@@ -228,11 +228,24 @@ class CheckpointManager:
 
 def is_complete(path: Path) -> bool:
     """True when meta.json exists, parses and every file it lists is present with its size."""
+    return incomplete_why(path) is None
+
+
+def incomplete_why(path: Path) -> str | None:
+    """What makes the checkpoint dir `path` incomplete (a missing or cut file, meta.json unreadable), or None."""
     try:
-        meta = json.loads((path / META_FILE).read_text())
-        return all((path / name).stat().st_size == size for name, size in meta["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        files = json.loads((path / META_FILE).read_text())["files"]
+        for name, size in files.items():
+            if not (path / name).is_file():
+                return f"{name} is missing"
+            have = (path / name).stat().st_size
+            if have != size:
+                return f"{name} has {have} bytes, {META_FILE} says {size}: truncated or replaced"
+        return None
+    except FileNotFoundError:
+        return f"no {META_FILE}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{META_FILE} is unreadable ({type(e).__name__})"
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -290,13 +303,21 @@ def _read_only_fs(path: Path) -> bool:
 
 
 def resolve_checkpoint(load_path: str | os.PathLike, key: str = "training.load_path") -> Path:
-    """A complete checkpoint dir from a step dir, a `checkpoints/` dir or a run's output_dir (latest)."""
+    """A complete checkpoint dir from a step dir, a `checkpoints/` dir or a run's output_dir (latest).
+    Raises FileError (one line: the key, the path and what is wrong) when there is none."""
+    from torchspec.config.errors import FileError
+
     path = Path(load_path).expanduser()
+    where = f"{key}={path}"
     if not path.exists():
-        raise FileNotFoundError(f"{key}: {path} does not exist")
+        raise FileError(f"{where}: does not exist")
+    if not path.is_dir():
+        raise FileError(f"{where}: is a file; give a checkpoint dir ({STEP_PREFIX}N/) or a run's output_dir")
     if (path / META_FILE).exists():
-        if not is_complete(path):
-            raise ValueError(f"{key}: {path} is an incomplete checkpoint (files missing or truncated)")
+        why = incomplete_why(path)
+        if why:
+            raise FileError(f"{where}: an incomplete checkpoint ({why}); resume from another {STEP_PREFIX}N dir or "
+                            "from the run's output_dir (its latest complete checkpoint)")
         return path
     for root in (path / CHECKPOINTS, path):
         found = complete_checkpoints(root)
@@ -306,8 +327,11 @@ def resolve_checkpoint(load_path: str | os.PathLike, key: str = "training.load_p
                     log.warning("%s: skipped, an incomplete checkpoint (files missing or truncated); resuming "
                                 "from %s", p, found[-1].name)
             return found[-1]
-    raise FileNotFoundError(f"{key}: no complete checkpoint in {path} (expected {STEP_PREFIX}N/ dirs "
-                            f"with {META_FILE}, or a run's output_dir containing {CHECKPOINTS}/)")
+    broken = [f"{p.name}: {incomplete_why(p)}" for root in (path / CHECKPOINTS, path) if root.is_dir()
+              for p in sorted(root.iterdir()) if p.name.startswith(STEP_PREFIX) and p.is_dir()]
+    raise FileError(f"{where}: no complete checkpoint there " + (
+        f"(incomplete: {'; '.join(broken)})" if broken else
+        f"(expected {STEP_PREFIX}N/ dirs with {META_FILE}, or a run's output_dir containing {CHECKPOINTS}/)"))
 
 
 def load_checkpoint(load_path: str | os.PathLike, weights_only: bool = False,
