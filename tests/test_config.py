@@ -304,6 +304,20 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys, caplog):
     assert "(while parsing a flow sequence started at line 3)" in err
 
 
+@pytest.mark.parametrize("what", ["binary", "directory"])
+def test_a_config_that_is_not_a_yaml_file_is_named_in_one_line(tmp_path, capsys, caplog, what):
+    f = tmp_path / "model.safetensors"
+    if what == "binary":   # e.g. a weights file given by mistake: its bytes are not UTF-8 text
+        f.write_bytes(b'{"header": 1}' + bytes([0x94, 0xff, 0x00]) * 8)
+    else:
+        f.mkdir()
+    rc, out, err = dry_run(["--config", str(f)], capsys, caplog)
+    assert rc == 2 and "Traceback" not in err and out == ""
+    assert err.strip() == {"binary": f"file error: --config {f}: not a YAML text file (byte 0x94 at offset 13 is "
+                                     "not UTF-8 text)",
+                           "directory": f"file error: --config {f}: is a directory; give a YAML file"}[what]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
