@@ -53,6 +53,21 @@ def test_output_dir_that_cannot_be_written(tmp_path, tiny_target_dir, capsys, mo
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_output_dir_on_a_file_system_that_refuses_new_dirs(tmp_path, tiny_target_dir, capsys):
+    """/proc: the permission bits say writable (to root), yet nothing can be created there: tried, not assumed."""
+    from torchspec.config.render import save_resolved_config
+
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    out = "/proc/torchspec_probe_out"
+    expected = f"output_dir={out}: /proc is not writable (cannot create a directory there: "
+    assert _one_error_line(capsys, main(_cli(cfg, f"output_dir={out}"))).startswith(f"file error: {expected}")
+    rc = main(_cli(cfg, f"output_dir={out}", "--dry-run"))
+    assert rc == 2 and f"  - {expected}" in capsys.readouterr().out
+    with pytest.raises(FileError, match=rf"^output_dir={out}: cannot write resolved_config.yaml \("):
+        save_resolved_config(cfg, out)   # a write that fails after the start's check: named, not a traceback
+
+
 class _FullDisk(io.RawIOBase):
     """A file on a disk that fills up after `room` bytes: write raises OSError(ENOSPC) as the kernel's would."""
 

@@ -262,9 +262,10 @@ def check_output_dir(output_dir: str | os.PathLike, load_path: str | os.PathLike
     is fine. Raises ConfigError before anything is written."""
     from torchspec.config.errors import ConfigError
     from torchspec.training.metrics import METRICS_FILE
+    from torchspec.utils.paths import check_writable_dir
 
     out = Path(output_dir).expanduser()
-    _check_writable(out)
+    check_writable_dir(out)
     if load_path is not None:
         inside = Path(load_path).expanduser().resolve()
         if inside == out.resolve() or out.resolve() in inside.parents:
@@ -279,27 +280,6 @@ def check_output_dir(output_dir: str | os.PathLike, load_path: str | os.PathLike
                if load_path is not None else f"resume it with training.load_path={out}")
         raise ConfigError(f"output_dir={out} already holds a training run ({', '.join(held)}); {how}, or choose "
                           "an empty output_dir (nothing there was changed)")
-
-
-def _check_writable(out: Path) -> None:
-    """output_dir, or the nearest part of it that exists, is a directory this process may write in."""
-    from torchspec.config.errors import FileError
-
-    there = out
-    while not there.exists() and there != there.parent:
-        there = there.parent
-    if not there.is_dir():
-        raise FileError(f"output_dir={out}: {there} is a file, not a directory; choose another output_dir")
-    if not os.access(there, os.W_OK | os.X_OK):
-        why = "read-only file system" if _read_only_fs(there) else "permission denied"
-        raise FileError(f"output_dir={out}: {there} is not writable ({why}); choose a writable output_dir")
-
-
-def _read_only_fs(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
 
 
 def resolve_checkpoint(load_path: str | os.PathLike, key: str = "training.load_path") -> Path:
