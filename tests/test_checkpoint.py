@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from torchspec.config.errors import FileError
 from torchspec.training.checkpoint import CheckpointManager, is_complete, load_checkpoint, resolve_checkpoint
 from test_trainer import batches, make_cfg, make_trainer
 
@@ -104,14 +105,30 @@ def test_a_step_dir_with_missing_or_truncated_files_is_ignored(tmp_path):
     with open(bad / "model.safetensors", "r+b") as f:  # e.g. copied by hand and cut short
         f.truncate(10)
     assert not is_complete(bad) and mgr.latest() == good
-    with pytest.raises(ValueError, match="training.load_path: .*incomplete"):
+    with pytest.raises(FileError, match=rf"^training.load_path={bad}: an incomplete checkpoint \(model.safetensors "
+                                        r"has 10 bytes, meta.json says \d+: truncated or replaced\); resume from "):
         resolve_checkpoint(bad)
     (bad / "meta.json").unlink()
     assert mgr.latest() == good
-    with pytest.raises(FileNotFoundError, match="training.load_path: .*does not exist"):
+    with pytest.raises(FileError, match=rf"^training.load_path={tmp_path}/nope: does not exist$"):
         resolve_checkpoint(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="training.load_path: no complete checkpoint"):
-        resolve_checkpoint(tmp_path / "checkpoints" / "step_00000002")
+    with pytest.raises(FileError, match=rf"^training.load_path={bad}: no complete checkpoint there \(expected "):
+        resolve_checkpoint(bad)
+    with pytest.raises(FileError, match=rf"^training.load_path={bad}/data_state.json: is a file; "):
+        resolve_checkpoint(bad / "data_state.json")
+
+
+def test_a_load_path_with_only_broken_checkpoints_says_what_is_wrong_in_each(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    cut = _tiny_save(mgr, 1)
+    with open(cut / "trainer_state.pt", "r+b") as f:
+        f.truncate(100)
+    gone = _tiny_save(mgr, 2)
+    (gone / "draft_config.json").unlink()
+    with pytest.raises(FileError, match=rf"^training.load_path={tmp_path}: no complete checkpoint there \(incomplete: "
+                                        r"step_00000001: trainer_state.pt has 100 bytes, meta.json says \d+: truncated "
+                                        r"or replaced; step_00000002: draft_config.json is missing\)$"):
+        resolve_checkpoint(tmp_path)
 
 
 def test_save_load_round_trips_trainer_bit_exactly(tmp_path):

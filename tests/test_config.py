@@ -304,12 +304,28 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys, caplog):
     assert "(while parsing a flow sequence started at line 3)" in err
 
 
+@pytest.mark.parametrize("what", ["binary", "directory"])
+def test_a_config_that_is_not_a_yaml_file_is_named_in_one_line(tmp_path, capsys, caplog, what):
+    f = tmp_path / "model.safetensors"
+    if what == "binary":   # e.g. a weights file given by mistake: its bytes are not UTF-8 text
+        f.write_bytes(b'{"header": 1}' + bytes([0x94, 0xff, 0x00]) * 8)
+    else:
+        f.mkdir()
+    rc, out, err = dry_run(["--config", str(f)], capsys, caplog)
+    assert rc == 2 and "Traceback" not in err and out == ""
+    assert err.strip() == {"binary": f"file error: --config {f}: not a YAML text file (byte 0x94 at offset 13 is "
+                                     "not UTF-8 text)",
+                           "directory": f"file error: --config {f}: is a directory; give a YAML file"}[what]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
         ("training.learning_rate=fast", "training.learning_rate: expected a number, got 'fast' (command line)"),
         ("training.micro_batch_size=0", "training.micro_batch_size=0: must be > 0 (command line)"),
         ("training.learning_rate=-1", "training.learning_rate=-1.0: must be > 0 (command line)"),
+        ("dataset.num_proc=-3", "dataset.num_proc=-3: must be > 0 (or null) (command line)"),
+        ("dataset.num_proc=0", "dataset.num_proc=0: must be > 0 (or null) (command line)"),
         ("training.gradient_checkpointing=3", "training.gradient_checkpointing: expected true or false, got 3"),
         ("inference.inference_engine_type=sglang",
          "inference.inference_engine_type='sglang': unknown value, expected one of hf, sgl, vllm; did you mean 'sgl'?"),
@@ -564,7 +580,9 @@ def test_plan_param_count_matches_the_draft_model(name):
     assert est["frozen_target_head"] == 2 * (2 * frozen_embed + model.config.hidden_size)
 
 
-def test_run_saves_redacted_config_then_calls_the_runner(tmp_path, monkeypatch):
+def test_run_calls_the_runner_with_the_merged_config(tmp_path, monkeypatch):
+    """train_entry writes nothing itself: the runner saves resolved_config.yaml once its start's checks passed
+    (tests/test_output_dir.py), redacted (test_save_resolved_config_redacts_and_reloads)."""
     import sys
     import types
 
@@ -578,9 +596,8 @@ def test_run_saves_redacted_config_then_calls_the_runner(tmp_path, monkeypatch):
     assert rc == 0
     (cfg,) = calls
     assert cfg.training.seed == 123 and cfg.training.micro_batch_size == 2  # both files applied
-    assert cfg.logging.wandb_key == "s3cr3t"  # the runner gets the real key ...
-    saved = (tmp_path / "run" / "resolved_config.yaml").read_text()
-    assert "s3cr3t" not in saved and "seed: 123" in saved  # ... the saved file does not
+    assert cfg.logging.wandb_key == "s3cr3t"  # the runner gets the real key
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("hint", [True, False])

@@ -246,6 +246,23 @@ def test_offline_job_refuses_other_settings_in_the_same_folder(tmp_path, tiny_ta
     assert "\n" not in err
 
 
+@pytest.mark.parametrize("where", ["a_file", "under_a_file"])
+def test_an_output_dir_that_is_a_file_is_the_training_runs_one_line(tmp_path, tiny_target_dir, capsys, where):
+    """The job checks output_dir as a training start does (torchspec.utils.paths.check_writable_dir), same line."""
+    from torchspec.regenerate import main
+    from torchspec.train_entry import main as train_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    out = afile if where == "a_file" else afile / "out"
+    args = [*_job_config(tmp_path, tiny_target_dir), f"output_dir={out}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"file error: output_dir={out}: {afile} is a file, not a directory; choose another output_dir"
+    assert train_main(args) == 2 and capsys.readouterr().err.strip() == err
+    assert afile.read_text() == "x\n"
+
+
 def test_on_truncated_drop_drops_the_conversation(tmp_path, tiny_target_dir, tiny_tokenizer, target):
     from torchspec.config.loader import load_config
     from torchspec.inference.generate import HFGenerator

@@ -53,6 +53,21 @@ def test_output_dir_that_cannot_be_written(tmp_path, tiny_target_dir, capsys, mo
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_output_dir_on_a_file_system_that_refuses_new_dirs(tmp_path, tiny_target_dir, capsys):
+    """/proc: the permission bits say writable (to root), yet nothing can be created there: tried, not assumed."""
+    from torchspec.config.render import save_resolved_config
+
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    out = "/proc/torchspec_probe_out"
+    expected = f"output_dir={out}: /proc is not writable (cannot create a directory there: "
+    assert _one_error_line(capsys, main(_cli(cfg, f"output_dir={out}"))).startswith(f"file error: {expected}")
+    rc = main(_cli(cfg, f"output_dir={out}", "--dry-run"))
+    assert rc == 2 and f"  - {expected}" in capsys.readouterr().out
+    with pytest.raises(FileError, match=rf"^output_dir={out}: cannot write resolved_config.yaml \("):
+        save_resolved_config(cfg, out)   # a write that fails after the start's check: named, not a traceback
+
+
 class _FullDisk(io.RawIOBase):
     """A file on a disk that fills up after `room` bytes: write raises OSError(ENOSPC) as the kernel's would."""
 
@@ -104,6 +119,30 @@ def test_corrupt_trainer_state_is_named(tmp_path, tiny_target_dir, capsys):
                                              f"training.load_path={tmp_path / 'out'}")))
     assert line.startswith(f"file error: {state}: corrupt, cannot be read (")
     assert "resume from another checkpoint (training.load_path=<a step_N dir>)" in line
+
+
+@pytest.mark.parametrize("what", ["missing", "not_a_checkpoint", "truncated"])
+def test_a_load_path_without_a_usable_checkpoint_is_one_line_and_fails_the_dry_run(tmp_path, tiny_target_dir,
+                                                                                   capsys, what):
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    load = tmp_path / "prev"
+    if what == "not_a_checkpoint":
+        load.mkdir()
+        (load / "notes.txt").write_text("hi")
+    elif what == "truncated":   # a checkpoint copied by hand and cut short
+        step = ck.CheckpointManager(load).save(3, {"global_step": 3}, {}, torch.nn.Linear(2, 2), {})
+        with open(step / "trainer_state.pt", "r+b") as f:
+            f.truncate(100)
+    expected = {"missing": f"training.load_path={load}: does not exist",
+                "not_a_checkpoint": f"training.load_path={load}: no complete checkpoint there (expected step_N/",
+                "truncated": f"training.load_path={load}: no complete checkpoint there (incomplete: step_00000003: "
+                             "trainer_state.pt has 100 bytes, meta.json says "}[what]
+    line = _one_error_line(capsys, main(_cli(cfg, f"training.load_path={load}")))
+    assert line.startswith(f"file error: {expected}")
+    assert not (tmp_path / "out" / "resolved_config.yaml").exists()
+    rc = main(_cli(cfg, f"training.load_path={load}", "--dry-run"))
+    out = capsys.readouterr().out
+    assert rc == 2 and f"dry run: 1 problem(s) a real start would reject:\n  - {expected}" in out
 
 
 def test_target_dir_without_config_json(tmp_path, tiny_target_dir, capsys):

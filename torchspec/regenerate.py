@@ -34,7 +34,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from torchspec.config.loader import load_config
         from torchspec.inference.regenerate_job import run_regeneration
 
+        from torchspec.utils.paths import check_writable_dir
+
         cfg = load_config(args.config, args.overrides)
+        check_writable_dir(cfg.output_dir)   # what a training run checks first, before anything is written
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         run_regeneration(cfg, device=device, progress=sys.stderr.isatty())
     except (ConfigError, DataError) as e:

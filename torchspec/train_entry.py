@@ -104,17 +104,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0 if checks.ok else 2
         from torchspec.training.checkpoint import check_output_dir
 
-        check_output_dir(cfg.output_dir, cfg.training.load_path)   # before resolved_config.yaml is written
+        check_output_dir(cfg.output_dir, cfg.training.load_path)   # before anything is written
     except ConfigError as e:
         print(f"{_kind(e)} error: {e}", file=sys.stderr)
         return 2
 
     if cfg.logging.log_level == "debug":
         logging.getLogger("torchspec").setLevel(logging.DEBUG)
-    from torchspec.config.render import save_resolved_config
-
-    saved = save_resolved_config(cfg, cfg.output_dir)
-    log.info("resolved config saved to %s", saved)
     try:
         from torchspec.pipeline.runner import run_training
     except ModuleNotFoundError as e:

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from torchspec.config.errors import ConfigError
+from torchspec.config.errors import ConfigError, FileError
 from torchspec.config.origins import origin_of, set_origins  # noqa: F401  (origin_of re-exported)
 from torchspec.config.schema import REQUIRED, Config
 
@@ -99,6 +99,8 @@ def _omegaconf():
 def _read_yaml_file(path: Path) -> dict:
     import yaml
 
+    if path.is_dir():
+        raise FileError(f"--config {path}: is a directory; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     oc = _omegaconf()
@@ -107,6 +109,11 @@ def _read_yaml_file(path: Path) -> dict:
             raw = oc.to_container(oc.load(path), resolve=False)
         else:
             raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError as e:   # a binary file (weights, an archive) given as the config
+        raise FileError(f"--config {path}: not a YAML text file (byte {e.object[e.start]:#04x} at offset {e.start} "
+                        "is not UTF-8 text)") from None
+    except OSError as e:
+        raise FileError(f"--config {path}: cannot be read ({e.strerror or e})") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

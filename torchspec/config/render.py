@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import typing
 from pathlib import Path
 from typing import Any
@@ -87,11 +88,28 @@ def config_to_yaml(cfg: Config) -> str:
 def save_resolved_config(cfg: Config, output_dir: typing.Union[str, os.PathLike]) -> Path:
     """Write the resolved, redacted config to <output_dir>/resolved_config.yaml; returns the path.
 
-    The file loads back with `--config` (its paths are absolute).
+    The file loads back with `--config` (its paths are absolute). A different one already there (the run
+    this one resumes) is kept as resolved_config.<n>.yaml (n = 1, 2, ...: the order they were replaced in).
     """
+    from torchspec.config.errors import FileError
+
     path = Path(output_dir) / RESOLVED_CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+    text = config_to_yaml(cfg)
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(config_to_yaml(cfg))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        if path.is_file() and path.read_text() != text:
+            n = 1
+            while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+                n += 1
+            shutil.copy2(path, kept)   # the previous one, before the new one replaces it
+        os.replace(tmp, path)
+    except OSError as e:   # the start checked output_dir; the disk filled or it changed since
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise FileError(f"output_dir={output_dir}: cannot write {path.name} ({e.strerror or e}); "
+                        f"{path.name} there is as it was") from None
     return path

@@ -131,6 +131,7 @@ _POSITIVE_IF_SET = (
     "inference.sglang.context_length",
     "mooncake.gpu_buffer_size",
     "mooncake.hidden_dim",
+    "dataset.num_proc",   # null = every core
 )
 _NON_NEGATIVE = ("training.min_lr", "training.weight_decay", "training.seed", "training.prefetch_depth",
                  "inference.sglang.additional_ports",

@@ -143,12 +143,14 @@ def _check_target(cfg, target_path: str, out: Preflight, kind: str | None = None
 
 def preflight(cfg) -> Preflight:
     from torchspec.data.formats import resolve_files
-    from torchspec.training.checkpoint import check_output_dir
+    from torchspec.training.checkpoint import check_output_dir, resolve_checkpoint
     from torchspec.transfer.factory import check_store
 
     out = Preflight()
     if cfg.output_dir:
         _check(out, check_output_dir, cfg.output_dir, cfg.training.load_path)
+    if cfg.training.load_path:   # there, a checkpoint dir (or a run's), complete as its meta.json lists it
+        _check(out, resolve_checkpoint, cfg.training.load_path)
     kind = _check(out, check_store, cfg)
     if kind == "mooncake" and cfg.mooncake.master_server_address:
         from torchspec.transfer.mooncake_master import check_reachable

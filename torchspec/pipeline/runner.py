@@ -171,6 +171,7 @@ class _Run:
         from torchspec.utils.hub import resolve_hub_ids
 
         self.cfg, self.engine_factory, self.on_step, self.progress = cfg, engine_factory, on_step, progress
+        self.given_cfg = cfg   # as the user wrote it (before dataset.regenerate points it at the replies)
         tr = cfg.training
         self.out_dir = Path(cfg.output_dir)
         check_output_dir(self.out_dir, tr.load_path)   # never mix two runs in one directory
@@ -238,7 +239,10 @@ class _Run:
 
     # -- start ----------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Trainer ranks (restored from training.load_path), engines, the evaluator, the controller."""
+        """Trainer ranks (restored from training.load_path), resolved_config.yaml, engines, the evaluator, the
+        controller."""
+        from torchspec.config.render import save_resolved_config
+
         cfg, tr, inf = self.cfg, self.cfg.training, self.cfg.inference
         self.ranks = start_trainer_ranks(cfg, self.spec, self.store, self.placement, self.out_dir)
         self.trainer = self.ranks.trainer
@@ -254,6 +258,8 @@ class _Run:
                     log.info("metrics.jsonl: %d line(s) after step %d dropped (they are trained again)", dropped,
                              ckpt.step)
         self.result.start_step = self.result.global_step = self.trainer.global_step
+        # only now, with every check of the start passed: a refused start (or resume) leaves the file as it was
+        log.info("resolved config saved to %s", save_resolved_config(self.given_cfg, self.out_dir))
         self.engines = self._engines()
         self.evaluator = _evaluator(cfg, self.aux_layers, self.tokenizer, self.engines, self.store, self.world,
                                     self.progress)
@@ -467,8 +473,10 @@ def run_training(cfg, *, engine_factory: Callable | None = None, on_step: Callab
     on_step(step, metrics) is called after every optimizer step (raising KeyboardInterrupt there acts
     as Ctrl-C)."""
     if cfg.debug.debug_inference_only:   # the engines alone: records to debug.save_debug_train_data
+        from torchspec.config.render import save_resolved_config
         from torchspec.pipeline.capture import run_capture
 
+        log.info("resolved config saved to %s", save_resolved_config(cfg, cfg.output_dir))
         t0 = time.monotonic()
         capture = run_capture(cfg, engine_factory=engine_factory, progress=progress)
         return RunResult(output_dir=Path(cfg.output_dir), elapsed_s=time.monotonic() - t0,

@@ -228,11 +228,24 @@ class CheckpointManager:
 
 def is_complete(path: Path) -> bool:
     """True when meta.json exists, parses and every file it lists is present with its size."""
+    return incomplete_why(path) is None
+
+
+def incomplete_why(path: Path) -> str | None:
+    """What makes the checkpoint dir `path` incomplete (a missing or cut file, meta.json unreadable), or None."""
     try:
-        meta = json.loads((path / META_FILE).read_text())
-        return all((path / name).stat().st_size == size for name, size in meta["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        files = json.loads((path / META_FILE).read_text())["files"]
+        for name, size in files.items():
+            if not (path / name).is_file():
+                return f"{name} is missing"
+            have = (path / name).stat().st_size
+            if have != size:
+                return f"{name} has {have} bytes, {META_FILE} says {size}: truncated or replaced"
+        return None
+    except FileNotFoundError:
+        return f"no {META_FILE}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{META_FILE} is unreadable ({type(e).__name__})"
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -249,9 +262,10 @@ def check_output_dir(output_dir: str | os.PathLike, load_path: str | os.PathLike
     is fine. Raises ConfigError before anything is written."""
     from torchspec.config.errors import ConfigError
     from torchspec.training.metrics import METRICS_FILE
+    from torchspec.utils.paths import check_writable_dir
 
     out = Path(output_dir).expanduser()
-    _check_writable(out)
+    check_writable_dir(out)
     if load_path is not None:
         inside = Path(load_path).expanduser().resolve()
         if inside == out.resolve() or out.resolve() in inside.parents:
@@ -268,35 +282,22 @@ def check_output_dir(output_dir: str | os.PathLike, load_path: str | os.PathLike
                           "an empty output_dir (nothing there was changed)")
 
 
-def _check_writable(out: Path) -> None:
-    """output_dir, or the nearest part of it that exists, is a directory this process may write in."""
+def resolve_checkpoint(load_path: str | os.PathLike, key: str = "training.load_path") -> Path:
+    """A complete checkpoint dir from a step dir, a `checkpoints/` dir or a run's output_dir (latest).
+    Raises FileError (one line: the key, the path and what is wrong) when there is none."""
     from torchspec.config.errors import FileError
 
-    there = out
-    while not there.exists() and there != there.parent:
-        there = there.parent
-    if not there.is_dir():
-        raise FileError(f"output_dir={out}: {there} is a file, not a directory; choose another output_dir")
-    if not os.access(there, os.W_OK | os.X_OK):
-        why = "read-only file system" if _read_only_fs(there) else "permission denied"
-        raise FileError(f"output_dir={out}: {there} is not writable ({why}); choose a writable output_dir")
-
-
-def _read_only_fs(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
-def resolve_checkpoint(load_path: str | os.PathLike, key: str = "training.load_path") -> Path:
-    """A complete checkpoint dir from a step dir, a `checkpoints/` dir or a run's output_dir (latest)."""
     path = Path(load_path).expanduser()
+    where = f"{key}={path}"
     if not path.exists():
-        raise FileNotFoundError(f"{key}: {path} does not exist")
+        raise FileError(f"{where}: does not exist")
+    if not path.is_dir():
+        raise FileError(f"{where}: is a file; give a checkpoint dir ({STEP_PREFIX}N/) or a run's output_dir")
     if (path / META_FILE).exists():
-        if not is_complete(path):
-            raise ValueError(f"{key}: {path} is an incomplete checkpoint (files missing or truncated)")
+        why = incomplete_why(path)
+        if why:
+            raise FileError(f"{where}: an incomplete checkpoint ({why}); resume from another {STEP_PREFIX}N dir or "
+                            "from the run's output_dir (its latest complete checkpoint)")
         return path
     for root in (path / CHECKPOINTS, path):
         found = complete_checkpoints(root)
@@ -306,8 +307,11 @@ def resolve_checkpoint(load_path: str | os.PathLike, key: str = "training.load_p
                     log.warning("%s: skipped, an incomplete checkpoint (files missing or truncated); resuming "
                                 "from %s", p, found[-1].name)
             return found[-1]
-    raise FileNotFoundError(f"{key}: no complete checkpoint in {path} (expected {STEP_PREFIX}N/ dirs "
-                            f"with {META_FILE}, or a run's output_dir containing {CHECKPOINTS}/)")
+    broken = [f"{p.name}: {incomplete_why(p)}" for root in (path / CHECKPOINTS, path) if root.is_dir()
+              for p in sorted(root.iterdir()) if p.name.startswith(STEP_PREFIX) and p.is_dir()]
+    raise FileError(f"{where}: no complete checkpoint there " + (
+        f"(incomplete: {'; '.join(broken)})" if broken else
+        f"(expected {STEP_PREFIX}N/ dirs with {META_FILE}, or a run's output_dir containing {CHECKPOINTS}/)"))
 
 
 def load_checkpoint(load_path: str | os.PathLike, weights_only: bool = False,
