@@ -156,3 +156,49 @@ def test_a_secret_of_the_wrong_type_is_not_echoed():
                          "logging.wandb_key=[supersecret123]"])
     assert "supersecret123" not in str(e.value) and str(e.value).startswith("logging.wandb_key: expected a string, "
                                                                                "got '***'")
+
+
+def _dry_run_problems(capsys, argv):
+    """(exit code, the problem lines) of `--dry-run`; never a traceback."""
+    rc = main([*argv, "--dry-run"])
+    out = capsys.readouterr().out
+    listed = out.split("a real start would reject:\n", 1)[1] if "a real start would reject:" in out else ""
+    return rc, [x[len("  - "):] for x in listed.splitlines() if x.startswith("  - ")]
+
+
+def _draft_json(tmp_path, target_dir, **bad):
+    target = json.loads((target_dir / "config.json").read_text())
+    h = target["hidden_size"]
+    draft = {"hidden_size": h, "intermediate_size": 2 * h, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": h // 4, "vocab_size": target["vocab_size"], "target_hidden_size": h,
+             "max_position_embeddings": 512, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, **bad}
+    path = tmp_path / "draft.json"
+    path.write_text(json.dumps(draft))
+    return path
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"hidden_size": "big"}, "'hidden_size' must be an integer, got 'big'"),
+])
+def test_a_bad_draft_config_value_is_one_line_in_the_dry_run_and_the_start(tmp_path, tiny_target_dir, capsys,
+                                                                              bad, message):
+    """The dry run (which also prints a memory estimate from the same JSON) and the start refuse a draft config
+    value of the wrong type or sign with the same line, naming the file and the key (DraftConfig's check)."""
+    path = _draft_json(tmp_path, tiny_target_dir, **bad)
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    rc, problems = _dry_run_problems(capsys, _cli(cfg, f"model.draft_model_config={path}"))
+    assert rc == 2 and problems == [f"{path}: {message}"]
+    line = _one_error_line(capsys, main(_cli(cfg, f"model.draft_model_config={path}")))
+    assert line == f"config error: {path}: {message}"
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_bad_draft_config_value_is_a_problem_before_the_target_is_downloaded(tmp_path, tiny_target_dir, capsys,
+                                                                               monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    path = _draft_json(tmp_path, tiny_target_dir, hidden_size="big")
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    rc, problems = _dry_run_problems(capsys, _cli(cfg, f"model.draft_model_config={path}",
+                                                  "model.target_model_path=acme/not-cached",
+                                                  f"model_download_dir={tmp_path / 'hub'}"))
+    assert rc == 2 and problems == [f"{path}: 'hidden_size' must be an integer, got 'big'"]

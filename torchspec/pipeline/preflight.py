@@ -155,6 +155,10 @@ def preflight(cfg) -> Preflight:
 
         _check(out, check_reachable, cfg.mooncake.master_server_address)
     target_path = _local_path(cfg, "model.target_model_path", cfg.model.target_model_path, "model", out)
+    if target_path is None and cfg.model.draft_model_config:   # the target is not read yet: the draft's values are
+        from torchspec.models.draft_config import DraftConfig
+
+        _check(out, DraftConfig.from_json, cfg.model.draft_model_config)
     if target_path is not None:
         _check_target(cfg, target_path, out, kind)
     elif kind == "mooncake" and cfg.mooncake.hidden_dim:   # the target is not read yet: mooncake.hidden_dim is H
