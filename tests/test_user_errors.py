@@ -179,6 +179,10 @@ def _draft_json(tmp_path, target_dir, **bad):
 
 @pytest.mark.parametrize("bad, message", [
     ({"hidden_size": "big"}, "'hidden_size' must be an integer, got 'big'"),
+    ({"num_attention_heads": -4}, "'num_attention_heads' must be a positive integer, got -4"),
+    ({"num_key_value_heads": 0}, "'num_key_value_heads' must be a positive integer, got 0"),
+    ({"intermediate_size": -1}, "'intermediate_size' must be a positive integer, got -1"),
+    ({"rms_norm_eps": -1e-6}, "'rms_norm_eps' must be a positive number, got -1e-06"),
 ])
 def test_a_bad_draft_config_value_is_one_line_in_the_dry_run_and_the_start(tmp_path, tiny_target_dir, capsys,
                                                                               bad, message):
