@@ -206,3 +206,20 @@ def test_a_bad_draft_config_value_is_a_problem_before_the_target_is_downloaded(t
                                                   "model.target_model_path=acme/not-cached",
                                                   f"model_download_dir={tmp_path / 'hub'}"))
     assert rc == 2 and problems == [f"{path}: 'hidden_size' must be an integer, got 'big'"]
+
+
+def test_a_target_config_json_without_hidden_size_is_one_line_in_the_dry_run_and_the_start(tmp_path, tiny_target_dir,
+                                                                                         capsys):
+    import shutil
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_target_dir, target)
+    raw = json.loads((target / "config.json").read_text())
+    del raw["hidden_size"]   # transformers would make it 4096: the embeddings' shape check fails only mid-start
+    (target / "config.json").write_text(json.dumps(raw))
+    cfg = tiny_run_config(tmp_path, target)
+    message = (f"model.target_model_path: {target / 'config.json'}: missing 'hidden_size'; a target's config.json "
+               "states the language model's shape")
+    rc, problems = _dry_run_problems(capsys, _cli(cfg))
+    assert rc == 2 and problems == [message]
+    assert _one_error_line(capsys, main(_cli(cfg))) == f"config error: {message}"
