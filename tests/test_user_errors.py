@@ -223,3 +223,34 @@ def test_a_target_config_json_without_hidden_size_is_one_line_in_the_dry_run_and
     rc, problems = _dry_run_problems(capsys, _cli(cfg))
     assert rc == 2 and problems == [message]
     assert _one_error_line(capsys, main(_cli(cfg))) == f"config error: {message}"
+
+
+def test_a_corrupt_target_safetensors_is_one_line_in_the_dry_run_and_the_start(tmp_path, tiny_target_dir, capsys):
+    import shutil
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_target_dir, target)
+    weights = target / "model.safetensors"
+    weights.write_bytes(b"\xff" * 64)   # its 8-byte header length is absurd
+    cfg = tiny_run_config(tmp_path, target)
+    message = (f"model.target_model_path: {weights}: not a readable safetensors file: Error while deserializing "
+               "header: header too large")
+    rc, problems = _dry_run_problems(capsys, _cli(cfg))
+    assert rc == 2 and problems == [message]
+    assert _one_error_line(capsys, main(_cli(cfg))) == f"file error: {message}"
+
+
+def test_a_corrupt_safetensors_index_is_named(tmp_path, tiny_target_dir):
+    import shutil
+
+    from torchspec.models.target_head import check_head_keys
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_target_dir, target)
+    index = target / "model.safetensors.index.json"
+    index.write_text('{"weight_map": ')   # cut mid-write
+    cfg = tiny_run_config(tmp_path, target)
+    with pytest.raises(FileError) as e:
+        check_head_keys(cfg)
+    assert str(e.value).startswith(f"model.target_model_path: {index}: not a readable safetensors index (a JSON "
+                                   "object with a 'weight_map' of tensor name -> file): JSONDecodeError: ")
