@@ -254,3 +254,21 @@ def test_a_corrupt_safetensors_index_is_named(tmp_path, tiny_target_dir):
         check_head_keys(cfg)
     assert str(e.value).startswith(f"model.target_model_path: {index}: not a readable safetensors index (a JSON "
                                    "object with a 'weight_map' of tensor name -> file): JSONDecodeError: ")
+
+
+@pytest.mark.parametrize("given, message", [
+    ("missing", "no such directory (and not a hub id of the form org/name)"),
+    ("a_file", "not a directory (a model dir holds config.json, the tokenizer files and the weights)"),
+])
+def test_a_target_path_that_is_no_directory_is_the_same_line_in_the_dry_run_and_the_start(
+        tmp_path, tiny_target_dir, capsys, monkeypatch, given, message):
+    """A local-looking path (absolute, ./, ../) that is not a directory: not a tokenizer error about a repo id."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a model\n")
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    line = f"model.target_model_path='{tmp_path / given}': {message}"
+    for path in (str(tmp_path / given), f"./{given}", f"../{tmp_path.name}/{given}"):
+        rc, problems = _dry_run_problems(capsys, _cli(cfg, f"model.target_model_path={path}"))
+        assert rc == 2 and problems == [line], path
+        assert _one_error_line(capsys, main(_cli(cfg, f"model.target_model_path={path}"))) == f"config error: {line}"
+    assert not (tmp_path / "out" / "checkpoints").exists()
