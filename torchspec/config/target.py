@@ -145,21 +145,20 @@ TARGET_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size")   # what Target
 
 
 def _check_target_keys(path: Path) -> None:
-    """A local target's config.json must state TARGET_KEYS itself (in its language model's part or at the top
-    level): transformers would fill a missing one with its config class's default (hidden_size 4096), a
-    shape the checkpoint does not have, found only when the weights are read. A file that does not parse is
-    left to AutoConfig's message."""
+    """A local text target's config.json must state TARGET_KEYS itself: transformers would fill a missing one
+    with its config class's default (hidden_size 4096), a shape the checkpoint does not have, found only when
+    the weights are read. A file that does not parse is left to AutoConfig's message."""
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError):
         return
     if not isinstance(raw, Mapping):
         return
-    text = text_config_of(raw)
+    if text_config_of(raw) is not raw:
+        return   # a multimodal config's text_config may leave sizes to its class's defaults (llava-1.5 does)
     for name in TARGET_KEYS:
-        if _get(text, name) is None and raw.get(name) is None:
-            where = " (nor in its text_config)" if text is not raw else ""
-            raise TargetLoadError(f"model.target_model_path: {path}: missing '{name}'{where}; a target's "
+        if raw.get(name) is None:
+            raise TargetLoadError(f"model.target_model_path: {path}: missing '{name}'; a target's "
                                   "config.json states the language model's shape")
 
 
