@@ -181,6 +181,28 @@ def test_from_pretrained_and_from_config(tiny_target_dir, tmp_path):
     assert info.draft_vocab_size == info.vocab_size == raw["vocab_size"]
 
 
+def test_a_key_missing_from_a_local_config_json_is_named_not_defaulted(tiny_target_dir, tmp_path):
+    """transformers fills a missing hidden_size with its class default (4096): the shape the weights lack. A text
+    target's own keys are checked; a multimodal config's text_config may leave sizes to its class (llava-1.5)."""
+    import shutil
+
+    from torchspec.config.target import _check_target_keys
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_target_dir, target)
+    raw = json.loads((target / "config.json").read_text())
+    del raw["hidden_size"]
+    (target / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(TargetLoadError) as e:
+        TargetInfo.from_pretrained(target)
+    assert str(e.value) == (f"model.target_model_path: {target / 'config.json'}: missing 'hidden_size'; a target's "
+                            "config.json states the language model's shape")
+    text = json.loads((tiny_target_dir / "config.json").read_text())
+    vlm = {"model_type": "llava", "text_config": {k: v for k, v in text.items() if k != "hidden_size"}}
+    (target / "config.json").write_text(json.dumps(vlm))
+    _check_target_keys(target / "config.json")   # nested: the class default is the model's own
+
+
 # ---------------------------------------------------------------- the draft-vocab precedence
 
 

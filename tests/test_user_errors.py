@@ -195,3 +195,119 @@ def test_a_secret_of_the_wrong_type_is_not_echoed():
                          "logging.wandb_key=[supersecret123]"])
     assert "supersecret123" not in str(e.value) and str(e.value).startswith("logging.wandb_key: expected a string, "
                                                                                "got '***'")
+
+
+def _dry_run_problems(capsys, argv):
+    """(exit code, the problem lines) of `--dry-run`; never a traceback."""
+    rc = main([*argv, "--dry-run"])
+    out = capsys.readouterr().out
+    listed = out.split("a real start would reject:\n", 1)[1] if "a real start would reject:" in out else ""
+    return rc, [x[len("  - "):] for x in listed.splitlines() if x.startswith("  - ")]
+
+
+def _draft_json(tmp_path, target_dir, **bad):
+    target = json.loads((target_dir / "config.json").read_text())
+    h = target["hidden_size"]
+    draft = {"hidden_size": h, "intermediate_size": 2 * h, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": h // 4, "vocab_size": target["vocab_size"], "target_hidden_size": h,
+             "max_position_embeddings": 512, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, **bad}
+    path = tmp_path / "draft.json"
+    path.write_text(json.dumps(draft))
+    return path
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"hidden_size": "big"}, "'hidden_size' must be an integer, got 'big'"),
+    ({"num_attention_heads": -4}, "'num_attention_heads' must be a positive integer, got -4"),
+    ({"num_key_value_heads": 0}, "'num_key_value_heads' must be a positive integer, got 0"),
+    ({"intermediate_size": -1}, "'intermediate_size' must be a positive integer, got -1"),
+    ({"rms_norm_eps": -1e-6}, "'rms_norm_eps' must be a positive number, got -1e-06"),
+])
+def test_a_bad_draft_config_value_is_one_line_in_the_dry_run_and_the_start(tmp_path, tiny_target_dir, capsys,
+                                                                              bad, message):
+    """The dry run (which also prints a memory estimate from the same JSON) and the start refuse a draft config
+    value of the wrong type or sign with the same line, naming the file and the key (DraftConfig's check)."""
+    path = _draft_json(tmp_path, tiny_target_dir, **bad)
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    rc, problems = _dry_run_problems(capsys, _cli(cfg, f"model.draft_model_config={path}"))
+    assert rc == 2 and problems == [f"{path}: {message}"]
+    line = _one_error_line(capsys, main(_cli(cfg, f"model.draft_model_config={path}")))
+    assert line == f"config error: {path}: {message}"
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_bad_draft_config_value_is_a_problem_before_the_target_is_downloaded(tmp_path, tiny_target_dir, capsys,
+                                                                               monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    path = _draft_json(tmp_path, tiny_target_dir, hidden_size="big")
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    rc, problems = _dry_run_problems(capsys, _cli(cfg, f"model.draft_model_config={path}",
+                                                  "model.target_model_path=acme/not-cached",
+                                                  f"model_download_dir={tmp_path / 'hub'}"))
+    assert rc == 2 and problems == [f"{path}: 'hidden_size' must be an integer, got 'big'"]
+
+
+def test_a_target_config_json_without_hidden_size_is_one_line_in_the_dry_run_and_the_start(tmp_path, tiny_target_dir,
+                                                                                         capsys):
+    import shutil
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_target_dir, target)
+    raw = json.loads((target / "config.json").read_text())
+    del raw["hidden_size"]   # transformers would make it 4096: the embeddings' shape check fails only mid-start
+    (target / "config.json").write_text(json.dumps(raw))
+    cfg = tiny_run_config(tmp_path, target)
+    message = (f"model.target_model_path: {target / 'config.json'}: missing 'hidden_size'; a target's config.json "
+               "states the language model's shape")
+    rc, problems = _dry_run_problems(capsys, _cli(cfg))
+    assert rc == 2 and problems == [message]
+    assert _one_error_line(capsys, main(_cli(cfg))) == f"config error: {message}"
+
+
+def test_a_corrupt_target_safetensors_is_one_line_in_the_dry_run_and_the_start(tmp_path, tiny_target_dir, capsys):
+    import shutil
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_target_dir, target)
+    weights = target / "model.safetensors"
+    weights.write_bytes(b"\xff" * 64)   # its 8-byte header length is absurd
+    cfg = tiny_run_config(tmp_path, target)
+    message = (f"model.target_model_path: {weights}: not a readable safetensors file: Error while deserializing "
+               "header: header too large")
+    rc, problems = _dry_run_problems(capsys, _cli(cfg))
+    assert rc == 2 and problems == [message]
+    assert _one_error_line(capsys, main(_cli(cfg))) == f"file error: {message}"
+
+
+def test_a_corrupt_safetensors_index_is_named(tmp_path, tiny_target_dir):
+    import shutil
+
+    from torchspec.models.target_head import check_head_keys
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_target_dir, target)
+    index = target / "model.safetensors.index.json"
+    index.write_text('{"weight_map": ')   # cut mid-write
+    cfg = tiny_run_config(tmp_path, target)
+    with pytest.raises(FileError) as e:
+        check_head_keys(cfg)
+    assert str(e.value).startswith(f"model.target_model_path: {index}: not a readable safetensors index (a JSON "
+                                   "object with a 'weight_map' of tensor name -> file): JSONDecodeError: ")
+
+
+@pytest.mark.parametrize("given, message", [
+    ("missing", "no such directory (and not a hub id of the form org/name)"),
+    ("a_file", "not a directory (a model dir holds config.json, the tokenizer files and the weights)"),
+])
+def test_a_target_path_that_is_no_directory_is_the_same_line_in_the_dry_run_and_the_start(
+        tmp_path, tiny_target_dir, capsys, monkeypatch, given, message):
+    """A local-looking path (absolute, ./, ../) that is not a directory: not a tokenizer error about a repo id."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a model\n")
+    cfg = tiny_run_config(tmp_path, tiny_target_dir)
+    line = f"model.target_model_path='{tmp_path / given}': {message}"
+    for path in (str(tmp_path / given), f"./{given}", f"../{tmp_path.name}/{given}"):
+        rc, problems = _dry_run_problems(capsys, _cli(cfg, f"model.target_model_path={path}"))
+        assert rc == 2 and problems == [line], path
+        assert _one_error_line(capsys, main(_cli(cfg, f"model.target_model_path={path}"))) == f"config error: {line}"
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -53,11 +53,18 @@ def _local_target_text(cfg: Config) -> Optional[dict]:
     return text_config_of(target) if target else None
 
 
+def _size(d: Optional[dict], key: str) -> Optional[int]:
+    """d[key] when it is a usable size (an integer > 0), else None: the plan computes with nothing else, and a
+    bad value in a draft config is the dry run's problem line (DraftConfig's check), not a crash here."""
+    value = d.get(key) if isinstance(d, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def target_hidden_size(cfg: Config, draft: Optional[dict]) -> tuple[Optional[int], str]:
     text = _local_target_text(cfg)
-    if text and text.get("hidden_size"):
+    if _size(text, "hidden_size"):
         return text["hidden_size"], "target config.json"
-    if draft and draft.get("hidden_size"):
+    if _size(draft, "hidden_size"):
         return draft["hidden_size"], "model.draft_model_config"
     if cfg.mooncake.hidden_dim:
         return cfg.mooncake.hidden_dim, "mooncake.hidden_dim"
@@ -144,7 +151,10 @@ def make_plan(cfg: Config) -> Plan:
     hidden, source = target_hidden_size(cfg, draft)
     per_token = (3 * hidden + hidden) * BF16_BYTES if hidden else None
     needed = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
-    memory = draft_memory_estimate(draft, cfg) if draft and all(draft.get(k) for k in needed) else None
+    optional = ("num_key_value_heads", "head_dim", "draft_vocab_size")
+    usable = draft and all(_size(draft, k) for k in needed) and all(
+        draft.get(k) in (None, 0) or _size(draft, k) for k in optional)
+    memory = draft_memory_estimate(draft, cfg) if usable else None
     return Plan(
         nodes=nodes,
         inference_nodes=inference_nodes,
@@ -317,6 +327,6 @@ def format_plan(cfg: Config, plan: Plan) -> str:
     else:
         lines.append(
             "  draft trainer memory: unknown (needs hidden_size, intermediate_size, num_attention_heads "
-            "and vocab_size from model.draft_model_config or a local target's config.json)"
+            "and vocab_size, positive integers, from model.draft_model_config or a local target's config.json)"
         )
     return "\n".join(lines)

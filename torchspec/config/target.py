@@ -141,6 +141,27 @@ def _draft_config_vocab(path) -> Optional[int]:
 
 # ---------------------------------------------------------------- TargetInfo
 
+TARGET_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size")   # what TargetInfo reads from the target's config
+
+
+def _check_target_keys(path: Path) -> None:
+    """A local text target's config.json must state TARGET_KEYS itself: transformers would fill a missing one
+    with its config class's default (hidden_size 4096), a shape the checkpoint does not have, found only when
+    the weights are read. A file that does not parse is left to AutoConfig's message."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(raw, Mapping):
+        return
+    if text_config_of(raw) is not raw:
+        return   # a multimodal config's text_config may leave sizes to its class's defaults (llava-1.5 does)
+    for name in TARGET_KEYS:
+        if raw.get(name) is None:
+            raise TargetLoadError(f"model.target_model_path: {path}: missing '{name}'; a target's "
+                                  "config.json states the language model's shape")
+
+
 
 @dataclass(frozen=True)
 class TargetInfo:
@@ -169,7 +190,7 @@ class TargetInfo:
         draft_config_vocab: the draft config's draft_vocab_size."""
         text = text_config_of(config)
         values = {}
-        for name in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        for name in TARGET_KEYS:
             value = _get(text, name)
             if value is None:
                 raise ConfigError(f"target config: missing '{name}' (of its language model's config)")
@@ -199,6 +220,8 @@ class TargetInfo:
         if local.is_dir() and not (local / "config.json").is_file():
             raise TargetLoadError(f"model.target_model_path={path}: no config.json in {local} (a model dir holds "
                                   "config.json, the tokenizer files and the weights)")
+        if local.is_dir():
+            _check_target_keys(local / "config.json")
         try:
             config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except Exception as e:  # user-caused: wrong path / id, or a model needing trust_remote_code

@@ -58,10 +58,13 @@ class DraftConfig:
         def need(key, kind=int):
             if d.get(key) is None:
                 raise ConfigError(f"{source}: missing required key '{key}'")
-            return _as(kind, key, d[key], source)
+            return _positive(_as(kind, key, d[key], source), key, source)
 
-        def opt(key, default, kind=int):
-            return _as(kind, key, d[key], source) if d.get(key) is not None else default
+        def opt(key, default, kind=int, positive=True):
+            if d.get(key) is None:
+                return default
+            value = _as(kind, key, d[key], source)
+            return _positive(value, key, source) if positive else value
 
         hidden = need("hidden_size")
         heads = need("num_attention_heads")
@@ -84,7 +87,7 @@ class DraftConfig:
             rope_scaling=scaling,
             max_position_embeddings=need("max_position_embeddings"),
             vocab_size=vocab,
-            draft_vocab_size=resolve_draft_vocab_size(None, opt("draft_vocab_size", None), vocab),
+            draft_vocab_size=resolve_draft_vocab_size(None, opt("draft_vocab_size", None, positive=False), vocab),
             target_hidden_size=opt("target_hidden_size", hidden),
         )
         cfg.check(source)
@@ -151,6 +154,14 @@ def _as(kind, key: str, value, source: str):
         raise ConfigError(f"{source}: '{key}' must be {what}, got {value!r}") from None
 
 
+def _positive(value, key: str, source: str):
+    """Every size, count and scale a draft config holds is > 0 (a 0 or negative one fails deep in torch)."""
+    if value <= 0:
+        what = "a positive integer" if isinstance(value, int) else "a positive number"
+        raise ConfigError(f"{source}: '{key}' must be {what}, got {value!r}")
+    return value
+
+
 def _read_rope(d: dict, source: str) -> tuple[float, Optional[dict]]:
     """rope_theta + rope_scaling from either the transformers-4 keys or transformers-5 `rope_parameters`."""
     params = d.get("rope_parameters")
@@ -171,7 +182,7 @@ def _read_rope(d: dict, source: str) -> tuple[float, Optional[dict]]:
             raise ConfigError(f"{source}: rope_scaling type '{rtype}' is not supported "
                               f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         scaling = None if rtype == "default" else {"rope_type": rtype, **scaling}
-    return _as(float, "rope_theta", theta, source), (scaling or None)
+    return _positive(_as(float, "rope_theta", theta, source), "rope_theta", source), (scaling or None)
 
 
 def rope_inv_freq(cfg: DraftConfig) -> tuple[torch.Tensor, float]:

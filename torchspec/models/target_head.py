@@ -8,13 +8,14 @@ in row chunks, so no [rows, full vocab] tensor exists for more than one chunk at
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from torchspec.config.errors import ConfigError
+from torchspec.config.errors import ConfigError, FileError
 from torchspec.config.target import text_config_of
 from torchspec.models.attention import maybe_compiled
 
@@ -22,28 +23,41 @@ from torchspec.models.attention import maybe_compiled
 CHUNK_ELEMENTS = 1 << 27
 
 
+@contextmanager
+def _open(f: Path):
+    """safe_open(f); a file it cannot read (truncated, corrupt, not safetensors) is one FileError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            yield h
+    except (SafetensorError, OSError) as e:
+        raise FileError(f"model.target_model_path: {f}: not a readable safetensors file: {e}") from None
+
+
 def _safetensors_files(target_path: Path) -> dict[str, Path]:
     """tensor name -> file, from the index if sharded, else from every *.safetensors file's header."""
     index = target_path / "model.safetensors.index.json"
     if index.exists():
-        wm = json.loads(index.read_text())["weight_map"]
-        return {k: target_path / v for k, v in wm.items()}
-    from safetensors import safe_open
-
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+            return {k: target_path / v for k, v in wm.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise FileError(f"model.target_model_path: {index}: not a readable safetensors index "
+                            f"(a JSON object with a 'weight_map' of tensor name -> file): {type(e).__name__}: {e}"
+                            ) from None
     files = sorted(target_path.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"model.target_model_path: no *.safetensors files in {target_path}")
     names = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
+        with _open(f) as h:
             names.update({k: f for k in h.keys()})
     return names
 
 
 def read_tensors(target_path, keys: list[str]) -> dict[str, torch.Tensor]:
     """Read only `keys` from a target checkpoint directory."""
-    from safetensors import safe_open
-
     target_path = Path(target_path)
     where = _safetensors_files(target_path)
     out = {}
@@ -54,7 +68,7 @@ def read_tensors(target_path, keys: list[str]) -> dict[str, torch.Tensor]:
             hint = f"; tensors with a similar name: {near}" if near else ""
             raise ConfigError(f"model.lm_head_key / model.embedding_key: tensor '{key}' not found in "
                               f"{target_path}{hint}")
-        with safe_open(str(where[key]), framework="pt") as h:
+        with _open(where[key]) as h:
             out[key] = h.get_tensor(key)
     return out
 

@@ -112,17 +112,15 @@ def _check_target(cfg, target_path: str, out: Preflight, kind: str | None = None
     """Target config, draft config, the head tensors the trainer reads, tokenizer and chat template, and
     that tokenizer and target agree on the vocabulary."""
     import copy
-    import os
 
     from torchspec.config.target import TargetInfo
     from torchspec.data.dataset import load_tokenizer
     from torchspec.data.templates import get_template
     from torchspec.models.target_head import check_head_keys
     from torchspec.pipeline.build import draft_config_for
+    from torchspec.utils.hub import check_model_dir
 
-    if not os.path.isdir(target_path):
-        out.problems.append(f"model.target_model_path={target_path!r}: no such directory (and not a hub id "
-                            "of the form org/name)")
+    if _check(out, check_model_dir, target_path) is None:   # the start's check (resolve_hub_ids)
         return
     local = copy.deepcopy(cfg)
     local.model.target_model_path = target_path
@@ -157,6 +155,10 @@ def preflight(cfg) -> Preflight:
 
         _check(out, check_reachable, cfg.mooncake.master_server_address)
     target_path = _local_path(cfg, "model.target_model_path", cfg.model.target_model_path, "model", out)
+    if target_path is None and cfg.model.draft_model_config:   # the target is not read yet: the draft's values are
+        from torchspec.models.draft_config import DraftConfig
+
+        _check(out, DraftConfig.from_json, cfg.model.draft_model_config)
     if target_path is not None:
         _check_target(cfg, target_path, out, kind)
     elif kind == "mooncake" and cfg.mooncake.hidden_dim:   # the target is not read yet: mooncake.hidden_dim is H

@@ -45,6 +45,20 @@ def is_hub_id(value: Optional[str]) -> bool:
     return bool(_HUB_ID.match(value)) and not value.endswith(_DATA_SUFFIXES) and ".." not in value
 
 
+def check_model_dir(value: Optional[str], key: str = "model.target_model_path") -> Optional[str]:
+    """`value`, when it is a hub id or a directory here; else one ConfigError naming the key (the start, before
+    any reader, and the dry run: else the first reader, the tokenizer, blames a bad repo id)."""
+    if not value or is_hub_id(value):
+        return value
+    path = os.path.expanduser(value)
+    if not os.path.exists(path):
+        raise ConfigError(f"{key}={value!r}: no such directory (and not a hub id of the form org/name)")
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}={value!r}: not a directory (a model dir holds config.json, the tokenizer "
+                          "files and the weights)")
+    return value
+
+
 def offline() -> bool:
     """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
     from huggingface_hub import constants
@@ -146,6 +160,7 @@ def resolve_hub_ids(cfg, full_weights: Optional[bool] = None) -> dict[str, str]:
     full = needs_full_weights(cfg) if full_weights is None else full_weights
     done: dict[str, str] = {}
     repo_id = cfg.model.target_model_path
+    check_model_dir(repo_id)
     if is_hub_id(repo_id):
         log.info("model.target_model_path=%s: fetching %s into %s", repo_id,
                  "the full checkpoint" if full else "configs, tokenizer and the embed/lm_head/norm shards",
