@@ -73,19 +73,20 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 def check_output(path) -> None:
     """--output can be written when the evaluation ends: not a directory, and its folder exists or can be
-    made (the nearest part of it that exists is a directory this process may write in)."""
+    made (utils/paths.check_writable_dir, as output_dir)."""
+    from torchspec.config.errors import FileError
     from torchspec.eval.acceptance import EvalError
+    from torchspec.utils.paths import check_writable_dir
 
     out = Path(path)
     if out.is_dir():
         raise EvalError(f"--output {path}: is a directory; give a file path (e.g. {out / 'eval.json'})")
-    there = out.parent
-    while not there.exists() and there != there.parent:
-        there = there.parent
-    if not there.is_dir():
-        raise EvalError(f"--output {path}: {there} is a file, not a directory")
-    if not os.access(there, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise EvalError(f"--output {path}: {out if out.exists() else there} is not writable")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise EvalError(f"--output {path}: {out} is not writable")
+    try:
+        check_writable_dir(out.parent, key="--output", label=f"--output {path}")
+    except FileError as e:
+        raise EvalError(str(e)) from None
 
 
 def check_target(target) -> None:
