@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,11 +146,15 @@ def test_a_load_path_without_a_usable_checkpoint_is_one_line_and_fails_the_dry_r
     assert rc == 2 and f"dry run: 1 problem(s) a real start would reject:\n  - {expected}" in out
 
 
-def test_target_dir_without_config_json(tmp_path, tiny_target_dir, capsys):
+def _copy_of(target_dir, tmp_path):
+    """A copy of the tiny target to spoil, at tmp_path/target."""
     import shutil
 
-    target = tmp_path / "target"
-    shutil.copytree(tiny_target_dir, target)
+    return Path(shutil.copytree(target_dir, tmp_path / "target"))
+
+
+def test_target_dir_without_config_json(tmp_path, tiny_target_dir, capsys):
+    target = _copy_of(tiny_target_dir, tmp_path)
     (target / "config.json").unlink()
     cfg = tiny_run_config(tmp_path, target)
     line = _one_error_line(capsys, main(_cli(cfg)))
@@ -205,6 +210,14 @@ def _dry_run_problems(capsys, argv):
     return rc, [x[len("  - "):] for x in listed.splitlines() if x.startswith("  - ")]
 
 
+def _refused_alike(capsys, argv, kind: str, message: str) -> None:
+    """`--dry-run` lists `message` as its one problem (exit 2) and the real start fails with the same line,
+    "<kind> error: <message>"."""
+    rc, problems = _dry_run_problems(capsys, argv)
+    assert rc == 2 and problems == [message]
+    assert _one_error_line(capsys, main(argv)) == f"{kind} error: {message}"
+
+
 def _draft_json(tmp_path, target_dir, **bad):
     target = json.loads((target_dir / "config.json").read_text())
     h = target["hidden_size"]
@@ -229,10 +242,7 @@ def test_a_bad_draft_config_value_is_one_line_in_the_dry_run_and_the_start(tmp_p
     value of the wrong type or sign with the same line, naming the file and the key (DraftConfig's check)."""
     path = _draft_json(tmp_path, tiny_target_dir, **bad)
     cfg = tiny_run_config(tmp_path, tiny_target_dir)
-    rc, problems = _dry_run_problems(capsys, _cli(cfg, f"model.draft_model_config={path}"))
-    assert rc == 2 and problems == [f"{path}: {message}"]
-    line = _one_error_line(capsys, main(_cli(cfg, f"model.draft_model_config={path}")))
-    assert line == f"config error: {path}: {message}"
+    _refused_alike(capsys, _cli(cfg, f"model.draft_model_config={path}"), "config", f"{path}: {message}")
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
@@ -249,43 +259,30 @@ def test_a_bad_draft_config_value_is_a_problem_before_the_target_is_downloaded(t
 
 def test_a_target_config_json_without_hidden_size_is_one_line_in_the_dry_run_and_the_start(tmp_path, tiny_target_dir,
                                                                                          capsys):
-    import shutil
-
-    target = tmp_path / "target"
-    shutil.copytree(tiny_target_dir, target)
+    target = _copy_of(tiny_target_dir, tmp_path)
     raw = json.loads((target / "config.json").read_text())
     del raw["hidden_size"]   # transformers would make it 4096: the embeddings' shape check fails only mid-start
     (target / "config.json").write_text(json.dumps(raw))
     cfg = tiny_run_config(tmp_path, target)
     message = (f"model.target_model_path: {target / 'config.json'}: missing 'hidden_size'; a target's config.json "
                "states the language model's shape")
-    rc, problems = _dry_run_problems(capsys, _cli(cfg))
-    assert rc == 2 and problems == [message]
-    assert _one_error_line(capsys, main(_cli(cfg))) == f"config error: {message}"
+    _refused_alike(capsys, _cli(cfg), "config", message)
 
 
 def test_a_corrupt_target_safetensors_is_one_line_in_the_dry_run_and_the_start(tmp_path, tiny_target_dir, capsys):
-    import shutil
-
-    target = tmp_path / "target"
-    shutil.copytree(tiny_target_dir, target)
+    target = _copy_of(tiny_target_dir, tmp_path)
     weights = target / "model.safetensors"
     weights.write_bytes(b"\xff" * 64)   # its 8-byte header length is absurd
     cfg = tiny_run_config(tmp_path, target)
     message = (f"model.target_model_path: {weights}: not a readable safetensors file: Error while deserializing "
                "header: header too large")
-    rc, problems = _dry_run_problems(capsys, _cli(cfg))
-    assert rc == 2 and problems == [message]
-    assert _one_error_line(capsys, main(_cli(cfg))) == f"file error: {message}"
+    _refused_alike(capsys, _cli(cfg), "file", message)
 
 
 def test_a_corrupt_safetensors_index_is_named(tmp_path, tiny_target_dir):
-    import shutil
-
     from torchspec.models.target_head import check_head_keys
 
-    target = tmp_path / "target"
-    shutil.copytree(tiny_target_dir, target)
+    target = _copy_of(tiny_target_dir, tmp_path)
     index = target / "model.safetensors.index.json"
     index.write_text('{"weight_map": ')   # cut mid-write
     cfg = tiny_run_config(tmp_path, target)
@@ -307,7 +304,5 @@ def test_a_target_path_that_is_no_directory_is_the_same_line_in_the_dry_run_and_
     cfg = tiny_run_config(tmp_path, tiny_target_dir)
     line = f"model.target_model_path='{tmp_path / given}': {message}"
     for path in (str(tmp_path / given), f"./{given}", f"../{tmp_path.name}/{given}"):
-        rc, problems = _dry_run_problems(capsys, _cli(cfg, f"model.target_model_path={path}"))
-        assert rc == 2 and problems == [line], path
-        assert _one_error_line(capsys, main(_cli(cfg, f"model.target_model_path={path}"))) == f"config error: {line}"
+        _refused_alike(capsys, _cli(cfg, f"model.target_model_path={path}"), "config", line)
     assert not (tmp_path / "out" / "checkpoints").exists()
