@@ -82,7 +82,9 @@ def measure_in_subprocess(backend: str, T: int, ttt_length: int = 7, docs: int =
            "--docs", str(docs), "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if out.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+        from torchspec.utils.procs import exit_text   # SIGKILL with no output: most likely the OOM killer
+
+        raise RuntimeError(f"{' '.join(cmd)} {exit_text(out.returncode)}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
