@@ -13,7 +13,8 @@ from torchspec.config import schema as S
 from torchspec.config.errors import ConfigError
 from torchspec.config.schema import Config
 from torchspec.config.target import AUX_LAYERS_KEY, aux_layers_problem
-from torchspec.config.topology import gpus_per_engine, gpus_per_engine_process  # noqa: F401  (re-exported)
+from torchspec.config.topology import (gpus_per_engine, gpus_per_engine_process,  # noqa: F401  (re-exported)
+                                       sglang_ports_needed)
 
 
 def validate_config(cfg: Config) -> None:
@@ -234,8 +235,6 @@ def _check_inference_topology(cfg: Config) -> None:
                   "then meets at an address of its own (127.0.0.1:<its nccl_port> on one node, a free port on its "
                   "node 0 when it spans nodes)")
         if sg.port is not None:
-            from torchspec.config.topology import sglang_ports_needed
-
             need = sglang_ports_needed(cfg)
             if not 1 <= sg.port <= 65536 - need:
                 _fail(cfg, "inference.sglang.port", f"must be a TCP port, 1 to {65536 - need} (an engine takes "
