@@ -22,6 +22,10 @@ Prints tokens/s, supervised tokens/s, steps/s, step-time p50/p90/max and the pha
 the ratios torchspec / SpecForge and torchspec / ceiling over the same steps (after --warmup steps). Each run
 also reports what the GPU did meanwhile (benchmarks/gpu_state.py: SM clock, power, temperature, the driver's
 clock-lowering reasons, host load), so a run slowed by the machine is told apart from one slowed by the code.
+Its `steady` block covers only the compared steps: how busy the training thread kept its core, the GPU there,
+and the host (benchmarks/host_state.py: CPU time by kind over the machine, the busiest other processes, page
+faults, forced context switches). Pending disk writes are flushed before each run: the 16 GB 8B target is
+written just before the first, and the kernel must not be writing it out while a run is timed.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -43,6 +48,7 @@ import torch  # noqa: E402
 
 from e2e_setup import TARGETS, build_conversations, build_target  # noqa: E402
 from gpu_state import GpuSampler  # noqa: E402
+import host_state  # noqa: E402
 
 
 def percentiles(xs: list[float]) -> dict:
@@ -98,9 +104,14 @@ class StepProfiler:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self.prof = profile(activities=acts, record_shapes=False)
             self.prof.__enter__()
+            self.t0 = time.perf_counter()
         elif step == self.last and self.prof is not None:
             self.prof.__exit__(None, None, None)
+            wall = time.perf_counter() - self.t0
             avg = self.prof.key_averages()
+            busy = sum(e.self_device_time_total for e in avg) / 1e6   # kernels and copies (streams may overlap)
+            print(f"[bench] profile of steps {self.first + 1}..{self.last}: wall {wall:.3f} s, device busy "
+                  f"{busy:.3f} s ({100 * busy / wall:.0f}%)", flush=True)
             print(f"[bench] profile of steps {self.first + 1}..{self.last}, by host time:", flush=True)
             print(avg.table(sort_by="cpu_time_total", row_limit=25), flush=True)
             if torch.cuda.is_available():
@@ -111,12 +122,42 @@ class StepProfiler:
             self.prof = None
 
 
+class SteadyProbe:
+    """An `on_step` hook marking the steady window (steps after `first` up to `last`): how busy the training
+    thread and the whole process kept the host CPU there, and what the GPU did (a window of the run's
+    GpuSampler, without the start-up around it). A training thread near 100% of the wall time means the
+    step is bound by host work (launches, Python), not by the GPU."""
+
+    def __init__(self, first: int, last: int, gpu: GpuSampler, then=None):
+        self.first, self.last, self.gpu, self.then = first, last, gpu, then
+        self.marks: list[tuple[float, float, float, int, dict]] = []
+
+    def __call__(self, step: int, record: dict) -> None:
+        if step in (self.first, self.last):
+            cpu = os.times()
+            self.marks.append((time.perf_counter(), time.thread_time(), cpu.user + cpu.system, self.gpu.mark(),
+                               host_state.snapshot()))
+        if self.then is not None:
+            self.then(step, record)
+
+    def summary(self) -> dict:
+        if len(self.marks) != 2:
+            return {"why": f"the run did not reach steps {self.first} and {self.last}"}
+        (w0, t0, p0, g0, h0), (w1, t1, p1, g1, h1) = self.marks
+        wall = w1 - w0
+        return {"steps": [self.first + 1, self.last], "wall_s": round(wall, 2),
+                "training_thread_cpu_share": round((t1 - t0) / wall, 3),
+                "process_cpu_cores": round((p1 - p0) / wall, 2), "gpu": self.gpu.window(g0, g1),
+                "host": host_state.window(h0, h1)}
+
+
 def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float], list[float]]:
     """(summary, sample ids of each optimizer step, per-step wall times, per-step target_forward phase times)
     of the real pipeline."""
     from torchspec.pipeline.runner import run_training
 
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    flushed = host_state.flush_pending_writes()   # the last run's or the set-up's files: not written during this one
     hook = None
     if args.profile:
         first, n = (int(x) for x in args.profile.split(":"))
@@ -124,7 +165,8 @@ def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float], list[fl
     before = allocator_counts()
     t0 = time.time()
     with GpuSampler() as gpu:
-        r = run_training(cfg, progress=False, on_step=hook)
+        probe = SteadyProbe(args.warmup, min(args.steps, args.warmup + args.compare_steps), gpu, then=hook)
+        r = run_training(cfg, progress=False, on_step=probe)
     wall = time.time() - t0
     after = allocator_counts()
     lines = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -147,7 +189,8 @@ def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float], list[fl
                # colocated, target, draft and batches share one caching allocator: retries (a cudaFree of
                # all cached blocks, then cudaMalloc again) would show a fragmented pool
                "cuda_allocator": {k: after[k] - before.get(k, 0) for k in after},
-               "gpu": gpu.summary()}   # clocks, power, heat: a slow run on a held-down card is the machine
+               "gpu": gpu.summary(),   # clocks, power, heat: a slow run on a held-down card is the machine
+               "steady": probe.summary(), "flushed_before": flushed}
     return summary, ids, times, target_forward
 
 
@@ -272,6 +315,7 @@ def main(argv=None) -> int:
     print("[bench] data:", build_conversations(data, args.conversations, AutoTokenizer.from_pretrained(str(target))),
           flush=True)
     cfg = config_for(args, target, data, out)
+    print("[bench] set-up writes flushed:", host_state.flush_pending_writes(), flush=True)
     report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "target": args.target,
               "layout": args.layout, "micro_batch_size": args.mbs, "ttt_length": args.ttt,
               "max_seq_length": args.max_len, "packed": not args.no_pack, "attention": args.attention}

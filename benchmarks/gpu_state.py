@@ -83,6 +83,7 @@ class GpuSampler:
         self.proc = self.file = None
         self.with_reasons = False
         self.result: dict = {"samples": 0, "why": "not run"}
+        self.text = ""   # every row sampled, kept after the block for `window`
 
     def _query(self, fields: tuple[str, ...]) -> list[str]:
         return ["nvidia-smi", "-i", str(self.index), f"--query-gpu={','.join(fields)}",
@@ -110,10 +111,22 @@ class GpuSampler:
         self.proc.terminate()
         self.proc.wait()
         self.file.seek(0)
-        self.result = summarize(self.file.read().splitlines(), self.with_reasons,
-                                (self.load0, os.getloadavg()[0]))
+        self.text = self.file.read()
+        self.result = summarize(self.text.splitlines(), self.with_reasons, (self.load0, os.getloadavg()[0]))
         self.file.close()
         self.proc = self.file = None
 
     def summary(self) -> dict:
         return self.result
+
+    def mark(self) -> int:
+        """Where the sampling is now (call inside the block); two marks bound a `window`."""
+        return os.fstat(self.file.fileno()).st_size if self.file is not None else 0
+
+    def window(self, start: int, end: int) -> dict:
+        """The summary of the rows sampled between two marks (after the block): one phase of a run, without
+        the start-up around it."""
+        lines = self.text[start:end].split("\n")
+        if start > 0 and self.text[start - 1:start] != "\n":
+            lines = lines[1:]   # a row cut by the first mark
+        return summarize(lines[:-1], self.with_reasons)   # the last piece is a cut row, or empty

@@ -72,3 +72,33 @@ def test_sampler_without_nvidia_smi(tmp_path, monkeypatch):
     with gpu_state.GpuSampler() as gpu:
         pass
     assert gpu.summary() == {"samples": 0, "why": "nvidia-smi not found"}
+
+
+def test_window_between_marks_keeps_only_whole_rows_sampled_there(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(FAKE)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{Path(sys.executable).parent}:/usr/bin:/bin")
+
+    def wait_rows(gpu, n):
+        size = gpu.mark()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and gpu.mark() < size + n * 40:
+            time.sleep(0.01)
+
+    with gpu_state.GpuSampler(interval_ms=20) as gpu:
+        wait_rows(gpu, 3)
+        start = gpu.mark()
+        wait_rows(gpu, 4)
+        end = gpu.mark()
+        wait_rows(gpu, 3)
+    inside = gpu.window(start, end)
+    assert 3 <= inside["samples"] < gpu.summary()["samples"]
+    assert inside["samples"] == gpu.text[start:end].count("\n") - (gpu.text[start - 1] != "\n")
+    assert gpu.window(0, len(gpu.text))["samples"] == gpu.summary()["samples"]
+    # marks that cut rows: the pieces are left out, not read as rows
+    gpu.text = "1980, 1980, 350, 55, 97, 0x0\n1410, 1980, 700, 70, 100, 0x4\n1500, 1980, 500, 60, 99, 0x4\n"
+    cut = gpu.text.index("1410") + 2
+    assert gpu.window(cut, len(gpu.text) - 3) == {"samples": 0}
+    whole = gpu.window(gpu.text.index("1410"), len(gpu.text))
+    assert whole["samples"] == 2 and whole["sm_clock_mhz"]["max"] == 1500.0
