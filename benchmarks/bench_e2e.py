@@ -298,6 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--peer-attention", default="sdpa", help="SpecForge's attention backend")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the pipeline this many times in this call (each reported; ratios for each)")
+    p.add_argument("--also-sync-phases", action="store_true",
+                   help="run the pipeline once more with a synchronize at every phase end (the older step clock)")
     p.add_argument("--no-pack", action="store_true")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-ceiling", action="store_true")
@@ -326,6 +328,17 @@ def main(argv=None) -> int:
         if ids != step_ids:
             raise SystemExit("--repeats: a repeated run trained other batches than the first")
         again.append((summary, times))
+    synced = None
+    if args.also_sync_phases:
+        from torchspec.training import phases
+
+        phases.SYNC_EACH_PHASE = True
+        try:
+            synced = run_pipeline(cfg, args)
+        finally:
+            phases.SYNC_EACH_PHASE = False
+        if synced[1] != step_ids:
+            raise SystemExit("--also-sync-phases: that run trained other batches than the first")
     report["torchspec"] = ours
     samples = sample_table(cfg)
     lo, hi = args.warmup, min(len(step_ids), args.warmup + args.compare_steps)
@@ -347,6 +360,9 @@ def main(argv=None) -> int:
         report["torchspec_repeats"] = [{**summary, **rates(sum(times[lo:hi]))} for summary, times in again]
         for r in report["torchspec_repeats"]:
             print("[bench] torchspec (repeat):", json.dumps(r), flush=True)
+    if synced is not None:
+        report["torchspec_sync_each_phase"] = {**synced[0], **rates(sum(synced[2][lo:hi]))}
+        print("[bench] torchspec (sync each phase):", json.dumps(report["torchspec_sync_each_phase"]), flush=True)
     if not args.no_ceiling:
         with GpuSampler() as gpu:
             t, tf = (x[len(warm):] for x in run_ceiling(cfg, warm + window, samples, device))
@@ -364,7 +380,9 @@ def main(argv=None) -> int:
             report["step_outliers"]["target_forward_vs_alone"] = round(sum(step_target_s[lo:hi]) / sum(tf), 3)
             report["step_outliers"]["target_forward_per_step"] = percentiles(step_target_s[lo:hi])
             report["step_outliers"]["target_forward_alone_per_step"] = percentiles(tf)
-            for r in report.get("torchspec_repeats", []):
+            for r in report.get("torchspec_repeats", []) + [report.get("torchspec_sync_each_phase") or {}]:
+                if not r:
+                    continue
                 r["vs_ceiling_with_target_forward"] = round(
                     r["tokens_per_s"] / report["ceiling_with_target_forward"]["tokens_per_s"], 3)
         print("[bench] ceiling:", json.dumps({**report["ceiling"], "step_outliers": report.get("step_outliers")}),
@@ -381,7 +399,9 @@ def main(argv=None) -> int:
                                    "gpu": gpu.summary()}
             report["torchspec_vs_specforge"] = round(
                 report["torchspec"]["tokens_per_s"] / report["specforge"]["tokens_per_s"], 3)
-            for r in report.get("torchspec_repeats", []):
+            for r in report.get("torchspec_repeats", []) + [report.get("torchspec_sync_each_phase") or {}]:
+                if not r:
+                    continue
                 r["vs_specforge"] = round(r["tokens_per_s"] / report["specforge"]["tokens_per_s"], 3)
         print("[bench] specforge:", json.dumps(report["specforge"]), flush=True)
     print(json.dumps(report, indent=1), flush=True)

@@ -15,6 +15,7 @@ hidden states in the Store themselves and send back only keys and lengths.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue as queue_mod
@@ -104,6 +105,7 @@ class InlineEngines:
         self.engine = engine
         self.pending: deque[list] = deque()
         self.busy_s = 0.0   # seconds spent generating, over all workers
+        self.phase = contextlib.nullcontext   # the runner times each forward as a step phase (colocated)
 
     def metrics(self) -> dict[int, dict[str, float]]:
         """{engine: its metrics now} (engine_metrics.py)."""
@@ -116,7 +118,8 @@ class InlineEngines:
         if not self.pending or timeout <= 0:   # nothing finishes here unless we run it
             return []
         t0 = time.monotonic()
-        stored = self.engine.generate(self.pending.popleft())
+        with self.phase():
+            stored = self.engine.generate(self.pending.popleft())
         self.busy_s += time.monotonic() - t0
         return [(0, stored)]
 

@@ -261,6 +261,8 @@ class _Run:
         # only now, with every check of the start passed: a refused start (or resume) leaves the file as it was
         log.info("resolved config saved to %s", save_resolved_config(self.given_cfg, self.out_dir))
         self.engines = self._engines()
+        if self.placement.colocate and hasattr(self.engines, "phase"):   # the forward is a phase of the step
+            self.engines.phase = lambda: self.trainer.clock.phase("target_forward")
         self.evaluator = _evaluator(cfg, self.aux_layers, self.tokenizer, self.engines, self.store, self.world,
                                     self.progress)
         if self.evaluator is not None and self.trainer.global_step == 0:
@@ -327,10 +329,8 @@ class _Run:
                 self.ranks.prefetch(more)
                 self.ahead.append(more)
         waited = time.perf_counter() - t0
-        if self.placement.colocate:   # the inline engine ran the target inside that wait
-            target_s = getattr(self.engines, "busy_s", 0.0) - busy0
-            clock.add("target_forward", target_s)
-            waited -= target_s
+        if self.placement.colocate:   # the inline engine ran the target inside that wait (its own phase)
+            waited -= getattr(self.engines, "busy_s", 0.0) - busy0
         clock.add("data_wait", waited)
         return batches
 
