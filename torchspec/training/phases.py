@@ -12,14 +12,15 @@ Phases (the `time/<phase>_s` keys of metrics.jsonl, docs/interfaces.md):
   log             metrics.jsonl / progress bar / W&B
   checkpoint, eval  reported on the steps that do them
 
-On CUDA the clock does not synchronize at phase ends: a synchronize at every phase end would leave the GPU idle while the
-host launches the next phase, a cost paid every step when the step is close to host-bound. Instead each phase
-records a CUDA event where it ends (on the current stream), and `take`, after the step's own host sync,
-places every phase on one timeline: a phase ends when both the host has left it and the GPU has done its
-work, and it is charged the time from the end of the phase before it (or from its own start, if later)
-to its end. When the GPU is behind, a phase's time is therefore its GPU time; when the host is behind, its
-host time. The phases never overlap, so they sum to at most the step's wall time, and to all of it but
-a few milliseconds of bookkeeping. Off CUDA there are no events and phases are host time.
+On CUDA the clock does not synchronize at phase ends: a synchronize at every phase end would leave the
+GPU idle while the host launches the next phase, a cost paid every step when the step is close to
+host-bound. Instead each phase records a CUDA event where it ends (on the current stream), and `take`,
+after the step's own host sync, places every phase on one timeline: a phase ends when both the host has
+left it and the GPU has done its work, and it is charged the time from the end of the phase before it (or
+from its own start, if later) to its end. When the GPU is behind, a phase's time is therefore its GPU
+time; when the host is behind, its host time. The phases never overlap, so they sum to at most the step's
+wall time, and to all of it but a few milliseconds of bookkeeping. Off CUDA there are no events and
+phases are host time.
 """
 
 from __future__ import annotations
