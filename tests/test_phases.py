@@ -147,3 +147,21 @@ def test_cuda_phases_are_the_gpus_time_and_the_clock_never_synchronizes(monkeypa
     assert 0.8 * alone <= rec["time/forward_s"] <= 1.5 * alone + 0.005, (rec, alone)
     assert rec["time/metrics_s"] < 0.3 * alone, (rec, alone)
     assert sum(v for k, v in rec.items() if k != "time/step_s") <= rec["time/step_s"] + 1e-6
+
+
+def test_an_event_the_driver_cannot_time_falls_back_to_host_time(caplog):
+    gpu = _FakeGpu()
+
+    class Refused(gpu.Event):
+        def elapsed_time(self, other):
+            raise RuntimeError("CUDA error: device not ready")
+
+    clock = PhaseClock("cpu", new_event=Refused)
+    clock.take()
+    with clock.phase("forward"):
+        time.sleep(0.01)
+    with caplog.at_level("WARNING"):
+        rec = clock.take()
+        clock.take()
+    assert 0.009 <= rec["time/forward_s"] <= 0.03
+    assert sum("GPU timing unavailable" in r.getMessage() for r in caplog.records) == 1

@@ -26,12 +26,15 @@ phases are host time.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 PHASES = ("data_wait", "target_forward", "read", "h2d", "forward", "backward", "optimizer", "metrics", "log",
           "checkpoint", "eval")
@@ -56,6 +59,7 @@ class PhaseClock:
         self._edge = self._since   # where the last settled phase ended on the merged timeline
         self._anchor = self._mark()
         self._open = False
+        self._warned = False
 
     def _mark(self) -> tuple[float, object] | None:
         """(host time, an event recorded now): the GPU time of later events is placed relative to it. Taken
@@ -102,13 +106,24 @@ class PhaseClock:
         ref_t, ref_ev = self._anchor if self._anchor is not None else (None, None)
         edge = self._edge
         for name, t0, t1, ev in self._spans:
-            end = t1 if ev is None else max(t1, ref_t + ref_ev.elapsed_time(ev) / 1e3)
+            end = t1 if ev is None else max(t1, self._gpu_done(ref_t, ref_ev, ev))
             end = max(end, edge)
             self.totals[name] += end - max(t0, edge)
             edge = end
         self._spans.clear()
         self._edge = edge
         self._anchor = self._mark()
+
+    def _gpu_done(self, ref_t: float, ref_ev, ev) -> float:
+        """When the GPU finished `ev`'s work, on the host clock; a timing the driver refuses (an event of
+        another device or an unfinished stream) falls back to the host's time, with one warning."""
+        try:
+            return ref_t + ref_ev.elapsed_time(ev) / 1e3
+        except RuntimeError as e:
+            if not self._warned:
+                self._warned = True
+                log.warning("step phases: GPU timing unavailable (%s); phases are host time", e)
+            return float("-inf")
 
     def take(self) -> dict[str, float]:
         """{"time/<phase>_s": seconds} since the last take, plus "time/step_s" (the wall time in between)."""
