@@ -35,3 +35,22 @@ def test_close_removes_directory():
     store.close()
     assert not os.path.exists(root)
     assert store.bytes_used() == 0
+
+
+def test_clear_recounts_bytes_a_signal_left_off_unless_a_put_is_writing(tmp_path):
+    store = LocalStore(root=tmp_path / "s")
+    rec = {"input_ids": torch.arange(8), "final_hidden_states": torch.ones(8, 4)}
+    store.put("a", rec)
+    store.put("b", rec)
+    store._release(1)          # a Ctrl-C between a delete's unlink and its count update ...
+    store._reserve(4096)       # ... or between a put's reservation and its file
+    store.clear()
+    assert store.keys() == [] and store.bytes_used() == 0
+    store.put("c", rec)
+    writing = store.root / "%tmp123-d"   # a put still writing: its reservation stands, the count is kept
+    writing.write_bytes(b"x" * 10)
+    store._reserve(500)
+    store.clear()
+    assert store.bytes_used() == 500
+    writing.unlink()
+    store.close()

@@ -127,6 +127,13 @@ def _write_all(f, data: memoryview) -> None:
         data = data[f.write(data):]
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:   # deleted meanwhile
+        return 0
+
+
 class LocalStore:
     def __init__(self, capacity_bytes: int | None = None, root: str | os.PathLike | None = None,
                  put_timeout_s: float = PUT_TIMEOUT_S):
@@ -243,12 +250,19 @@ class LocalStore:
             return int(self._counters[_PUT_BYTES]), self._counters[_PUT_NS] / 1e9
 
     def clear(self) -> None:
-        """Delete every record (used on shutdown so the store ends empty)."""
+        """Delete every record (used on shutdown so the store ends empty). Then, unless a put is still writing,
+        the byte count is recounted from the records left: a Ctrl-C reaches every process of the run, and
+        one that lands between a put's or delete's file operation and its count update leaves the count off
+        by that record."""
         for key in self.keys():
             try:
                 self.delete(key)
             except KeyError:
                 pass
+        with self._counters.lock():
+            files = [p for p in self.root.iterdir() if not p.name.startswith(_COUNTERS_FILE)]
+            if not any(p.name.startswith(_TMP_PREFIX) for p in files):
+                self._counters[_USED] = sum(_size(p) for p in files)
 
     def close(self) -> None:
         """The owner deletes every record and removes the directory; in any other process (an engine or
