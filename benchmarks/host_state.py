@@ -1,5 +1,6 @@
-"""What the host did during one window of a bench: the machine's CPU time by kind, memory writes waiting for
-the disk, page faults and kernel memory work, and how often the calling thread was pushed off its core.
+"""What the host did during one window of a bench: the machine's CPU time by kind, the core clocks, memory
+writes waiting for the disk, page faults and kernel memory work, and how often the calling thread was pushed
+off its core.
 
 A pipeline whose training thread is host-bound (it launches the GPU's work) slows down when its core is shared
 or its memory is being moved, with no change in its own code. Two snapshots bound a window:
@@ -50,6 +51,13 @@ def keyed_numbers(text: str, keys: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
+def cpu_mhz(cpuinfo_text: str) -> dict | None:
+    """Mean and lowest core clock now, from /proc/cpuinfo's "cpu MHz" lines (None where it has none, as in
+    some VMs): a host slowed by its clock, not by other work, shows here."""
+    mhz = [float(line.split(":")[1]) for line in cpuinfo_text.splitlines() if line.startswith("cpu MHz")]
+    return {"mean": round(sum(mhz) / len(mhz)), "min": round(min(mhz))} if mhz else None
+
+
 def process_ticks() -> dict[int, tuple[str, int]]:
     """{pid: (command name, CPU ticks used so far)} of every process visible in /proc."""
     out = {}
@@ -73,7 +81,8 @@ def snapshot() -> dict:
             "cpu": cpu_ticks(stat or ""), "vmstat": keyed_numbers(vmstat or "", VMSTAT_KEYS),
             "meminfo_kb": keyed_numbers(meminfo or "", MEMINFO_KEYS),
             "process_faults": (me.ru_minflt, me.ru_majflt),
-            "thread_switches": (thread.ru_nvcsw, thread.ru_nivcsw), "procs": process_ticks()}
+            "thread_switches": (thread.ru_nvcsw, thread.ru_nivcsw), "procs": process_ticks(),
+            "cpu_mhz": cpu_mhz(_read("/proc/cpuinfo") or "")}
 
 
 def window(a: dict, b: dict) -> dict:
@@ -88,6 +97,7 @@ def window(a: dict, b: dict) -> dict:
     per_s = lambda x, y: round((y - x) / wall, 1)  # noqa: E731
     return {"wall_s": round(wall, 2), "cpu_cores": cores, "cpus": os.cpu_count(),
             "vmstat_per_s": {k: per_s(a["vmstat"][k], b["vmstat"][k]) for k in a["vmstat"] if k in b["vmstat"]},
+            "cpu_mhz": {"start": a["cpu_mhz"], "end": b["cpu_mhz"]},
             "pending_writes_mb": {"start": round(sum(a["meminfo_kb"].values()) / 1024),
                                   "end": round(sum(b["meminfo_kb"].values()) / 1024)},
             "process_faults_per_s": {"minor": per_s(a["process_faults"][0], b["process_faults"][0]),

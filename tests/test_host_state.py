@@ -19,6 +19,9 @@ def test_proc_text_parsing():
                                           "irq": 0, "softirq": 3, "steal": 11}
     meminfo = "MemTotal:  1000 kB\nDirty:        12 kB\nWriteback:     4 kB\n"
     assert host_state.keyed_numbers(meminfo, ("Dirty", "Writeback")) == {"Dirty": 12, "Writeback": 4}
+    cpuinfo = "processor\t: 0\ncpu MHz\t\t: 2000.000\nprocessor\t: 1\ncpu MHz\t\t: 3000.500\n"
+    assert host_state.cpu_mhz(cpuinfo) == {"mean": 2500, "min": 2000}
+    assert host_state.cpu_mhz("processor : 0\n") is None
     vmstat = "nr_dirty 3\npgmajfault 55\nnuma_hint_faults 0\n"
     assert host_state.keyed_numbers(vmstat, host_state.VMSTAT_KEYS) == {"pgmajfault": 55, "numa_hint_faults": 0}
 
