@@ -17,6 +17,8 @@ tokens, tail past 4k), cut to --max-len.
     python benchmarks/bench_e2e.py --target small --steps 300
     python benchmarks/bench_e2e.py --target 8b --steps 120 --mbs 2 --max-len 4096 --draft-vocab 32000
     python benchmarks/bench_e2e.py ... --repeats 2     (the pipeline twice: its run-to-run spread in one call)
+    python benchmarks/bench_e2e.py ... --also-sync-phases   (once more with the old step clock, which
+                                                            synchronized at every phase end: an A/B in one call)
 
 Prints tokens/s, supervised tokens/s, steps/s, step-time p50/p90/max and the phase breakdown of each, and
 the ratios torchspec / SpecForge and torchspec / ceiling over the same steps (after --warmup steps). Each run
