@@ -111,8 +111,9 @@ def busiest(a: dict, b: dict, ticks_per_core: float, n: int = 4) -> list[dict]:
     """The `n` processes other than this one that used the most CPU between two process_ticks() (cores)."""
     me = os.getpid()
     used = [(b[pid][1] - a.get(pid, (None, 0))[1], b[pid][0], pid) for pid in b if pid != me]
-    return [{"pid": pid, "comm": comm, "cores": round(t / ticks_per_core, 2)}
-            for t, comm, pid in sorted(used, reverse=True)[:n] if t > 0]
+    top = [{"pid": pid, "comm": comm, "cores": round(t / ticks_per_core, 2)}
+           for t, comm, pid in sorted(used, reverse=True)[:n]]
+    return [x for x in top if x["cores"] >= 0.01]
 
 
 def flush_pending_writes() -> dict:
