@@ -26,8 +26,8 @@ also reports what the GPU did meanwhile (benchmarks/gpu_state.py: SM clock, powe
 clock-lowering reasons, host load), so a run slowed by the machine is told apart from one slowed by the code.
 Its `steady` block covers only the compared steps: how busy the training thread kept its core, the GPU there,
 and the host (benchmarks/host_state.py: CPU time by kind over the machine, the busiest other processes, page
-faults, forced context switches). Pending disk writes are flushed before each run: the 16 GB 8B target is
-written just before the first, and the kernel must not be writing it out while a run is timed.
+faults, forced context switches). Pending disk writes are flushed before each run (`flushed_before`): the
+16 GB 8B target is written just before the first, and the kernel must not be writing it out while a run is timed.
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ def run_pipeline(cfg, args) -> tuple[dict, list[list[str]], list[float], list[fl
     from torchspec.pipeline.runner import run_training
 
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    flushed = host_state.flush_pending_writes()   # the last run's or the set-up's files: not written during this one
+    # the set-up's files (the first run's `flushed_before`) or the last run's: not written out during this one
+    flushed = host_state.flush_pending_writes()
     hook = None
     if args.profile:
         first, n = (int(x) for x in args.profile.split(":"))
@@ -319,7 +320,6 @@ def main(argv=None) -> int:
     print("[bench] data:", build_conversations(data, args.conversations, AutoTokenizer.from_pretrained(str(target))),
           flush=True)
     cfg = config_for(args, target, data, out)
-    print("[bench] set-up writes flushed:", host_state.flush_pending_writes(), flush=True)
     report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "target": args.target,
               "layout": args.layout, "micro_batch_size": args.mbs, "ttt_length": args.ttt,
               "max_seq_length": args.max_len, "packed": not args.no_pack, "attention": args.attention}
@@ -365,6 +365,9 @@ def main(argv=None) -> int:
     if synced is not None:
         report["torchspec_sync_each_phase"] = {**synced[0], **rates(sum(synced[2][lo:hi]))}
         print("[bench] torchspec (sync each phase):", json.dumps(report["torchspec_sync_each_phase"]), flush=True)
+    # the runs after the first: each gets its own ratios to the ceiling and the peer
+    later_runs = report.get("torchspec_repeats", []) + \
+        ([report["torchspec_sync_each_phase"]] if synced is not None else [])
     if not args.no_ceiling:
         with GpuSampler() as gpu:
             t, tf = (x[len(warm):] for x in run_ceiling(cfg, warm + window, samples, device))
@@ -382,9 +385,7 @@ def main(argv=None) -> int:
             report["step_outliers"]["target_forward_vs_alone"] = round(sum(step_target_s[lo:hi]) / sum(tf), 3)
             report["step_outliers"]["target_forward_per_step"] = percentiles(step_target_s[lo:hi])
             report["step_outliers"]["target_forward_alone_per_step"] = percentiles(tf)
-            for r in report.get("torchspec_repeats", []) + [report.get("torchspec_sync_each_phase") or {}]:
-                if not r:
-                    continue
+            for r in later_runs:
                 r["vs_ceiling_with_target_forward"] = round(
                     r["tokens_per_s"] / report["ceiling_with_target_forward"]["tokens_per_s"], 3)
         print("[bench] ceiling:", json.dumps({**report["ceiling"], "step_outliers": report.get("step_outliers")}),
@@ -401,9 +402,7 @@ def main(argv=None) -> int:
                                    "gpu": gpu.summary()}
             report["torchspec_vs_specforge"] = round(
                 report["torchspec"]["tokens_per_s"] / report["specforge"]["tokens_per_s"], 3)
-            for r in report.get("torchspec_repeats", []) + [report.get("torchspec_sync_each_phase") or {}]:
-                if not r:
-                    continue
+            for r in later_runs:
                 r["vs_specforge"] = round(r["tokens_per_s"] / report["specforge"]["tokens_per_s"], 3)
         print("[bench] specforge:", json.dumps(report["specforge"]), flush=True)
     print(json.dumps(report, indent=1), flush=True)

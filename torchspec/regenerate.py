@@ -33,7 +33,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         from torchspec.config.loader import load_config
         from torchspec.inference.regenerate_job import run_regeneration
-
         from torchspec.utils.paths import check_writable_dir
 
         cfg = load_config(args.config, args.overrides)

@@ -162,7 +162,6 @@ def _check_target_keys(path: Path) -> None:
                                   "config.json states the language model's shape")
 
 
-
 @dataclass(frozen=True)
 class TargetInfo:
     """The target's facts, derived once from its config (a transformers config object or a config.json dict)."""

@@ -100,9 +100,9 @@ class PhaseClock:
 
     def _settle(self) -> None:
         """Charge the recorded spans to their phases (see the module doc); waits for the last event only."""
-        events = [ev for *_, ev in self._spans if ev is not None]
-        if events:
-            events[-1].synchronize()   # the stream's earlier events are done too
+        last = next((ev for *_, ev in reversed(self._spans) if ev is not None), None)
+        if last is not None:
+            last.synchronize()   # the stream's earlier events are done too
         ref_t, ref_ev = self._anchor if self._anchor is not None else (None, None)
         edge = self._edge
         for name, t0, t1, ev in self._spans:
