@@ -116,6 +116,8 @@ class StepProfiler:
             print(f"[bench] profile of steps {self.first + 1}..{self.last}: wall {wall:.3f} s (profiled)", flush=True)
             print(f"[bench] profile of steps {self.first + 1}..{self.last}, by host time:", flush=True)
             print(avg.table(sort_by="cpu_time_total", row_limit=25), flush=True)
+            print(f"[bench] profile of steps {self.first + 1}..{self.last}, by the ops' own host time:", flush=True)
+            print(avg.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
             if torch.cuda.is_available():
                 print("[bench] by device time:", flush=True)
                 print(avg.table(sort_by="cuda_time_total", row_limit=15), flush=True)
