@@ -19,6 +19,8 @@ tokens, tail past 4k), cut to --max-len.
     python benchmarks/bench_e2e.py ... --repeats 2     (the pipeline twice: its run-to-run spread in one call)
     python benchmarks/bench_e2e.py ... --also-sync-phases   (once more with the old step clock, which
                                                             synchronized at every phase end: an A/B in one call)
+    python benchmarks/bench_e2e.py ... --also-no-engine-stream   (once more with the colocated engine run on the
+                                                            trainer's stream when waited for: an A/B in one call)
 
 Prints tokens/s, supervised tokens/s, steps/s, step-time p50/p90/max and the phase breakdown of each, and
 the ratios torchspec / SpecForge and torchspec / ceiling over the same steps (after --warmup steps). Each run
@@ -305,6 +307,9 @@ def main(argv=None) -> int:
                    help="run the pipeline this many times in this call (each reported; ratios for each)")
     p.add_argument("--also-sync-phases", action="store_true",
                    help="run the pipeline once more with a synchronize at every phase end (the older step clock)")
+    p.add_argument("--also-no-engine-stream", action="store_true",
+                   help="run the pipeline once more with the colocated engine on the trainer's stream, run only when "
+                        "waited for (as before the engine stream): an A/B in one call")
     p.add_argument("--no-pack", action="store_true")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-ceiling", action="store_true")
@@ -325,32 +330,13 @@ def main(argv=None) -> int:
     report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "target": args.target,
               "layout": args.layout, "micro_batch_size": args.mbs, "ttt_length": args.ttt,
               "max_seq_length": args.max_len, "packed": not args.no_pack, "attention": args.attention}
-    ours, step_ids, step_times, step_target_s = run_pipeline(cfg, args)
-    again = []   # --repeats: the same pipeline run again in this process (run-to-run spread on one machine)
-    for _ in range(args.repeats - 1):
-        summary, ids, times, _ = run_pipeline(cfg, args)
-        if ids != step_ids:
-            raise SystemExit("--repeats: a repeated run trained other batches than the first")
-        again.append((summary, times))
-    synced = None
-    if args.also_sync_phases:
-        from torchspec.training import phases
-
-        phases.SYNC_EACH_PHASE = True
-        try:
-            synced = run_pipeline(cfg, args)
-        finally:
-            phases.SYNC_EACH_PHASE = False
-        if synced[1] != step_ids:
-            raise SystemExit("--also-sync-phases: that run trained other batches than the first")
-    report["torchspec"] = ours
     samples = sample_table(cfg)
+    ours, step_ids, step_times, step_target_s = run_pipeline(cfg, args)
     lo, hi = args.warmup, min(len(step_ids), args.warmup + args.compare_steps)
     window = step_ids[lo:hi]
     warm = step_ids[max(0, lo - 5):lo]   # run first and not timed by the ceiling and the peer (compilation)
     tokens = sum(len(samples[i].input_ids) for ids in window for i in ids)
     supervised = sum(int(samples[i].loss_mask.sum()) for ids in window for i in ids)
-    ours_s = sum(step_times[lo:hi])
 
     def rates(seconds: float) -> dict:
         return {"tokens_per_s": round(tokens / seconds), "supervised_tokens_per_s": round(supervised / seconds),
@@ -358,18 +344,42 @@ def main(argv=None) -> int:
 
     report["compared_steps"] = [lo + 1, hi]
     report["compared_tokens"], report["compared_supervised_tokens"] = tokens, supervised
-    report["torchspec"].update(rates(ours_s))
+    report["torchspec"] = {**ours, **rates(sum(step_times[lo:hi]))}
     print("[bench] torchspec:", json.dumps(report["torchspec"]), flush=True)
-    if again:
-        report["torchspec_repeats"] = [{**summary, **rates(sum(times[lo:hi]))} for summary, times in again]
-        for r in report["torchspec_repeats"]:
-            print("[bench] torchspec (repeat):", json.dumps(r), flush=True)
-    if synced is not None:
-        report["torchspec_sync_each_phase"] = {**synced[0], **rates(sum(synced[2][lo:hi]))}
-        print("[bench] torchspec (sync each phase):", json.dumps(report["torchspec_sync_each_phase"]), flush=True)
+
+    def again(label: str, key: str, switch=None) -> dict:
+        """The pipeline once more (with `switch` = (module, flag, value) set for this run): its own report."""
+        old = getattr(switch[0], switch[1]) if switch else None
+        if switch:
+            setattr(switch[0], switch[1], switch[2])
+        try:
+            summary, ids, times, _ = run_pipeline(cfg, args)
+        finally:
+            if switch:
+                setattr(switch[0], switch[1], old)
+        if ids != step_ids:
+            raise SystemExit(f"{label}: that run trained other batches than the first")
+        r = {**summary, **rates(sum(times[lo:hi]))}
+        print(f"[bench] torchspec ({key}):", json.dumps(r), flush=True)
+        return r
+
+    # --repeats: the same pipeline run again in this process (run-to-run spread on one machine)
+    repeats = [again("--repeats", "repeat") for _ in range(args.repeats - 1)]
+    if repeats:
+        report["torchspec_repeats"] = repeats
+    if args.also_sync_phases:
+        from torchspec.training import phases
+
+        report["torchspec_sync_each_phase"] = again("--also-sync-phases", "sync each phase",
+                                                    (phases, "SYNC_EACH_PHASE", True))
+    if args.also_no_engine_stream:
+        from torchspec.pipeline import launcher_local
+
+        report["torchspec_no_engine_stream"] = again("--also-no-engine-stream", "no engine stream",
+                                                     (launcher_local, "ENGINE_STREAM", False))
     # the runs after the first: each gets its own ratios to the ceiling and the peer
     later_runs = report.get("torchspec_repeats", []) + \
-        ([report["torchspec_sync_each_phase"]] if synced is not None else [])
+        [report[k] for k in ("torchspec_sync_each_phase", "torchspec_no_engine_stream") if k in report]
     if not args.no_ceiling:
         with GpuSampler() as gpu:
             t, tf = (x[len(warm):] for x in run_ceiling(cfg, warm + window, samples, device))
@@ -392,6 +402,10 @@ def main(argv=None) -> int:
                     r["tokens_per_s"] / report["ceiling_with_target_forward"]["tokens_per_s"], 3)
         print("[bench] ceiling:", json.dumps({**report["ceiling"], "step_outliers": report.get("step_outliers")}),
               flush=True)
+        if "torchspec_vs_ceiling_with_target_forward" in report:
+            print("[bench] vs ceiling with target forward:", json.dumps(
+                {"first run": report["torchspec_vs_ceiling_with_target_forward"],
+                 "later runs": [r["vs_ceiling_with_target_forward"] for r in later_runs]}), flush=True)
     if not args.no_peer:
         with GpuSampler() as gpu:
             peer = run_peer(cfg, warm + window, samples, args, device)

@@ -96,6 +96,28 @@ def test_inline_exactly_once_per_epoch_bounded_pool_empty_store(tmp_path, num_ra
     assert store.bytes_used() == 0 and store.keys() == []
 
 
+def test_an_inline_engine_that_runs_ahead_fills_the_pool_and_hands_out_the_same_sets(tmp_path):
+    """On a GPU the colocated engine starts each forward when it is submitted (InlineEngines.runs_ahead): the pool
+    fills to its bound ahead of the trainer, and the sets handed out are those of the engine that runs only when
+    waited for, in the same order."""
+    kw = dict(micro_batch_size=2, num_epochs=2, max_sample_pool_size=8, inference_batch_size=2,
+              inference_buffer_threshold=4, seed=5)
+    peaks, seen = {}, {}
+    for ahead in (False, True):
+        store = LocalStore(root=tmp_path / f"s{ahead}")
+        engines = InlineEngines(FakeEngine(store))
+        assert engines.stream is None and not engines.runs_ahead   # no CUDA device given
+        engines.runs_ahead = ahead
+        ctrl = Controller(_dataset(23), engines, store, **kw)
+        seen[ahead] = _drive(ctrl, store)
+        peaks[ahead] = ctrl.pool_stats.peak_size
+        ctrl.shutdown()
+        assert store.bytes_used() == 0
+    assert seen[True] == seen[False] and len(_flat(seen[True])) == 2 * 23
+    assert peaks[False] == 2       # one set at a time: made when the trainer asks for it
+    assert peaks[True] == 8        # made ahead, up to max_sample_pool_size
+
+
 def test_two_engine_processes_backpressure(tmp_path):
     """Slow trainer, fast engines: the pool fills to its bound and never beyond it."""
     data = _dataset(30)

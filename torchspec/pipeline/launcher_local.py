@@ -95,17 +95,33 @@ def plan_local(cfg, num_gpus: int | None = None) -> Placement:
 
 # -- engine groups (the controller's EngineGroup protocol) ------------------------------------------
 
+# Colocated on CUDA, the engine's forwards run on a side stream of their own (see InlineEngines).
+ENGINE_STREAM = True
+
+
 class InlineEngines:
-    """One engine in this process; `wait` runs the oldest submission (deterministic order)."""
+    """One engine in this process; `wait` runs the oldest submission (deterministic order).
+
+    Given a CUDA `device` (colocated on a GPU), the engine's forwards run on a side stream and every submission
+    is started by the next `wait`, also one that may not block (timeout 0): on the GPU a forward is only
+    queued work, so the pool fills ahead of the trainer and the target's forward of later micro-batches
+    runs on the GPU while this thread launches the draft's step, whose host syncs wait for the trainer's
+    stream alone. The memory store orders the trainer's reads after the engine's writes (transfer/memory.py).
+    Elsewhere (CPU, or ENGINE_STREAM off) a forward runs only when the controller has to wait for it.
+    """
 
     num_workers = 1
     tokenizes = False   # True: takes deferred records (dataset.defer_tokenization) and tokenizes them itself
 
-    def __init__(self, engine):
+    def __init__(self, engine, device: str | torch.device | None = None):
         self.engine = engine
         self.pending: deque[list] = deque()
         self.busy_s = 0.0   # seconds spent generating, over all workers
         self.phase = contextlib.nullcontext   # the runner times each forward as a step phase (colocated)
+        device = torch.device(device) if device is not None else None
+        self.stream = torch.cuda.Stream(device) if ENGINE_STREAM and device is not None and device.type == "cuda" \
+            else None
+        self.runs_ahead = self.stream is not None   # a forward starts when submitted, not when waited for
 
     def metrics(self) -> dict[int, dict[str, float]]:
         """{engine: its metrics now} (engine_metrics.py)."""
@@ -115,13 +131,16 @@ class InlineEngines:
         self.pending.append(samples)
 
     def wait(self, timeout: float) -> list[tuple[int, list[StoredSample]]]:
-        if not self.pending or timeout <= 0:   # nothing finishes here unless we run it
+        if not self.pending or (timeout <= 0 and not self.runs_ahead):   # nothing finishes unless we run it
             return []
-        t0 = time.monotonic()
-        with self.phase():
-            stored = self.engine.generate(self.pending.popleft())
-        self.busy_s += time.monotonic() - t0
-        return [(0, stored)]
+        done = []
+        for _ in range(len(self.pending) if self.runs_ahead else 1):   # ahead: every submission, at once
+            t0 = time.monotonic()
+            on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+            with self.phase(), on_stream:   # the phase ends on the trainer's stream: its time is the launch's
+                done.append((0, self.engine.generate(self.pending.popleft())))
+            self.busy_s += time.monotonic() - t0
+        return done
 
     def close(self) -> None:
         self.pending.clear()
@@ -268,7 +287,8 @@ def start_engines(cfg, store, placement: Placement, engine_factory=None, trainer
 
     factory = tokenizing_factory(engine_factory or functools.partial(build_engine, cfg), record_tokenizer)
     if placement.colocate:
-        group = InlineEngines(factory(store, trainer_device or placement.trainer_devices[0]))
+        device = trainer_device or placement.trainer_devices[0]
+        group = InlineEngines(factory(store, device), device)
     else:
         timeout, key = engine_start_timeout(cfg)
         group = ProcessEngines(factory, store, placement.engine_devices, start_timeout=timeout, timeout_key=key,
