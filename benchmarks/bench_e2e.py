@@ -393,7 +393,9 @@ def main(argv=None) -> int:
             report["step_outliers"] = outliers(step_times[lo:hi], both)
             # the colocated target's forwards over the window against the same steps' forwards alone (a step's
             # forwards in the pipeline serve the pool, not exactly that step's batch, so only the sums compare),
-            # and how they spread over the steps: even (a card held under its clock) or in bursts (contention)
+            # and how they spread over the steps: even (a card held under its clock) or in bursts (contention).
+            # On CUDA the pipeline's forwards run on the engine's own stream, so its phase is their launch only
+            # (their GPU work overlaps the draft step): a ratio under 1 is that overlap.
             report["step_outliers"]["target_forward_vs_alone"] = round(sum(step_target_s[lo:hi]) / sum(tf), 3)
             report["step_outliers"]["target_forward_per_step"] = percentiles(step_target_s[lo:hi])
             report["step_outliers"]["target_forward_alone_per_step"] = percentiles(tf)
