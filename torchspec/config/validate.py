@@ -68,7 +68,6 @@ def _check_choices(cfg: Config) -> None:
     _one_of(cfg, "dataset.chat_template", S.CHAT_TEMPLATES)
     _one_of(cfg, "dataset.on_bad_record", S.ON_BAD_RECORD)
     _one_of(cfg, "training.parallel_mode", S.PARALLEL_MODES)
-    _one_of(cfg, "training.loss_mask_alignment", S.LOSS_MASK_ALIGNMENTS)
     _one_of(cfg, "training.lr_decay_style", S.LR_DECAY_STYLES)
     _one_of(cfg, "logging.report_to", S.REPORT_TO)
     _one_of(cfg, "logging.log_level", S.LOG_LEVELS)
