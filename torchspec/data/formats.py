@@ -136,18 +136,21 @@ def _loads(text: str, loc: str):
         raise DataError(f"{loc}: JSON nested too deeply to read") from None
 
 
+def parse_line(raw: bytes, path: Path, line: int, bad: BadRecords):
+    """(location, record) of one JSONL line; SKIPPED for a bad line that `bad` lets through (else it raises)."""
+    loc = where(path, line)
+    try:
+        return loc, _loads(_decode(raw, path, line), loc)
+    except DataError as e:
+        bad.handle(e)
+        return loc, SKIPPED
+
+
 def _iter_jsonl(path: Path, bad: BadRecords):
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            loc = where(path, lineno)
-            try:
-                rec = _loads(_decode(raw, path, lineno), loc)
-            except DataError as e:
-                bad.handle(e)
-                rec = SKIPPED
-            yield loc, rec
+            if raw.strip():
+                yield parse_line(raw, path, lineno, bad)
 
 
 def _iter_json_list(path: Path):

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 from torchspec.data.errors import BadRecords, DataError, where
 from torchspec.data.formats import (SKIPPED, Conversation, _decode, _iter_json_list, _iter_parquet, _loads,
-                                    normalize_messages)
+                                    normalize_messages, parse_line)
 
 PIECE_RECORDS = 512   # records per piece: one worker task, one write to the cache
 
@@ -116,12 +116,7 @@ def piece_rows(piece: Piece, bad: BadRecords) -> Iterator[tuple[int, int, str, o
     pos, line, rec_idx = 0, piece.first_line, piece.first_record
     for raw in data.split(b"\n"):   # lines as binary file iteration cuts them: at b"\n" only
         if raw.strip():
-            loc = where(path, line)
-            try:
-                rec = _loads(_decode(raw, path, line), loc)
-            except DataError as e:
-                bad.handle(e)
-                rec = SKIPPED
+            loc, rec = parse_line(raw, path, line, bad)
             yield rec_idx, line, loc, rec, piece.start + pos, len(raw)
             rec_idx += 1
         pos += len(raw) + 1
