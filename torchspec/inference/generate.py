@@ -77,19 +77,28 @@ def vllm_sampling_params(stop_ids: list[int], settings, seed: int):
                           stop_token_ids=list(stop_ids), skip_special_tokens=False, detokenize=False)
 
 
-class VLLMGenerator:
+class _SeededRequests:
+    """A server generator's request count: request i of the run is seeded with settings.seed + i."""
+
+    requests = 0
+
+    def request_params(self, make, n: int, stop_ids: list[int], settings) -> list:
+        """make(stop_ids, settings, seed) for the next n requests."""
+        first = int(settings.seed) + self.requests
+        self.requests += n
+        return [make(stop_ids, settings, first + i) for i in range(n)]
+
+
+class VLLMGenerator(_SeededRequests):
     """`vllm.LLM.generate` on token-id prompts; each request seeded with seed + its index over the run."""
 
     def __init__(self, llm):
         self.llm = llm
-        self.requests = 0
 
     def __call__(self, prompts: list[list[int]], stop_ids: list[int], settings) -> list[Completion]:
         if not prompts:
             return []
-        params = [vllm_sampling_params(stop_ids, settings, int(settings.seed) + self.requests + i)
-                  for i in range(len(prompts))]
-        self.requests += len(prompts)
+        params = self.request_params(vllm_sampling_params, len(prompts), stop_ids, settings)
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         # token_ids end with the stop token when one stopped the reply (finish_reason "stop")
         return [_cut(o.outputs[0].token_ids, stop_ids, int(settings.max_new_tokens)) for o in outs]
@@ -111,19 +120,16 @@ def sgl_sampling_params(stop_ids: list[int], settings, seed: int) -> dict:
     return params
 
 
-class SGLGenerator:
+class SGLGenerator(_SeededRequests):
     """`sglang.Engine.generate(input_ids=..., sampling_params=[...])`; replies are each output's `output_ids`."""
 
     def __init__(self, engine):
         self.engine = engine
-        self.requests = 0
 
     def __call__(self, prompts: list[list[int]], stop_ids: list[int], settings) -> list[Completion]:
         if not prompts:
             return []
-        params = [sgl_sampling_params(stop_ids, settings, int(settings.seed) + self.requests + i)
-                  for i in range(len(prompts))]
-        self.requests += len(prompts)
+        params = self.request_params(sgl_sampling_params, len(prompts), stop_ids, settings)
         outs = self.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=params)
         return [_cut(o["output_ids"], stop_ids, int(settings.max_new_tokens)) for o in outs]
 
