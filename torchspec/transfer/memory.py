@@ -52,7 +52,7 @@ class MemoryStore:
         except KeyError:
             raise KeyError(f"memory store: no key {key!r}") from None
         if ready is not None:   # put from another stream, maybe: wait for it, and keep the memory until read
-            reading = torch.cuda.current_stream(ready_device(record))
+            reading = torch.cuda.current_stream(_cuda_device(record))
             reading.wait_event(ready)
             for v in record.values():
                 if v.is_cuda:
@@ -91,7 +91,7 @@ class MemoryStore:
         raise TypeError("the memory store lives in one process (inference.colocate); it cannot be sent to another")
 
 
-def ready_device(record: dict[str, torch.Tensor]) -> torch.device:
+def _cuda_device(record: dict[str, torch.Tensor]) -> torch.device:
     """The CUDA device of a record's tensors."""
     return next(v.device for v in record.values() if v.is_cuda)
 
@@ -101,5 +101,5 @@ def _mark_ready(record: dict[str, torch.Tensor]) -> torch.cuda.Event | None:
     if not any(v.is_cuda for v in record.values()):
         return None
     ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(ready_device(record)))
+    ready.record(torch.cuda.current_stream(_cuda_device(record)))
     return ready
